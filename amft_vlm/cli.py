@@ -1,0 +1,77 @@
+"""The ``amft-vlm`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import gymnasium as gym
+
+import environments  # noqa: F401  (registers the environments)
+from agents.baselines import ExpertAgent, GeneralPointsFormatAgent, RandomTextAgent
+from amft_vlm.play import play, results_table
+from environments.general_points.settings import PAPER_EPISODES, PAPER_SETTINGS
+
+log = logging.getLogger("amft_vlm")
+
+
+def _play_command(args: argparse.Namespace) -> int:
+    settings = args.setting or list(PAPER_SETTINGS)
+    results = []
+    for setting in settings:
+        env = gym.make("GeneralPoints-v0", resolution=args.resolution, split=args.split, **PAPER_SETTINGS[setting])
+        agents = {
+            "expert": ExpertAgent(),
+            "random": RandomTextAgent(seed=args.seed),
+            "format-only": GeneralPointsFormatAgent(seed=args.seed),
+        }
+        for name in args.agent:
+            results.append(play(env, agents[name], episodes=args.episodes, seed=args.seed, setting=setting))
+        env.close()
+    print(results_table(results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``amft-vlm`` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="amft-vlm",
+        description="Benchmark and train vision-language agents on GeneralPoints-v0 and VIRL-v0.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    play_parser = commands.add_parser(
+        "play",
+        help="play GeneralPoints with model-free agents over the papers' settings and print success rates",
+        description="Play GeneralPoints-v0 with the oracle expert and random baselines over the papers' "
+        "settings and print a table of success rates (a check of the environment end to end).",
+    )
+    play_parser.add_argument("--setting", action="append", choices=list(PAPER_SETTINGS), help="setting to play (repeatable; default: all)")
+    play_parser.add_argument(
+        "--agent", nargs="+", default=["expert", "random", "format-only"], choices=["expert", "random", "format-only"], help="agents to play"
+    )
+    play_parser.add_argument("--episodes", type=int, default=PAPER_EPISODES, help=f"episodes per setting and agent (default {PAPER_EPISODES}, as the papers)")
+    play_parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
+    play_parser.add_argument("--split", default="all", choices=["all", "train", "test"], help="which hands to deal")
+    play_parser.add_argument("--resolution", type=int, default=1200, help="card-table image size in vision settings")
+    play_parser.set_defaults(handler=_play_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``amft-vlm`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if getattr(args, "episodes", 1) < 1:
+        parser.error("--episodes must be at least 1")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

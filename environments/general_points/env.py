@@ -1,0 +1,295 @@
+"""The GeneralPoints-v0 Gymnasium environment."""
+
+from __future__ import annotations
+
+import json
+import string
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from environments.general_points.cards import FACE_CARD_RULES, SUIT_SETS, Card, card_value
+from environments.general_points.renderer import render_table
+from environments.general_points.solver import first_solution, hand_split, is_solvable, solvable_hands
+from environments.general_points.verifier import REWARD_OUT_OF_ATTEMPTS, judge, parse_response
+
+MODALITIES = ("vision", "language")
+SPLITS = ("all", "train", "test")
+TEXT_CHARSET = string.printable
+"""Characters an observation text is made of (and the nominal charset of the action space)."""
+MAX_TEXT_LENGTH = 16_384
+
+_EXAMPLES = {
+    "10": ('["A", "3", "K", "6"]', "[1, 3, 10, 6]", "10*3-6*1=24"),
+    "11-12-13": ('["2", "J", "Q", "K"]', "[2, 11, 12, 13]", "(11+13-12)*2=24"),
+}
+_FACE_RULE_SENTENCES = {
+    "10": "J, Q and K each count as 10; an ace (A) counts as 1; every other card counts as its number.",
+    "11-12-13": "J counts as 11, Q as 12 and K as 13; an ace (A) counts as 1; every other card counts as its number.",
+}
+
+
+def _check_choice(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+
+
+class GeneralPointsEnv(gym.Env):
+    """The 24-points card game of "SFT Memorizes, RL Generalizes" (Chu et al., 2025), for language and vision models.
+
+    ## Description
+    The agent sees ``num_cards`` playing cards, as text (language modality) or only in an image of
+    a card table (vision modality), and must answer with one JSON object holding the cards it sees,
+    the value of each card, and one arithmetic formula that uses every card's value exactly once,
+    with ``+ - * /`` and parentheses, and equals ``target`` (24). A wrong answer earns feedback
+    saying why, and the agent revises its answer in the same dialogue, up to ``max_attempts`` times.
+
+    ## Action Space
+    The model's raw response text: any ``str`` is accepted and judged (non-ASCII, empty or
+    megabytes long earn a penalty, never an exception). ``action_space`` is a nominal
+    ``Text(max_length=16384, charset=string.printable)`` so that ``action_space.sample()`` works.
+    Expected format: ``{"cards": ["A", "3", "K", "6"], "number": [1, 3, 10, 6], "formula": "10*3-6*1=24"}``.
+
+    ## Observation Space
+    ``Dict({"text": Text(...)})`` in language modality, plus ``"image": Box(0, 255, (resolution,
+    resolution, 3), uint8)`` in vision modality. ``"text"`` is the user message of this turn: at
+    reset the whole task prompt (rules, the face-card rule, the cards in language modality, the
+    answer format); after a failed attempt the feedback on it. The dialogue is the alternation of
+    observation texts and the model's answers. The image (vision modality) is the same all episode.
+
+    ## Starting State
+    Each card's rank is drawn uniformly from A..K with replacement and its suit uniformly from the
+    suit set; the hand is redrawn until it can make the target (and, with ``split``, until its value
+    multiset belongs to that split). With ``face_cards="11-12-13"`` one card, at a random position,
+    is forced to be a J, Q or K. ``reset(options={"cards": ["HA", "S3", "CK", "D6"]})`` fixes the
+    hand instead (codes: suit S/C/H/D then rank A, 2..10 or T, J, Q, K); an unsolvable or malformed
+    hand raises ``ValueError``. Solvable hands are precomputed per setting, so reset never searches.
+
+    ## Rewards
+    Checked in this order; penalties within one answer add up.
+
+    | check | reward | verdict |
+    |---|---|---|
+    | vision only: reported ranks differ from the hand (as a multiset) | -1.5, nothing else checked | ``wrong_cards`` |
+    | no double-quoted ``"formula"`` could be read | -3 | ``missing_formula`` |
+    | formula (before ``=``) has a character other than digits, ``+-*/()`` (spaces too) | -3, nothing else checked | ``illegal_formula`` |
+    | each grammar violation (number after number or ``)``; operator not after a number or ``)``; ``(`` not at the start or after an operator or ``(``; ``)`` not after a number or ``)``; ``)`` with no open ``(``) | -3 each | ``grammar_error`` |
+    | a number not on the cards, or else a number used too often | -2 | ``wrong_numbers`` |
+    | a card's number left unused (independently of the above) | -2 | ``wrong_numbers`` |
+    | no penalty and the formula equals the target exactly | +5, episode solved | ``correct`` |
+    | no penalty, cannot be evaluated, and closing its open parentheses solves the hand | +1 | ``partial`` |
+    | otherwise | -1 | ``no_solution`` |
+    | an answer after ``max_attempts`` verified attempts (not read) | -1 | ``out_of_attempts`` |
+
+    ## Episode End
+    Terminated on the first correct answer. Truncated at the answer after ``max_attempts``
+    verified attempts (the 6th answer by default), which earns -1.
+
+    ## Information
+    ``info`` after reset and after every step: ``cards`` (card codes, e.g. ``["HA", "S3", "CK", "D6"]``),
+    ``numbers`` (their values under the face-card rule), ``target``, ``attempts_left`` (verified
+    attempts still available), ``verdict`` (one of :data:`environments.general_points.verifier.VERDICTS`,
+    ``""`` after reset), ``feedback`` (the human-readable reason, ``""`` after reset) and ``success``
+    (True once solved).
+
+    ## Arguments
+    ```python
+    gym.make("GeneralPoints-v0", modality="vision", face_cards="10", suits="black", target=24,
+             num_cards=4, max_attempts=5, split="all", resolution=1200, render_mode=None)
+    ```
+    - ``modality``: ``"vision"`` (cards only in the image; answers must name the cards) or ``"language"``.
+    - ``face_cards``: ``"10"`` (J, Q, K = 10; in distribution) or ``"11-12-13"`` (rule OOD; one face card forced).
+    - ``suits``: ``"black"`` (spades and clubs; vision training), ``"red"`` (hearts and diamonds; visual OOD) or ``"mixed"``.
+    - ``target``: the number the formula must make. ``num_cards``: cards per hand (1 to 8).
+    - ``max_attempts``: verified attempts per episode (at least 1).
+    - ``split``: ``"all"`` (the papers' protocol), ``"train"`` or ``"test"``: a fixed partition of the solvable
+      value multisets, about 80/20 (:func:`environments.general_points.solver.hand_split`).
+    - ``resolution``: side of the square card-table image in pixels (64 to 2048).
+    - ``render_mode``: ``None`` or ``"rgb_array"`` (``render()`` returns the card-table image, in either modality).
+
+    Invalid values raise ``ValueError`` naming the argument and the allowed values.
+
+    ## Differences from the published benchmark
+    - Formulas are evaluated with exact fractions: ``8/(3-8/3)`` solves 3, 3, 8, 8 (the reference used
+      floating point and scored such answers as wrong).
+    - Reported cards may be quoted or bare rank names and integers (``"A"``, ``"10"``, ``3``, ``13`` for K,
+      ``"T"``, ``"King"``); the reference rejected bare integers.
+    - The partial-solution rule is exact: an answer earns +1 when it uses the right numbers and closing its
+      open parentheses makes the target (the only completion possible once every card is used).
+    - The ``"number"`` field is read but not scored, as in the reference.
+    - Prompts and feedback are written for this project; the card images come from this project's renderer
+      (no photographs of cards), at a configurable resolution.
+    - ``split`` adds a held-out set of hands that the papers do not have; ``split="all"`` is their protocol.
+
+    ## Version History
+    - v0: initial release.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
+
+    def __init__(
+        self,
+        modality: str = "vision",
+        face_cards: str = "10",
+        suits: str = "black",
+        target: int = 24,
+        num_cards: int = 4,
+        max_attempts: int = 5,
+        split: str = "all",
+        resolution: int = 1200,
+        render_mode: str | None = None,
+    ) -> None:
+        _check_choice("modality", modality, MODALITIES)
+        _check_choice("face_cards", face_cards, FACE_CARD_RULES)
+        _check_choice("suits", suits, tuple(SUIT_SETS))
+        _check_choice("split", split, SPLITS)
+        _check_choice("render_mode", render_mode, (None, *self.metadata["render_modes"]))
+        if isinstance(target, bool) or not isinstance(target, int | np.integer):
+            raise ValueError(f"target must be an integer; got {target!r}")
+        if not isinstance(num_cards, int | np.integer) or not 1 <= num_cards <= 8:
+            raise ValueError(f"num_cards must be an integer from 1 to 8; got {num_cards!r}")
+        if not isinstance(max_attempts, int | np.integer) or max_attempts < 1:
+            raise ValueError(f"max_attempts must be an integer of at least 1; got {max_attempts!r}")
+        if not isinstance(resolution, int | np.integer) or not 64 <= resolution <= 2048:
+            raise ValueError(f"resolution must be an integer from 64 to 2048; got {resolution!r}")
+        self.modality, self.face_cards, self.suits, self.split = modality, face_cards, suits, split
+        self.target, self.num_cards, self.max_attempts = int(target), int(num_cards), int(max_attempts)
+        self.resolution, self.render_mode = int(resolution), render_mode
+
+        max_value = 10 if face_cards == "10" else 13
+        hands = solvable_hands(self.target, self.num_cards, max_value)
+        self._allowed_hands = frozenset(h for h in hands if split == "all" or hand_split(h) == split)
+        if not self._allowed_hands:
+            raise ValueError(f"no solvable hand of {num_cards} cards makes {target} in split {split!r}; choose another target or num_cards")
+        self._suit_letters = SUIT_SETS[suits]
+        self._prompt_template = self._build_prompt_template()
+
+        text_space = spaces.Text(min_length=1, max_length=MAX_TEXT_LENGTH, charset=TEXT_CHARSET)
+        observation = {"text": text_space}
+        if modality == "vision":
+            observation["image"] = spaces.Box(0, 255, (self.resolution, self.resolution, 3), np.uint8)
+        self.observation_space = spaces.Dict(observation)
+        self.action_space = spaces.Text(max_length=MAX_TEXT_LENGTH, charset=TEXT_CHARSET)
+
+        self._cards: list[Card] = []
+        self._numbers: list[int] = []
+        self._image: np.ndarray | None = None
+        self._attempts_left = 0
+        self._done = True
+        self._success = False
+
+    def _build_prompt_template(self) -> str:
+        cards_example, numbers_example, formula_example = _EXAMPLES[self.face_cards]
+        if self.modality == "language":
+            where = "The cards in your hand are: {cards}."
+            cards_field = "the cards you were given, by rank"
+        else:
+            where = "The image shows the cards in your hand."
+            cards_field = "the rank of every card in the image, left to right"
+        return (
+            f"You are playing a card game. {where} "
+            f"Write one arithmetic formula that uses the value of each card exactly once and equals {self.target}. "
+            "You may use +, -, *, / and parentheses, and nothing else.\n"
+            f"{_FACE_RULE_SENTENCES[self.face_cards]}\n"
+            "Reply with a single JSON object with three keys: "
+            f'"cards" ({cards_field}), "number" (the value of each of those cards) and '
+            f'"formula" (your formula as a string, without spaces, optionally ending in ={self.target}).\n'
+            f'For example: {{"cards": {cards_example}, "number": {numbers_example}, "formula": "{formula_example}"}}'
+        ).replace("{", "{{").replace("}", "}}").replace("{{cards}}", "{cards}")
+
+    def _draw_hand(self) -> list[Card]:
+        rng = self.np_random
+        while True:
+            ranks = rng.integers(1, 14, size=self.num_cards)
+            if self.face_cards == "11-12-13":
+                ranks[rng.integers(self.num_cards)] = rng.integers(11, 14)
+            values = tuple(sorted(card_value(int(rank), self.face_cards) for rank in ranks))
+            if values in self._allowed_hands:
+                suits = rng.integers(len(self._suit_letters), size=self.num_cards)
+                return [Card(self._suit_letters[s], int(r)) for s, r in zip(suits, ranks, strict=False)]
+
+    def _hand_from_codes(self, codes: object) -> list[Card]:
+        if not isinstance(codes, list | tuple) or len(codes) != self.num_cards:
+            raise ValueError(f"options['cards'] must be a list of {self.num_cards} card codes like 'S10'; got {codes!r}")
+        cards = [Card.from_code(code) for code in codes]
+        numbers = [card_value(card.rank, self.face_cards) for card in cards]
+        if not is_solvable(numbers, self.target):
+            raise ValueError(f"the hand {list(codes)} (values {numbers}) cannot make {self.target}; choose a solvable hand")
+        return cards
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        """Start an episode with a new hand (or the hand in ``options["cards"]``)."""
+        super().reset(seed=seed)
+        options = options or {}
+        self._cards = self._hand_from_codes(options["cards"]) if "cards" in options else self._draw_hand()
+        self._numbers = [card_value(card.rank, self.face_cards) for card in self._cards]
+        self._image = render_table(self._cards, self.resolution) if self.modality == "vision" else None
+        self._attempts_left = self.max_attempts
+        self._done = False
+        self._success = False
+        cards = "[" + ", ".join(f"'{card.rank_name}'" for card in self._cards) + "]"
+        return self._observation(self._prompt_template.format(cards=cards)), self._info("", "")
+
+    def step(self, action: str) -> tuple[dict, float, bool, bool, dict]:
+        """Judge one answer; see the class docstring for rewards and episode end."""
+        if self._done:
+            raise RuntimeError("the episode is over; call reset() before step()")
+        if self._attempts_left == 0:
+            self._done = True
+            feedback = "No attempts were left, so this answer was not checked. The episode is over."
+            return self._observation(feedback), REWARD_OUT_OF_ATTEMPTS, False, True, self._info("out_of_attempts", feedback)
+        judgement = judge(
+            parse_response(action),
+            card_values=self._numbers,
+            card_ranks=[card.rank for card in self._cards],
+            target=self.target,
+            check_cards=self.modality == "vision",
+        )
+        self._attempts_left -= 1
+        if judgement.solved:
+            self._done = self._success = True
+            text = judgement.feedback + " The hand is solved."
+        elif self._attempts_left:
+            text = f"{judgement.feedback} You have {self._attempts_left} attempt(s) left; reply with a corrected JSON answer."
+        else:
+            text = f"{judgement.feedback} That was your last attempt."
+        return self._observation(text), judgement.reward, judgement.solved, False, self._info(judgement.verdict, judgement.feedback)
+
+    def render(self) -> np.ndarray | None:
+        """The card-table image (``render_mode="rgb_array"``), in either modality; None otherwise."""
+        if self.render_mode != "rgb_array" or not self._cards:
+            return None
+        if self._image is None:
+            self._image = render_table(self._cards, self.resolution)
+        return self._image.copy()
+
+    def expert_response(self) -> str:
+        """A correct answer for the current hand, as the oracle expert gives it."""
+        if not self._cards:
+            raise RuntimeError("no hand yet; call reset() first")
+        return json.dumps(
+            {
+                "cards": [card.rank_name for card in self._cards],
+                "number": list(self._numbers),
+                "formula": f"{first_solution(self._numbers, self.target)}={self.target}",
+            }
+        )
+
+    def _observation(self, text: str) -> dict:
+        observation = {"text": text}
+        if self._image is not None and self.modality == "vision":
+            observation["image"] = self._image.copy()  # callers keep observations; never hand out shared memory
+        return observation
+
+    def _info(self, verdict: str, feedback: str) -> dict:
+        return {
+            "cards": [card.code for card in self._cards],
+            "numbers": list(self._numbers),
+            "target": self.target,
+            "attempts_left": self._attempts_left,
+            "verdict": verdict,
+            "feedback": feedback,
+            "success": self._success,
+        }
