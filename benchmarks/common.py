@@ -11,8 +11,9 @@ from dataclasses import dataclass
 class Measurement:
     """One benchmark figure, optionally compared with a baseline measured in the same run.
 
-    ``ratio`` is value / baseline_value, so for rates (higher is better) a ratio above 1 means
-    faster than the baseline; ``target`` states the goal in words, e.g. ">= 5000 episodes/s".
+    ``ratio`` is how many times better than the baseline the value is: value / baseline for
+    rates, baseline / value when ``lower_is_better`` (times); ``target`` states the goal in words,
+    e.g. ">= 5000 episodes/s", and ``met`` whether it was reached.
     """
 
     name: str
@@ -22,13 +23,14 @@ class Measurement:
     baseline_value: float | None = None
     target: str | None = None
     met: bool | None = None
+    lower_is_better: bool = False
 
     @property
     def ratio(self) -> float | None:
-        """value / baseline_value, or None without a baseline."""
-        if self.baseline_value in (None, 0):
+        """Times better than the baseline (above 1 means better), or None without a baseline."""
+        if not self.baseline_value or not self.value:
             return None
-        return self.value / self.baseline_value
+        return self.baseline_value / self.value if self.lower_is_better else self.value / self.baseline_value
 
 
 def rate(work: Callable[[], None], count: int, *, min_seconds: float = 1.0, warmup: int = 1) -> float:

@@ -36,14 +36,18 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 def format_table(measurements: list[Measurement]) -> str:
-    """A markdown table of the measurements."""
-    rows = ["| benchmark | value | baseline (same run) | ratio | target | met |", "|---|---|---|---|---|---|"]
+    """A markdown table of the measurements; the ratio is always 'times better than the baseline'."""
+    rows = ["| benchmark | value | baseline (same run) | times better | target | met |", "|---|---|---|---|---|---|"]
     for m in measurements:
-        baseline = f"{m.baseline_name}: {m.baseline_value:,.4g} {m.unit}" if m.baseline_name else ""
+        baseline = f"{m.baseline_name}: {_number(m.baseline_value)} {m.unit}" if m.baseline_name else ""
         ratio = f"{m.ratio:,.1f}x" if m.ratio is not None else ""
         met = {True: "yes", False: "**no**", None: ""}[m.met]
-        rows.append(f"| {m.name} | {m.value:,.4g} {m.unit} | {baseline} | {ratio} | {m.target or ''} | {met} |")
+        rows.append(f"| {m.name} | {_number(m.value)} {m.unit} | {baseline} | {ratio} | {m.target or ''} | {met} |")
     return "\n".join(rows)
 
 

@@ -59,6 +59,11 @@ class GeneralPointsEnv(gym.Env):
     answer format); after a failed attempt the feedback on it. The dialogue is the alternation of
     observation texts and the model's answers. The image (vision modality) is the same all episode.
 
+    Vector environments: ``gym.make_vec(..., vectorization_mode="sync")`` and
+    ``AsyncVectorEnv(..., shared_memory=False)`` work. Do not use an async vector env with shared
+    memory: Gymnasium 1.x stores ``Text`` observations in shared memory as fixed-size character
+    codes and returns them corrupted.
+
     ## Starting State
     Each card's rank is drawn uniformly from A..K with replacement and its suit uniformly from the
     suit set; the hand is redrawn until it can make the target (and, with ``split``, until its value

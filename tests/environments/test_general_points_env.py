@@ -1,0 +1,202 @@
+"""GeneralPoints-v0 as a Gymnasium environment: API conformance, arguments, dealing, determinism."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from gymnasium.vector import AsyncVectorEnv
+
+import environments  # noqa: F401
+from environments.general_points.cards import Card, card_value
+from environments.general_points.solver import hand_split, is_solvable
+
+SMALL = 96  # image side used where the resolution does not matter
+
+
+def make(**kwargs):
+    kwargs.setdefault("resolution", SMALL)
+    return gym.make("GeneralPoints-v0", **kwargs)
+
+
+@pytest.mark.parametrize("modality", ["language", "vision"])
+@pytest.mark.parametrize("face_cards", ["10", "11-12-13"])
+@pytest.mark.parametrize("suits", ["black", "red", "mixed"])
+def test_check_env_passes_on_every_variant(modality, face_cards, suits):
+    env = make(modality=modality, face_cards=face_cards, suits=suits, render_mode="rgb_array")
+    check_env(env.unwrapped)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_check_env_passes_on_splits(split):
+    check_env(make(modality="language", split=split).unwrapped)
+
+
+def test_environment_id_with_module_prefix_works_without_prior_import():
+    env = gym.make("environments:GeneralPoints-v0", modality="language")
+    observation, info = env.reset(seed=0)
+    assert "24" in observation["text"] and len(info["cards"]) == 4
+
+
+def test_defaults_are_the_vision_training_setting():
+    env = gym.make("GeneralPoints-v0").unwrapped
+    assert (env.modality, env.face_cards, env.suits, env.target, env.num_cards, env.max_attempts, env.split, env.resolution) == (
+        "vision", "10", "black", 24, 4, 5, "all", 1200
+    )
+    observation, _ = env.reset(seed=0)
+    assert observation["image"].shape == (1200, 1200, 3) and observation["image"].dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"modality": "audio"}, "modality"),
+        ({"face_cards": "11"}, "face_cards"),
+        ({"suits": "blue"}, "suits"),
+        ({"split": "val"}, "split"),
+        ({"render_mode": "ansi"}, "render_mode"),
+        ({"num_cards": 0}, "num_cards"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"resolution": 10}, "resolution"),
+        ({"target": "24"}, "target"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        make(**kwargs)
+
+
+def test_fixed_hand_from_options():
+    env = make(modality="language")
+    observation, info = env.reset(seed=0, options={"cards": ["HA", "S3", "CK", "D6"]})
+    assert info["cards"] == ["HA", "S3", "CK", "D6"] and info["numbers"] == [1, 3, 10, 6]
+    assert "['A', '3', 'K', '6']" in observation["text"]
+    _, info = env.reset(options={"cards": ["st", "c4", "H4", "dq"]})
+    assert info["cards"] == ["S10", "C4", "H4", "DQ"]
+
+
+@pytest.mark.parametrize(
+    ("cards", "reason"),
+    [(["HA", "HA", "HA", "HA"], "cannot make 24"), (["XA", "S3", "CK", "D6"], "card code"), (["HA", "S3"], "4 card codes"), ("HA", "4 card codes")],
+)
+def test_bad_fixed_hands_raise_with_the_reason(cards, reason):
+    with pytest.raises(ValueError, match=reason):
+        make(modality="language").reset(options={"cards": cards})
+
+
+@pytest.mark.parametrize("face_cards", ["10", "11-12-13"])
+@pytest.mark.parametrize("suits", ["black", "red", "mixed"])
+def test_dealt_hands_follow_the_setting(face_cards, suits):
+    env = make(modality="language", face_cards=face_cards, suits=suits)
+    allowed_suits = {"black": {"S", "C"}, "red": {"H", "D"}, "mixed": {"S", "C", "H", "D"}}[suits]
+    for seed in range(200):
+        _, info = env.reset(seed=seed)
+        cards = [Card.from_code(code) for code in info["cards"]]
+        assert {card.suit for card in cards} <= allowed_suits
+        assert info["numbers"] == [card_value(card.rank, face_cards) for card in cards]
+        assert is_solvable(info["numbers"])
+        if face_cards == "11-12-13":
+            assert any(card.rank >= 11 for card in cards)
+
+
+def test_rank_distribution_is_uniform_with_replacement():
+    env = make(modality="language", face_cards="10", suits="mixed")
+    ranks = [Card.from_code(code).rank for seed in range(3000) for code in env.reset(seed=seed)[1]["cards"]]
+    counts = np.bincount(ranks, minlength=14)[1:]
+    # Solvability filtering skews ranks a little; every rank must still be common.
+    assert counts.min() > 0.4 * counts.mean()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_split_deals_only_its_own_hands(split):
+    env = make(modality="language", split=split)
+    for seed in range(150):
+        assert hand_split(env.reset(seed=seed)[1]["numbers"]) == split
+
+
+@pytest.mark.parametrize("modality", ["language", "vision"])
+def test_same_seed_same_hand_and_image(modality):
+    first, second = make(modality=modality), make(modality=modality)
+    for seed in (0, 1, 12345):
+        obs_a, info_a = first.reset(seed=seed)
+        obs_b, info_b = second.reset(seed=seed)
+        assert info_a["cards"] == info_b["cards"] and obs_a["text"] == obs_b["text"]
+        if modality == "vision":
+            assert np.array_equal(obs_a["image"], obs_b["image"])
+    hands = {tuple(first.reset(seed=seed)[1]["cards"]) for seed in range(20)}
+    assert len(hands) > 15
+
+
+def test_unseeded_resets_continue_the_seeded_stream():
+    env_a, env_b = make(modality="language"), make(modality="language")
+    env_a.reset(seed=7)
+    env_b.reset(seed=7)
+    assert [env_a.reset()[1]["cards"] for _ in range(5)] == [env_b.reset()[1]["cards"] for _ in range(5)]
+
+
+def test_vision_image_shows_the_hand_and_render_returns_it():
+    env = make(modality="vision", render_mode="rgb_array")
+    observation, _ = env.reset(seed=3)
+    assert np.array_equal(env.render(), observation["image"])
+    other, _ = env.reset(options={"cards": ["HA", "S3", "CK", "D6"]})
+    assert not np.array_equal(other["image"], observation["image"])
+    observation, *_ = env.step("not an answer")
+    assert np.array_equal(observation["image"], other["image"])
+
+
+def test_language_render_draws_the_cards_too():
+    env = make(modality="language", render_mode="rgb_array")
+    observation, _ = env.reset(seed=0)
+    assert "image" not in observation
+    assert env.render().shape == (SMALL, SMALL, 3)
+    unrendered = make(modality="language")
+    unrendered.reset(seed=0)
+    assert unrendered.render() is None
+
+
+def test_prompt_states_rule_and_format():
+    language = make(modality="language").reset(seed=0)[0]["text"]
+    vision = make(modality="vision", face_cards="11-12-13").reset(seed=0)[0]["text"]
+    assert "J, Q and K each count as 10" in language and '"formula"' in language
+    assert "J counts as 11, Q as 12 and K as 13" in vision and "image" in vision
+
+
+def test_expert_solves_and_dialogue_alternates():
+    env = make(modality="vision")
+    observation, info = env.reset(seed=0)
+    assert info["attempts_left"] == 5 and info["verdict"] == "" and not info["success"]
+    observation, reward, terminated, truncated, info = env.step("{}")
+    assert reward == -1.5 and info["attempts_left"] == 4 and not (terminated or truncated)
+    assert "4 attempt(s) left" in observation["text"]
+    observation, reward, terminated, truncated, info = env.step(env.unwrapped.expert_response())
+    assert (reward, terminated, truncated, info["success"], info["verdict"]) == (5.0, True, False, True, "correct")
+
+
+def test_sync_vector_env():
+    envs = gym.make_vec("GeneralPoints-v0", num_envs=3, vectorization_mode="sync", modality="vision", resolution=SMALL)
+    observations, infos = envs.reset(seed=11)
+    assert observations["image"].shape == (3, SMALL, SMALL, 3) and len(observations["text"]) == 3
+    answers = list(envs.call("expert_response"))
+    observations, rewards, terminated, truncated, infos = envs.step(answers)
+    assert rewards.tolist() == [5.0, 5.0, 5.0] and terminated.all() and infos["success"].all()
+    envs.close()
+
+
+def test_async_vector_env_without_shared_memory_matches_sync():
+    def factory():
+        return gym.make("GeneralPoints-v0", modality="vision", resolution=SMALL)
+
+    async_envs = AsyncVectorEnv([factory] * 2, shared_memory=False)
+    sync_envs = gym.vector.SyncVectorEnv([factory] * 2)
+    try:
+        async_obs, _ = async_envs.reset(seed=5)
+        sync_obs, _ = sync_envs.reset(seed=5)
+        assert list(async_obs["text"]) == list(sync_obs["text"])
+        assert np.array_equal(async_obs["image"], sync_obs["image"])
+        answers = list(async_envs.call("expert_response"))
+        _, rewards, terminated, _, _ = async_envs.step(answers)
+        assert rewards.tolist() == [5.0, 5.0] and terminated.all()
+        _, rewards, _, _, infos = async_envs.step(["nonsense", "{}"])  # autoreset step: new episodes start
+        assert infos["attempts_left"].tolist() == [5, 5]
+    finally:
+        async_envs.close()
+        sync_envs.close()

@@ -1,0 +1,78 @@
+"""The exact solver: the spec's solvability counts, formula correctness, the train/test split."""
+
+from collections import Counter
+from fractions import Fraction
+
+import pytest
+
+from environments.general_points.solver import first_solution, hand_split, is_solvable, solvable_hands, solve
+from environments.general_points.verifier import _evaluate, _tokens
+
+
+def exact_value(formula: str) -> Fraction | None:
+    return _evaluate(_tokens(formula))
+
+
+def numbers_used(formula: str) -> list[int]:
+    return sorted(int(token) for token in _tokens(formula) if token.isdigit())
+
+
+def test_solvable_counts_match_the_spec():
+    assert len(solvable_hands(24, 4, 10)) == 566
+    assert len(list(solvable_hands(24, 4, 13))) == 1362
+    assert sum(1 for hand in solvable_hands(24, 4, 13) if max(hand) > 10) == 796
+
+
+def test_fraction_hands_are_solvable():
+    assert is_solvable([3, 3, 8, 8])
+    assert solve([3, 3, 8, 8]) == ["8/(3-8/3)"]
+    assert is_solvable([1, 5, 5, 5])  # 5*(5-1/5)
+    assert not is_solvable([1, 1, 1, 1])
+
+
+def test_is_solvable_ignores_order_and_handles_other_targets():
+    assert is_solvable([8, 3, 8, 3]) == is_solvable([3, 3, 8, 8])
+    assert is_solvable([1, 2], target=3)
+    assert not is_solvable([1, 1], target=3)
+    assert is_solvable([0, 5], target=0)
+
+
+@pytest.mark.parametrize("hand", [(1, 3, 6, 10), (3, 3, 8, 8), (2, 11, 12, 13), (1, 1, 4, 6), (4, 4, 10, 10)])
+def test_every_formula_is_exact_uses_each_number_once_and_is_distinct(hand):
+    formulas = solve(hand)
+    assert formulas, hand
+    assert len(formulas) == len(set(formulas))
+    for formula in formulas:
+        assert exact_value(formula) == 24, formula
+        assert numbers_used(formula) == sorted(hand), formula
+        assert " " not in formula
+
+
+def test_every_solvable_hand_has_a_verified_first_solution():
+    for hand in solvable_hands(24, 4, 13):
+        formula = first_solution(hand)
+        assert exact_value(formula) == 24 and numbers_used(formula) == list(hand), (hand, formula)
+    assert first_solution([1, 1, 1, 1]) is None
+
+
+def test_solve_matches_solvability_on_all_face_ten_hands():
+    for hand in solvable_hands(24, 4, 10):
+        assert solve(hand), hand
+    assert solve([1, 1, 1, 1]) == []
+
+
+def test_split_is_disjoint_covers_all_and_is_about_80_20():
+    for max_value in (10, 13):
+        hands = solvable_hands(24, 4, max_value)
+        splits = Counter(hand_split(hand) for hand in hands)
+        assert set(splits) == {"train", "test"} and sum(splits.values()) == len(hands)
+        assert 0.15 < splits["test"] / len(hands) < 0.30
+
+
+def test_split_is_fixed_across_machines_and_orderings():
+    # Pinned values: the split is a function of the sorted values' text, identical everywhere.
+    assert hand_split([1, 3, 6, 10]) == hand_split([10, 6, 3, 1])
+    pinned = {hand: hand_split(hand) for hand in [(1, 3, 6, 10), (3, 3, 8, 8), (4, 4, 10, 10), (1, 2, 3, 4)]}
+    assert pinned == {(1, 3, 6, 10): "train", (3, 3, 8, 8): "train", (4, 4, 10, 10): "test", (1, 2, 3, 4): "test"}
+    face_ten = Counter(hand_split(hand) for hand in solvable_hands(24, 4, 10))
+    assert face_ten == {"train": 433, "test": 133}
