@@ -91,7 +91,7 @@ def rank_from_name(name: object) -> int | None:
         return _RANK_BY_NAME[text]
     if text in _FULL_NAMES:
         return _FULL_NAMES[text]
-    if text.isdigit() and len(text) <= 2:
+    if text.isascii() and text.isdigit() and len(text) <= 2:  # not '²': str.isdigit accepts it, int() does not
         value = int(text)
         return value if 1 <= value <= 13 else None
     return None

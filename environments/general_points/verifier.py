@@ -81,8 +81,8 @@ class Judgement:
 
 _KEY = r"""["']{key}["']\s*:\s*"""
 _FORMULA_PATTERN = re.compile(_KEY.format(key="formula") + r'"([^"]*)"')
-_CARDS_PATTERN = re.compile(_KEY.format(key="cards") + r"\[([^\]]*)\]")
-_NUMBERS_PATTERN = re.compile(_KEY.format(key="number") + r"\[([^\]]*)\]")
+_CARDS_KEY = re.compile(_KEY.format(key="cards") + r"\[")
+_NUMBERS_KEY = re.compile(_KEY.format(key="number") + r"\[")
 
 
 def _json_object(text: str) -> dict | None:
@@ -106,6 +106,20 @@ def _list_items(body: str) -> tuple[str, ...]:
     return tuple(item.strip().strip("'\"").strip() for item in body.split(",") if item.strip())
 
 
+def _list_after(key: re.Pattern, text: str) -> tuple[str, ...] | None:
+    """The items of the first ``key [ ... ]`` list in text, or None.
+
+    A pattern like ``\\[([^\\]]*)\\]`` would rescan to the end of the text at every unclosed key
+    (quadratic on a megabyte of them); the first key is enough, since if its list never closes no
+    later one does either.
+    """
+    match = key.search(text)
+    if match is None:
+        return None
+    end = text.find("]", match.end())
+    return _list_items(text[match.end() : end]) if end >= 0 else None
+
+
 def parse_response(text: str) -> ParsedAnswer:
     """Read cards, numbers and formula from a model's answer (never raises).
 
@@ -125,11 +139,9 @@ def parse_response(text: str) -> ParsedAnswer:
             formula=formula if isinstance(formula, str) else None,
         )
     formula_match = _FORMULA_PATTERN.search(text)
-    cards_match = _CARDS_PATTERN.search(text)
-    numbers_match = _NUMBERS_PATTERN.search(text)
     return ParsedAnswer(
-        cards=_list_items(cards_match.group(1)) if cards_match else None,
-        numbers=_list_items(numbers_match.group(1)) if numbers_match else None,
+        cards=_list_after(_CARDS_KEY, text),
+        numbers=_list_after(_NUMBERS_KEY, text),
         formula=formula_match.group(1) if formula_match else None,
     )
 
