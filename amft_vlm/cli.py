@@ -10,6 +10,7 @@ import gymnasium as gym
 
 import environments  # noqa: F401  (registers the environments)
 from agents.baselines import ExpertAgent, GeneralPointsFormatAgent, RandomTextAgent
+from amft_vlm.expert_data import collect
 from amft_vlm.play import play, results_table
 from environments.general_points.settings import PAPER_EPISODES, PAPER_SETTINGS
 
@@ -30,6 +31,28 @@ def _play_command(args: argparse.Namespace) -> int:
             results.append(play(env, agents[name], episodes=args.episodes, seed=args.seed, setting=setting))
         env.close()
     print(results_table(results))
+    return 0
+
+
+def parse_env_args(pairs: list[str]) -> dict[str, object]:
+    """``["modality=language", "num_cards=4"]`` -> ``{"modality": "language", "num_cards": 4}`` (integers converted)."""
+    kwargs: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--env-arg takes KEY=VALUE, like modality=language; got {pair!r}")
+        kwargs[key] = int(value) if value.lstrip("-").isdigit() else None if value == "None" else value
+    return kwargs
+
+
+def _collect_command(args: argparse.Namespace) -> int:
+    agents = {"expert": ExpertAgent(), "random": RandomTextAgent(seed=args.seed), "format-only": GeneralPointsFormatAgent(seed=args.seed)}
+    env_kwargs = parse_env_args(args.env_arg)
+    stats = collect(args.env, env_kwargs, agents[args.agent], episodes=args.episodes, seed=args.seed, out_dir=args.out)
+    log.info(
+        "wrote %d dialogues from %d episodes to %s (success rate %.1f%%, mean return %.2f)",
+        stats.dialogues, stats.episodes, args.out, 100 * stats.success_rate, stats.total_return / stats.episodes,
+    )
     return 0
 
 
@@ -57,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     play_parser.add_argument("--split", default="all", choices=["all", "train", "test"], help="which hands to deal")
     play_parser.add_argument("--resolution", type=int, default=1200, help="card-table image size in vision settings")
     play_parser.set_defaults(handler=_play_command)
+
+    collect_parser = commands.add_parser(
+        "collect",
+        help="record an agent's dialogues as an expert-trajectory dataset (JSONL + PNG images)",
+        description="Play an environment with an agent and write every dialogue to DIR/dialogues.jsonl, "
+        "images once per dialogue to DIR/images/, and DIR/manifest.json.",
+    )
+    collect_parser.add_argument("--env", default="GeneralPoints-v0", help="environment id (default GeneralPoints-v0)")
+    collect_parser.add_argument(
+        "--env-arg", action="append", default=[], metavar="KEY=VALUE", help="gym.make keyword, e.g. modality=language split=train (repeatable)"
+    )
+    collect_parser.add_argument("--agent", default="expert", choices=["expert", "random", "format-only"], help="who plays")
+    collect_parser.add_argument("--episodes", type=int, default=1000, help="episodes to record")
+    collect_parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
+    collect_parser.add_argument("--out", required=True, help="dataset directory to create (must not exist or be empty)")
+    collect_parser.set_defaults(handler=_collect_command)
     return parser
 
 
@@ -70,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if getattr(args, "episodes", 1) < 1:
         parser.error("--episodes must be at least 1")
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        parser.exit(2, f"amft-vlm {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,444 @@
+"""Tiny, randomly initialised Qwen2-VL / Qwen2.5-VL checkpoints built locally, with no network.
+
+`build_tiny_model` writes a directory laid out like a real Hugging Face checkpoint (``config.json``,
+``model.safetensors``, ``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json``,
+``preprocessor_config.json``), so it loads through exactly the code path a real checkpoint uses:
+
+    >>> from agents.tiny import build_tiny_model
+    >>> from agents.vlm_policy import VLMPolicy
+    >>> path = build_tiny_model("qwen2-vl", "runs/tiny-qwen2-vl", seed=0)
+    >>> policy = VLMPolicy.from_pretrained(path)
+
+What is real and what is scaled down:
+
+- The model classes are the real ``Qwen2VLForConditionalGeneration`` and
+  ``Qwen2_5_VLForConditionalGeneration``; only the sizes (hidden sizes, depths, heads) are small. The
+  vision patch geometry (patch 14, temporal patch 2, spatial merge 2) is Qwen's, so image token counts
+  are exactly those of the real models for the same ``min_pixels`` / ``max_pixels``.
+- The tokenizer is a byte-level BPE with Qwen2's pre-tokenizer (single digits, byte fallback for any
+  text), trained in memory on task-like text, wrapped in the real ``Qwen2Tokenizer``. Its vocabulary is
+  small (``vocab_size`` entries plus the Qwen special tokens appended at the end, as in Qwen).
+- The chat template renders Qwen's ChatML layout (default system prompt, images as
+  ``<|vision_start|><|image_pad|><|vision_end|>``, ``add_generation_prompt``).
+- ``generation_config.json`` carries the same kind of sampling defaults as the real Instruct checkpoints
+  (``top_k=1``, ``top_p=0.001``, ``temperature=0.1``, ``repetition_penalty=1.05``): a policy that forgets
+  to override them samples from the wrong distribution, and the tests notice.
+
+The weights are random, so generations are gibberish; the point is that shapes, special tokens,
+image-token expansion, rope positions and the loading path are those of the real models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+from transformers import (
+    GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.qwen2 import Qwen2Tokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("qwen2-vl", "qwen2.5-vl")
+"""Architectures `build_tiny_model` can build."""
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+"""Qwen2-VL's special tokens, in Qwen's order; they get the ids right after the BPE vocabulary."""
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Qwen's ChatML layout. Written with string expressions (not literal template text) so that every
+# newline is explicit and Jinja's whitespace control cannot eat one.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in part -%}"
+    "{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+"""Jinja chat template of the tiny checkpoints (same rendered text as Qwen2-VL-Instruct's template)."""
+
+# Qwen2's split rule: English contractions, letter runs with one leading non-letter, single digits,
+# punctuation runs, newlines, other whitespace. Single digits keep arithmetic tokenisation regular.
+_PRETOKENIZE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_CARD_NAMES = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
+_SUITS = ("Spades", "Hearts", "Diamonds", "Clubs")
+_DIRECTIONS = (
+    "north",
+    "north-east",
+    "east",
+    "south-east",
+    "south",
+    "south-west",
+    "west",
+    "north-west",
+)
+_ACTIONS = (
+    "forward()",
+    "turn_direction(left)",
+    "turn_direction(right)",
+    "turn_direction(slightly left)",
+    "turn_direction(slightly right)",
+    "stop()",
+)
+_PROMPT_SENTENCES = (
+    "You are an expert card game player.",
+    "You are observing the image of four playing cards.",
+    "Use each card exactly once with + - * / and parentheses to reach the target number 24.",
+    "J, Q and K count as 10 and A counts as 1.",
+    "Your answer must be a JSON object with the fields cards, number and formula.",
+    "Your previous answer was incorrect. Please try again.",
+    "You recognized the wrong cards.",
+    "The formula does not evaluate to the target.",
+    "You are an expert in navigation. Follow the route instructions to reach the destination.",
+    "You observe the street view image in front of you and the current intersection.",
+    "Your answer must be a JSON object with the fields current observation, current instruction and action.",
+    "You have arrived at the destination.",
+    "Describe the image and answer the question.",
+)
+
+
+_ROUTE_INSTRUCTIONS = (
+    "Turn left at the next intersection and walk to the coffee shop.",
+    "Head north until you see the museum on your right.",
+    "Turn slightly right onto the avenue and continue past the bank.",
+)
+
+
+def task_corpus() -> Iterator[str]:
+    """Yield the fixed, task-like training text of the tiny tokenizer.
+
+    Prompt sentences of both tasks, JSON answers with card names and formulas, arithmetic, compass
+    directions and navigation actions. The corpus does not depend on any seed, so every tiny checkpoint
+    shares the same tokenizer.
+    """
+    rng = random.Random(1234)
+    yield from _PROMPT_SENTENCES
+    yield from _ROUTE_INSTRUCTIONS
+    for _ in range(600):
+        cards = [rng.choice(_CARD_NAMES) for _ in range(4)]
+        values = [{"A": 1, "J": 10, "Q": 10, "K": 10}.get(card) or int(card) for card in cards]
+        operators = [rng.choice("+-*/") for _ in range(3)]
+        formula = f"({values[0]}{operators[0]}{values[1]}){operators[1]}{values[2]}{operators[2]}{values[3]}"
+        answer = {"cards": cards, "number": values, "formula": f"{formula}=24"}
+        yield json.dumps(answer)
+        yield f"{rng.choice(_CARD_NAMES)} of {rng.choice(_SUITS)}"
+        yield f"{rng.randint(0, 99)} {rng.choice('+-*/')} {rng.randint(0, 99)} = {rng.randint(0, 999)}"
+        observation = f"{rng.choice(_DIRECTIONS)}: a {rng.choice(['shop', 'bank', 'park', 'school'])}"
+        yield json.dumps(
+            {
+                "current observation": observation,
+                "current instruction": rng.choice(_ROUTE_INSTRUCTIONS),
+                "action": rng.choice(_ACTIONS),
+            }
+        )
+        yield f"You are facing {rng.choice(_DIRECTIONS)}. {rng.choice(_PROMPT_SENTENCES)}"
+
+
+def build_tokenizer(*, vocab_size: int = 512) -> Qwen2Tokenizer:
+    """Train a byte-level BPE on `task_corpus` and wrap it in the real ``Qwen2Tokenizer``.
+
+    Args:
+        vocab_size: size of the trained BPE vocabulary (256 bytes plus merges), before the Qwen special
+            tokens are appended.
+
+    Returns:
+        A ``Qwen2Tokenizer`` with Qwen's special tokens (pad and unk ``<|endoftext|>``, eos
+        ``<|im_end|>`` as in the Instruct checkpoints) and `QWEN_CHAT_TEMPLATE`.
+    """
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size must exceed the 256 byte symbols; got {vocab_size}")
+    bpe = Tokenizer(BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(task_corpus(), trainer=trainer)
+    model_state = json.loads(bpe.to_str())["model"]
+    merges = [
+        tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model_state["merges"]
+    ]
+    vocab = dict(model_state["vocab"])
+    # As in Qwen, the special tokens take the ids right after the BPE vocabulary, in Qwen's order.
+    vocab.update(
+        {token: len(model_state["vocab"]) + index for index, token in enumerate(QWEN_SPECIAL_TOKENS)}
+    )
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+        errors="replace",
+        model_max_length=32768,
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    missing = [token for token in QWEN_SPECIAL_TOKENS if tokenizer.convert_tokens_to_ids(token) is None]
+    if missing:
+        raise RuntimeError(f"tiny tokenizer lacks Qwen special tokens {missing}")
+    return tokenizer
+
+
+def build_image_processor(*, min_pixels: int, max_pixels: int) -> Qwen2VLImageProcessorPil:
+    """Qwen2-VL's PIL image processor with Qwen's patch geometry and the given pixel budget.
+
+    Args:
+        min_pixels: smallest resized image area (pixels); Qwen2-VL's own default is ``56 * 56``.
+        max_pixels: largest resized image area (pixels); Qwen2-VL's own default is ``28 * 28 * 1280``.
+    """
+    return Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+
+
+def _special_token_ids(tokenizer: Qwen2Tokenizer) -> dict[str, int]:
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+
+
+def build_tiny_config(
+    arch: str,
+    tokenizer: Qwen2Tokenizer,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_embed_dim: int = 32,
+    vision_depth: int = 2,
+    vision_num_heads: int = 2,
+    initializer_range: float = 0.2,
+) -> Qwen2VLConfig | Qwen2_5_VLConfig:
+    """The real architecture config of `arch`, scaled down, with special-token ids read from `tokenizer`.
+
+    See `build_tiny_model` for the size arguments.
+
+    The multimodal rope section is ``[t, h, w]`` halves of the head dimension split like Qwen's
+    ``[16, 24, 24]`` for head dim 128 (a quarter for time, three eighths each for height and width).
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}; got {arch!r}")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must divide by num_heads ({num_heads}) and num_heads by "
+            f"num_kv_heads ({num_kv_heads})"
+        )
+    head_dim = hidden_size // num_heads
+    if head_dim % 8:
+        raise ValueError(f"head dim hidden_size/num_heads must be a multiple of 8 for mrope; got {head_dim}")
+    rotary_half = head_dim // 2
+    mrope_section = [
+        rotary_half // 4,
+        3 * rotary_half // 8,
+        rotary_half - rotary_half // 4 - 3 * rotary_half // 8,
+    ]
+    ids = _special_token_ids(tokenizer)
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "initializer_range": initializer_range,
+    }
+    token_ids = {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+    if arch == "qwen2-vl":
+        vision_config = {
+            "depth": vision_depth,
+            "embed_dim": vision_embed_dim,
+            "hidden_size": hidden_size,
+            "mlp_ratio": 2,
+            "num_heads": vision_num_heads,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "initializer_range": initializer_range,
+        }
+        return Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **token_ids)
+    vision_config = {
+        "depth": vision_depth,
+        "hidden_size": vision_embed_dim,
+        "intermediate_size": 2 * vision_embed_dim,
+        "num_heads": vision_num_heads,
+        "out_hidden_size": hidden_size,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        # The last block attends over the whole image, the others inside windows, as in Qwen2.5-VL.
+        "fullatt_block_indexes": [vision_depth - 1],
+        "tokens_per_second": 2,
+        "initializer_range": initializer_range,
+    }
+    return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **token_ids)
+
+
+def checkpoint_generation_config(tokenizer: Qwen2Tokenizer) -> GenerationConfig:
+    """The ``generation_config.json`` of the tiny checkpoints, shaped like Qwen2-VL-Instruct's.
+
+    It deliberately carries the Instruct checkpoints' near-greedy sampling defaults; `VLMPolicy`
+    replaces them with explicit settings.
+    """
+    ids = _special_token_ids(tokenizer)
+    return GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        do_sample=True,
+        temperature=0.1,
+        top_k=1,
+        top_p=0.001,
+        repetition_penalty=1.05,
+    )
+
+
+def build_tiny_model(
+    arch: str = "qwen2-vl",
+    output_dir: str | Path = "runs/tiny-qwen2-vl",
+    *,
+    seed: int = 0,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_embed_dim: int = 32,
+    vision_depth: int = 2,
+    vision_num_heads: int = 2,
+    initializer_range: float = 0.2,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 64,
+) -> Path:
+    """Build a tiny random Qwen-VL checkpoint and save it to `output_dir`.
+
+    Args:
+        arch: ``"qwen2-vl"`` (``Qwen2VLForConditionalGeneration``) or ``"qwen2.5-vl"``
+            (``Qwen2_5_VLForConditionalGeneration``).
+        output_dir: directory to write; created if missing, files in it are overwritten.
+        seed: seed of the weight initialisation; the same seed gives identical weights.
+        vocab_size: trained BPE vocabulary size (the model's vocabulary adds the 14 special tokens).
+        hidden_size: text hidden size (also the vision merger's output size).
+        num_layers: text decoder layers.
+        num_heads: text attention heads; ``hidden_size / num_heads`` must be a multiple of 8.
+        num_kv_heads: text key/value heads (grouped-query attention as in Qwen).
+        intermediate_size: text MLP size.
+        vision_embed_dim: vision tower width.
+        vision_depth: vision tower blocks.
+        vision_num_heads: vision attention heads.
+        initializer_range: standard deviation of the random weights. Ten times Qwen's 0.02, so that
+            next-token distributions are peaked like a trained model's instead of near-uniform; then a
+            wrong position id or attention mask changes log-probs by whole nats, not by 1e-4.
+        min_pixels: image processor's default smallest image area.
+        max_pixels: image processor's default largest image area (small, so tests stay fast; real
+            Qwen2-VL uses ``28 * 28 * 1280``).
+
+    Returns:
+        The checkpoint directory, loadable with ``VLMPolicy.from_pretrained`` or any
+        ``AutoModelForImageTextToText`` / ``AutoTokenizer`` / ``AutoImageProcessor`` call.
+    """
+    output_path = Path(output_dir)
+    output_path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(vocab_size=vocab_size)
+    config = build_tiny_config(
+        arch,
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        vision_embed_dim=vision_embed_dim,
+        vision_depth=vision_depth,
+        vision_num_heads=vision_num_heads,
+        initializer_range=initializer_range,
+    )
+    model_class = (
+        Qwen2VLForConditionalGeneration if arch == "qwen2-vl" else Qwen2_5_VLForConditionalGeneration
+    )
+    # A forked RNG keeps initialisation deterministic without disturbing the caller's global torch seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    model.generation_config = checkpoint_generation_config(tokenizer)
+    model.save_pretrained(output_path)
+    tokenizer.save_pretrained(output_path)
+    build_image_processor(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(output_path)
+    parameter_count = sum(parameter.numel() for parameter in model.parameters())
+    logger.info("built tiny %s (%d parameters, seed %d) in %s", arch, parameter_count, seed, output_path)
+    return output_path

@@ -1,0 +1,197 @@
+"""Expert-trajectory datasets: collect dialogues from an agent, save them, load them back.
+
+On disk a dataset is a directory with:
+
+- ``manifest.json``: environment id and keyword arguments, agent, episodes, seed, counts;
+- ``dialogues.jsonl``: one JSON record per dialogue (an episode has one dialogue in GeneralPoints,
+  one per route point in VIRL, whose dialogue restarts after each correct action);
+- ``images/``: each dialogue's observation image, saved once as PNG.
+
+A record has ``episode``, ``seed``, ``dialogue`` (index within the episode), ``turns`` (role and
+text, user and assistant alternating, ending with the agent's last answer), ``image`` (path
+relative to the dataset, or null), ``rewards`` (one per assistant turn) and ``success`` (whether
+the episode was solved). Files are written to temporary names and renamed when complete, so an
+interrupted collection never leaves a dataset that looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from agents.base import Agent
+from agents.chat import ChatTurn, Dialogue
+
+MANIFEST = "manifest.json"
+DIALOGUES = "dialogues.jsonl"
+IMAGES = "images"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExpertDialogue:
+    """One recorded dialogue: the turns, its image, the reward of each answer, and the episode's outcome."""
+
+    dialogue: Dialogue
+    rewards: tuple[float, ...]
+    episode: int
+    index: int
+    seed: int
+    success: bool
+
+
+@dataclass
+class CollectionStats:
+    """What a collection produced."""
+
+    episodes: int = 0
+    successes: int = 0
+    dialogues: int = 0
+    answers: int = 0
+    total_return: float = 0.0
+    verdicts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float:
+        """Fraction of episodes solved."""
+        return self.successes / self.episodes if self.episodes else 0.0
+
+
+def play_dialogues(env: gym.Env, agent: Agent, *, seed: int) -> Iterator[tuple[Dialogue, list[float], dict]]:
+    """Play one episode and yield each dialogue with its rewards and the info after its last answer.
+
+    A dialogue closes when the episode ends or when the environment says the next text starts a
+    fresh dialogue (``info["new_dialogue"]``).
+    """
+    observation, info = env.reset(seed=seed)
+    dialogue = Dialogue.start(observation["text"], image=observation.get("image"))
+    rewards: list[float] = []
+    while True:
+        answer = agent.act(observation, env)
+        observation, reward, terminated, truncated, info = env.step(answer)
+        dialogue = dialogue.with_assistant(answer)
+        rewards.append(float(reward))
+        if terminated or truncated:
+            yield dialogue, rewards, info
+            return
+        if info.get("new_dialogue", False):
+            yield dialogue, rewards, info
+            dialogue, rewards = Dialogue.start(observation["text"], image=observation.get("image")), []
+        else:
+            dialogue = dialogue.with_user(observation["text"])
+
+
+def collect(
+    env_id: str,
+    env_kwargs: dict[str, Any],
+    agent: Agent,
+    *,
+    episodes: int,
+    seed: int,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+) -> CollectionStats:
+    """Play ``episodes`` episodes (seeds ``seed``, ``seed + 1``, ...) and write the dataset to ``out_dir``.
+
+    ``out_dir`` must not exist yet or be empty; it is built under a temporary name and renamed
+    when complete.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already exists and is not empty; choose a new --out directory")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / IMAGES).mkdir(parents=True)
+    env = gym.make(env_id, **env_kwargs)
+    stats = CollectionStats()
+    with open(staging / DIALOGUES, "w") as records:
+        for episode in tqdm(range(episodes), desc=f"collect {env_id} / {agent.name}", disable=not progress):
+            episode_records = []
+            for index, (dialogue, rewards, info) in enumerate(play_dialogues(env, agent, seed=seed + episode)):
+                image_path = None
+                if dialogue.image is not None:
+                    image_path = f"{IMAGES}/e{episode:06d}_d{index:03d}.png"
+                    Image.fromarray(np.asarray(dialogue.image)).save(staging / image_path, compress_level=1)
+                episode_records.append(
+                    {
+                        "episode": episode,
+                        "seed": seed + episode,
+                        "dialogue": index,
+                        "turns": [{"role": turn.role, "text": turn.text} for turn in dialogue.turns],
+                        "image": image_path,
+                        "rewards": rewards,
+                    }
+                )
+                stats.dialogues += 1
+                stats.answers += len(rewards)
+                stats.total_return += sum(rewards)
+                verdict = str(info.get("verdict", ""))
+                stats.verdicts[verdict] = stats.verdicts.get(verdict, 0) + 1
+            success = bool(info.get("success", False))
+            for record in episode_records:
+                records.write(json.dumps({**record, "success": success}) + "\n")
+            stats.episodes += 1
+            stats.successes += success
+    env.close()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "env_id": env_id,
+        "env_kwargs": env_kwargs,
+        "agent": agent.name,
+        "episodes": episodes,
+        "seed": seed,
+        "dialogues": stats.dialogues,
+        "success_rate": stats.success_rate,
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    return stats
+
+
+def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    """The dataset's manifest; raises with a clear message if the directory is not a dataset."""
+    path = Path(dataset_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {dataset_dir} is not an expert dataset (made by `amft-vlm collect`)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r} is not the supported {FORMAT_VERSION}")
+    return manifest
+
+
+def load_dialogues(dataset_dir: str | os.PathLike, *, successful_only: bool = True) -> list[ExpertDialogue]:
+    """The recorded dialogues, images loaded as uint8 arrays; by default only those of solved episodes."""
+    root = Path(dataset_dir)
+    read_manifest(root)
+    dialogues = []
+    with open(root / DIALOGUES) as records:
+        for line_number, line in enumerate(records, start=1):
+            try:
+                record = json.loads(line)
+                turns = tuple(ChatTurn(turn["role"], turn["text"]) for turn in record["turns"])
+                image = np.asarray(Image.open(root / record["image"]).convert("RGB")) if record["image"] else None
+                item = ExpertDialogue(
+                    dialogue=Dialogue(turns=turns, image=image),
+                    rewards=tuple(float(r) for r in record["rewards"]),
+                    episode=int(record["episode"]),
+                    index=int(record["dialogue"]),
+                    seed=int(record["seed"]),
+                    success=bool(record["success"]),
+                )
+            except (KeyError, TypeError, ValueError, OSError) as error:
+                raise ValueError(f"{root / DIALOGUES}, line {line_number}: not a dialogue record ({error})") from error
+            if item.success or not successful_only:
+                dialogues.append(item)
+    return dialogues

@@ -1,0 +1,355 @@
+"""VLMPolicy on tiny Qwen2-VL / Qwen2.5-VL checkpoints: encoding, generation and log-prob consistency."""
+
+import numpy as np
+import pytest
+import torch
+
+from agents.chat import ChatTurn, Dialogue
+from agents.tiny import ARCHITECTURES, build_tiny_model
+from agents.vision_inputs import image_token_count
+from agents.vlm_policy import TokenSequence, VLMPolicy
+
+MAX_PIXELS = 28 * 28 * 16
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {arch: build_tiny_model(arch, tmp_path_factory.mktemp(arch), seed=0) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="module")
+def policies(checkpoints):
+    return {
+        arch: VLMPolicy.from_pretrained(path, max_pixels=MAX_PIXELS) for arch, path in checkpoints.items()
+    }
+
+
+def _image(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def _prompts(policy):
+    """Three prompts of different lengths: two with images of different sizes, one text only."""
+    return [
+        policy.encode_dialogue(Dialogue.start("Cards on the table. Reach 24.", image=_image(1200, 1200))),
+        policy.encode_dialogue(
+            Dialogue.start("Text only: you are facing north-east, turn left at the bank.")
+        ),
+        policy.encode_dialogue(Dialogue.start("Where to?", image=_image(300, 500, seed=1))),
+    ]
+
+
+class _LogitBias:
+    """Forward hook on the LM head adding `bias` to one token's logit (by default the end of turn).
+
+    The hook acts on every forward, generation and teacher forcing alike, so it changes the model,
+    not the consistency between the two.
+    """
+
+    def __init__(self, policy, bias, token_id=None):
+        self.handle = policy.model.lm_head.register_forward_hook(self._hook)
+        self.token_id = policy.end_of_turn_token_id if token_id is None else token_id
+        self.bias = bias
+
+    def _hook(self, module, inputs, output):
+        output = output.clone()
+        output[..., self.token_id] += self.bias
+        return output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.handle.remove()
+
+
+def test_encode_dialogue_expands_the_image_placeholder(policies):
+    policy = policies["qwen2-vl"]
+    image = _image(1200, 900)
+    sequence = policy.encode_dialogue(Dialogue.start("Describe.", image=image))
+    expected_tokens = image_token_count(1200, 900, min_pixels=policy.min_pixels, max_pixels=MAX_PIXELS)
+
+    assert sequence.images.num_image_tokens == [expected_tokens]
+    assert sequence.token_ids.count(policy.image_token_id) == expected_tokens
+    # The template's single placeholder became a contiguous run between vision_start and vision_end.
+    vision_start = policy.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    start = sequence.token_ids.index(vision_start)
+    run = sequence.token_ids[start + 1 : start + 1 + expected_tokens]
+    assert set(run) == {policy.image_token_id}
+    assert sequence.token_ids[start + 1 + expected_tokens] == policy.tokenizer.convert_tokens_to_ids(
+        "<|vision_end|>"
+    )
+    # Same as expanding in text before tokenising, as Hugging Face processors do.
+    text = policy.render(Dialogue.start("Describe.", image=image), add_generation_prompt=True)
+    assert list(sequence.token_ids) == policy.tokenize(
+        text.replace("<|image_pad|>", "<|image_pad|>" * expected_tokens)
+    )
+    assert policy.decode(sequence.token_ids).endswith("Describe.<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("max_pixels", [28 * 28 * 4, 28 * 28 * 64, 28 * 28 * 256])
+def test_max_pixels_sets_the_image_token_count(checkpoints, max_pixels):
+    policy = VLMPolicy.from_pretrained(checkpoints["qwen2.5-vl"], min_pixels=28 * 28, max_pixels=max_pixels)
+    sequence = policy.encode_dialogue(Dialogue.start("Look.", image=_image(1200, 1200)))
+    expected = image_token_count(1200, 1200, min_pixels=28 * 28, max_pixels=max_pixels)
+    assert sequence.token_ids.count(policy.image_token_id) == expected
+    assert expected <= max_pixels // (28 * 28)
+
+
+def test_min_pixels_sets_the_image_token_count(checkpoints):
+    small = _image(40, 60)
+    counts = []
+    for min_pixels in (28 * 28 * 4, 28 * 28 * 36):
+        policy = VLMPolicy.from_pretrained(
+            checkpoints["qwen2-vl"], min_pixels=min_pixels, max_pixels=28 * 28 * 256
+        )
+        sequence = policy.encode_dialogue(Dialogue.start("Look.", image=small))
+        counts.append(sequence.token_ids.count(policy.image_token_id))
+        assert counts[-1] == image_token_count(40, 60, min_pixels=min_pixels, max_pixels=28 * 28 * 256)
+        assert counts[-1] >= min_pixels // (28 * 28)
+    assert counts[0] < counts[1]
+
+
+def test_multi_turn_token_concatenation_equals_the_chat_template(policies):
+    policy = policies["qwen2.5-vl"]
+    responses = [
+        '{"cards": ["10", "J", "2", "K"], "formula": "(10+2)*2"}',
+        "turn_direction(left)",
+        "Sorry, 23.",
+    ]
+    feedback = ["You recognized the wrong cards.", "The formula does not evaluate to 24!", "Try again."]
+    dialogue = Dialogue.start("Make 24 from the four cards.", image=_image(600, 800))
+    trajectory = policy.encode_dialogue(dialogue)
+    for response, message in zip(responses, feedback, strict=True):
+        # Canonical response tokens stand in for generated ones (a trained model emits these).
+        trajectory = trajectory.extended([*policy.tokenize(response), policy.end_of_turn_token_id])
+        trajectory = trajectory.extended(policy.encode_follow_up(message))
+        dialogue = dialogue.with_assistant(response).with_user(message)
+
+    assert trajectory.token_ids == policy.encode_dialogue(dialogue, add_generation_prompt=True).token_ids
+    # Ending after the third response: the template only adds its newline after the final <|im_end|>.
+    closed = policy.encode_dialogue(
+        Dialogue(turns=dialogue.turns[:-1], image=dialogue.image), add_generation_prompt=False
+    )
+    without_last_follow_up = trajectory.token_ids[
+        : len(trajectory) - len(policy.encode_follow_up(feedback[-1]))
+    ]
+    assert closed.token_ids[: len(without_last_follow_up)] == without_last_follow_up
+    assert policy.decode(closed.token_ids[len(without_last_follow_up) :]) == "\n"
+
+
+def test_generated_multi_turn_trajectory_decodes_to_the_rendered_dialogue(policies):
+    policy = policies["qwen2-vl"]
+    dialogue = Dialogue.start("Reach 24.", image=_image(200, 300))
+    trajectory = policy.encode_dialogue(dialogue)
+    torch.manual_seed(0)
+    with _LogitBias(policy, bias=4.0):
+        for message in ("Wrong, try again.", "Still wrong."):
+            (generation,) = policy.generate([trajectory], temperature=1.0, max_new_tokens=12)
+            trajectory = trajectory.extended(generation.token_ids)
+            follow_up = policy.encode_follow_up(message, close_assistant_turn=not generation.finished)
+            trajectory = trajectory.extended(follow_up)
+            dialogue = dialogue.with_assistant(generation.text).with_user(message)
+
+    image_tokens = trajectory.images.num_image_tokens[0]
+    expected_text = policy.render(dialogue, add_generation_prompt=True)
+    expected_text = expected_text.replace("<|image_pad|>", "<|image_pad|>" * image_tokens)
+    assert policy.decode(trajectory.token_ids) == expected_text
+
+
+def test_greedy_generation_is_deterministic_and_picks_the_arg_max(policies):
+    policy = policies["qwen2-vl"]
+    prompts = _prompts(policy)
+    first = policy.generate(prompts, max_new_tokens=8, greedy=True)
+    second = policy.generate(prompts, max_new_tokens=8, greedy=True)
+    assert [g.token_ids for g in first] == [g.token_ids for g in second]
+    assert all(torch.equal(a.logprobs, b.logprobs) for a, b in zip(first, second, strict=True))
+
+    # Each greedy token is the most likely one: its log-prob is the top teacher-forced log-prob.
+    full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, first, strict=True)]
+    batch = policy.collate(full)
+    with torch.no_grad():
+        logits = policy.model(
+            **batch.model_inputs(policy.dtype), position_ids=policy.position_ids(batch), use_cache=False
+        ).logits
+    for row, (prompt, generation) in enumerate(zip(prompts, first, strict=True)):
+        start = batch.pad_lengths[row] + len(prompt) - 1
+        allowed = logits[row, start : start + len(generation.token_ids)]
+        allowed[:, list(policy.suppressed_token_ids)] = float("-inf")
+        predicted = allowed.argmax(-1)
+        assert predicted.tolist() == generation.token_ids
+
+
+def test_sampling_is_reproducible_with_the_torch_seed(policies):
+    policy = policies["qwen2.5-vl"]
+    prompts = _prompts(policy)
+    samples = []
+    for seed in (11, 11, 12):
+        torch.manual_seed(seed)
+        samples.append([g.token_ids for g in policy.generate(prompts, temperature=1.3, max_new_tokens=10)])
+    assert samples[0] == samples[1]
+    assert samples[0] != samples[2]
+
+
+def test_checkpoint_sampling_defaults_do_not_leak_into_generate(policies):
+    policy = policies["qwen2-vl"]
+    # The tiny checkpoint ships Qwen-Instruct-like near-greedy defaults on purpose.
+    assert policy.checkpoint_generation_config.top_k == 1
+    assert policy.checkpoint_generation_config.repetition_penalty == 1.05
+    batch = policy.collate(_prompts(policy))
+    for greedy, temperature in ((False, 0.7), (True, 1.0)):
+        config = policy.generation_config(temperature=temperature, max_new_tokens=6, greedy=greedy)
+        config.update(output_scores=True, output_logits=True, return_dict_in_generate=True)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            output = policy.model.generate(**batch.model_inputs(policy.dtype), generation_config=config)
+        # The scores generate samples from are the raw logits divided by the temperature, except for
+        # the vision placeholder tokens, which are never generated.
+        suppressed = list(policy.suppressed_token_ids)
+        for scores, logits in zip(output.scores, output.logits, strict=True):
+            assert torch.isneginf(scores[:, suppressed]).all()
+            expected = (logits / temperature).index_fill(-1, torch.tensor(suppressed), float("-inf"))
+            torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize(("greedy", "temperature"), [(False, 0.8), (True, 1.0)])
+def test_teacher_forced_logprobs_reproduce_sampling_logprobs(policies, arch, greedy, temperature):
+    policy = policies[arch]
+    prompts = _prompts(policy)
+    assert len({len(prompt) for prompt in prompts}) == len(prompts)  # really padded
+    torch.manual_seed(3)
+    with _LogitBias(policy, bias=2.5):
+        generations = policy.generate(prompts, temperature=temperature, max_new_tokens=16, greedy=greedy)
+        full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
+        targets = [range(len(prompt), len(sequence)) for prompt, sequence in zip(prompts, full, strict=True)]
+        with torch.no_grad():
+            teacher_forced = policy.token_logprobs(full, targets, temperature=temperature)
+
+    for generation, logprobs in zip(generations, teacher_forced, strict=True):
+        assert len(generation.logprobs) == len(generation.token_ids) == len(logprobs)
+        assert torch.isfinite(logprobs).all()
+        assert (logprobs - generation.logprobs).abs().max().item() < 1e-4
+    if not greedy:
+        # The batch mixes finished and cut-off responses of different lengths.
+        assert len({len(g.token_ids) for g in generations}) > 1
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_generate_and_teacher_forcing_use_the_same_rope_positions(policies, arch):
+    policy = policies[arch]
+    prompts = _prompts(policy)
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["position_ids"])
+
+    handle = policy.model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        generations = policy.generate(prompts, max_new_tokens=5, greedy=True)
+    finally:
+        handle.remove()
+    # Prefill sees (4, batch, prompt) positions (text row + 3 rope rows), each decode step (4, batch, 1).
+    generate_positions = torch.cat([positions[1:] for positions in seen], dim=-1)
+    prompt_length = max(len(prompt) for prompt in prompts)
+
+    full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
+    batch = policy.collate(full)
+    teacher_positions = policy.position_ids(batch)
+    for row, (prompt, generation) in enumerate(zip(prompts, generations, strict=True)):
+        fed = len(prompt) + len(generation.token_ids) - 1  # the last token is never fed back
+        from_generate = generate_positions[:, row, prompt_length - len(prompt) :][:, :fed]
+        from_teacher = teacher_positions[:, row, batch.pad_lengths[row] :][:, :fed]
+        assert torch.equal(from_generate, from_teacher)
+    # Image tokens really get 2D grid positions (height and width rows differ from time).
+    image_row = 0
+    image_positions = teacher_positions[:, image_row][:, batch.input_ids[image_row] == policy.image_token_id]
+    assert not torch.equal(image_positions[1], image_positions[2])
+
+
+def test_text_only_batches_and_eager_attention_agree(checkpoints, policies):
+    sdpa = policies["qwen2-vl"]
+    eager = VLMPolicy.from_pretrained(
+        checkpoints["qwen2-vl"], attn_implementation="eager", max_pixels=MAX_PIXELS
+    )
+    prompts = [
+        sdpa.encode_dialogue(Dialogue.start("Go north.")),
+        sdpa.encode_dialogue(
+            Dialogue((ChatTurn("system", "Be brief."), ChatTurn("user", "Reach 24 with 1 2 3 4 now.")))
+        ),
+    ]
+    generations = sdpa.generate(prompts, max_new_tokens=6, greedy=True)
+    full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
+    targets = [range(len(prompt), len(sequence)) for prompt, sequence in zip(prompts, full, strict=True)]
+    with torch.no_grad():
+        for policy in (sdpa, eager):
+            for generation, logprobs in zip(generations, policy.token_logprobs(full, targets), strict=True):
+                assert (logprobs - generation.logprobs).abs().max().item() < 1e-4
+
+
+def test_bfloat16_policy_generates_and_scores(checkpoints):
+    policy = VLMPolicy.from_pretrained(checkpoints["qwen2.5-vl"], dtype="bfloat16", max_pixels=MAX_PIXELS)
+    assert policy.dtype == torch.bfloat16
+    prompts = _prompts(policy)[:2]
+    generations = policy.generate(prompts, temperature=1.0, max_new_tokens=4)
+    full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
+    with torch.no_grad():
+        scored = policy.token_logprobs(
+            full, [range(len(p), len(s)) for p, s in zip(prompts, full, strict=True)]
+        )
+    for generation, logprobs in zip(generations, scored, strict=True):
+        assert logprobs.dtype == torch.float32 and torch.isfinite(logprobs).all()
+        # bfloat16 forwards differ between cached decoding and one full pass; only coarse agreement.
+        assert (logprobs - generation.logprobs).abs().max().item() < 0.25
+
+
+def test_token_logprobs_carry_gradients(policies):
+    policy = policies["qwen2-vl"]
+    sequence = policy.encode_dialogue(Dialogue.start("Hi", image=_image(100, 100))).extended(
+        policy.tokenize("ok")
+    )
+    (logprobs,) = policy.token_logprobs([sequence], [[len(sequence) - 2, len(sequence) - 1]])
+    logprobs.sum().backward()
+    assert policy.model.lm_head.weight.grad is not None
+    assert policy.model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+    policy.model.zero_grad(set_to_none=True)
+
+
+def test_generation_stops_at_end_of_turn(policies):
+    policy = policies["qwen2.5-vl"]
+    with _LogitBias(policy, bias=100.0):
+        (generation,) = policy.generate(_prompts(policy)[:1], max_new_tokens=8, greedy=True)
+    assert generation.finished
+    assert generation.token_ids == [policy.end_of_turn_token_id]
+    assert generation.text == ""
+
+
+def test_vision_placeholders_are_never_generated(policies):
+    policy = policies["qwen2-vl"]
+    prompts = _prompts(policy)
+    torch.manual_seed(0)
+    with _LogitBias(policy, bias=100.0, token_id=policy.image_token_id):
+        generations = policy.generate(prompts, temperature=1.0, max_new_tokens=6)
+        full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
+        with torch.no_grad():
+            scored = policy.token_logprobs(
+                full, [range(len(p), len(s)) for p, s in zip(prompts, full, strict=True)]
+            )
+    assert not any(set(g.token_ids) & set(policy.suppressed_token_ids) for g in generations)
+    for generation, logprobs in zip(generations, scored, strict=True):
+        assert (logprobs - generation.logprobs).abs().max().item() < 1e-4
+
+
+def test_invalid_inputs_are_rejected_with_a_clear_message(policies):
+    policy = policies["qwen2-vl"]
+    prompt = policy.encode_dialogue(Dialogue.start("Look.", image=_image(100, 100)))
+    with pytest.raises(ValueError, match="image_pad"):
+        policy.generate([TokenSequence(prompt.token_ids, images=None)], max_new_tokens=2)
+    with pytest.raises(ValueError, match="target positions"):
+        policy.token_logprobs([prompt], [[0]])
+    with pytest.raises(ValueError, match="temperature"):
+        policy.generate([prompt], temperature=0.0, max_new_tokens=2)
+    with pytest.raises(ValueError, match="alternate"):
+        Dialogue((ChatTurn("assistant", "hi"),))
+    with pytest.raises(ValueError, match="dtype"):
+        VLMPolicy.from_pretrained("unused", dtype="float64")
