@@ -1,0 +1,283 @@
+"""Every knob of training in one dataclass, loaded from YAML with ``key=value`` overrides.
+
+``amft-vlm train --config configs/gp-l.yaml steps=200 controller.eta_mu=0.1`` reads the file,
+applies the overrides (dotted keys reach nested sections) and validates the result; every error
+names the field and what to write instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+import yaml
+
+METHODS = (
+    "amft",
+    "sft",
+    "rl",
+    "sft-then-rl",
+    "fixed-mix",
+    "scheduled-mix",
+    "no-meta-gradient",
+    "no-entropy",
+    "no-warmup",
+)
+"""Training methods, all run by the same loop with the same budget accounting."""
+
+
+@dataclass
+class ControllerConfig:
+    """The AMFT mu controller (see :mod:`amft_vlm.controller`)."""
+
+    mu_init: float = 0.5
+    """mu when the controller takes over after warm-up (the released configuration used 0.8 and 0.5)."""
+    mu_min: float = 0.05
+    """Lower clip of mu."""
+    mu_max: float = 0.95
+    """Upper clip of mu."""
+    eta_mu: float = 0.05
+    """Step size of the meta-gradient term (on the normalised signal; the raw product needs ~1e4x more)."""
+    eta_h: float = 5e-4
+    """Step size of the entropy term."""
+    warmup_steps: int = 50
+    """Steps of pure SFT before the controller starts; H* is measured at their end."""
+    meta_interval: int = 20
+    """Compute the meta-gradient every this many steps after warm-up."""
+    entropy_sign: int = 1
+    """+1: entropy below target raises mu (the paper's equation); -1: the paper's prose."""
+    normalize_meta: bool = True
+    """Use the cosine form of dU/dmu (scale-free) instead of the raw -alpha * dot product."""
+    meta_alpha: float | None = None
+    """Look-ahead step size alpha; None uses the optimiser's learning rate."""
+    validation_episodes: int = 16
+    """Held-out episodes per meta-gradient estimate of grad U."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; defaults run AMFT on GeneralPoints language with a tiny model on CPU."""
+
+    method: str = "amft"
+    """One of METHODS: amft, sft, rl, sft-then-rl, fixed-mix, scheduled-mix, no-meta-gradient, no-entropy, no-warmup."""
+    model: str = "tiny:qwen2-vl"
+    """Hugging Face model id or local path; 'tiny:qwen2-vl' / 'tiny:qwen2.5-vl' builds a tiny random model in the run directory."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    device: str = "auto"
+    """'auto' (accelerate decides), 'cpu' or 'cuda'."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to from_pretrained: sdpa, eager or flash_attention_2."""
+    min_pixels: int | None = None
+    """Smallest image area in pixels after resizing (image token budget); None keeps the processor's."""
+    max_pixels: int | None = None
+    """Largest image area in pixels after resizing; None keeps the processor's."""
+    freeze_vision_tower: bool = False
+    """Train only the language model (the vision encoder's weights stay fixed)."""
+    lora_rank: int = 0
+    """LoRA rank through peft (0 = full fine-tuning; needs peft installed)."""
+
+    env_id: str = "GeneralPoints-v0"
+    """Environment to train on."""
+    env_kwargs: dict[str, Any] = field(default_factory=lambda: {"modality": "language", "split": "train"})
+    """gym.make keywords of the training environment."""
+    validation_env_kwargs: dict[str, Any] = field(default_factory=lambda: {"modality": "language", "split": "test"})
+    """gym.make keywords of the held-out episodes for the meta-gradient's utility U."""
+    expert_data: str | None = None
+    """Expert dataset directory (amft-vlm collect); None collects expert_episodes with the oracle expert."""
+    expert_episodes: int = 512
+    """Expert episodes to collect when expert_data is None."""
+
+    steps: int = 500
+    """Optimiser steps in all (every method gets the same)."""
+    episodes_per_step: int = 8
+    """RL start states per step; each is played group_size times."""
+    group_size: int = 8
+    """Rollouts per start state (GRPO group)."""
+    sft_batch_size: int = 32
+    """Expert dialogues per step for L_SFT."""
+    num_envs: int = 16
+    """Environments the rollout engine runs together."""
+    max_new_tokens: int = 96
+    """Longest response per turn."""
+    temperature: float = 1.0
+    """Sampling temperature of RL rollouts."""
+
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: str = "cosine"
+    """'cosine' (decays to 0 exactly at `steps`) or 'constant', after lr_warmup_steps of linear warm-up."""
+    lr_warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimiser step."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision: no, bf16 or fp16."""
+
+    advantage: str = "grpo"
+    """'grpo' (group-normalised, no critic) or 'ppo' (value head and GAE)."""
+    credit: str = "episode"
+    """'episode': every turn gets the episode return; 'turn': each turn its own reward (plus GAE for ppo)."""
+    clip_epsilon: float = 0.2
+    """PPO clip range of the probability ratio."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    gamma: float = 1.0
+    """Discount over turns (ppo)."""
+    gae_lambda: float = 0.95
+    """GAE lambda (ppo)."""
+    value_coef: float = 0.5
+    """Weight of the value loss (ppo)."""
+
+    fixed_mu: float = 0.5
+    """mu of the fixed-mix baseline."""
+    schedule_mu_start: float = 0.9
+    """scheduled-mix: mu at step 0 (cosine decay, as in CHORD)."""
+    schedule_mu_end: float = 0.05
+    """scheduled-mix: mu at the end of the decay."""
+    schedule_steps: int | None = None
+    """scheduled-mix: steps of the decay (None = all steps)."""
+    sft_then_rl_switch: float = 0.5
+    """sft-then-rl: fraction of steps spent on SFT before switching to RL."""
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    """The AMFT controller (amft and its ablations)."""
+
+    output_dir: str = "runs/amft"
+    """Run directory: checkpoints, metrics.jsonl, config.yaml."""
+    save_every: int = 50
+    """Checkpoint every this many steps (and at the end)."""
+    seed: int = 0
+    """Seed of everything: model init (tiny), data order, environments, sampling."""
+    report_to: list[str] = field(default_factory=list)
+    """accelerate trackers besides metrics.jsonl: tensorboard, wandb (when installed)."""
+
+    def validate(self) -> TrainConfig:
+        """Raise ValueError naming the first bad field and what it accepts; return self when valid."""
+        _choice("method", self.method, METHODS)
+        _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _choice("advantage", self.advantage, ("grpo", "ppo"))
+        _choice("credit", self.credit, ("episode", "turn"))
+        for name in ("steps", "episodes_per_step", "group_size", "sft_batch_size", "num_envs", "max_new_tokens", "gradient_accumulation_steps", "save_every", "ppo_epochs", "expert_episodes"):
+            _positive(name, getattr(self, name))
+        for name in ("learning_rate", "temperature", "clip_epsilon"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
+        for name in ("fixed_mu", "schedule_mu_start", "schedule_mu_end", "sft_then_rl_switch"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)!r}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning); got {self.lora_rank}")
+        c = self.controller
+        if not 0.0 <= c.mu_min <= c.mu_init <= c.mu_max <= 1.0:
+            raise ValueError(f"controller: need 0 <= mu_min <= mu_init <= mu_max <= 1; got {c.mu_min}, {c.mu_init}, {c.mu_max}")
+        if c.entropy_sign not in (1, -1):
+            raise ValueError(f"controller.entropy_sign must be 1 or -1; got {c.entropy_sign!r}")
+        _positive("controller.meta_interval", c.meta_interval)
+        _positive("controller.validation_episodes", c.validation_episodes)
+        if c.warmup_steps < 0 or c.warmup_steps >= self.steps:
+            raise ValueError(f"controller.warmup_steps must be in [0, steps) = [0, {self.steps}); got {c.warmup_steps}")
+        if self.expert_data is not None and not os.path.isdir(self.expert_data):
+            raise ValueError(f"expert_data: {self.expert_data!r} is not a directory; run `amft-vlm collect --out DIR` or set expert_data=None")
+        return self
+
+
+def _choice(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+def _coerce(name: str, value: Any, annotation: Any, current: Any) -> Any:
+    """Convert a YAML/override value to the field's type, or explain what was expected."""
+    if dataclasses.is_dataclass(current):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping of its fields; got {value!r}")
+        return _build(type(current), value, prefix=f"{name}.")
+    text = str(annotation)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ValueError(f"{name} cannot be null")
+    if text.startswith("bool") or annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false; got {value!r}")
+    if annotation is int or text.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be an integer; got {value!r}")
+    if annotation is float or text.startswith("float"):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{name} must be a number; got {value!r}")
+    if text.startswith("dict"):
+        if isinstance(value, dict):
+            return dict(value)
+        raise ValueError(f"{name} must be a mapping; got {value!r}")
+    if text.startswith("list"):
+        if isinstance(value, list):
+            return list(value)
+        raise ValueError(f"{name} must be a list; got {value!r}")
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"{name} must be a string; got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
+    instance = cls()
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown config field '{prefix}{key}'; known fields: {', '.join(sorted(known))}")
+        setattr(instance, key, _coerce(prefix + key, value, hints[key], getattr(instance, key)))
+    return instance
+
+
+def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (or the defaults), apply ``key=value`` overrides (YAML-typed values) and validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file is a mapping of field: value; got {type(loaded).__name__}")
+        values = loaded
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"overrides are key=value, like steps=100 or controller.eta_mu=0.1; got {override!r}")
+        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw else "")
+    return _build(TrainConfig, values).validate()
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config as plain data (for config.yaml in the run directory and the trackers)."""
+    return dataclasses.asdict(config)
