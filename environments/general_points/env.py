@@ -253,14 +253,14 @@ class GeneralPointsEnv(gym.Env):
             check_cards=self.modality == "vision",
         )
         self._attempts_left -= 1
-        if judgement.solved:
+        if judgement.correct:
             self._done = self._success = True
             text = judgement.feedback + " The hand is solved."
         elif self._attempts_left:
             text = f"{judgement.feedback} You have {self._attempts_left} attempt(s) left; reply with a corrected JSON answer."
         else:
             text = f"{judgement.feedback} That was your last attempt."
-        return self._observation(text), judgement.reward, judgement.solved, False, self._info(judgement.verdict, judgement.feedback)
+        return self._observation(text), judgement.reward, judgement.correct, False, self._info(judgement.verdict, judgement.feedback)
 
     def render(self) -> np.ndarray | None:
         """The card-table image (``render_mode="rgb_array"``), in either modality; None otherwise."""

@@ -8,12 +8,12 @@ penalty. The evaluator is iterative and exact (fractions).
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
+from environments.answers import Judgement, json_object
 from environments.general_points.cards import rank_from_name
 from environments.general_points.solver import solve
 
@@ -65,40 +65,10 @@ class ParsedAnswer:
     formula: str | None
 
 
-@dataclass(frozen=True)
-class Judgement:
-    """The verifier's answer to one attempt."""
-
-    reward: float
-    verdict: str
-    feedback: str
-
-    @property
-    def solved(self) -> bool:
-        """True when the attempt solved the hand."""
-        return self.verdict == "correct"
-
-
 _KEY = r"""["']{key}["']\s*:\s*"""
 _FORMULA_PATTERN = re.compile(_KEY.format(key="formula") + r'"([^"]*)"')
 _CARDS_KEY = re.compile(_KEY.format(key="cards") + r"\[")
 _NUMBERS_KEY = re.compile(_KEY.format(key="number") + r"\[")
-
-
-def _json_object(text: str) -> dict | None:
-    """The response as a JSON object: the whole text, else the span from the first '{' to the last '}'."""
-    candidates = [text]
-    start, end = text.find("{"), text.rfind("}")
-    if 0 <= start < end:
-        candidates.append(text[start : end + 1])
-    for candidate in candidates:
-        try:
-            value = json.loads(candidate)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(value, dict):
-            return value
-    return None
 
 
 def _list_items(body: str) -> tuple[str, ...]:
@@ -129,7 +99,7 @@ def parse_response(text: str) -> ParsedAnswer:
     """
     if not isinstance(text, str):
         return ParsedAnswer(None, None, None)
-    obj = _json_object(text)
+    obj = json_object(text)
     if obj is not None:
         formula = obj.get("formula")
         cards, numbers = obj.get("cards"), obj.get("number")

@@ -7,10 +7,11 @@ input: a 1 MB string or 10,000 nested braces cost a bounded, linear scan and end
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from dataclasses import dataclass
+
+from environments.answers import Judgement, json_object
 
 REWARD_CORRECT = 1.0
 REWARD_WRONG_ACTION = -1.0
@@ -51,20 +52,6 @@ class ParsedResponse:
     action: str | None
 
 
-@dataclass(frozen=True)
-class Judgement:
-    """The verifier's answer to one attempt."""
-
-    reward: float
-    verdict: str
-    feedback: str
-
-    @property
-    def correct(self) -> bool:
-        """True when the action was the expected one."""
-        return self.verdict == "correct"
-
-
 def _field_pattern(key: str) -> re.Pattern[str]:
     # Quoted key, then a double-quoted, single-quoted or bare value; every repetition is bounded so
     # no input can make the search backtrack more than a constant per position.
@@ -77,26 +64,8 @@ def _field_pattern(key: str) -> re.Pattern[str]:
 
 
 _FIELD_PATTERNS = {key: _field_pattern(key) for key in RESPONSE_KEYS}
-_TRAILING_COMMA = re.compile(r",\s*([}\]])")
 _CLAUSE_SPLIT = re.compile(r"[.;:!?,\n()\[\]]")
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
-
-
-def _json_object(text: str) -> dict | None:
-    """The answer as a JSON object: the whole text, else its outermost ``{...}``; trailing commas allowed."""
-    candidates = [text]
-    start, end = text.find("{"), text.rfind("}")
-    if 0 <= start < end:
-        candidates.append(text[start : end + 1])
-    for candidate in candidates:
-        for attempt in (candidate, _TRAILING_COMMA.sub(r"\1", candidate)):
-            try:
-                value = json.loads(attempt)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(value, dict):
-                return value
-    return None
 
 
 def _normalized_key(key: object) -> str:
@@ -113,7 +82,7 @@ def parse_response(text: object) -> ParsedResponse:
     """
     if not isinstance(text, str):
         return ParsedResponse(None, None, None)
-    obj = _json_object(text)
+    obj = json_object(text)
     if obj is not None:
         fields = {_normalized_key(key): value for key, value in obj.items()}
         values = [fields.get(key) for key in RESPONSE_KEYS]
