@@ -1,0 +1,336 @@
+"""The rollout engine on tiny Qwen-VL policies: token layout, log-prob consistency, grouping, batching."""
+
+import gymnasium as gym
+import pytest
+import torch
+from gymnasium.wrappers import TimeLimit
+
+import environments  # noqa: F401  (registers the environments)
+from agents.baselines import ExpertAgent
+from agents.chat import ChatTurn, Dialogue
+from agents.tiny import ARCHITECTURES
+from amft_vlm.rollout import RolloutEngine, RolloutStats
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RESOLUTION = 64
+
+
+class RecordDialogues(gym.Wrapper):
+    """Records, per episode, the dialogues as text: the environment's messages and the answers it got."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.episodes = []
+
+    def reset(self, **kwargs):
+        observation, info = self.env.reset(**kwargs)
+        self.episodes.append([Dialogue.start(observation["text"], image=observation.get("image"))])
+        return observation, info
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        dialogues = self.episodes[-1]
+        dialogues[-1] = dialogues[-1].with_assistant(action)
+        if not (terminated or truncated):
+            if info.get("new_dialogue"):
+                dialogues.append(Dialogue.start(observation["text"], image=observation.get("image")))
+            else:
+                dialogues[-1] = dialogues[-1].with_user(observation["text"])
+        return observation, reward, terminated, truncated, info
+
+
+class ExpertOnSecondAttempt(gym.Wrapper):
+    """Replaces the second answer of every dialogue with the expert's, so VIRL dialogues restart.
+
+    A random policy never answers VIRL correctly; with this wrapper every decision point gets one
+    policy answer (wrong, with feedback) and one correct answer (a fresh dialogue follows), so
+    episodes of a sampling policy span several segments.
+    """
+
+    def reset(self, **kwargs):
+        self.answers_in_dialogue = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        if self.answers_in_dialogue >= 1:
+            action = self.env.unwrapped.expert_response()
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        self.answers_in_dialogue = 0 if info.get("new_dialogue") else self.answers_in_dialogue + 1
+        return observation, reward, terminated, truncated, info
+
+
+class EndOfTurnBias:
+    """Forward hook on the LM head raising the end-of-turn logit, so some responses finish early.
+
+    It acts on every forward, generation and teacher forcing alike: it changes the model, not the
+    consistency between the two.
+    """
+
+    def __init__(self, policy, bias=3.0):
+        self.token_id = policy.end_of_turn_token_id
+        self.bias = bias
+        self.handle = policy.model.lm_head.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        output = output.clone()
+        output[..., self.token_id] += self.bias
+        return output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.handle.remove()
+
+
+def _general_points(modality):
+    kwargs = {"modality": modality, "resolution": RESOLUTION}
+    return lambda: RecordDialogues(gym.make("GeneralPoints-v0", **kwargs))
+
+
+def _virl_with_restarts(modality, max_steps=5):
+    kwargs = {"modality": modality, "resolution": RESOLUTION}
+    return lambda: RecordDialogues(
+        TimeLimit(ExpertOnSecondAttempt(gym.make("VIRL-v0", **kwargs)), max_episode_steps=max_steps)
+    )
+
+
+ENVIRONMENTS = {
+    "general-points-vision": _general_points("vision"),
+    "virl-vision": _virl_with_restarts("vision"),
+}
+
+
+def _summary(trajectory):
+    """Everything of a trajectory but the float log-probs, as plain values."""
+    return (
+        [
+            (s.token_ids.tolist(), s.loss_mask.tolist(), s.turn_spans, s.image_index)
+            for s in trajectory.segments
+        ],
+        trajectory.turn_rewards,
+        trajectory.success,
+        trajectory.seed,
+        trajectory.group,
+    )
+
+
+@pytest.mark.parametrize("env_name", list(ENVIRONMENTS))
+def test_loss_mask_covers_exactly_the_generated_tokens(tiny_policies, env_name):
+    policy = tiny_policies["qwen2-vl"]
+    engine = RolloutEngine(policy, ENVIRONMENTS[env_name], num_envs=1, temperature=1.0, max_new_tokens=10)
+    with EndOfTurnBias(policy):
+        trajectories, _ = engine.collect([0, 1], sampling_seed=0, progress=False)
+    (recorder,) = engine.envs
+    stop_tokens = set(policy.stop_token_ids)
+    endings = set()
+
+    for trajectory, dialogues in zip(trajectories, recorder.episodes, strict=True):
+        assert len(trajectory.segments) == len(dialogues)
+        for segment, dialogue in zip(trajectory.segments, dialogues, strict=True):
+            tokens, mask = segment.token_ids, segment.loss_mask
+            assert not mask[: segment.prompt_length].any()
+            assert not mask[tokens == policy.image_token_id].any()
+            answers = [turn.text for turn in dialogue.turns if turn.role == "assistant"]
+            assert len(answers) == segment.num_turns
+            for turn, answer in enumerate(answers):
+                # The trainable span decodes to exactly the text the environment got, plus the stop
+                # token when the policy generated one.
+                response = segment.response_token_ids(turn)
+                stopped = response[-1] in stop_tokens
+                assert policy.decode(response[:-1] if stopped else response) == answer
+                endings.add(policy.decode(response[-1:]) if stopped else "cut off")
+            # Everything else is the chat template's text of the dialogue: prompt, image, messages.
+            texts = iter(
+                policy.decode(span[:-1] if span[-1] == policy.end_of_turn_token_id else span)
+                for span in map(segment.response_token_ids, range(segment.num_turns))
+            )
+            rendered_dialogue = Dialogue(
+                turns=tuple(
+                    ChatTurn("assistant", next(texts)) if turn.role == "assistant" else turn
+                    for turn in dialogue.turns
+                ),
+                image=dialogue.image,
+            )
+            expected = policy.render(rendered_dialogue, add_generation_prompt=False)
+            image_tokens = int((tokens == policy.image_token_id).sum())
+            expected = expected.replace("<|image_pad|>", "<|image_pad|>" * image_tokens)
+            closing = "\n" if tokens[-1] == policy.end_of_turn_token_id else "<|im_end|>\n"
+            assert policy.decode(tokens.tolist()) + closing == expected
+            assert (segment.image_index is not None) == (image_tokens > 0)
+    assert {"<|im_end|>", "cut off"} <= endings  # both ways a response ends were exercised
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("env_name", list(ENVIRONMENTS))
+def test_teacher_forcing_reproduces_the_sampling_logprobs(tiny_policies, arch, env_name):
+    policy = tiny_policies[arch]
+    engine = RolloutEngine(policy, ENVIRONMENTS[env_name], num_envs=2, temperature=1.0, max_new_tokens=12)
+    with EndOfTurnBias(policy):
+        trajectories, _ = engine.collect([0, 1], sampling_seed=1, progress=False)
+        sequences, targets, sampled = [], [], []
+        for trajectory in trajectories:
+            sequences += trajectory.token_sequences(policy)
+            targets += [segment.trainable_positions for segment in trajectory.segments]
+            sampled += [segment.sampling_logprobs[segment.loss_mask] for segment in trajectory.segments]
+        with torch.no_grad():
+            teacher_forced = policy.token_logprobs(
+                sequences, targets, temperature=trajectories[0].sampling_temperature
+            )
+
+    assert all(trajectory.num_turns > 1 for trajectory in trajectories)
+    assert len({len(sequence) for sequence in sequences}) > 1  # the batch is really left-padded
+    assert all(sequence.images is not None for sequence in sequences)
+    if env_name.startswith("virl"):
+        assert all(len(trajectory.segments) > 1 for trajectory in trajectories)
+    differences = torch.cat([(tf - s).abs() for tf, s in zip(teacher_forced, sampled, strict=True)])
+    assert differences.numel() == sum(t.num_response_tokens for t in trajectories)
+    assert differences.max().item() < 1e-4
+
+
+def test_group_sampling_shares_the_start_state_and_not_the_samples(tiny_policies):
+    policy = tiny_policies["qwen2.5-vl"]
+    engine = RolloutEngine(
+        policy, "GeneralPoints-v0", env_kwargs={"modality": "language"}, num_envs=4, max_new_tokens=8
+    )
+    trajectories, stats = engine.collect([11, 12], group_size=3, sampling_seed=5, progress=False)
+
+    assert [(t.seed, t.group) for t in trajectories] == [(11, 0)] * 3 + [(12, 1)] * 3
+    for group in (trajectories[:3], trajectories[3:]):
+        prompts = {tuple(t.segments[0].token_ids[: t.segments[0].prompt_length].tolist()) for t in group}
+        assert len(prompts) == 1  # same seed, same hand
+        first_answers = {tuple(t.segments[0].response_token_ids(0)) for t in group}
+        assert len(first_answers) == 3  # distinct sampling randomness
+    assert (
+        trajectories[0].segments[0].token_ids[:200].tolist()
+        != trajectories[3].segments[0].token_ids[:200].tolist()
+    )
+
+    again, _ = engine.collect([11, 12], group_size=3, sampling_seed=5, progress=False)
+    assert again == trajectories
+    other, _ = engine.collect([11, 12], group_size=3, sampling_seed=6, progress=False)
+    assert other != trajectories
+    assert stats.episodes == 6
+
+
+@pytest.mark.parametrize(
+    ("arch", "env_id", "env_kwargs"),
+    [
+        ("qwen2-vl", "GeneralPoints-v0", {"modality": "vision", "resolution": RESOLUTION}),
+        ("qwen2.5-vl", "VIRL-v0", {"modality": "language"}),
+    ],
+)
+def test_vectorised_engine_matches_one_at_a_time_under_greedy_decoding(
+    tiny_policies, arch, env_id, env_kwargs
+):
+    policy = tiny_policies[arch]
+    seeds = range(5)
+    results = {}
+    for num_envs in (1, 4):
+        engine = RolloutEngine(
+            policy, env_id, env_kwargs=env_kwargs, num_envs=num_envs, greedy=True, max_new_tokens=12
+        )
+        results[num_envs], _ = engine.collect(seeds, progress=False)
+
+    assert [_summary(t) for t in results[4]] == [_summary(t) for t in results[1]]
+    for vectorised, single in zip(results[4], results[1], strict=True):
+        for a, b in zip(vectorised.segments, single.segments, strict=True):
+            torch.testing.assert_close(a.sampling_logprobs, b.sampling_logprobs, rtol=0, atol=1e-4)
+
+
+def _round_sizes(turns_per_episode, num_envs):
+    """Batch size of each generate round when free slots take the next episode before the next round."""
+    queue = list(turns_per_episode)
+    slots = [queue.pop(0) for _ in range(min(num_envs, len(queue)))]
+    sizes = []
+    while slots:
+        sizes.append(len(slots))
+        slots = [turns - 1 for turns in slots]
+        slots = [turns for turns in slots if turns > 0] + [
+            queue.pop(0) for turns in slots if turns == 0 and queue
+        ]
+    return sizes
+
+
+def test_finished_slots_start_the_next_episode_before_the_next_generate(tiny_policies, monkeypatch):
+    policy = tiny_policies["qwen2-vl"]
+    batch_sizes = []
+    generate = policy.generate
+
+    def spy(prompts, **kwargs):
+        batch_sizes.append(len(prompts))
+        return generate(prompts, **kwargs)
+
+    monkeypatch.setattr(policy, "generate", spy)
+    engine = RolloutEngine(policy, _virl_with_restarts("language", max_steps=4), num_envs=3, max_new_tokens=6)
+    with EndOfTurnBias(policy):
+        trajectories, stats = engine.collect(range(7), sampling_seed=0, progress=False)
+
+    turns = [trajectory.num_turns for trajectory in trajectories]
+    assert sum(batch_sizes) == sum(turns)  # every generated response was used
+    assert sorted(batch_sizes, reverse=True) == batch_sizes
+    assert batch_sizes == _round_sizes(turns, 3)
+    assert stats.generate_calls == len(batch_sizes)
+
+
+@pytest.mark.parametrize(
+    ("env_id", "env_kwargs"),
+    [
+        ("GeneralPoints-v0", {"modality": "language"}),
+        ("GeneralPoints-v0", {"modality": "vision", "resolution": RESOLUTION}),
+        ("VIRL-v0", {"modality": "language"}),
+        ("VIRL-v0", {"modality": "vision", "resolution": RESOLUTION}),
+    ],
+)
+def test_the_expert_solves_every_episode_through_the_engine(tiny_policies, env_id, env_kwargs):
+    policy = tiny_policies["qwen2.5-vl"]
+    engine = RolloutEngine(policy, env_id, env_kwargs=env_kwargs, num_envs=3)
+    trajectories, stats = engine.collect(range(4), responder=ExpertAgent(), progress=False)
+
+    assert stats.success_rate == 1.0 and stats.generate_calls == 0
+    for trajectory in trajectories:
+        assert trajectory.success and trajectory.source == "expert" and not trajectory.has_sampling_logprobs
+        assert trajectory.env_id == env_id
+        if env_id == "VIRL-v0":
+            assert len(trajectory.segments) == trajectory.num_turns > 1  # one correct answer per dialogue
+        for segment in trajectory.segments:
+            assert not segment.loss_mask[segment.token_ids == policy.image_token_id].any()
+            for turn in range(segment.num_turns):
+                assert segment.response_token_ids(turn)[-1] == policy.end_of_turn_token_id
+
+
+def test_stats_summarise_the_collection(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
+    engine = RolloutEngine(
+        policy, "GeneralPoints-v0", env_kwargs={"modality": "language"}, num_envs=2, max_new_tokens=4
+    )
+    trajectories, stats = engine.collect(range(3), sampling_seed=0, progress=True)
+    expected = RolloutStats.from_trajectories(
+        trajectories,
+        wall_seconds=stats.wall_seconds,
+        generate_seconds=stats.generate_seconds,
+        generate_calls=stats.generate_calls,
+    )
+    assert stats == expected
+    assert stats.episodes == 3 and stats.success_rate == 0.0
+    assert stats.mean_turns == 6.0  # a random model uses the whole attempt budget
+    assert stats.mean_return == pytest.approx(sum(t.episode_return for t in trajectories) / 3)
+    assert stats.response_tokens == sum(t.num_response_tokens for t in trajectories) <= 3 * 6 * 4
+    assert 0 < stats.generate_seconds <= stats.wall_seconds
+    assert "success rate 0.0%" in stats.summary()
+    engine.close()
+
+
+def test_invalid_settings_are_rejected_and_no_seeds_mean_no_episodes(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
+    with pytest.raises(ValueError, match="num_envs"):
+        RolloutEngine(policy, "GeneralPoints-v0", num_envs=0)
+    with pytest.raises(ValueError, match="temperature"):
+        RolloutEngine(policy, "GeneralPoints-v0", temperature=0.0)
+    with pytest.raises(ValueError, match="env_kwargs"):
+        RolloutEngine(policy, _general_points("language"), env_kwargs={"modality": "language"})
+    with pytest.raises(ValueError, match="group_size"):
+        RolloutEngine(policy, "GeneralPoints-v0").collect([0], group_size=0)
+    trajectories, stats = RolloutEngine(policy, "GeneralPoints-v0").collect([], progress=False)
+    assert trajectories == [] and stats.episodes == 0
