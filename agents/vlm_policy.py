@@ -549,7 +549,8 @@ class VLMPolicy:
         target_positions: Sequence[Sequence[int]],
         *,
         temperature: float = 1.0,
-    ) -> list[torch.Tensor]:
+        with_entropy: bool = False,
+    ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Teacher-forced log-probs ``log_softmax(logits / temperature)`` of chosen tokens.
 
         One forward pass over the left-padded batch of full sequences (images included); the logits of
@@ -563,8 +564,11 @@ class VLMPolicy:
                 len(sequence))`` for a single response.
             temperature: the sampling temperature the tokens were drawn at (1 for greedy).
 
+            with_entropy: also return the entropy of the same distribution at each target position.
+
         Returns:
-            One float32 tensor per sequence with the log-probs of its target positions, in order.
+            One float32 tensor per sequence with the log-probs of its target positions, in order;
+            with `with_entropy`, a pair (log-probs, entropies) of such lists.
         """
         if len(target_positions) != len(sequences):
             raise ValueError(
@@ -596,11 +600,16 @@ class VLMPolicy:
         )
         first_kept = length - outputs.logits.shape[1]
         suppressed = torch.tensor(self.suppressed_token_ids, dtype=torch.long, device=outputs.logits.device)
-        results = []
+        results, entropies = [], []
         for row, targets in enumerate(padded_targets):
             index = torch.tensor(targets, dtype=torch.long, device=outputs.logits.device)
             logits = outputs.logits[row, index - 1 - first_kept].float() / temperature
             logits = logits.index_fill(-1, suppressed, float("-inf"))
             tokens = batch.input_ids[row, index]
-            results.append(torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1))
-        return results
+            log_distribution = torch.log_softmax(logits, dim=-1)
+            results.append(log_distribution.gather(1, tokens[:, None]).squeeze(1))
+            if with_entropy:
+                probabilities = log_distribution.exp()
+                # 0 * log 0 is 0: the suppressed tokens have probability 0 and log-prob -inf.
+                entropies.append(-(probabilities * log_distribution.masked_fill(probabilities == 0, 0.0)).sum(-1))
+        return (results, entropies) if with_entropy else results

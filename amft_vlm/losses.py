@@ -123,3 +123,22 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of ``softmax(logits)`` over the last dimension, in nats."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def group_turn_advantages(turn_rewards: Sequence[Sequence[float]], groups: Sequence[int], *, eps: float = 1e-6) -> list[torch.Tensor]:
+    """Per-turn credit for GRPO: each turn's reward-to-go, normalised over all turns of its group.
+
+    Returns one tensor per episode with one advantage per turn. A group whose rewards-to-go are all
+    equal gets zeros.
+    """
+    to_go = [torch.flip(torch.cumsum(torch.flip(torch.tensor(r, dtype=torch.float32), [0]), 0), [0]) for r in turn_rewards]
+    advantages = [torch.zeros_like(values) for values in to_go]
+    by_group: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        by_group.setdefault(int(group), []).append(index)
+    for members in by_group.values():
+        pooled = torch.cat([to_go[i] for i in members])
+        mean, std = pooled.mean(), pooled.std(unbiased=False)
+        for i in members:
+            advantages[i] = (to_go[i] - mean) / (std + eps) if std > eps else torch.zeros_like(to_go[i])
+    return advantages

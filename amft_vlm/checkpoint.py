@@ -1,0 +1,88 @@
+"""Checkpoints that are either complete or absent.
+
+A checkpoint is a directory ``checkpoints/step-NNNNNN`` holding the policy (``save_pretrained``),
+the optimiser, scheduler, controller and RNG states and the trainer's position. It is written
+under a temporary name and renamed into place (atomic on POSIX), and only then does the
+``checkpoints/latest`` pointer (itself replaced atomically) name it. A run killed at any moment
+leaves the previous checkpoint intact and at most an ignorable ``.tmp-*`` directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states (CUDA too when present)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Undo :func:`rng_states`."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_policy(policy, directory: Path) -> None:
+    """Save a `VLMPolicy` so that ``VLMPolicy.from_pretrained(directory)`` loads it back (model, tokenizer, image processor)."""
+    policy.model.save_pretrained(directory)
+    policy.tokenizer.save_pretrained(directory)
+    policy.image_processor.save_pretrained(directory)
+
+
+def save_checkpoint(root: Path, step: int, *, policy, optimizer, scheduler, trainer_state: dict[str, Any]) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically and point ``latest`` at it."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    final = root / name
+    staging = root / f".tmp-{name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_policy(policy, staging / "policy")
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    torch.save(rng_states(), staging / "rng.pt")
+    (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+    if final.exists():  # a re-run of the same step replaces it whole
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _write_text_atomic(root / LATEST, name + "\n")
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing; delete the pointer to start over")
+    return path
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer's position saved in checkpoint ``path``."""
+    return json.loads((path / "trainer_state.json").read_text())
