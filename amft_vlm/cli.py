@@ -56,6 +56,18 @@ def _collect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_command(args: argparse.Namespace) -> int:
+    from amft_vlm.config import load_config
+    from amft_vlm.trainer import Trainer
+
+    config = load_config(args.config, args.overrides)
+    history = Trainer(config, resume=args.resume).train()
+    if history:
+        last = history[-1]
+        log.info("finished step %d: loss %.4f, mu %.3f; metrics in %s/metrics.jsonl", last["step"], last["loss"], last["mu"], config.output_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``amft-vlm`` and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -96,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     collect_parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
     collect_parser.add_argument("--out", required=True, help="dataset directory to create (must not exist or be empty)")
     collect_parser.set_defaults(handler=_collect_command)
+
+    train_parser = commands.add_parser(
+        "train",
+        help="train a policy with AMFT or a baseline (config file + key=value overrides)",
+        description="Train with the method in the config (amft, sft, rl, sft-then-rl, fixed-mix, scheduled-mix, "
+        "no-meta-gradient, no-entropy, no-warmup). Overrides are key=value, dotted for sections: "
+        "steps=100 controller.eta_mu=0.1.",
+    )
+    train_parser.add_argument("--config", help="YAML config file (default: the built-in defaults)")
+    train_parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    train_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    train_parser.set_defaults(handler=_train_command)
     return parser
 
 

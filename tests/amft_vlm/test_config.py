@@ -62,3 +62,20 @@ def test_a_config_file_must_be_a_mapping(tmp_path):
 def test_validate_returns_the_config():
     config = TrainConfig()
     assert config.validate() is config
+
+
+def test_every_shipped_config_loads_and_validates():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert load_config(path).steps > 0, path
+
+
+def test_train_command_rejects_a_bad_override(capsys):
+    from amft_vlm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "steps=oops"])
+    assert "steps must be an integer" in capsys.readouterr().err
