@@ -8,6 +8,7 @@ from agents.chat import ChatTurn, Dialogue
 from agents.tiny import ARCHITECTURES, build_tiny_model
 from agents.vision_inputs import image_token_count
 from agents.vlm_policy import TokenSequence, VLMPolicy
+from tests.model_hooks import LogitBias
 
 MAX_PIXELS = 28 * 28 * 16
 
@@ -37,30 +38,6 @@ def _prompts(policy):
         ),
         policy.encode_dialogue(Dialogue.start("Where to?", image=_image(300, 500, seed=1))),
     ]
-
-
-class _LogitBias:
-    """Forward hook on the LM head adding `bias` to one token's logit (by default the end of turn).
-
-    The hook acts on every forward, generation and teacher forcing alike, so it changes the model,
-    not the consistency between the two.
-    """
-
-    def __init__(self, policy, bias, token_id=None):
-        self.handle = policy.model.lm_head.register_forward_hook(self._hook)
-        self.token_id = policy.end_of_turn_token_id if token_id is None else token_id
-        self.bias = bias
-
-    def _hook(self, module, inputs, output):
-        output = output.clone()
-        output[..., self.token_id] += self.bias
-        return output
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.handle.remove()
 
 
 def test_encode_dialogue_expands_the_image_placeholder(policies):
@@ -143,7 +120,7 @@ def test_generated_multi_turn_trajectory_decodes_to_the_rendered_dialogue(polici
     dialogue = Dialogue.start("Reach 24.", image=_image(200, 300))
     trajectory = policy.encode_dialogue(dialogue)
     torch.manual_seed(0)
-    with _LogitBias(policy, bias=4.0):
+    with LogitBias(policy, bias=4.0):
         for message in ("Wrong, try again.", "Still wrong."):
             (generation,) = policy.generate([trajectory], temperature=1.0, max_new_tokens=12)
             trajectory = trajectory.extended(generation.token_ids)
@@ -219,7 +196,7 @@ def test_teacher_forced_logprobs_reproduce_sampling_logprobs(policies, arch, gre
     prompts = _prompts(policy)
     assert len({len(prompt) for prompt in prompts}) == len(prompts)  # really padded
     torch.manual_seed(3)
-    with _LogitBias(policy, bias=2.5):
+    with LogitBias(policy, bias=2.5):
         generations = policy.generate(prompts, temperature=temperature, max_new_tokens=16, greedy=greedy)
         full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
         targets = [range(len(prompt), len(sequence)) for prompt, sequence in zip(prompts, full, strict=True)]
@@ -317,7 +294,7 @@ def test_token_logprobs_carry_gradients(policies):
 
 def test_generation_stops_at_end_of_turn(policies):
     policy = policies["qwen2.5-vl"]
-    with _LogitBias(policy, bias=100.0):
+    with LogitBias(policy, bias=100.0):
         (generation,) = policy.generate(_prompts(policy)[:1], max_new_tokens=8, greedy=True)
     assert generation.finished
     assert generation.token_ids == [policy.end_of_turn_token_id]
@@ -328,7 +305,7 @@ def test_vision_placeholders_are_never_generated(policies):
     policy = policies["qwen2-vl"]
     prompts = _prompts(policy)
     torch.manual_seed(0)
-    with _LogitBias(policy, bias=100.0, token_id=policy.image_token_id):
+    with LogitBias(policy, bias=100.0, token_id=policy.image_token_id):
         generations = policy.generate(prompts, temperature=1.0, max_new_tokens=6)
         full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
         with torch.no_grad():

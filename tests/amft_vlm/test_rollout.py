@@ -10,6 +10,7 @@ from agents.baselines import ExpertAgent
 from agents.chat import ChatTurn, Dialogue
 from agents.tiny import ARCHITECTURES
 from amft_vlm.rollout import RolloutEngine, RolloutStats
+from tests.model_hooks import LogitBias
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,30 +61,6 @@ class ExpertOnSecondAttempt(gym.Wrapper):
         return observation, reward, terminated, truncated, info
 
 
-class EndOfTurnBias:
-    """Forward hook on the LM head raising the end-of-turn logit, so some responses finish early.
-
-    It acts on every forward, generation and teacher forcing alike: it changes the model, not the
-    consistency between the two.
-    """
-
-    def __init__(self, policy, bias=3.0):
-        self.token_id = policy.end_of_turn_token_id
-        self.bias = bias
-        self.handle = policy.model.lm_head.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output):
-        output = output.clone()
-        output[..., self.token_id] += self.bias
-        return output
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.handle.remove()
-
-
 def _general_points(modality):
     kwargs = {"modality": modality, "resolution": RESOLUTION}
     return lambda: RecordDialogues(gym.make("GeneralPoints-v0", **kwargs))
@@ -120,7 +97,7 @@ def _summary(trajectory):
 def test_loss_mask_covers_exactly_the_generated_tokens(tiny_policies, env_name):
     policy = tiny_policies["qwen2-vl"]
     engine = RolloutEngine(policy, ENVIRONMENTS[env_name], num_envs=1, temperature=1.0, max_new_tokens=10)
-    with EndOfTurnBias(policy):
+    with LogitBias(policy, bias=3.0):
         trajectories, _ = engine.collect([0, 1], sampling_seed=0, progress=False)
     (recorder,) = engine.envs
     stop_tokens = set(policy.stop_token_ids)
@@ -167,7 +144,7 @@ def test_loss_mask_covers_exactly_the_generated_tokens(tiny_policies, env_name):
 def test_teacher_forcing_reproduces_the_sampling_logprobs(tiny_policies, arch, env_name):
     policy = tiny_policies[arch]
     engine = RolloutEngine(policy, ENVIRONMENTS[env_name], num_envs=2, temperature=1.0, max_new_tokens=12)
-    with EndOfTurnBias(policy):
+    with LogitBias(policy, bias=3.0):
         trajectories, _ = engine.collect([0, 1], sampling_seed=1, progress=False)
         sequences, targets, sampled = [], [], []
         for trajectory in trajectories:
@@ -264,7 +241,7 @@ def test_finished_slots_start_the_next_episode_before_the_next_generate(tiny_pol
 
     monkeypatch.setattr(policy, "generate", spy)
     engine = RolloutEngine(policy, _virl_with_restarts("language", max_steps=4), num_envs=3, max_new_tokens=6)
-    with EndOfTurnBias(policy):
+    with LogitBias(policy, bias=3.0):
         trajectories, stats = engine.collect(range(7), sampling_seed=0, progress=False)
 
     turns = [trajectory.num_turns for trajectory in trajectories]
