@@ -182,7 +182,8 @@ class TrainConfig:
             raise ValueError(f"controller.entropy_sign must be 1 or -1; got {c.entropy_sign!r}")
         _positive("controller.meta_interval", c.meta_interval)
         _positive("controller.validation_episodes", c.validation_episodes)
-        if c.warmup_steps < 0 or c.warmup_steps >= self.steps:
+        uses_warmup = self.method in ("amft", "no-meta-gradient", "no-entropy")
+        if c.warmup_steps < 0 or (uses_warmup and c.warmup_steps >= self.steps):
             raise ValueError(f"controller.warmup_steps must be in [0, steps) = [0, {self.steps}); got {c.warmup_steps}")
         if self.expert_data is not None and not os.path.isdir(self.expert_data):
             raise ValueError(f"expert_data: {self.expert_data!r} is not a directory; run `amft-vlm collect --out DIR` or set expert_data=None")

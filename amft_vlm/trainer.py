@@ -190,7 +190,9 @@ class Trainer:
         schedule = get_cosine_schedule_with_warmup if config.lr_schedule == "cosine" else get_constant_schedule_with_warmup
         schedule_kwargs = {"num_training_steps": config.steps} if config.lr_schedule == "cosine" else {}
         scheduler = schedule(optimizer, num_warmup_steps=config.lr_warmup_steps, **schedule_kwargs)
-        self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
+        # The scheduler is not handed to accelerate: its wrapper advances the schedule once per process,
+        # which assumes each process adds its own batch; here the global batch is fixed and sharded.
+        self.optimizer, self.scheduler = self.accelerator.prepare(optimizer), scheduler
         self.controller = build_controller(config)
 
         engine_kwargs = {"num_envs": config.num_envs, "temperature": config.temperature, "max_new_tokens": config.max_new_tokens}
@@ -282,8 +284,9 @@ class Trainer:
         if not model.startswith(TINY_PREFIX):
             return model
         path = self.output_dir / "initial-model"
-        if not (path / "config.json").is_file():
-            build_tiny_model(model[len(TINY_PREFIX) :], path, seed=self.config.seed)
+        with self.accelerator.main_process_first():  # one process builds it, the others load it
+            if not (path / "config.json").is_file():
+                build_tiny_model(model[len(TINY_PREFIX) :], path, seed=self.config.seed)
         return str(path)
 
     def _expert_trajectories(self) -> list[Trajectory]:
@@ -312,12 +315,22 @@ class Trainer:
         shard = seeds[self.accelerator.process_index :: self.accelerator.num_processes]
         return self.engine.collect(shard, group_size=config.group_size, sampling_seed=_mix_seed(config.seed, step, 1), progress=False)
 
-    def _gradients(self, loss: torch.Tensor) -> list[torch.Tensor]:
+    def _gradients(self, loss: torch.Tensor, *, reduction: str = "sum") -> list[torch.Tensor]:
+        """Gradients of ``loss`` over the trainable parameters, combined across processes.
+
+        ``"sum"`` for losses already divided by the global token count (so the sum over processes is
+        the global token mean); ``"mean"`` for per-process estimates of the same quantity.
+        """
         gradients = torch.autograd.grad(loss, self.parameters, allow_unused=True)
         gradients = [torch.zeros_like(p) if g is None else g for p, g in zip(self.parameters, gradients, strict=True)]
         if self.accelerator.num_processes > 1:
-            gradients = [self.accelerator.reduce(g, reduction="mean") for g in gradients]
+            gradients = [self.accelerator.reduce(g, reduction=reduction) for g in gradients]
         return gradients
+
+    def _global_sum(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        return float(self.accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=self.accelerator.device), reduction="sum"))
 
     def _micro_batches(self, trajectories: list[Trajectory]) -> list[list[int]]:
         """Indices of ``gradient_accumulation_steps`` near-equal micro-batches (empty ones dropped)."""
@@ -331,7 +344,9 @@ class Trainer:
         extra metrics); each micro-batch is weighted by its share of trainable tokens, so the sum is
         exactly the full batch's token mean.
         """
-        total_tokens = sum(t.num_response_tokens for t in trajectories)
+        # Weights use the token count of the whole batch over all processes, so summing the
+        # processes' gradients gives exactly the single-process token mean.
+        total_tokens = self._global_sum(sum(t.num_response_tokens for t in trajectories))
         gradients = [torch.zeros_like(p) for p in self.parameters]
         loss_sum, entropy_sum, extras = 0.0, 0.0, {}
         for indices in self._micro_batches(trajectories):
@@ -343,7 +358,8 @@ class Trainer:
             entropy_sum += float(scores.entropy.sum())
             for key, value in extra.items():
                 extras[key] = extras.get(key, 0.0) + value * weight
-        return gradients, {"loss": loss_sum, "entropy": entropy_sum / max(total_tokens, 1), "tokens": total_tokens, **extras}
+        parts = {"loss": self._global_sum(loss_sum), "entropy": self._global_sum(entropy_sum) / max(total_tokens, 1), "tokens": int(total_tokens)}
+        return gradients, {**parts, **{key: self._global_sum(value) for key, value in extras.items()}}
 
     def _backward_sft(self, batch: list[Trajectory]) -> tuple[list[torch.Tensor], dict]:
         def loss_of(indices):
@@ -410,7 +426,7 @@ class Trainer:
         weights = returns - returns.mean()
         scores = score_trajectories(self.policy, episodes, temperature=self.validation_engine.sampling_temperature)
         utility = sum(w * lp.sum() for w, lp in zip(weights, scores.episode_token_logprobs, strict=True)) / len(episodes)
-        return self._gradients(utility)
+        return self._gradients(utility, reduction="mean")
 
     def _log(self, metrics: dict) -> None:
         if self.accelerator.is_main_process:

@@ -1,0 +1,36 @@
+"""Two CPU processes train exactly like one process with the same global batch."""
+
+import glob
+import socket
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from amft_vlm.cli import main
+
+ARGS = ["method=sft", "steps=3", "sft_batch_size=6", "expert_episodes=12", "learning_rate=5e-3", "save_every=3", "device=cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def final_weights(run_dir):
+    (path,) = glob.glob(str(run_dir / "checkpoints" / "step-000003" / "policy" / "*.safetensors"))
+    return load_file(path)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    assert main(["train", *ARGS, f"output_dir={tmp_path / 'one'}"]) == 0
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    result = subprocess.run([*launch, "-m", "amft_vlm.cli", "train", *ARGS, f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    initial = load_file(glob.glob(str(tmp_path / "one" / "initial-model" / "*.safetensors"))[0])
+    assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-3  # training moved the weights
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4, msg=name)
