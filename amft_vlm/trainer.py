@@ -198,7 +198,7 @@ class Trainer:
         engine_kwargs = {"num_envs": config.num_envs, "temperature": config.temperature, "max_new_tokens": config.max_new_tokens}
         self.engine = RolloutEngine(self.policy, config.env_id, env_kwargs=config.env_kwargs, **engine_kwargs)
         self.validation_engine = RolloutEngine(self.policy, config.env_id, env_kwargs=config.validation_env_kwargs, **engine_kwargs)
-        self.expert = self._expert_trajectories()
+        self.expert = self._expert_trajectories() if config.method != "rl" else []
 
         if checkpoint is not None:
             self._restore(checkpoint)

@@ -56,3 +56,14 @@ def test_resume_after_interruption_equals_a_straight_run(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_rl_raises_the_reward_of_an_easy_task(tmp_path):
+    import tests.amft_vlm.bandit  # noqa: F401  (registers VowelBandit-v0)
+
+    history = run(
+        tmp_path, "rl", "method=rl", "env_id=VowelBandit-v0", "env_kwargs={}", "validation_env_kwargs={}",
+        "steps=12", "episodes_per_step=4", "group_size=4", "num_envs=16", "max_new_tokens=12", "learning_rate=1e-2",
+    ).train()
+    rewards = [m["reward"] for m in history]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
