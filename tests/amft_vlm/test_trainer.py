@@ -67,3 +67,13 @@ def test_rl_raises_the_reward_of_an_easy_task(tmp_path):
     ).train()
     rewards = [m["reward"] for m in history]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+
+
+def test_amft_runs_end_to_end_on_virl(tmp_path):
+    history = run(
+        tmp_path, "virl", "method=amft", "env_id=VIRL-v0", "env_kwargs={modality: language}",
+        "validation_env_kwargs={modality: language}", "controller.eta_h=0.5", "temperature=3.0", "expert_episodes=4",
+    ).train()
+    assert [m["step"] for m in history] == [1, 2, 3, 4]
+    assert history[-1]["tokens_sft"] > 0 and history[-1]["tokens_rl"] > 0
+    assert len({round(m["mu"], 6) for m in history[1:]}) > 1
