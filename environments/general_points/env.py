@@ -10,6 +10,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from environments.arguments import check_choice
 from environments.general_points.cards import FACE_CARD_RULES, SUIT_SETS, Card, card_value
 from environments.general_points.renderer import render_table
 from environments.general_points.solver import first_solution, hand_split, is_solvable, solvable_hands
@@ -29,11 +30,6 @@ _FACE_RULE_SENTENCES = {
     "10": "J, Q and K each count as 10; an ace (A) counts as 1; every other card counts as its number.",
     "11-12-13": "J counts as 11, Q as 12 and K as 13; an ace (A) counts as 1; every other card counts as its number.",
 }
-
-
-def _check_choice(name: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
 
 
 class GeneralPointsEnv(gym.Env):
@@ -146,11 +142,11 @@ class GeneralPointsEnv(gym.Env):
         resolution: int = 1200,
         render_mode: str | None = None,
     ) -> None:
-        _check_choice("modality", modality, MODALITIES)
-        _check_choice("face_cards", face_cards, FACE_CARD_RULES)
-        _check_choice("suits", suits, tuple(SUIT_SETS))
-        _check_choice("split", split, SPLITS)
-        _check_choice("render_mode", render_mode, (None, *self.metadata["render_modes"]))
+        check_choice("modality", modality, MODALITIES)
+        check_choice("face_cards", face_cards, FACE_CARD_RULES)
+        check_choice("suits", suits, tuple(SUIT_SETS))
+        check_choice("split", split, SPLITS)
+        check_choice("render_mode", render_mode, (None, *self.metadata["render_modes"]))
         if isinstance(target, bool) or not isinstance(target, int | np.integer):
             raise ValueError(f"target must be an integer; got {target!r}")
         if not isinstance(num_cards, int | np.integer) or not 1 <= num_cards <= 8:

@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from environments.arguments import check_choice
 from environments.virl.city import CITY_SETS, City, load_city_set
 from environments.virl.geometry import COMPASS_NAMES, RELATIVE_TURNS
 from environments.virl.published import PublishedRouteDatabase
@@ -62,11 +63,6 @@ _ANSWER = (
     "}"
 )
 _VISION_OBSERVATION = "You observe 4 street views"
-
-
-def _check_choice(name: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
 
 
 class _RouteSource(Protocol):
@@ -286,10 +282,10 @@ class VIRLEnv(gym.Env):
         resolution: int = DEFAULT_RESOLUTION,
         render_mode: str | None = None,
     ) -> None:
-        _check_choice("modality", modality, MODALITIES)
-        _check_choice("action_space", action_space, ACTION_SPACES)
-        _check_choice("city", city, tuple(CITY_SETS))
-        _check_choice("render_mode", render_mode, (None, *self.metadata["render_modes"]))
+        check_choice("modality", modality, MODALITIES)
+        check_choice("action_space", action_space, ACTION_SPACES)
+        check_choice("city", city, tuple(CITY_SETS))
+        check_choice("render_mode", render_mode, (None, *self.metadata["render_modes"]))
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int | np.integer) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an integer of at least 1; got {max_attempts!r}")
         if isinstance(resolution, bool) or not isinstance(resolution, int | np.integer) or not 64 <= resolution <= 2048 or resolution % 2:
