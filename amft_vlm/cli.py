@@ -17,16 +17,20 @@ from environments.general_points.settings import PAPER_EPISODES, PAPER_SETTINGS
 log = logging.getLogger("amft_vlm")
 
 
+AGENT_NAMES = ("expert", "random", "format-only")
+
+
+def _agents(seed: int) -> dict:
+    """The model-free agents by name, the random ones seeded."""
+    return {"expert": ExpertAgent(), "random": RandomTextAgent(seed=seed), "format-only": GeneralPointsFormatAgent(seed=seed)}
+
+
 def _play_command(args: argparse.Namespace) -> int:
     settings = args.setting or list(PAPER_SETTINGS)
     results = []
     for setting in settings:
         env = gym.make("GeneralPoints-v0", resolution=args.resolution, split=args.split, **PAPER_SETTINGS[setting])
-        agents = {
-            "expert": ExpertAgent(),
-            "random": RandomTextAgent(seed=args.seed),
-            "format-only": GeneralPointsFormatAgent(seed=args.seed),
-        }
+        agents = _agents(args.seed)
         for name in args.agent:
             results.append(play(env, agents[name], episodes=args.episodes, seed=args.seed, setting=setting))
         env.close()
@@ -46,7 +50,7 @@ def parse_env_args(pairs: list[str]) -> dict[str, object]:
 
 
 def _collect_command(args: argparse.Namespace) -> int:
-    agents = {"expert": ExpertAgent(), "random": RandomTextAgent(seed=args.seed), "format-only": GeneralPointsFormatAgent(seed=args.seed)}
+    agents = _agents(args.seed)
     env_kwargs = parse_env_args(args.env_arg)
     stats = collect(args.env, env_kwargs, agents[args.agent], episodes=args.episodes, seed=args.seed, out_dir=args.out)
     log.info(
@@ -85,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     play_parser.add_argument("--setting", action="append", choices=list(PAPER_SETTINGS), help="setting to play (repeatable; default: all)")
     play_parser.add_argument(
-        "--agent", nargs="+", default=["expert", "random", "format-only"], choices=["expert", "random", "format-only"], help="agents to play"
+        "--agent", nargs="+", default=list(AGENT_NAMES), choices=AGENT_NAMES, help="agents to play"
     )
     play_parser.add_argument("--episodes", type=int, default=PAPER_EPISODES, help=f"episodes per setting and agent (default {PAPER_EPISODES}, as the papers)")
     play_parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     collect_parser.add_argument(
         "--env-arg", action="append", default=[], metavar="KEY=VALUE", help="gym.make keyword, e.g. modality=language split=train (repeatable)"
     )
-    collect_parser.add_argument("--agent", default="expert", choices=["expert", "random", "format-only"], help="who plays")
+    collect_parser.add_argument("--agent", default="expert", choices=AGENT_NAMES, help="who plays")
     collect_parser.add_argument("--episodes", type=int, default=1000, help="episodes to record")
     collect_parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
     collect_parser.add_argument("--out", required=True, help="dataset directory to create (must not exist or be empty)")

@@ -8,6 +8,7 @@ import gymnasium as gym
 from tqdm import tqdm
 
 from agents.base import Agent
+from amft_vlm.expert_data import play_dialogues
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,11 @@ def play(env: gym.Env, agent: Agent, *, episodes: int, seed: int, setting: str =
     """Run ``episodes`` episodes (seeds ``seed``, ``seed + 1``, ...) of ``agent`` in ``env``."""
     successes, total_return, answers = 0, 0.0, 0
     for episode in tqdm(range(episodes), desc=f"{setting} / {agent.name}", leave=False, disable=not progress):
-        observation, info = env.reset(seed=seed + episode)
-        done = False
-        while not done:
-            observation, reward, terminated, truncated, info = env.step(agent.act(observation, env))
-            total_return += float(reward)
-            answers += 1
-            done = terminated or truncated
-        successes += bool(info.get("success"))
+        dialogues = list(play_dialogues(env, agent, seed=seed + episode))
+        rewards = [reward for _, dialogue_rewards, _ in dialogues for reward in dialogue_rewards]
+        total_return += sum(rewards)
+        answers += len(rewards)
+        successes += bool(dialogues[-1][2].get("success"))  # the info after the episode's last answer
     return PlayResult(setting, agent.name, episodes, successes, total_return / max(episodes, 1), answers / max(episodes, 1))
 
 
