@@ -300,14 +300,14 @@ class Trainer:
     def _next_sft_batch(self) -> list[Trajectory]:
         """The next ``sft_batch_size`` expert trajectories: epoch-wise permutations seeded by (seed, epoch)."""
         size, count = self.config.sft_batch_size, len(self.expert)
-        batch = []
+        batch, orders = [], {}
         for position in range(self.sft_position, self.sft_position + size):
             epoch, offset = divmod(position, count)
-            order = np.random.default_rng([self.config.seed, epoch]).permutation(count)
-            batch.append(self.expert[order[offset]])
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng([self.config.seed, epoch]).permutation(count)
+            batch.append(self.expert[orders[epoch][offset]])
         self.sft_position += size
-        shard = batch[self.accelerator.process_index :: self.accelerator.num_processes]
-        return shard
+        return batch[self.accelerator.process_index :: self.accelerator.num_processes]
 
     def _collect_rollouts(self, step: int):
         config = self.config
