@@ -149,11 +149,11 @@ class GeneralPointsEnv(gym.Env):
         check_choice("render_mode", render_mode, (None, *self.metadata["render_modes"]))
         if isinstance(target, bool) or not isinstance(target, int | np.integer):
             raise ValueError(f"target must be an integer; got {target!r}")
-        if not isinstance(num_cards, int | np.integer) or not 1 <= num_cards <= 8:
+        if isinstance(num_cards, bool) or not isinstance(num_cards, int | np.integer) or not 1 <= num_cards <= 8:
             raise ValueError(f"num_cards must be an integer from 1 to 8; got {num_cards!r}")
-        if not isinstance(max_attempts, int | np.integer) or max_attempts < 1:
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int | np.integer) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an integer of at least 1; got {max_attempts!r}")
-        if not isinstance(resolution, int | np.integer) or not 64 <= resolution <= 2048:
+        if isinstance(resolution, bool) or not isinstance(resolution, int | np.integer) or not 64 <= resolution <= 2048:
             raise ValueError(f"resolution must be an integer from 64 to 2048; got {resolution!r}")
         self.modality, self.face_cards, self.suits, self.split = modality, face_cards, suits, split
         self.target, self.num_cards, self.max_attempts = int(target), int(num_cards), int(max_attempts)

@@ -58,6 +58,8 @@ def test_defaults_are_the_vision_training_setting():
         ({"max_attempts": 0}, "max_attempts"),
         ({"resolution": 10}, "resolution"),
         ({"target": "24"}, "target"),
+        ({"num_cards": True}, "num_cards"),
+        ({"max_attempts": True}, "max_attempts"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, argument):
