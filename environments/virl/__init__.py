@@ -10,6 +10,8 @@ from environments.virl.geometry import (
 )
 from environments.virl.published import PublishedRouteDatabase, load_routes
 from environments.virl.routes import (
+    SPLITS,
+    TEST_SHARE_PERCENT,
     Location,
     Milestone,
     Rail,
@@ -17,6 +19,8 @@ from environments.virl.routes import (
     Route,
     build_rail,
     route_instructions,
+    route_key,
+    route_split,
 )
 from environments.virl.verifier import VERDICTS, claims_intersection, judge, parse_response
 
@@ -25,6 +29,8 @@ __all__ = [
     "COMPASS_NAMES",
     "RELATIVE_TURNS",
     "SPATIAL_RELATIONS",
+    "SPLITS",
+    "TEST_SHARE_PERCENT",
     "VERDICTS",
     "City",
     "CityLayout",
@@ -44,4 +50,6 @@ __all__ = [
     "parse_response",
     "relative_turn",
     "route_instructions",
+    "route_key",
+    "route_split",
 ]

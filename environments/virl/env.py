@@ -16,7 +16,16 @@ from environments.arguments import check_choice
 from environments.virl.city import CITY_SETS, City, load_city_set
 from environments.virl.geometry import COMPASS_NAMES, RELATIVE_TURNS
 from environments.virl.published import PublishedRouteDatabase
-from environments.virl.routes import INTERSECTION_SENTENCE, Location, Rail, Route, build_rail
+from environments.virl.routes import (
+    INTERSECTION_SENTENCE,
+    SPLITS,
+    TEST_SHARE_PERCENT,
+    Location,
+    Rail,
+    Route,
+    build_rail,
+    route_split,
+)
 from environments.virl.street_view import StreetViewRenderer
 from environments.virl.verifier import REWARD_OUT_OF_ATTEMPTS, ParsedResponse, judge, parse_response
 from environments.virl.view_grid import grid_size
@@ -70,6 +79,8 @@ class _RouteSource(Protocol):
 
     routes: Sequence[Route]
 
+    def route_city(self, route_index: int) -> str: ...
+
     def has_view(self, location: Location) -> bool: ...
 
     def render_grid(self, route_index: int, location: Location, heading: float, resolution: int) -> np.ndarray: ...
@@ -88,6 +99,10 @@ class _BuiltinSource:
         self._cities: tuple[City, ...] = cities
         self._renderers: dict[int, StreetViewRenderer] = {}
 
+    def route_city(self, route_index: int) -> str:
+        """The name of the city the route runs in (part of its split key)."""
+        return self._cities[self._city_of_route[route_index]].layout.name
+
     def has_view(self, location: Location) -> bool:
         return True
 
@@ -105,6 +120,10 @@ class _PublishedSource:
     def __init__(self, data_dir: str | Path, need_views: bool) -> None:
         self.database = PublishedRouteDatabase(data_dir, need_views=need_views)
         self.routes = self.database.routes
+
+    def route_city(self, route_index: int) -> str:
+        """Empty: a published route's geocodes already say where on Earth it runs."""
+        return ""
 
     def has_view(self, location: Location) -> bool:
         return self.database.has_view(location)
@@ -182,7 +201,8 @@ class VIRLEnv(gym.Env):
     feedback (``info["new_dialogue"]`` is False): the model answers again in the same dialogue.
 
     ## Starting State
-    ``reset(options={"route": i})`` walks route ``i``; otherwise a route is drawn with ``self.np_random``.
+    ``reset(options={"route": i})`` walks ``env.unwrapped.routes[i]``, the ``i``-th route of the chosen
+    ``split``; otherwise a route of the split is drawn uniformly with ``self.np_random``.
     The in-between points are dropped with ``self.np_random``, and a route without an initial
     heading (published data with 0 or none) gets one drawn uniformly from 0..359.
 
@@ -208,7 +228,8 @@ class VIRLEnv(gym.Env):
 
     ## Information
     ``info`` after reset and after every step holds plain Python values:
-    ``route_index`` and ``route_id`` (which route), ``point_index`` and ``num_points`` (where on the
+    ``route_index`` (the index in ``env.unwrapped.routes``, the chosen split's routes) and ``route_id``
+    (which route), ``point_index`` and ``num_points`` (where on the
     rail the agent now is), ``expected_action`` (the correct action at the current point),
     ``at_intersection`` (whether the current point is one of the route's intersections),
     ``current_instruction`` (the sentence that applies there) and ``instruction_index`` (its
@@ -224,7 +245,7 @@ class VIRLEnv(gym.Env):
     ## Arguments
     ```python
     gym.make("VIRL-v0", modality="vision", action_space="absolute", city="builtin", data_dir=None,
-             max_attempts=2, resolution=448, render_mode=None)
+             max_attempts=2, split="all", resolution=448, render_mode=None)
     ```
     - ``modality``: ``"vision"`` (the current observation is the image of four views) or ``"language"``.
     - ``action_space``: ``"absolute"`` (compass turns; training and in distribution) or ``"relative"``
@@ -234,6 +255,15 @@ class VIRLEnv(gym.Env):
     - ``data_dir``: a directory in the published V-IRL format (see ``docs/virl.md``); replaces
       ``city``. Language modality needs only its ``route_infos.json``.
     - ``max_attempts``: verified attempts per rail point (at least 1; the benchmark's is 2).
+    - ``split``: ``"all"`` (every route; the papers' protocol), ``"train"`` or ``"test"``: a fixed
+      partition of the routes, about 80/20, for held-out validation
+      (:func:`environments.virl.routes.route_split`). A route's side is decided by the SHA-256 of its
+      city's name and its points (start, intersections, destination; geocodes for published data),
+      never by its position or id, so it holds for any subset of a route database. The built-in
+      ``"builtin"`` city has 813 train and 187 test routes, ``"builtin-ood"`` 27 and 9. ``routes``
+      and ``options={"route": i}`` see only the split's routes, in their source's order, so a seed
+      picks a route of the split; with ``"all"`` they see every route. A split with no route (a tiny
+      database) raises ``ValueError``.
     - ``resolution``: side of each view in pixels, an even number from 64 to 2048.
     - ``render_mode``: ``None`` or ``"rgb_array"`` (``render()`` returns the current view grid, in either modality).
 
@@ -263,6 +293,7 @@ class VIRLEnv(gym.Env):
     - Answers are parsed leniently (trailing commas, single quotes, text around the JSON); an
       unreadable answer is a wrong action (-1). Published landmark names are turned into plain ASCII.
     - Prompts and feedback are written for this project. Randomness comes from ``self.np_random``.
+    - ``split`` adds a held-out set of routes that the papers do not have; ``split="all"`` is their protocol.
     - A published route point without a panorama within 20 m is skipped if it is an in-between
       point and an error otherwise (the reference re-located points through its map service).
 
@@ -279,12 +310,14 @@ class VIRLEnv(gym.Env):
         city: str = "builtin",
         data_dir: str | Path | None = None,
         max_attempts: int = 2,
+        split: str = "all",
         resolution: int = DEFAULT_RESOLUTION,
         render_mode: str | None = None,
     ) -> None:
         check_choice("modality", modality, MODALITIES)
         check_choice("action_space", action_space, ACTION_SPACES)
         check_choice("city", city, tuple(CITY_SETS))
+        check_choice("split", split, SPLITS)
         check_choice("render_mode", render_mode, (None, *self.metadata["render_modes"]))
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int | np.integer) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an integer of at least 1; got {max_attempts!r}")
@@ -292,13 +325,26 @@ class VIRLEnv(gym.Env):
             raise ValueError(f"resolution must be an even integer from 64 to 2048; got {resolution!r}")
         if data_dir is not None and city != "builtin":
             raise ValueError(f"give either city ({city!r}) or data_dir ({str(data_dir)!r}), not both")
-        self.modality, self.action_kind, self.max_attempts = modality, action_space, int(max_attempts)
+        self.modality, self.action_kind, self.max_attempts, self.split = modality, action_space, int(max_attempts), split
         self.resolution, self.render_mode = int(resolution), render_mode
         self.city = None if data_dir is not None else city
         self.data_dir = None if data_dir is None else Path(data_dir)
         need_views = modality == "vision" or render_mode == "rgb_array"
         self._source: _RouteSource = _BuiltinSource(city) if data_dir is None else _PublishedSource(data_dir, need_views)
         self._need_views = need_views
+        source_routes = self._source.routes
+        self._source_indices = tuple(
+            index
+            for index, route in enumerate(source_routes)
+            if split == "all" or route_split(route, self._source.route_city(index)) == split
+        )
+        if not self._source_indices:
+            where = f"city {city!r}" if data_dir is None else f"the {len(source_routes)} route(s) in {str(data_dir)!r}"
+            raise ValueError(
+                f"no route of {where} belongs to split {split!r} (about {TEST_SHARE_PERCENT}% of routes are test "
+                "routes, by environments.virl.routes.route_split); use split='all' or a route set with more routes"
+            )
+        self._routes = tuple(source_routes[index] for index in self._source_indices)
 
         directions = COMPASS_NAMES if action_space == "absolute" else RELATIVE_TURNS
         sections = [_TASK.format(seeing=_SEEING[modality]), "[Instructions]\n{instructions}"]
@@ -330,8 +376,8 @@ class VIRLEnv(gym.Env):
     # -- public API --
     @property
     def routes(self) -> Sequence[Route]:
-        """The routes this environment draws from (``options={"route": i}`` picks ``routes[i]``)."""
-        return self._source.routes
+        """The routes of the chosen split, in their source's order (``options={"route": i}`` picks ``routes[i]``)."""
+        return self._routes
 
     @property
     def rail(self) -> Rail:
@@ -344,11 +390,13 @@ class VIRLEnv(gym.Env):
         """Start walking a route: ``options["route"]`` or one drawn with ``self.np_random``."""
         super().reset(seed=seed)
         options = options or {}
-        routes = self._source.routes
+        routes = self._routes
         if "route" in options:
             index = options["route"]
             if isinstance(index, bool) or not isinstance(index, int | np.integer) or not 0 <= index < len(routes):
-                raise ValueError(f"options['route'] must be a route index from 0 to {len(routes) - 1}; got {index!r}")
+                raise ValueError(
+                    f"options['route'] must be a route index from 0 to {len(routes) - 1} (split {self.split!r}); got {index!r}"
+                )
             self._route_index = int(index)
         else:
             self._route_index = int(self.np_random.integers(len(routes)))
@@ -421,7 +469,8 @@ class VIRLEnv(gym.Env):
         if self._image is None:
             rail = self.rail
             point = rail.points[self._point_index]
-            self._image = self._source.render_grid(self._route_index, point.location, point.heading, self.resolution)
+            source_index = self._source_indices[self._route_index]
+            self._image = self._source.render_grid(source_index, point.location, point.heading, self.resolution)
         return self._image
 
     def _prompt(self) -> str:

@@ -4,10 +4,12 @@ A :class:`Route` is what the published data and the built-in city both provide: 
 :class:`Milestone` per turn (the first at the start, the others at intersections) and a destination.
 :func:`route_instructions` writes the numbered instructions of the benchmark and :func:`build_rail`
 lays out the decision points with their expected actions, observations and current instruction.
+:func:`route_split` assigns every route to the fixed ``"train"`` or ``"test"`` split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +35,11 @@ MIN_LEG_FOR_INTERPOLATION_M = 5.0
 """Legs this short or shorter get no interpolated points."""
 MIN_END_DISTANCE_M = 8.0
 """An interpolated point is kept only if farther than this from both ends of its leg."""
+
+SPLITS = ("all", "train", "test")
+"""Route splits an environment can draw from: every route, or one side of :func:`route_split`."""
+TEST_SHARE_PERCENT = 20
+"""About this share of the routes belongs to the test split."""
 
 
 def turn_action(direction: str) -> str:
@@ -242,3 +249,35 @@ def build_rail(
                 RailPoint(end, milestone.heading, "destination", milestone.landmark or NO_LANDMARKS, STOP, STOP, move_sentence)
             )
     return Rail(route=route, init_heading=float(init_heading), instructions=instructions, points=tuple(points))
+
+
+def _point_key(location: Location) -> str:
+    if location.geocode is not None:
+        return f"{location.geocode[0]:.6f},{location.geocode[1]:.6f}"
+    return f"{location.east:.1f},{location.north:.1f}"
+
+
+def route_key(route: Route, city: str = "") -> str:
+    """The canonical identity of ``route`` that :func:`route_split` hashes.
+
+    ``city`` and the route's points, start and intersections (its milestones) then destination, as
+    ``"city|p0;p1;...;destination"``. A point is its geocode ``"lat,lng"`` with 6 decimals when it
+    has one (published data: ``start_place.relocated_geocode`` then ``route_results.geocode_list``)
+    and ``"east,north"`` in metres with 1 decimal otherwise (built-in cities). The route id, the
+    route's position in its list, its initial heading and its texts play no part.
+    """
+    points = [milestone.location for milestone in route.milestones] + [route.destination]
+    return f"{city}|" + ";".join(_point_key(point) for point in points)
+
+
+def route_split(route: Route, city: str = "") -> str:
+    """'train' or 'test': the fixed split of ``route``, identical on every machine.
+
+    :func:`route_key` (``city`` is the built-in city's name, such as ``"metro"``, and ``""`` for
+    published data, whose geocodes already place the route) is hashed with SHA-256, and the route is
+    a test route when the first 8 bytes as an integer modulo 100 fall below
+    :data:`TEST_SHARE_PERCENT`. The rule does not depend on which other routes exist.
+    """
+    digest = hashlib.sha256(route_key(route, city).encode()).digest()
+    bucket = int.from_bytes(digest[:8], "big") % 100
+    return "test" if bucket < TEST_SHARE_PERCENT else "train"
