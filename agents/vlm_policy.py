@@ -9,8 +9,10 @@ rollout engine and a learner need:
 - `VLMPolicy.encode_follow_up`: the exact tokens the chat template puts after the assistant's
   end-of-turn token for the next user message, so multi-turn trajectories are built by concatenating
   token ids and never by re-tokenising decoded text.
-- `VLMPolicy.generate`: one batched, left-padded ``model.generate`` with explicit sampling settings,
-  returning each sequence's generated tokens with their log-probs under the sampling distribution.
+- `VLMPolicy.generate`: batched decoding with explicit sampling (``softmax(logits / T)``, nothing
+  else), returning each sequence's generated tokens with their log-probs under the sampling
+  distribution, and optionally each dialogue's key-value cache (`KVPrefix`) so its next turn
+  prefills only the new tokens.
 - `VLMPolicy.token_logprobs`: a teacher-forced forward pass over full sequences that reproduces those
   log-probs (the importance ratio of an on-policy sample is 1 up to float error).
 
@@ -20,11 +22,16 @@ Both `generate` and `token_logprobs` therefore give these tokens probability 0 (
 trained model never emits them anyway, a random one would.
 
 Positions. Qwen-VL uses multimodal rope: three position rows (time, height, width) that advance
-together on text and follow the patch grid on image tokens. With left padding, positions must ignore
-the padding: `generate` lets the model compute them from the attention mask (``get_rope_index`` on
-the prompt, then +1 per generated token), and `token_logprobs` computes them with the same
-``get_rope_index`` over the attention mask of the full sequence, which yields the same numbers for
-every real token (checked by ``tests/agents/test_vlm_policy.py``).
+together on text and follow the patch grid on image tokens. Padding must not move them: `generate`
+computes each prompt's positions on its own (``get_rope_index`` when it shows an image) and continues
+with +1 per token, a cached prefix carrying its next position; `token_logprobs` runs the same
+``get_rope_index`` over the attention mask of the left-padded full sequences. Both give every real
+token the same numbers (checked by ``tests/agents/test_vlm_policy.py``).
+
+Why our own decoding loop rather than ``model.generate``: resuming each dialogue from its own cache
+puts padding between a row's cached keys and its new tokens, which ``generate``'s position bookkeeping
+for Qwen-VL (one rope offset per row, from the first prompt) cannot express. The loop is short: one
+prefill, then one forward per token over the rows still generating (finished rows leave the batch).
 """
 
 from __future__ import annotations
@@ -36,14 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoImageProcessor,
-    AutoModelForImageTextToText,
-    AutoTokenizer,
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-)
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from agents.chat import Dialogue
 from agents.vision_inputs import ImageInputs, ImageLike, default_pixel_bounds, prepare_images
@@ -90,6 +91,52 @@ class TokenSequence:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class KVPrefix:
+    """Attention keys and values of a sequence's first tokens, kept to continue it without recomputing them.
+
+    `VLMPolicy.generate` with ``keep_cache=True`` returns one with each response (`Generation.cache`):
+    the prompt and every generated token but the last, which was never fed to the model. Passed back
+    with a prompt that extends exactly those tokens and shows the same images (the next turn of the same
+    dialogue), it lets `generate` run the model over the new tokens only. A prompt that does not extend
+    it is encoded from scratch, so a stale prefix costs time, never correctness.
+
+    Attributes:
+        token_ids: the tokens whose keys and values are held.
+        images: the vision inputs those tokens show.
+        layers: per decoder layer, ``(keys, values)``, each ``(kv_heads, len(token_ids), head_dim)``.
+        next_position: the rope position of the token after `token_ids`; text advances the three rope
+            rows together, so one number says it.
+    """
+
+    token_ids: tuple[int, ...]
+    images: ImageInputs | None
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    next_position: int
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def is_prefix_of(self, prompt: TokenSequence) -> bool:
+        """Whether `prompt` is these tokens followed by at least one more, with the same images."""
+        length = len(self.token_ids)
+        return (
+            length < len(prompt)
+            and _same_images(self.images, prompt.images)
+            and prompt.token_ids[:length] == self.token_ids
+        )
+
+
+def _same_images(first: ImageInputs | None, second: ImageInputs | None) -> bool:
+    if first is second:
+        return True
+    if first is None or second is None:
+        return False
+    return torch.equal(first.image_grid_thw, second.image_grid_thw) and torch.equal(
+        first.pixel_values, second.pixel_values
+    )
+
+
 @dataclass(frozen=True)
 class Generation:
     """One generated response.
@@ -101,12 +148,15 @@ class Generation:
             it was drawn from: ``log_softmax(logits / temperature)``, with temperature 1 for greedy.
         text: decoded response without the final stop token (special tokens inside are kept).
         finished: whether generation stopped at a stop token rather than at ``max_new_tokens``.
+        cache: with ``generate(..., keep_cache=True)``, the keys and values of the prompt and the
+            response, to continue this dialogue in the next call; otherwise None.
     """
 
     token_ids: list[int]
     logprobs: torch.Tensor
     text: str
     finished: bool
+    cache: KVPrefix | None = None
 
 
 @dataclass
@@ -139,43 +189,6 @@ class PaddedBatch:
             inputs["pixel_values"] = self.images.pixel_values.to(dtype)
             inputs["image_grid_thw"] = self.images.image_grid_thw
         return inputs
-
-
-class _SampledTokenLogprobs(LogitsProcessor):
-    """Records ``log_softmax(logits / temperature)[token]`` for every token `generate` picks.
-
-    Placed in ``logits_processor``, it runs after generate's token suppression and before its warpers
-    (temperature), so it sees the next-token logits with the suppressed tokens at ``-inf``. It keeps
-    only the previous step's log-probs, ``O(batch * vocab)`` memory, and reads the token chosen from
-    them at the next call (or in `finish` for the last step).
-    """
-
-    def __init__(self, temperature: float) -> None:
-        self.temperature = temperature
-        self._previous_logprobs: torch.Tensor | None = None
-        self._chosen_logprobs: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._previous_logprobs is not None:
-            self._record(input_ids[:, -1])
-        self._previous_logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def _record(self, chosen: torch.Tensor) -> None:
-        previous = self._previous_logprobs
-        self._chosen_logprobs.append(previous.gather(1, chosen.to(previous.device)[:, None]).squeeze(1))
-
-    def finish(self, sequences: torch.Tensor, num_generated: int) -> torch.Tensor:
-        """``(batch, num_generated)`` log-probs, once generate has returned `sequences`."""
-        if num_generated > 0:
-            self._record(sequences[:, -1])
-        if len(self._chosen_logprobs) != num_generated:
-            raise RuntimeError(
-                f"recorded {len(self._chosen_logprobs)} sampling steps for {num_generated} generated tokens"
-            )
-        if num_generated == 0:
-            return torch.zeros(sequences.shape[0], 0)
-        return torch.stack(self._chosen_logprobs, dim=1).cpu()
 
 
 class VLMPolicy:
@@ -397,6 +410,14 @@ class VLMPolicy:
         follow_up = self.tokenize(continued[len(prefix) :])
         return [self.end_of_turn_token_id, *follow_up] if close_assistant_turn else follow_up
 
+    def _check_image_tokens(self, row: int, sequence: TokenSequence) -> None:
+        image_tokens = sum(1 for token in sequence.token_ids if token == self.image_token_id)
+        expected = 0 if sequence.images is None else sum(sequence.images.num_image_tokens)
+        if image_tokens != expected:
+            raise ValueError(
+                f"sequence {row} has {image_tokens} {IMAGE_TOKEN} tokens but its images need {expected}"
+            )
+
     def collate(self, sequences: Sequence[TokenSequence]) -> PaddedBatch:
         """Left-pad `sequences` into one batch on the model's device."""
         if not sequences:
@@ -408,12 +429,7 @@ class VLMPolicy:
         for row, sequence in enumerate(sequences):
             if len(sequence) == 0:
                 raise ValueError(f"sequence {row} is empty")
-            image_tokens = sum(1 for token in sequence.token_ids if token == self.image_token_id)
-            expected = 0 if sequence.images is None else sum(sequence.images.num_image_tokens)
-            if image_tokens != expected:
-                raise ValueError(
-                    f"sequence {row} has {image_tokens} {IMAGE_TOKEN} tokens but its images need {expected}"
-                )
+            self._check_image_tokens(row, sequence)
             pad_length = max_length - len(sequence)
             input_ids[row, pad_length:] = torch.tensor(sequence.token_ids, dtype=torch.long)
             attention_mask[row, pad_length:] = 1
@@ -455,41 +471,12 @@ class VLMPolicy:
         position_ids = batch.attention_mask.long().cumsum(-1) - 1
         return position_ids.masked_fill(batch.attention_mask == 0, 0)
 
-    def generation_config(self, *, temperature: float, max_new_tokens: int, greedy: bool) -> GenerationConfig:
-        """The explicit ``GenerationConfig`` `generate` uses: plain sampling at `temperature` or greedy.
-
-        Sampling sets ``top_k=0``, ``top_p=1.0``, ``typical_p=1.0``, no min-p/epsilon/eta cutoffs and
-        no repetition penalty, so tokens are drawn from ``softmax(logits / temperature)`` exactly, where
-        the logits of `suppressed_token_ids` (the vision placeholders) are ``-inf``.
-        """
+    def check_sampling(self, *, temperature: float, max_new_tokens: int, greedy: bool) -> None:
+        """Raise ValueError for sampling settings `generate` cannot use."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-        settings: dict[str, Any] = {
-            "do_sample": not greedy,
-            "num_beams": 1,
-            "max_new_tokens": max_new_tokens,
-            "min_new_tokens": 0,
-            "repetition_penalty": 1.0,
-            "no_repeat_ngram_size": 0,
-            "suppress_tokens": list(self.suppressed_token_ids),
-            "eos_token_id": list(self.stop_token_ids),
-            "pad_token_id": self.pad_token_id,
-            "use_cache": True,
-        }
-        if not greedy:
-            if not temperature > 0:
-                raise ValueError(
-                    f"temperature must be > 0 when sampling; got {temperature} (use greedy=True)"
-                )
-            settings.update(
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                typical_p=1.0,
-                epsilon_cutoff=0.0,
-                eta_cutoff=0.0,
-            )
-        return GenerationConfig(**settings)
+        if not greedy and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling; got {temperature} (use greedy=True)")
 
     @torch.no_grad()
     def generate(
@@ -499,49 +486,217 @@ class VLMPolicy:
         temperature: float = 1.0,
         max_new_tokens: int = 256,
         greedy: bool = False,
+        caches: Sequence[KVPrefix | None] | None = None,
+        keep_cache: bool = False,
     ) -> list[Generation]:
-        """Generate one response per prompt with a single batched ``model.generate`` call.
+        """Generate one response per prompt, all prompts decoded together in one batch.
 
-        Prompts are left-padded; generation stops per sequence at ``<|im_end|>`` or eos. Use
-        ``torch.manual_seed`` before the call for reproducible sampling.
+        Tokens are drawn from ``softmax(logits / temperature)`` exactly: no top-k, top-p, repetition
+        penalty or other setting from the checkpoint's generation config, and the vision placeholders
+        (`suppressed_token_ids`) at probability 0. A sequence stops at ``<|im_end|>`` or eos; finished
+        sequences leave the batch. Use ``torch.manual_seed`` before the call for reproducible sampling.
+
+        The first forward pass (prefill) takes each prompt's uncached tokens, left-padded; a prompt
+        whose entry in `caches` is a prefix of it starts from those keys and values, so a multi-turn
+        dialogue pays only for its new tokens. Padding sits between a row's cached keys and its new
+        tokens; the attention mask hides it and the rope positions skip it.
 
         Args:
             prompts: prompt token sequences, e.g. from `encode_dialogue` (ending with the assistant header).
             temperature: sampling temperature (ignored when `greedy`).
             max_new_tokens: the most tokens generated per response.
             greedy: take the arg-max token instead of sampling; log-probs are then at temperature 1.
+            caches: for each prompt, a `KVPrefix` from an earlier call on the same dialogue, or None.
+            keep_cache: return each response's `KVPrefix` in `Generation.cache`.
 
         Returns:
             One `Generation` per prompt, in order.
         """
-        config = self.generation_config(temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy)
-        batch = self.collate(prompts)
-        recorder = _SampledTokenLogprobs(temperature=1.0 if greedy else temperature)
-        sequences = self.model.generate(
-            **batch.model_inputs(self.dtype),
-            generation_config=config,
-            logits_processor=LogitsProcessorList([recorder]),
-        )
-        prompt_length = batch.input_ids.shape[1]
-        new_tokens = sequences[:, prompt_length:].cpu()
-        logprobs = recorder.finish(sequences, new_tokens.shape[1])
+        self.check_sampling(temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy)
+        if not prompts:
+            raise ValueError("need at least one prompt")
+        for row, prompt in enumerate(prompts):
+            self._check_image_tokens(row, prompt)
+        if caches is None:
+            caches = [None] * len(prompts)
+        elif len(caches) != len(prompts):
+            raise ValueError(f"got {len(caches)} caches for {len(prompts)} prompts")
+        prefixes = [
+            cache if cache is not None and cache.is_prefix_of(prompt) else None
+            for prompt, cache in zip(prompts, caches, strict=True)
+        ]
+        logits, cache, attention_mask, next_positions = self._prefill(prompts, prefixes, extra=max_new_tokens)
+        temperature = 1.0 if greedy else temperature
+        suppressed = torch.tensor(self.suppressed_token_ids, dtype=torch.long, device=self.device)
+        stop_tokens = set(self.stop_token_ids)
+
+        rows = list(range(len(prompts)))  # the prompt of each batch row still generating
+        tokens: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        kept: list[KVPrefix | None] = [None] * len(prompts)
+        for step in range(max_new_tokens):
+            chosen, chosen_logprobs = choose_tokens(
+                logits, suppressed, temperature=temperature, greedy=greedy
+            )
+            going_on = []
+            for batch_row, (row, token, logprob) in enumerate(
+                zip(rows, chosen.tolist(), chosen_logprobs.tolist(), strict=True)
+            ):
+                tokens[row].append(token)
+                logprobs[row].append(logprob)
+                if token not in stop_tokens and step + 1 < max_new_tokens:
+                    going_on.append(batch_row)
+                elif keep_cache:
+                    kept[row] = self._take_prefix(
+                        cache,
+                        attention_mask[batch_row],
+                        batch_row,
+                        prompts[row],
+                        tokens[row][:-1],
+                        int(next_positions[batch_row]),
+                    )
+            if not going_on:
+                break
+            if len(going_on) < len(rows):
+                index = torch.tensor(going_on, dtype=torch.long, device=self.device)
+                cache.batch_select_indices(index)
+                attention_mask, next_positions, chosen = (
+                    attention_mask[index],
+                    next_positions[index],
+                    chosen[index],
+                )
+                rows = [rows[batch_row] for batch_row in going_on]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
+            outputs = self.model(
+                input_ids=chosen[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_positions.view(1, -1, 1).expand(3, -1, 1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = outputs.logits[:, -1]
+            next_positions = next_positions + 1
+
         generations = []
         for row in range(len(prompts)):
-            tokens = new_tokens[row].tolist()
-            stop_index = next(
-                (index for index, token in enumerate(tokens) if token in self.stop_token_ids), None
-            )
-            length = len(tokens) if stop_index is None else stop_index + 1
-            response_tokens = tokens[: length if stop_index is None else stop_index]
+            finished = tokens[row][-1] in stop_tokens
             generations.append(
                 Generation(
-                    token_ids=tokens[:length],
-                    logprobs=logprobs[row, :length].clone(),
-                    text=self.decode(response_tokens),
-                    finished=stop_index is not None,
+                    token_ids=tokens[row],
+                    logprobs=torch.tensor(logprobs[row], dtype=torch.float32),
+                    text=self.decode(tokens[row][:-1] if finished else tokens[row]),
+                    finished=finished,
+                    cache=kept[row],
                 )
             )
         return generations
+
+    def _prefill(
+        self, prompts: Sequence[TokenSequence], prefixes: Sequence[KVPrefix | None], *, extra: int
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+        """Run the model over each prompt's uncached tokens, in a cache with room for `extra` more.
+
+        Returns the next-token logits ``(batch, vocab)``, the batch's key-value cache, its attention
+        mask ``(batch, cache length)`` and each row's next rope position ``(batch,)``.
+        """
+        cached = [0 if prefix is None else len(prefix) for prefix in prefixes]
+        chunks = [prompt.token_ids[length:] for prompt, length in zip(prompts, cached, strict=True)]
+        past_length, chunk_length = max(cached), max(len(chunk) for chunk in chunks)
+        batch = len(prompts)
+        input_ids = torch.full((batch, chunk_length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, past_length + chunk_length), dtype=torch.long)
+        position_ids = torch.zeros((3, batch, chunk_length), dtype=torch.long)
+        next_positions, images = [], []
+        for row, (prompt, prefix, chunk) in enumerate(zip(prompts, prefixes, chunks, strict=True)):
+            start = chunk_length - len(chunk)
+            input_ids[row, start:] = torch.tensor(chunk, dtype=torch.long)
+            attention_mask[row, past_length - cached[row] : past_length] = 1
+            attention_mask[row, past_length + start :] = 1
+            if prefix is not None:
+                positions = prefix.next_position + torch.arange(len(chunk))
+            else:
+                positions = self._prompt_positions(prompt)
+                if prompt.images is not None:
+                    images.append(prompt.images)
+            position_ids[:, row, start:] = positions
+            next_positions.append(int(positions.max()) + 1)
+
+        inputs: dict[str, Any] = {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "position_ids": position_ids.to(self.device),
+            "past_key_values": self._new_cache(prefixes, past_length, capacity=past_length + chunk_length + extra),
+            "use_cache": True,
+            "logits_to_keep": 1,
+        }
+        if images:
+            merged = ImageInputs.concatenate(images)
+            inputs["pixel_values"] = merged.pixel_values.to(self.device, self.dtype)
+            inputs["image_grid_thw"] = merged.image_grid_thw.to(self.device)
+        outputs = self.model(**inputs)
+        return (
+            outputs.logits[:, -1],
+            outputs.past_key_values,
+            inputs["attention_mask"],
+            torch.tensor(next_positions, dtype=torch.long, device=self.device),
+        )
+
+    def _new_cache(self, prefixes: Sequence[KVPrefix | None], length: int, *, capacity: int) -> DynamicCache:
+        """A batch cache of `capacity` positions, the first `length` holding each prefix right-aligned.
+
+        Rows are zero in front of a shorter prefix (all zero without one); the attention mask hides them.
+        """
+        layers = [
+            _PreallocatedLayer(capacity) for _ in range(self.model.config.get_text_config().num_hidden_layers)
+        ]
+        if length:
+            reference = next(prefix for prefix in prefixes if prefix is not None)
+            for index, layer in enumerate(layers):
+                padded = []
+                for part, like in enumerate(reference.layers[index]):
+                    tensor = like.new_zeros((len(prefixes), like.shape[0], length, like.shape[2]))
+                    for row, prefix in enumerate(prefixes):
+                        if prefix is not None:
+                            tensor[row, :, length - len(prefix) :] = prefix.layers[index][part]
+                    padded.append(tensor)
+                layer.update(*padded)
+        cache = DynamicCache()
+        cache.layers = layers
+        return cache
+
+    def _prompt_positions(self, prompt: TokenSequence) -> torch.Tensor:
+        """Rope positions ``(3, len(prompt))`` of a whole prompt, from the start of its dialogue."""
+        if prompt.images is None:
+            return torch.arange(len(prompt)).expand(3, -1)
+        input_ids = torch.tensor([prompt.token_ids], dtype=torch.long)
+        positions, _ = self.model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=(input_ids == self.image_token_id).to(torch.int32),
+            image_grid_thw=prompt.images.image_grid_thw.cpu(),
+            attention_mask=torch.ones_like(input_ids),
+        )
+        return positions[:, 0].cpu()
+
+    @staticmethod
+    def _take_prefix(
+        cache: DynamicCache,
+        attention_mask: torch.Tensor,
+        batch_row: int,
+        prompt: TokenSequence,
+        fed_tokens: Sequence[int],
+        next_position: int,
+    ) -> KVPrefix:
+        """Copy one batch row's keys and values (its unmasked columns) out of the batch cache."""
+        columns = attention_mask.bool()
+        layers = tuple(
+            (layer.keys[batch_row][:, columns], layer.values[batch_row][:, columns]) for layer in cache.layers
+        )
+        token_ids = (*prompt.token_ids, *fed_tokens)
+        if layers[0][0].shape[1] != len(token_ids):
+            raise RuntimeError(
+                f"cache row holds {layers[0][0].shape[1]} positions for {len(token_ids)} fed tokens"
+            )
+        return KVPrefix(token_ids=token_ids, images=prompt.images, layers=layers, next_position=next_position)
 
     def token_logprobs(
         self,
@@ -611,5 +766,70 @@ class VLMPolicy:
             if with_entropy:
                 probabilities = log_distribution.exp()
                 # 0 * log 0 is 0: the suppressed tokens have probability 0 and log-prob -inf.
-                entropies.append(-(probabilities * log_distribution.masked_fill(probabilities == 0, 0.0)).sum(-1))
+                entropies.append(
+                    -(probabilities * log_distribution.masked_fill(probabilities == 0, 0.0)).sum(-1)
+                )
         return (results, entropies) if with_entropy else results
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A full-attention cache layer writing into buffers sized once per `VLMPolicy.generate` call.
+
+    Hugging Face's ``DynamicLayer`` concatenates its whole cache at every token, a copy that grows with
+    the dialogue; here each token is one write. ``keys`` / ``values`` are views of the filled part.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, _ = key_states.shape
+        self._key_buffer = key_states.new_zeros((batch, heads, self.capacity, key_states.shape[-1]))
+        self._value_buffer = value_states.new_zeros((batch, heads, self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"cache of {self.capacity} positions cannot take position {end}")
+        self._key_buffer[:, :, self.length : end] = key_states
+        self._value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
+            self.keys = self._key_buffer[:, :, : self.length]
+            self.values = self._value_buffer[:, :, : self.length]
+
+
+def choose_tokens(
+    logits: torch.Tensor, suppressed: torch.Tensor, *, temperature: float, greedy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from ``softmax(logits / temperature)`` with `suppressed` ids at probability 0.
+
+    Returns the chosen ids ``(batch,)`` and their log-probs under that distribution (float32); greedy
+    takes the arg-max, whose log-prob is then read at the given temperature.
+    """
+    scaled = logits.float() / temperature
+    log_distribution = torch.log_softmax(scaled.index_fill(-1, suppressed, float("-inf")), dim=-1)
+    if greedy:
+        chosen = log_distribution.argmax(dim=-1)
+    else:
+        # Inverse CDF: the first token whose cumulative probability exceeds u ~ U(0, total). A token of
+        # probability 0 never exceeds the one before it, so it is never drawn. Same law as
+        # ``torch.multinomial``, at a sixth of its cost per call on CPU; float64 keeps the sums exact
+        # enough for a 150k vocabulary.
+        cumulative = log_distribution.double().exp().cumsum(dim=-1)
+        threshold = torch.rand_like(cumulative[:, :1]) * cumulative[:, -1:]
+        chosen = torch.searchsorted(cumulative, threshold, right=True).squeeze(1)
+    return chosen, log_distribution.gather(1, chosen[:, None]).squeeze(1)

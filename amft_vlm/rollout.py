@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from agents.base import Agent
-from agents.vlm_policy import Generation, VLMPolicy
+from agents.vlm_policy import Generation, KVPrefix, VLMPolicy
 from amft_vlm.trajectory import Trajectory, TrajectoryBuilder
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class _Episode:
     spec: EpisodeSpec
     builder: TrajectoryBuilder
     observation: dict[str, Any]
+    cache: KVPrefix | None = None
 
 
 class RolloutEngine:
@@ -157,6 +158,9 @@ class RolloutEngine:
         max_new_tokens: the most tokens per response; a longer response is cut off and closed with a
             non-trainable ``<|im_end|>`` before the environment's reply.
         greedy: take the arg-max token instead of sampling.
+        reuse_cache: keep each dialogue's attention keys and values between its turns, so a turn's
+            prefill runs only over the environment's reply instead of the whole dialogue; costs the
+            memory of one cache per slot. Off gives the same trajectories (up to float rounding).
 
     Example:
         >>> engine = RolloutEngine(policy, "GeneralPoints-v0", env_kwargs={"modality": "language"}, num_envs=16)
@@ -173,6 +177,7 @@ class RolloutEngine:
         temperature: float = 1.0,
         max_new_tokens: int = 256,
         greedy: bool = False,
+        reuse_cache: bool = True,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be at least 1; got {num_envs}")
@@ -184,8 +189,9 @@ class RolloutEngine:
         else:
             self._make_env = env
         # Validate the settings now rather than at the first generate call.
-        policy.generation_config(temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy)
+        policy.check_sampling(temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy)
         self.policy = policy
+        self.reuse_cache = reuse_cache
         self.num_envs = num_envs
         self.temperature, self.max_new_tokens, self.greedy = temperature, max_new_tokens, greedy
         self.envs: list[gym.Env] = []
@@ -273,6 +279,8 @@ class RolloutEngine:
                             temperature=self.temperature,
                             max_new_tokens=self.max_new_tokens,
                             greedy=self.greedy,
+                            caches=[slots[slot].cache for slot in active],
+                            keep_cache=self.reuse_cache,
                         )
                     )
                     generate_seconds += time.perf_counter() - generate_start
@@ -332,7 +340,9 @@ class RolloutEngine:
             episode.builder.add_generation(generation, float(reward))
         if terminated or truncated:
             return episode.builder.finish(success=bool(info.get("success", False)))
+        episode.cache = None if generation is None else generation.cache
         if info.get("new_dialogue", False):
+            episode.cache = None
             episode.builder.start_dialogue(observation["text"], image=observation.get("image"))
         else:
             episode.builder.add_user_message(observation["text"])

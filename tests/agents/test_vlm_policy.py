@@ -7,7 +7,7 @@ import torch
 from agents.chat import ChatTurn, Dialogue
 from agents.tiny import ARCHITECTURES, build_tiny_model
 from agents.vision_inputs import image_token_count
-from agents.vlm_policy import TokenSequence, VLMPolicy
+from agents.vlm_policy import KVPrefix, TokenSequence, VLMPolicy, choose_tokens
 from tests.model_hooks import LogitBias
 
 MAX_PIXELS = 28 * 28 * 16
@@ -170,23 +170,125 @@ def test_sampling_is_reproducible_with_the_torch_seed(policies):
 
 def test_checkpoint_sampling_defaults_do_not_leak_into_generate(policies):
     policy = policies["qwen2-vl"]
-    # The tiny checkpoint ships Qwen-Instruct-like near-greedy defaults on purpose.
+    # The tiny checkpoint ships Qwen-Instruct-like near-greedy defaults on purpose; top_k=1 would make
+    # every sample the arg-max.
     assert policy.checkpoint_generation_config.top_k == 1
     assert policy.checkpoint_generation_config.repetition_penalty == 1.05
-    batch = policy.collate(_prompts(policy))
-    for greedy, temperature in ((False, 0.7), (True, 1.0)):
-        config = policy.generation_config(temperature=temperature, max_new_tokens=6, greedy=greedy)
-        config.update(output_scores=True, output_logits=True, return_dict_in_generate=True)
-        torch.manual_seed(0)
+    assert policy.model.generation_config.top_k in (None, 50)  # the neutral config: transformers' default
+    prompt = _prompts(policy)[1]
+    torch.manual_seed(0)
+    samples = policy.generate([prompt] * 8, temperature=1.0, max_new_tokens=6)
+    assert len({tuple(g.token_ids) for g in samples}) > 1
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_choose_tokens_samples_the_tempered_distribution(temperature):
+    logits = torch.tensor([[2.0, 0.5, 9.0, -1.0, 1.0, 0.0]])
+    suppressed = torch.tensor([2])
+    draws = 40_000
+    torch.manual_seed(0)
+    chosen, logprobs = choose_tokens(
+        logits.expand(draws, -1), suppressed, temperature=temperature, greedy=False
+    )
+    expected = torch.softmax((logits[0] / temperature).index_fill(0, suppressed, float("-inf")), dim=0)
+    frequencies = torch.bincount(chosen, minlength=6).float() / draws
+    assert frequencies[2] == 0  # the suppressed token, although it has the largest logit
+    assert (frequencies - expected).abs().max() < 0.01
+    torch.testing.assert_close(logprobs, expected.log()[chosen])
+
+    greedy, greedy_logprob = choose_tokens(logits, suppressed, temperature=1.0, greedy=True)
+    assert greedy.tolist() == [0]
+    torch.testing.assert_close(
+        greedy_logprob, torch.log_softmax(logits.index_fill(1, suppressed, -torch.inf), 1)[:, 0]
+    )
+
+
+def _next_turn(policy, prompt, generation, message):
+    follow_up = policy.encode_follow_up(message, close_assistant_turn=not generation.finished)
+    return prompt.extended(generation.token_ids).extended(follow_up)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cached_turns_match_turns_encoded_from_scratch(policies, arch):
+    policy = policies[arch]
+    prompts = _prompts(policy)
+    with LogitBias(policy, bias=3.0):
+        first = policy.generate(prompts, max_new_tokens=10, greedy=True, keep_cache=True)
+        for prompt, generation in zip(prompts, first, strict=True):
+            # The prefix holds the prompt and every generated token but the last (never fed back).
+            assert generation.cache.token_ids == (*prompt.token_ids, *generation.token_ids[:-1])
+            assert generation.cache.layers[0][0].shape[1] == len(generation.cache)
+        second = [
+            _next_turn(policy, prompt, generation, message)
+            for prompt, generation, message in zip(
+                prompts, first, ("Wrong numbers.", "You are at the bank now; which way?", "No."), strict=True
+            )
+        ]
+        # Mixed batch: two rows continue from their caches, one restarts, one has none.
+        caches = [first[0].cache, first[1].cache, None]
+        cached = policy.generate(second, max_new_tokens=10, greedy=True, caches=caches, keep_cache=True)
+        fresh = policy.generate(second, max_new_tokens=10, greedy=True)
+        full = [prompt.extended(g.token_ids) for prompt, g in zip(second, cached, strict=True)]
         with torch.no_grad():
-            output = policy.model.generate(**batch.model_inputs(policy.dtype), generation_config=config)
-        # The scores generate samples from are the raw logits divided by the temperature, except for
-        # the vision placeholder tokens, which are never generated.
-        suppressed = list(policy.suppressed_token_ids)
-        for scores, logits in zip(output.scores, output.logits, strict=True):
-            assert torch.isneginf(scores[:, suppressed]).all()
-            expected = (logits / temperature).index_fill(-1, torch.tensor(suppressed), float("-inf"))
-            torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-6)
+            scored = policy.token_logprobs(
+                full, [range(len(p), len(s)) for p, s in zip(second, full, strict=True)]
+            )
+    for with_cache, without_cache, teacher_forced in zip(cached, fresh, scored, strict=True):
+        assert with_cache.token_ids == without_cache.token_ids
+        assert (with_cache.logprobs - without_cache.logprobs).abs().max().item() < 1e-4
+        assert (with_cache.logprobs - teacher_forced).abs().max().item() < 1e-4
+
+
+def test_sampled_cached_turns_reproduce_teacher_forced_logprobs(policies):
+    policy = policies["qwen2-vl"]
+    prompts = _prompts(policy)
+    torch.manual_seed(5)
+    with LogitBias(policy, bias=2.0):
+        generations = policy.generate(prompts, temperature=0.8, max_new_tokens=12, keep_cache=True)
+        for turn in range(2):
+            prompts = [
+                _next_turn(policy, prompt, generation, f"Try again ({turn}).")
+                for prompt, generation in zip(prompts, generations, strict=True)
+            ]
+            generations = policy.generate(
+                prompts,
+                temperature=0.8,
+                max_new_tokens=12,
+                caches=[g.cache for g in generations],
+                keep_cache=True,
+            )
+        full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
+        with torch.no_grad():
+            scored = policy.token_logprobs(
+                full, [range(len(p), len(s)) for p, s in zip(prompts, full, strict=True)], temperature=0.8
+            )
+    for generation, logprobs in zip(generations, scored, strict=True):
+        assert (generation.logprobs - logprobs).abs().max().item() < 1e-4
+
+
+def test_a_cache_that_is_not_a_prefix_is_ignored(policies):
+    policy = policies["qwen2-vl"]
+    prompts = _prompts(policy)
+    first = policy.generate(prompts, max_new_tokens=4, greedy=True, keep_cache=True)
+    # Row 0 gets row 2's cache (other tokens and image), row 1 its own cache but with other images,
+    # row 2 a cache as long as the prompt itself (nothing left to feed).
+    other_image = TokenSequence(
+        prompts[0].token_ids,
+        images=policy.encode_dialogue(
+            Dialogue.start("Cards on the table. Reach 24.", image=_image(1200, 1200, seed=7))
+        ).images,
+    )
+    stale = [first[2].cache, first[0].cache, first[2].cache]
+    assert not first[2].cache.is_prefix_of(prompts[0])
+    assert not first[0].cache.is_prefix_of(other_image.extended(first[0].token_ids))
+    same_length = KVPrefix(prompts[2].token_ids, prompts[2].images, first[2].cache.layers, 0)
+    assert not same_length.is_prefix_of(prompts[2])
+    inputs = [prompts[0], other_image.extended(first[0].token_ids), prompts[2]]
+    with_stale = policy.generate(inputs, max_new_tokens=6, greedy=True, caches=stale)
+    without = policy.generate(inputs, max_new_tokens=6, greedy=True)
+    assert [g.token_ids for g in with_stale] == [g.token_ids for g in without]
+    with pytest.raises(ValueError, match="caches"):
+        policy.generate(prompts, max_new_tokens=2, caches=[None])
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -195,7 +297,7 @@ def test_teacher_forced_logprobs_reproduce_sampling_logprobs(policies, arch, gre
     policy = policies[arch]
     prompts = _prompts(policy)
     assert len({len(prompt) for prompt in prompts}) == len(prompts)  # really padded
-    torch.manual_seed(3)
+    torch.manual_seed(4)
     with LogitBias(policy, bias=2.5):
         generations = policy.generate(prompts, temperature=temperature, max_new_tokens=16, greedy=greedy)
         full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
@@ -226,8 +328,10 @@ def test_generate_and_teacher_forcing_use_the_same_rope_positions(policies, arch
         generations = policy.generate(prompts, max_new_tokens=5, greedy=True)
     finally:
         handle.remove()
-    # Prefill sees (4, batch, prompt) positions (text row + 3 rope rows), each decode step (4, batch, 1).
-    generate_positions = torch.cat([positions[1:] for positions in seen], dim=-1)
+    # Prefill sees (3, batch, prompt) rope positions, each decode step (3, batch, 1); no row finishes
+    # within 5 tokens here, so the batch keeps its rows.
+    assert not any(g.finished for g in generations)
+    generate_positions = torch.cat(seen, dim=-1)
     prompt_length = max(len(prompt) for prompt in prompts)
 
     full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]

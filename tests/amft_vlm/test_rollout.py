@@ -204,16 +204,57 @@ def test_vectorised_engine_matches_one_at_a_time_under_greedy_decoding(
     policy = tiny_policies[arch]
     seeds = range(5)
     results = {}
-    for num_envs in (1, 4):
+    # One at a time and re-encoding every turn is the reference; batching and cache reuse must agree.
+    for num_envs, reuse_cache in ((1, False), (4, True), (4, False)):
         engine = RolloutEngine(
-            policy, env_id, env_kwargs=env_kwargs, num_envs=num_envs, greedy=True, max_new_tokens=12
+            policy,
+            env_id,
+            env_kwargs=env_kwargs,
+            num_envs=num_envs,
+            greedy=True,
+            max_new_tokens=12,
+            reuse_cache=reuse_cache,
         )
-        results[num_envs], _ = engine.collect(seeds, progress=False)
+        results[num_envs, reuse_cache], _ = engine.collect(seeds, progress=False)
 
-    assert [_summary(t) for t in results[4]] == [_summary(t) for t in results[1]]
-    for vectorised, single in zip(results[4], results[1], strict=True):
-        for a, b in zip(vectorised.segments, single.segments, strict=True):
-            torch.testing.assert_close(a.sampling_logprobs, b.sampling_logprobs, rtol=0, atol=1e-4)
+    reference = results[1, False]
+    for key in ((4, True), (4, False)):
+        assert [_summary(t) for t in results[key]] == [_summary(t) for t in reference]
+        for vectorised, single in zip(results[key], reference, strict=True):
+            for a, b in zip(vectorised.segments, single.segments, strict=True):
+                torch.testing.assert_close(a.sampling_logprobs, b.sampling_logprobs, rtol=0, atol=1e-4)
+
+
+def test_later_turns_feed_only_the_new_tokens_when_the_cache_is_reused(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
+    prefill_lengths = {}
+    for reuse_cache in (False, True):
+        lengths = prefill_lengths[reuse_cache] = []
+
+        def record(module, args, kwargs, lengths=lengths):
+            if kwargs["input_ids"].shape[1] > 1:
+                lengths.append(kwargs["input_ids"].shape[1])
+
+        handle = policy.model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            engine = RolloutEngine(
+                policy,
+                "GeneralPoints-v0",
+                env_kwargs={"modality": "language"},
+                num_envs=2,
+                max_new_tokens=8,
+                reuse_cache=reuse_cache,
+            )
+            trajectories, _ = engine.collect([0, 1], sampling_seed=0, progress=False)
+        finally:
+            handle.remove()
+        assert all(t.num_turns > 2 for t in trajectories)
+    # Without reuse every prefill grows with the dialogue; with it, only the first one is a whole prompt.
+    assert prefill_lengths[False] == sorted(prefill_lengths[False])
+    assert prefill_lengths[True][0] == prefill_lengths[False][0]
+    # A later turn feeds the last response token and the environment's reply (about 100 tokens here).
+    assert max(prefill_lengths[True][1:]) < prefill_lengths[True][0] / 3
+    assert sum(prefill_lengths[True]) < sum(prefill_lengths[False]) / 3
 
 
 def _round_sizes(turns_per_episode, num_envs):
