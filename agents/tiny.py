@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 ARCHITECTURES = ("qwen2-vl", "qwen2.5-vl")
 """Architectures `build_tiny_model` can build."""
 
+TINY_PREFIX = "tiny:"
+"""Model specs ``tiny:ARCH`` (e.g. ``tiny:qwen2-vl``) name a tiny model to build instead of a checkpoint."""
+
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -442,3 +445,21 @@ def build_tiny_model(
     parameter_count = sum(parameter.numel() for parameter in model.parameters())
     logger.info("built tiny %s (%d parameters, seed %d) in %s", arch, parameter_count, seed, output_path)
     return output_path
+
+
+def resolve_model_spec(spec: str, tiny_dir: str | Path, *, seed: int = 0) -> str:
+    """The path or Hub id to load for a model spec, building a tiny model first for ``tiny:ARCH``.
+
+    A spec that does not start with `TINY_PREFIX` (a checkpoint directory or a Hub id) is returned
+    as it is. ``tiny:qwen2-vl`` / ``tiny:qwen2.5-vl`` builds that tiny model with ``seed`` in
+    `tiny_dir` unless a checkpoint is already there, and returns `tiny_dir`.
+    """
+    if not spec.startswith(TINY_PREFIX):
+        return spec
+    arch = spec[len(TINY_PREFIX) :]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"a tiny model spec is tiny:ARCH with ARCH one of {ARCHITECTURES}; got {spec!r}")
+    path = Path(tiny_dir)
+    if not (path / "config.json").is_file():
+        build_tiny_model(arch, path, seed=seed)
+    return str(path)

@@ -10,6 +10,7 @@ import gymnasium as gym
 
 import environments  # noqa: F401  (registers the environments)
 from agents.baselines import ExpertAgent, GeneralPointsFormatAgent, RandomTextAgent
+from amft_vlm.evaluate import ENV_IDS, MODALITIES, SETTINGS, SPLITS, evaluate, write_record
 from amft_vlm.expert_data import collect
 from amft_vlm.play import play, results_table
 from environments.general_points.settings import PAPER_EPISODES, PAPER_SETTINGS
@@ -72,6 +73,42 @@ def _train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_command(args: argparse.Namespace) -> int:
+    from amft_vlm.report import FIGURES, write_report
+
+    report = write_report(args.run_dirs, args.out, eval_files=args.eval)
+    print(f"wrote {report}")
+    for figure in FIGURES:
+        plot = report.parent / f"{figure.name}.png"
+        if plot.is_file():
+            print(f"wrote {plot}")
+    return 0
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    record = evaluate(
+        env_id=args.env,
+        setting=args.setting,
+        modality=args.modality,
+        split=args.split,
+        episodes=args.episodes,
+        seed=args.seed,
+        agent=_agents(args.seed)[args.agent] if args.agent else None,
+        model=args.model,
+        env_kwargs=parse_env_args(args.env_arg),
+        num_envs=args.num_envs,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    if args.out:
+        write_record(record, args.out)
+        log.info("wrote the evaluation record to %s", args.out)
+    print(record.to_markdown())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``amft-vlm`` and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -124,6 +161,47 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     train_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train_parser.set_defaults(handler=_train_command)
+
+    eval_parser = commands.add_parser(
+        "eval",
+        help="evaluate a model or a model-free agent on a paper setting; metrics with standard errors",
+        description="Play one setting of the papers (234 GeneralPoints episodes; 48 V-IRL routes, 18 for ood-visual, "
+        "unless --episodes) with a model (batched rollouts, greedy unless --temperature) or a model-free agent. "
+        "Episode i is reset with seed S+i. Prints a markdown table; --out writes the JSON record.",
+    )
+    who = eval_parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint directory, Hub id, or tiny:qwen2-vl / tiny:qwen2.5-vl")
+    who.add_argument("--agent", choices=AGENT_NAMES, help="a model-free agent instead of a model (sanity rows)")
+    eval_parser.add_argument("--env", default="GeneralPoints-v0", choices=ENV_IDS, help="environment (default GeneralPoints-v0)")
+    eval_parser.add_argument("--setting", default="id", choices=SETTINGS, help="paper setting (default id; ood-visual needs --modality vision)")
+    eval_parser.add_argument("--modality", default="language", choices=MODALITIES, help="observation modality (default language)")
+    eval_parser.add_argument("--split", choices=SPLITS, help="episodes of this split (default: the environment's, all = the papers' protocol)")
+    eval_parser.add_argument("--episodes", type=int, help="episodes to play (default: the papers' 234 for GeneralPoints, 48 or 18 routes for V-IRL)")
+    eval_parser.add_argument("--seed", type=int, default=0, help="seed S: episodes use seeds S, S+1, ..., S+N-1; also seeds sampling (default 0)")
+    eval_parser.add_argument("--out", metavar="FILE", help="write the JSON evaluation record here")
+    eval_parser.add_argument(
+        "--env-arg", action="append", default=[], metavar="KEY=VALUE", help="more gym.make keywords, e.g. resolution=448 (repeatable)"
+    )
+    eval_parser.add_argument("--num-envs", type=int, default=8, help="environments per batched generate call (model only; default 8)")
+    eval_parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (model only; default 256)")
+    eval_parser.add_argument("--temperature", type=float, help="sample at this temperature (model only; default: greedy)")
+    eval_parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
+    eval_parser.add_argument("--device", default="auto", help="model device: auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    eval_parser.set_defaults(handler=_eval_command)
+
+    report_parser = commands.add_parser(
+        "report",
+        help="plot runs' metrics.jsonl (overlaid) and write a markdown summary with the evaluation table",
+        description="Read RUN_DIR/metrics.jsonl of each run and write PNG plots (reward and success, loss parts, mu, "
+        "entropy and target entropy, controller terms, gradients; runs overlaid) and DIR/report.md with a row per run "
+        "and a table of the evaluation records in RUN_DIR/eval/*.json and --eval files.",
+    )
+    report_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training output directory (with metrics.jsonl)")
+    report_parser.add_argument("--out", required=True, metavar="DIR", help="directory for report.md and the PNGs (created if needed)")
+    report_parser.add_argument(
+        "--eval", nargs="+", action="extend", default=[], metavar="FILE", help="more evaluation records (JSON) for the table (repeatable)"
+    )
+    report_parser.set_defaults(handler=_report_command)
     return parser
 
 
@@ -135,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if getattr(args, "episodes", 1) < 1:
+    if getattr(args, "episodes", None) is not None and args.episodes < 1:
         parser.error("--episodes must be at least 1")
     try:
         return args.handler(args)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from agents.baselines import ExpertAgent
-from agents.tiny import build_tiny_model
+from agents.tiny import resolve_model_spec
 from agents.vlm_policy import VLMPolicy
 from amft_vlm.checkpoint import latest_checkpoint, load_trainer_state, restore_rng_states, save_checkpoint
 from amft_vlm.config import TrainConfig, config_to_dict
@@ -51,7 +51,6 @@ from amft_vlm.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
-TINY_PREFIX = "tiny:"
 VALIDATION_SEED_BASE = 1 << 30  # validation episodes never share seeds with training rollouts
 EXPERT_SEED_BASE = 1 << 29
 
@@ -280,14 +279,8 @@ class Trainer:
         return self.controller is not None and step == self.controller.warmup_steps and self.controller.state.target_entropy is None
 
     def _initial_model_path(self) -> str:
-        model = self.config.model
-        if not model.startswith(TINY_PREFIX):
-            return model
-        path = self.output_dir / "initial-model"
-        with self.accelerator.main_process_first():  # one process builds it, the others load it
-            if not (path / "config.json").is_file():
-                build_tiny_model(model[len(TINY_PREFIX) :], path, seed=self.config.seed)
-        return str(path)
+        with self.accelerator.main_process_first():  # one process builds a tiny model, the others load it
+            return resolve_model_spec(self.config.model, self.output_dir / "initial-model", seed=self.config.seed)
 
     def _expert_trajectories(self) -> list[Trajectory]:
         config = self.config

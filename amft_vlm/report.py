@@ -1,0 +1,346 @@
+"""Training reports: PNG plots of ``metrics.jsonl`` with runs overlaid, and a markdown summary.
+
+``write_report(["runs/amft", "runs/sft"], "reports/cmp")`` reads each run directory's
+``metrics.jsonl`` (one JSON object per step, written by :class:`amft_vlm.trainer.Trainer`) and its
+``config.yaml``, draws one figure per group of quantities (reward and success, the loss parts, mu,
+entropy against the target entropy, the controller's terms, the gradients) and writes ``report.md``
+with a row per run, the figures, and a table of the evaluation records found as ``RUN_DIR/eval/*.json``.
+
+Not every run logs every key (an SFT run has no reward; RL metrics exist only on steps with
+rollouts; ``meta_signal`` only every k steps): a panel shows the runs that have data for it, a
+figure with no data at all is not drawn, and missing, null and NaN values are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One axes of a figure: the metrics drawn in it (one line per run and key) and its labels."""
+
+    title: str
+    ylabel: str
+    keys: tuple[str, ...]
+    """Metric keys drawn with a solid line (several keys in one panel get their key in the legend)."""
+    reference_keys: tuple[str, ...] = ()
+    """Metric keys drawn dashed in the run's colour, e.g. the target entropy next to the entropy."""
+    ylim: tuple[float, float] | None = None
+    yscale: str = "linear"
+    smooth: bool = True
+    """Draw a running mean over long noisy series; off for step-like series (mu, the controller's terms)."""
+    sparse: bool = False
+    """Markers only: the metric exists on a few steps (the meta-gradient every k steps)."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One PNG: a title and its panels side by side."""
+
+    name: str
+    title: str
+    panels: tuple[Panel, ...]
+
+
+FIGURES = (
+    Figure("reward_success", "Rollout reward and success rate", (
+        Panel("Mean episode return", "reward", ("reward",)),
+        Panel("Success rate", "success rate", ("success",), ylim=(-0.03, 1.03)),
+    )),
+    Figure("loss", "Loss parts", (
+        Panel("Total loss  mu·L_SFT + (1-mu)·L_RL", "loss", ("loss",)),
+        Panel("L_SFT (expert NLL per token)", "loss (log scale)", ("loss_sft",), yscale="log"),
+        Panel("L_RL (clipped policy gradient)", "loss", ("loss_rl",)),
+    )),
+    Figure("mu", "SFT weight mu in mu·L_SFT + (1-mu)·L_RL", (
+        Panel("mu", "mu", ("mu",), ylim=(-0.03, 1.03), smooth=False),
+    )),
+    Figure("entropy", "Policy entropy and target entropy H* (dashed)", (
+        Panel("On the policy's own rollouts (the controller's H)", "entropy (nats / token)", ("entropy_rl",), ("target_entropy",)),
+        Panel("On expert data", "entropy (nats / token)", ("entropy_sft",), ("target_entropy",)),
+    )),
+    Figure("controller", "mu controller terms (added to mu each step)", (
+        Panel("Entropy term  eta_H·sign·(H* - H)", "change of mu", ("entropy_term",), smooth=False),
+        Panel("Meta term  eta_mu·dU/dmu", "change of mu", ("meta_term",), smooth=False),
+        Panel("Meta signal dU/dmu (every k steps)", "dU/dmu", ("meta_signal",), sparse=True),
+    )),
+    Figure("gradients", "Gradients", (
+        Panel("cos(g_SFT, g_RL)", "cosine similarity", ("cos_sft_rl",), ylim=(-1.03, 1.03)),
+        Panel("Gradient norm before clipping", "L2 norm", ("grad_norm",)),
+    )),
+)
+"""The figures of a report, in the order ``report.md`` shows them."""
+
+DENSE_POINTS = 20
+"""Series with at least this many points are drawn without markers, and smoothed where the panel allows."""
+
+
+@dataclass
+class Run:
+    """One run directory's metrics: ``records`` are the ``metrics.jsonl`` lines, in step order."""
+
+    path: Path
+    records: list[dict]
+    config: dict = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def method(self) -> str:
+        """The training method from the run's ``config.yaml``, or '?' without one."""
+        return str(self.config.get("method", "?"))
+
+    @property
+    def last_step(self) -> int:
+        """The last step logged."""
+        return int(self.records[-1]["step"])
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of one metric over the steps that logged a finite number for it."""
+        pairs = [(record["step"], value) for record in self.records if _is_finite(value := record.get(key))]
+        if not pairs:
+            return np.zeros(0), np.zeros(0)
+        steps, values = zip(*pairs, strict=True)
+        return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Read ``RUN_DIR/metrics.jsonl`` (and ``config.yaml`` if present) into a :class:`Run`.
+
+    A truncated last line (a run killed while writing) is skipped with a warning; any other line
+    that is not JSON is an error.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {str(path)!r} does not exist; pass directories written by `amft-vlm train`")
+    metrics_path = path / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no metrics.jsonl; pass directories written by `amft-vlm train`")
+    lines = [(number, line) for number, line in enumerate(metrics_path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if index == len(lines) - 1:
+                log.warning("%s:%d is cut short (run stopped while writing?); skipped", metrics_path, number)
+                continue
+            raise ValueError(f"{metrics_path}:{number} is not a JSON object ({error}); fix or remove that line") from error
+        if not isinstance(record, dict) or not _is_finite(record.get("step")):
+            raise ValueError(f"{metrics_path}:{number} has no numeric 'step'; is this a metrics.jsonl from `amft-vlm train`?")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{metrics_path} has no steps yet; train for at least one step first")
+    records.sort(key=lambda record: record["step"])
+    config_path = path / "config.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{config_path} is not valid YAML ({error}); fix it or remove it to report without the run's method") from error
+    return Run(path=path, records=records, config=config if isinstance(config, dict) else {})
+
+
+def _label_runs(runs: list[Run]) -> None:
+    """Legend labels: the directory name, with the parent directory where names repeat, and the method if the name lacks it."""
+    names = [run.path.resolve().name for run in runs]
+    for run, name in zip(runs, names, strict=True):
+        if names.count(name) > 1:
+            name = f"{run.path.resolve().parent.name}/{name}"
+        run.label = name if run.method in ("?", *name.split("/")) else f"{name} ({run.method})"
+    labels = [run.label for run in runs]
+    for index, run in enumerate(runs):
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label} #{index + 1}"
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred running mean that shrinks at the ends (no padding artefacts)."""
+    kernel = np.ones(window)
+    return np.convolve(values, kernel, mode="same") / np.convolve(np.ones_like(values), kernel, mode="same")
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def _run_styles(count: int) -> list[dict]:
+    """Colour, marker and size per run; earlier runs are drawn wider, so identical curves stay visible."""
+    import matplotlib
+
+    return [
+        {
+            "color": matplotlib.colormaps["tab10"](index % 10),
+            "marker": MARKERS[index % len(MARKERS)],
+            "linewidth": max(1.0, 3.0 - 0.7 * index),
+            "markersize": max(3.0, 7.0 - 1.5 * index),
+        }
+        for index in range(count)
+    ]
+
+
+def _draw_figure(figure: Figure, runs: list[Run], path: Path) -> bool:
+    """Draw one figure to ``path`` (atomically); False, and no file, when no run has data for it."""
+    panels = [panel for panel in figure.panels if any(run.series(key)[0].size for run in runs for key in panel.keys)]
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False, layout="constrained")
+    smoothed = False
+    for axis, panel in zip(axes[0], panels, strict=True):
+        for run, style in zip(runs, _run_styles(len(runs)), strict=True):
+            colour, linewidth = style["color"], style["linewidth"]
+            for key in panel.keys:
+                steps, values = run.series(key)
+                if not steps.size:
+                    continue
+                label = run.label if len(panel.keys) == 1 else f"{run.label}: {key}"
+                if panel.sparse or steps.size == 1:
+                    axis.plot(steps, values, linestyle="none", fillstyle="none", markeredgewidth=1.5, label=label, **style)
+                elif steps.size >= DENSE_POINTS and not panel.smooth:
+                    axis.plot(steps, values, "-", color=colour, linewidth=linewidth, label=label)
+                elif steps.size >= DENSE_POINTS:
+                    axis.plot(steps, values, "-", color=colour, alpha=0.3, linewidth=1)
+                    axis.plot(steps, _smooth(values, max(3, steps.size // 20)), "-", color=colour, linewidth=linewidth, label=label)
+                    smoothed = True
+                else:
+                    axis.plot(steps, values, "-", fillstyle="none", label=label, **style)
+            for key in panel.reference_keys:
+                steps, values = run.series(key)
+                if steps.size:
+                    label = f"{run.label}: H*" if key == "target_entropy" else f"{run.label}: {key}"
+                    axis.plot(steps, values, "--", color=colour, linewidth=1.5, label=label)
+        axis.set_yscale(panel.yscale)
+        if panel.ylim is not None:
+            axis.set_ylim(*panel.ylim)
+        if len(panels) > 1:
+            axis.set_title(panel.title, fontsize=10)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_xlabel("step")
+        axis.set_ylabel(panel.ylabel)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"{figure.title}\n(faint: raw values; solid: running mean)" if smoothed else figure.title)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def _tail_mean(run: Run, key: str, fraction: float = 0.1) -> float:
+    """Mean of a metric over the last ``fraction`` of the run's steps (NaN if it has none there)."""
+    first, last = run.records[0]["step"], run.last_step
+    start = last - max(1, math.ceil(fraction * (last - first + 1))) + 1
+    steps, values = run.series(key)
+    tail = values[steps >= start]
+    return float(tail.mean()) if tail.size else float("nan")
+
+
+def _final(run: Run, key: str) -> float:
+    values = run.series(key)[1]
+    return float(values[-1]) if values.size else float("nan")
+
+
+def _number(value: float, *, percent: bool = False) -> str:
+    if not math.isfinite(value):
+        return "–"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+def summary_table(runs: Sequence[Run]) -> str:
+    """Markdown table: a row per run with its method, steps, final and last-10% reward and success, final mu."""
+    rows = [
+        "| run | method | steps | reward (final) | reward (last 10%) | success (final) | success (last 10%) | mu (final) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        planned = run.config.get("steps")
+        steps = f"{run.last_step} / {planned}" if isinstance(planned, int) and planned != run.last_step else str(run.last_step)
+        rows.append(
+            f"| {run.label} | {run.method} | {steps} "
+            f"| {_number(_final(run, 'reward'))} | {_number(_tail_mean(run, 'reward'))} "
+            f"| {_number(_final(run, 'success'), percent=True)} | {_number(_tail_mean(run, 'success'), percent=True)} "
+            f"| {_number(_final(run, 'mu'))} |"
+        )
+    return "\n".join(rows)
+
+
+def _evaluation_section(eval_files: Sequence[Path]) -> list[str]:
+    """The evaluation table of ``report.md``; reads every record first, so a bad one fails before any file is written."""
+    if not eval_files:
+        return ["No evaluation records (`RUN_DIR/eval/*.json` or `--eval FILE`)."]
+    from amft_vlm.evaluate import comparison_table, load_record
+
+    records = [load_record(path) for path in eval_files]
+    return [comparison_table(records), "", "Records: " + ", ".join(f"`{path}`" for path in eval_files)]
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(
+    run_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    eval_files: Sequence[str | os.PathLike] = (),
+) -> Path:
+    """Write the plots and ``report.md`` for ``run_dirs`` into ``out_dir``; returns the path of ``report.md``.
+
+    Args:
+        run_dirs: training output directories (each with ``metrics.jsonl``); their runs are overlaid.
+        out_dir: where the PNGs and ``report.md`` go (created if needed; earlier report files are replaced).
+        eval_files: evaluation records (JSON, see :mod:`amft_vlm.evaluate`) shown in addition to
+            those found as ``RUN_DIR/eval/*.json``.
+    """
+    if not run_dirs:
+        raise ValueError("give at least one run directory")
+    runs = [load_run(run_dir) for run_dir in run_dirs]
+    _label_runs(runs)
+    missing = [str(path) for path in eval_files if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"evaluation record(s) not found: {', '.join(missing)}")
+    record_paths = [path for run in runs for path in sorted((run.path / "eval").glob("*.json"))]
+    record_paths += [Path(path) for path in eval_files if Path(path) not in record_paths]
+    evaluation = _evaluation_section(record_paths)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    drawn = []
+    for figure in FIGURES:
+        path = out / f"{figure.name}.png"
+        if _draw_figure(figure, runs, path):
+            drawn.append((figure, path))
+        elif path.exists():
+            path.unlink()  # a plot from an earlier report of other runs would be misleading here
+
+    lines = ["# Training report", "", "Runs:", ""]
+    lines += [f"- **{run.label}**: `{run.path}` ({len(run.records)} logged steps)" for run in runs]
+    lines += ["", "## Summary", "", summary_table(runs), "", "## Plots", ""]
+    lines += [f"### {figure.title}\n\n![{figure.title}]({path.name})\n" for figure, path in drawn]
+    lines += ["## Evaluation", "", *evaluation, ""]
+    report = out / "report.md"
+    _write_text(report, "\n".join(lines))
+    log.info("report of %d run(s): %s with %d plot(s)", len(runs), report, len(drawn))
+    return report

@@ -1,0 +1,214 @@
+"""Evaluation: sanity rows (expert 100%, random 0%) on every setting, standard errors, records, the CLI."""
+
+import json
+import math
+
+import pytest
+
+from agents.baselines import ExpertAgent, GeneralPointsFormatAgent, RandomTextAgent
+from amft_vlm import evaluate as evaluation
+from amft_vlm.cli import main
+from amft_vlm.evaluate import (
+    EpisodeOutcome,
+    Metric,
+    comparison_table,
+    compute_metrics,
+    evaluate,
+    load_record,
+    paper_setting,
+    write_record,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = {"GeneralPoints-v0": 12, "VIRL-v0": 4}
+"""Episodes per test evaluation: enough to see 100% and 0%, few enough to stay fast."""
+
+CHEAP_IMAGES = {"resolution": 64}
+
+ALL_SETTINGS = [
+    (env_id, setting, modality)
+    for env_id in ("GeneralPoints-v0", "VIRL-v0")
+    for modality in ("language", "vision")
+    for setting in ("id", "ood-rule", "ood-visual")
+    if not (setting == "ood-visual" and modality == "language")
+]
+
+
+def _evaluate_agent(agent, env_id, setting, modality, **kwargs):
+    return evaluate(
+        env_id=env_id,
+        setting=setting,
+        modality=modality,
+        episodes=SMALL[env_id],
+        agent=agent,
+        env_kwargs=CHEAP_IMAGES if modality == "vision" else None,
+        progress=False,
+        **kwargs,
+    )
+
+
+def _assert_shares_sum_to_one(record):
+    assert math.isclose(sum(metric.value for metric in record.verdict_shares.values()), 1.0)
+
+
+@pytest.mark.parametrize(("env_id", "setting", "modality"), ALL_SETTINGS)
+def test_expert_solves_everything_and_random_nothing(env_id, setting, modality):
+    expert = _evaluate_agent(ExpertAgent(), env_id, setting, modality)
+    random = _evaluate_agent(RandomTextAgent(seed=0), env_id, setting, modality)
+    name, _ = paper_setting(env_id, setting, modality)
+    assert expert.setting == random.setting == name
+    assert expert.episodes == random.episodes == SMALL[env_id]
+    for key, metric in expert.metrics.items():
+        if key != "mean_turns":
+            assert (metric.value, metric.stderr) == (1.0, 0.0), key
+    assert expert.verdict_shares["correct"].value == 1.0
+    assert random.metrics["success_rate"].value == random.metrics["first_attempt_success"].value == 0.0
+    assert random.verdict_shares["correct"].value == 0.0
+    has_recognition = env_id == "GeneralPoints-v0" and modality == "vision"
+    assert ("recognition_accuracy" in expert.metrics) == has_recognition
+    assert ("step_accuracy" in expert.metrics) == (env_id == "VIRL-v0")
+    if env_id == "GeneralPoints-v0":
+        assert expert.metrics["mean_turns"].value == 1.0
+        assert random.metrics["mean_turns"].value == 6.0  # 5 verified attempts and the unread 6th
+    else:
+        assert random.metrics["step_accuracy"].value == 0.0
+    for record in (expert, random):
+        _assert_shares_sum_to_one(record)
+
+
+def test_standard_errors():
+    quarter = Metric.proportion(25, 100)
+    assert quarter.value == 0.25
+    assert quarter.stderr == pytest.approx(0.0433, abs=5e-5)
+    assert Metric.proportion(0, 7).stderr == Metric.proportion(7, 7).stderr == 0.0
+    turns = Metric.mean([1, 2, 3, 6])
+    assert turns.value == 3.0
+    assert turns.stderr == pytest.approx(math.sqrt(14 / 3 / 4))
+    with pytest.raises(ValueError, match="at least one"):
+        Metric.proportion(0, 0)
+
+
+def test_metrics_of_hand_made_episodes():
+    outcomes = [
+        EpisodeOutcome(0, ("correct",), True),
+        EpisodeOutcome(1, ("wrong_cards", "wrong_numbers", "correct"), True),
+        EpisodeOutcome(2, ("wrong_cards",) * 5 + ("out_of_attempts",), False),
+        EpisodeOutcome(3, ("missing_formula",) * 5 + ("out_of_attempts",), False),
+    ]
+    metrics, shares = compute_metrics(outcomes, "GeneralPoints-v0", "vision")
+    assert metrics["success_rate"].value == 0.5
+    assert metrics["success_rate"].stderr == pytest.approx(math.sqrt(0.25 / 4))
+    assert metrics["first_attempt_success"].value == 0.25
+    # 14 verified answers (the two unread 6th answers are not), 6 with wrong cards.
+    assert metrics["recognition_accuracy"] == Metric.proportion(8, 14)
+    assert metrics["mean_turns"].value == 4.0
+    assert shares["wrong_cards"] == Metric.proportion(6, 16)
+    assert shares["out_of_attempts"] == Metric.proportion(2, 16)
+    assert math.isclose(sum(metric.value for metric in shares.values()), 1.0)
+
+
+def test_verdict_shares_of_a_mixed_agent_sum_to_one():
+    record = _evaluate_agent(GeneralPointsFormatAgent(seed=0), "GeneralPoints-v0", "id", "language")
+    assert sum(metric.value > 0 for metric in record.verdict_shares.values()) >= 2
+    _assert_shares_sum_to_one(record)
+
+
+def test_record_round_trips_and_tables(tmp_path):
+    first = _evaluate_agent(ExpertAgent(), "GeneralPoints-v0", "id", "language", split="test", seed=5)
+    second = _evaluate_agent(RandomTextAgent(seed=0), "VIRL-v0", "ood-rule", "language")
+    path = tmp_path / "expert.json"
+    write_record(first, path)
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = load_record(path)
+    assert loaded == first
+    data = json.loads(path.read_text())
+    assert data["seeds"] == list(range(5, 5 + SMALL["GeneralPoints-v0"]))
+    assert data["split"] == "test" and data["env_kwargs"]["split"] == "test"
+    assert data["metrics"]["success_rate"] == {"value": 1.0, "stderr": 0.0, "count": SMALL["GeneralPoints-v0"]}
+    assert set(data["versions"]) == {"python", "amft-vlm", "torch", "transformers", "gymnasium"}
+    table = comparison_table([loaded, second, first])
+    rows = table.splitlines()[2:]
+    assert len(rows) == 3
+    assert "GP-L id" in rows[0] and "V-IRL-L ood-rule" in rows[1]
+    wide = comparison_table([first, second], verdict_shares=True)
+    assert "wrong_action share" in wide.splitlines()[0] and len(wide.splitlines()) == 4
+    assert first.to_markdown().startswith(comparison_table([first]))
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="format_version"):
+        load_record(path)
+
+
+def test_paper_defaults():
+    assert paper_setting("GeneralPoints-v0", "ood-visual", "vision")[0] == "GP-VL ood-visual"
+    assert evaluation.BENCHMARKS["GeneralPoints-v0"].paper_episodes == {"id": 234, "ood-rule": 234, "ood-visual": 234}
+    assert evaluation.BENCHMARKS["VIRL-v0"].paper_episodes == {"id": 48, "ood-rule": 48, "ood-visual": 18}
+
+
+def test_eval_command_line(tmp_path, capsys):
+    out = tmp_path / "random.json"
+    assert main(["eval", "--agent", "random", "--episodes", "3", "--seed", "2", "--out", str(out)]) == 0
+    assert "| random | GP-L id | all | agent | 3 |" in capsys.readouterr().out
+    assert load_record(out).seeds == (2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--agent", "expert", "--setting", "ood-visual"], "needs modality vision"),
+        (["--agent", "expert", "--episodes", "0"], "at least 1"),
+        (["--agent", "expert", "--env-arg", "modality=vision"], "set by the setting"),
+        (["--agent", "expert", "--temperature", "0.7"], "temperature applies to a model"),
+        (["--agent", "expert", "--model", "tiny:qwen2-vl"], "not allowed with"),
+        (["--episodes", "3"], "one of the arguments --model --agent is required"),
+        (["--model", "tiny:llama"], "tiny:ARCH"),
+        (["--agent", "expert", "--out", "/nonexistent-dir/record.json"], "does not exist"),
+    ],
+)
+def test_eval_command_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_split_is_refused_by_an_environment_without_one(monkeypatch, capsys):
+    monkeypatch.setattr(evaluation, "_accepts_keyword", lambda env_id, keyword: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--agent", "expert", "--env", "VIRL-v0", "--split", "test", "--episodes", "1"])
+    assert exit_info.value.code == 2
+    assert "has no split argument" in capsys.readouterr().err
+
+
+def test_tiny_model_through_the_rollout_engine(tmp_path, capsys):
+    out = tmp_path / "tiny.json"
+    argv = ["eval", "--model", "tiny:qwen2-vl", "--episodes", "4", "--max-new-tokens", "8", "--num-envs", "4"]
+    assert main([*argv, "--device", "cpu", "--out", str(out)]) == 0
+    record = load_record(out)
+    assert (record.model, record.model_kind, record.episodes) == ("tiny:qwen2-vl", "model", 4)
+    assert record.decoding == {
+        "greedy": True, "temperature": None, "sampling_seed": None, "max_new_tokens": 8, "num_envs": 4, "dtype": "float32", "device": "cpu",
+    }
+    # Random weights and 8 tokens cannot solve a hand: every episode spends all 6 answers.
+    assert record.metrics["success_rate"].value == 0.0
+    assert record.metrics["mean_turns"].value == 6.0
+    _assert_shares_sum_to_one(record)
+    assert "| tiny:qwen2-vl | GP-L id | all | greedy | 4 |" in capsys.readouterr().out
+
+
+def test_engine_and_agent_paths_record_the_same_outcomes(tiny_policies):
+    import gymnasium as gym
+
+    from amft_vlm.rollout import RolloutEngine
+
+    seeds = list(range(6))
+    kwargs = {"modality": "language"}
+    by_agent = evaluation._play_agent(
+        evaluation.VerdictRecorder(gym.make("GeneralPoints-v0", **kwargs), {}), GeneralPointsFormatAgent(seed=0), seeds, progress=False
+    )
+    recorded: dict[int, EpisodeOutcome] = {}
+    engine = RolloutEngine(tiny_policies["qwen2-vl"], lambda: evaluation.VerdictRecorder(gym.make("GeneralPoints-v0", **kwargs), recorded))
+    with engine:
+        trajectories, _ = engine.collect(seeds, responder=GeneralPointsFormatAgent(seed=0), progress=False)
+    assert [recorded[seed] for seed in seeds] == by_agent
+    assert [len(recorded[t.seed].verdicts) for t in trajectories] == [t.num_turns for t in trajectories]
