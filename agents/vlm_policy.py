@@ -698,6 +698,33 @@ class VLMPolicy:
             )
         return KVPrefix(token_ids=token_ids, images=prompt.images, layers=layers, next_position=next_position)
 
+    @torch.no_grad()
+    def hidden_states(
+        self, sequences: Sequence[TokenSequence], positions: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        """The language model's final hidden state (after its last norm) at chosen positions.
+
+        One forward pass of the decoder stack (no LM head, no gradients) over the left-padded batch;
+        e.g. position ``start - 1`` of a response is the state the policy chose its first token from.
+
+        Returns:
+            One float32 tensor ``(len(positions[i]), hidden_size)`` per sequence.
+        """
+        if len(positions) != len(sequences):
+            raise ValueError(f"got {len(positions)} position lists for {len(sequences)} sequences")
+        for row, (sequence, wanted) in enumerate(zip(sequences, positions, strict=True)):
+            if wanted and not (min(wanted) >= 0 and max(wanted) < len(sequence)):
+                raise ValueError(f"positions of sequence {row} must lie in [0, {len(sequence) - 1}]")
+        batch = self.collate(sequences)
+        outputs = self.model.model(
+            **batch.model_inputs(self.dtype), position_ids=self.position_ids(batch), use_cache=False
+        )
+        states = outputs.last_hidden_state
+        return [
+            states[row, [batch.pad_lengths[row] + position for position in wanted]].float()
+            for row, wanted in enumerate(positions)
+        ]
+
     def token_logprobs(
         self,
         sequences: Sequence[TokenSequence],

@@ -52,8 +52,13 @@ def save_policy(policy, directory: Path) -> None:
     policy.image_processor.save_pretrained(directory)
 
 
-def save_checkpoint(root: Path, step: int, *, policy, optimizer, scheduler, trainer_state: dict[str, Any]) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically and point ``latest`` at it."""
+def save_checkpoint(
+    root: Path, step: int, *, policy, optimizer, scheduler, trainer_state: dict[str, Any], extra: dict[str, Any] | None = None
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically and point ``latest`` at it.
+
+    ``extra`` maps names to picklable states (e.g. a critic's weights and optimiser), saved as ``NAME.pt``.
+    """
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     final = root / name
@@ -64,6 +69,8 @@ def save_checkpoint(root: Path, step: int, *, policy, optimizer, scheduler, trai
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     torch.save(rng_states(), staging / "rng.pt")
+    for part, state in (extra or {}).items():
+        torch.save(state, staging / f"{part}.pt")
     (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
     if final.exists():  # a re-run of the same step replaces it whole
         shutil.rmtree(final)

@@ -126,14 +126,13 @@ class TrainConfig:
     """'episode': every turn gets the episode return; 'turn': each turn its own reward (plus GAE for ppo)."""
     clip_epsilon: float = 0.2
     """PPO clip range of the probability ratio."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch."""
     gamma: float = 1.0
-    """Discount over turns (ppo)."""
+    """Discount per turn in GAE (ppo)."""
     gae_lambda: float = 0.95
-    """GAE lambda (ppo)."""
-    value_coef: float = 0.5
-    """Weight of the value loss (ppo)."""
+    """GAE lambda over turns (ppo)."""
+    value_learning_rate: float = 1e-3
+    """AdamW learning rate of the ppo critic, a linear value head on the policy's detached hidden states
+    (`amft_vlm.critic`); it has its own optimiser, so the value loss never moves the policy."""
 
     fixed_mu: float = 0.5
     """mu of the fixed-mix baseline."""
@@ -165,12 +164,15 @@ class TrainConfig:
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("advantage", self.advantage, ("grpo", "ppo"))
         _choice("credit", self.credit, ("episode", "turn"))
-        for name in ("steps", "episodes_per_step", "group_size", "sft_batch_size", "num_envs", "max_new_tokens", "gradient_accumulation_steps", "save_every", "ppo_epochs", "expert_episodes"):
+        for name in ("steps", "episodes_per_step", "group_size", "sft_batch_size", "num_envs", "max_new_tokens", "gradient_accumulation_steps", "save_every", "expert_episodes"):
             _positive(name, getattr(self, name))
-        for name in ("learning_rate", "temperature", "clip_epsilon"):
+        for name in ("learning_rate", "temperature", "clip_epsilon", "value_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         for name in ("fixed_mu", "schedule_mu_start", "schedule_mu_end", "sft_then_rl_switch"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)!r}")
+        for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)!r}")
         if self.lora_rank < 0:

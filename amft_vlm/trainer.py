@@ -5,7 +5,8 @@ Each optimiser step:
 1. **mu** for this step: the method's schedule (``sft`` 1, ``rl`` 0, ``fixed-mix``, ``scheduled-mix``,
    ``sft-then-rl``) or the AMFT controller (1 during warm-up).
 2. **Collect**: an SFT batch of expert trajectories (if mu > 0) and, if mu < 1, fresh rollouts of
-   the policy (``episodes_per_step`` start states x ``group_size``) with group-relative advantages.
+   the policy (``episodes_per_step`` start states x ``group_size``) with group-relative advantages
+   (``advantage: grpo``) or GAE over turns from a critic (``advantage: ppo``, `amft_vlm.critic`).
 3. **Losses**: ``L_SFT`` and ``L_RL`` in separate backward passes, so ``g_SFT`` and ``g_RL`` are both
    known (their cosine is logged) and the step's gradient is ``(1 - mu) g_RL + mu g_SFT``.
 4. **Controller** (AMFT): at the end of warm-up ``H*`` = mean token entropy on expert data; every
@@ -44,7 +45,8 @@ from agents.vlm_policy import VLMPolicy
 from amft_vlm.checkpoint import latest_checkpoint, load_trainer_state, restore_rng_states, save_checkpoint
 from amft_vlm.config import TrainConfig, config_to_dict
 from amft_vlm.controller import MuController, flat_dot, meta_gradient
-from amft_vlm.losses import clipped_policy_loss, group_advantages, group_turn_advantages
+from amft_vlm.critic import ValueHead, credited_rewards, decision_states, gae_turn_advantages
+from amft_vlm.losses import clipped_policy_loss, group_advantages, group_turn_advantages, value_loss
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.sft_data import load_sft_trajectories
 from amft_vlm.trajectory import Trajectory
@@ -153,8 +155,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
         self.config = config.validate()
-        if config.advantage == "ppo":
-            raise ValueError("advantage: 'ppo' (value head + GAE) is not available in the trainer yet; use advantage=grpo")
         if config.lora_rank:
             raise ValueError("lora_rank: LoRA training is not available in the trainer yet; use lora_rank=0")
         self.progress = progress
@@ -192,6 +192,11 @@ class Trainer:
         # The scheduler is not handed to accelerate: its wrapper advances the schedule once per process,
         # which assumes each process adds its own batch; here the global batch is fixed and sharded.
         self.optimizer, self.scheduler = self.accelerator.prepare(optimizer), scheduler
+        self.critic, self.critic_optimizer = None, None
+        if config.advantage == "ppo":
+            hidden_size = self.policy.model.config.get_text_config().hidden_size
+            self.critic = ValueHead(hidden_size).to(self.accelerator.device)
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=config.value_learning_rate)
         self.controller = build_controller(config)
 
         engine_kwargs = {"num_envs": config.num_envs, "temperature": config.temperature, "max_new_tokens": config.max_new_tokens}
@@ -365,7 +370,10 @@ class Trainer:
     def _backward_rl(self, rollouts: list[Trajectory]) -> tuple[list[torch.Tensor], dict]:
         config = self.config
         groups = [t.group for t in rollouts]
-        if config.credit == "episode":
+        critic_metrics = {}
+        if self.critic is not None:
+            turn_advantages, critic_metrics = self._ppo_advantages(rollouts)
+        elif config.credit == "episode":
             per_episode = group_advantages(torch.tensor([t.episode_return for t in rollouts]), groups)
             turn_advantages = [per_episode[i].expand(t.num_turns) for i, t in enumerate(rollouts)]
         else:
@@ -389,7 +397,26 @@ class Trainer:
             "tokens_rl": parts["tokens"],
             "clip_fraction": parts["clip_fraction"],
             "approx_kl": parts["approx_kl"],
+            **critic_metrics,
         }
+
+    def _ppo_advantages(self, rollouts: list[Trajectory]) -> tuple[list[torch.Tensor], dict]:
+        """GAE turn advantages from the critic's values, then one critic step towards the GAE returns."""
+        config = self.config
+        features = [states.to(self.accelerator.device) for states in decision_states(self.policy, rollouts)]
+        with torch.no_grad():
+            old_values = [self.critic(states) for states in features]
+        rewards = [credited_rewards(t, config.credit).to(self.accelerator.device) for t in rollouts]
+        advantages, targets = gae_turn_advantages(rewards, old_values, gamma=config.gamma, lam=config.gae_lambda)
+        predicted = torch.cat([self.critic(states) for states in features])
+        loss = value_loss(predicted, torch.cat(targets), torch.cat(old_values), clip_epsilon=config.clip_epsilon)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.accelerator.num_processes > 1:
+            for parameter in self.critic.parameters():
+                parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
+        self.critic_optimizer.step()
+        return advantages, {"value_loss": float(loss), "value_mean": float(torch.cat(old_values).mean())}
 
     def _meta_signal(self, step: int, combined: list[torch.Tensor], g_sft, g_rl) -> float | None:
         """dU/dmu through the look-ahead theta' = theta - alpha * grad L_total; None without both gradients."""
@@ -443,7 +470,12 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         state = {"step": step, "sft_position": self.sft_position, "controller": self.controller.state_dict() if self.controller else None}
-        return save_checkpoint(self.checkpoints, step, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state)
+        extra = {}
+        if self.critic is not None:
+            extra["critic"] = {"head": self.critic.state_dict(), "optimizer": self.critic_optimizer.state_dict()}
+        return save_checkpoint(
+            self.checkpoints, step, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state, extra=extra
+        )
 
     def _restore(self, checkpoint: Path) -> None:
         state = load_trainer_state(checkpoint)
@@ -452,6 +484,10 @@ class Trainer:
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])
+        if self.critic is not None:
+            critic = torch.load(checkpoint / "critic.pt", weights_only=False)
+            self.critic.load_state_dict(critic["head"])
+            self.critic_optimizer.load_state_dict(critic["optimizer"])
         restore_rng_states(torch.load(checkpoint / "rng.pt", weights_only=False))
         log.info("resumed from %s at step %d", checkpoint, self.start_step)
 
