@@ -101,3 +101,28 @@ def test_amft_runs_end_to_end_on_virl(tmp_path):
     assert [m["step"] for m in history] == [1, 2, 3, 4]
     assert history[-1]["tokens_sft"] > 0 and history[-1]["tokens_rl"] > 0
     assert len({round(m["mu"], 6) for m in history[1:]}) > 1
+
+
+def _tensorboard_tags(directory):
+    """Scalar tags and their steps in the tensorboard event files under `directory` (TFRecord framing)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    tags = {}
+    for path in directory.rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            length = int.from_bytes(data[offset : offset + 8], "little")
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def test_metrics_reach_the_accelerate_trackers(tmp_path):
+    run(tmp_path, "tracked", "method=amft", "steps=3", "report_to=[tensorboard]").train()
+    tags = _tensorboard_tags(tmp_path / "tracked")
+    for tag in ("mu", "loss", "loss_sft", "loss_rl", "reward", "entropy", "target_entropy", "step_time"):
+        assert tag in tags, sorted(tags)
+    assert tags["mu"] == [1, 2, 3]
