@@ -352,7 +352,7 @@ class Trainer:
             weight = scores.num_tokens / max(total_tokens, 1)
             for gradient, part in zip(gradients, self._gradients(loss * weight), strict=True):
                 gradient.add_(part)
-            loss_sum += float(loss) * weight
+            loss_sum += float(loss.detach()) * weight
             entropy_sum += float(scores.entropy.sum())
             for key, value in extra.items():
                 extras[key] = extras.get(key, 0.0) + value * weight
@@ -444,6 +444,13 @@ class Trainer:
         episodes, _ = self.validation_engine.collect(shard, sampling_seed=_mix_seed(self.config.seed, step, 2), progress=False)
         returns = torch.tensor([t.episode_return for t in episodes])
         weights = returns - returns.mean()
+        if not weights.any():
+            # Every episode scored the same: the estimate is exactly zero, so skip the scoring pass
+            # (all processes still join the reduction).
+            zeros = [torch.zeros_like(p) for p in self.parameters]
+            if self.accelerator.num_processes > 1:
+                zeros = [self.accelerator.reduce(g, reduction="mean") for g in zeros]
+            return zeros
         scores = score_trajectories(self.policy, episodes, temperature=self.validation_engine.sampling_temperature)
         utility = sum(w * lp.sum() for w, lp in zip(weights, scores.episode_token_logprobs, strict=True)) / len(episodes)
         return self._gradients(utility, reduction="mean")

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 ENV_ID = "GeneralPoints-v0"
 ENV_KWARGS = {"modality": "language"}
 MAX_NEW_TOKENS = 48
-EPISODES = {1: 6, 16: 48}
-"""Episodes timed per setting: N=16 runs three waves of 16 episodes."""
+EPISODES = {1: 12, 16: 48}
+"""Episodes timed per setting: N=1 plays 12 one after another, N=16 three waves of 16."""
 
 
 class ForwardTimer:
