@@ -53,10 +53,20 @@ def save_policy(policy, directory: Path) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, *, policy, optimizer, scheduler, trainer_state: dict[str, Any], extra: dict[str, Any] | None = None
+    root: Path,
+    step: int,
+    *,
+    policy,
+    optimizer,
+    scheduler,
+    trainer_state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    lora_base_model: str | None = None,
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically and point ``latest`` at it.
 
+    The policy goes to ``policy/`` (a loadable checkpoint), or, with ``lora_base_model``, only its LoRA
+    adapters go to ``lora/`` with that base model's path or id (`amft_vlm.lora.load_policy` loads it).
     ``extra`` maps names to picklable states (e.g. a critic's weights and optimiser), saved as ``NAME.pt``.
     """
     root.mkdir(parents=True, exist_ok=True)
@@ -65,7 +75,12 @@ def save_checkpoint(
     staging = root / f".tmp-{name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_policy(policy, staging / "policy")
+    if lora_base_model is None:
+        save_policy(policy, staging / "policy")
+    else:
+        from amft_vlm.lora import save_lora
+
+        save_lora(policy, staging / "lora", base_model=lora_base_model)
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     torch.save(rng_states(), staging / "rng.pt")

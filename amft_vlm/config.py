@@ -77,7 +77,13 @@ class TrainConfig:
     freeze_vision_tower: bool = False
     """Train only the language model (the vision encoder's weights stay fixed)."""
     lora_rank: int = 0
-    """LoRA rank through peft (0 = full fine-tuning; needs peft installed)."""
+    """LoRA rank through peft (0 = full fine-tuning; needs peft: ``pip install 'amft-vlm[lora]'``).
+    Adapters go on the language model's attention and MLP projections (`amft_vlm.lora`); checkpoints
+    then hold the adapters (``lora/``) and name the base model."""
+    lora_alpha: float | None = None
+    """LoRA alpha; None gives 2 x lora_rank (a scale of 2)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input; active only in training mode, i.e. never during rollouts or scoring here."""
 
     env_id: str = "GeneralPoints-v0"
     """Environment to train on."""
@@ -177,6 +183,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)!r}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning); got {self.lora_rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0 or None (2 x lora_rank); got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
         c = self.controller
         if not 0.0 <= c.mu_min <= c.mu_init <= c.mu_max <= 1.0:
             raise ValueError(f"controller: need 0 <= mu_min <= mu_init <= mu_max <= 1; got {c.mu_min}, {c.mu_init}, {c.mu_max}")

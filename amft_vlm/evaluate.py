@@ -8,7 +8,7 @@ records side by side, one row each.
 
 Who plays:
 
-- a model (``model=`` a checkpoint directory, a Hub id, or ``tiny:qwen2-vl`` / ``tiny:qwen2.5-vl`` for a
+- a model (``model=`` a checkpoint directory (a LoRA checkpoint's ``lora/`` too), a Hub id, or ``tiny:qwen2-vl`` / ``tiny:qwen2.5-vl`` for a
   tiny random model built on the fly) plays through the batched `amft_vlm.rollout.RolloutEngine`,
   greedy by default, sampling when a ``temperature`` is given (seeded with ``seed``);
 - a model-free agent (``agent=`` e.g. `agents.baselines.ExpertAgent`) plays episode by episode through
@@ -536,7 +536,7 @@ def _play_model(
     import torch
 
     from agents.tiny import resolve_model_spec
-    from agents.vlm_policy import VLMPolicy
+    from amft_vlm.lora import load_policy
     from amft_vlm.rollout import RolloutEngine
 
     if decoding["device"] == "auto":
@@ -544,7 +544,7 @@ def _play_model(
     with tempfile.TemporaryDirectory(prefix="amft-vlm-eval-") as tiny_dir:
         path = resolve_model_spec(model, tiny_dir, seed=TINY_MODEL_SEED)
         try:
-            policy = VLMPolicy.from_pretrained(path, dtype=decoding["dtype"], device=decoding["device"])
+            policy = load_policy(path, dtype=decoding["dtype"], device=decoding["device"])
         except OSError as error:
             raise ValueError(
                 f"could not load model {model!r} ({error}); give a checkpoint directory, a Hub id, or tiny:qwen2-vl / tiny:qwen2.5-vl"

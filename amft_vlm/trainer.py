@@ -46,6 +46,7 @@ from amft_vlm.checkpoint import latest_checkpoint, load_trainer_state, restore_r
 from amft_vlm.config import TrainConfig, config_to_dict
 from amft_vlm.controller import MuController, flat_dot, meta_gradient
 from amft_vlm.critic import ValueHead, credited_rewards, decision_states, gae_turn_advantages
+from amft_vlm.lora import apply_lora, load_lora
 from amft_vlm.losses import clipped_policy_loss, group_advantages, group_turn_advantages, value_loss
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.sft_data import load_sft_trajectories
@@ -155,8 +156,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
         self.config = config.validate()
-        if config.lora_rank:
-            raise ValueError("lora_rank: LoRA training is not available in the trainer yet; use lora_rank=0")
         self.progress = progress
         self.output_dir = Path(config.output_dir)
         self.checkpoints = self.output_dir / "checkpoints"
@@ -172,7 +171,9 @@ class Trainer:
         checkpoint = latest_checkpoint(self.checkpoints) if resume else None
         if resume and checkpoint is None:
             log.info("no checkpoint under %s; starting from step 0", self.checkpoints)
-        model_path = str(checkpoint / "policy") if checkpoint else self._initial_model_path()
+        # With LoRA the policy is always the base model plus adapters (fresh, or the checkpoint's).
+        self.base_model = self._initial_model_path()
+        model_path = str(checkpoint / "policy") if checkpoint and not config.lora_rank else self.base_model
         self.policy = VLMPolicy.from_pretrained(
             model_path,
             dtype=config.dtype,
@@ -181,10 +182,17 @@ class Trainer:
             min_pixels=config.min_pixels,
             max_pixels=config.max_pixels,
         )
-        if config.freeze_vision_tower:
-            for parameter in self.policy.model.model.visual.parameters():
-                parameter.requires_grad_(False)
-        self.parameters = [p for p in self.policy.model.parameters() if p.requires_grad]
+        if config.lora_rank:
+            self.parameters = (
+                load_lora(self.policy, checkpoint / "lora")
+                if checkpoint
+                else apply_lora(self.policy, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
+            )
+        else:
+            if config.freeze_vision_tower:
+                for parameter in self.policy.model.model.visual.parameters():
+                    parameter.requires_grad_(False)
+            self.parameters = [p for p in self.policy.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         schedule = get_cosine_schedule_with_warmup if config.lr_schedule == "cosine" else get_constant_schedule_with_warmup
         schedule_kwargs = {"num_training_steps": config.steps} if config.lr_schedule == "cosine" else {}
@@ -481,7 +489,14 @@ class Trainer:
         if self.critic is not None:
             extra["critic"] = {"head": self.critic.state_dict(), "optimizer": self.critic_optimizer.state_dict()}
         return save_checkpoint(
-            self.checkpoints, step, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state, extra=extra
+            self.checkpoints,
+            step,
+            policy=self.policy,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=state,
+            extra=extra,
+            lora_base_model=self.base_model if self.config.lora_rank else None,
         )
 
     def _restore(self, checkpoint: Path) -> None:

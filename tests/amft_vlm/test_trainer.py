@@ -43,9 +43,9 @@ def test_amft_logs_the_controller_and_mu_moves(tmp_path):
     assert len({round(m["mu"], 6) for m in history[1:]}) > 1
 
 
-@pytest.mark.parametrize("advantage", ["grpo", "ppo"])
-def test_resume_after_interruption_equals_a_straight_run(tmp_path, advantage):
-    settings = ["method=fixed-mix", f"advantage={advantage}", "credit=turn"]
+@pytest.mark.parametrize(("advantage", "lora_rank"), [("grpo", 0), ("ppo", 0), ("grpo", 4)])
+def test_resume_after_interruption_equals_a_straight_run(tmp_path, advantage, lora_rank):
+    settings = ["method=fixed-mix", f"advantage={advantage}", "credit=turn", f"lora_rank={lora_rank}"]
     straight = run(tmp_path, "straight", *settings)
     straight.train()
     interrupted = run(tmp_path, "resumed", *settings, "steps=4")
@@ -126,3 +126,24 @@ def test_metrics_reach_the_accelerate_trackers(tmp_path):
     for tag in ("mu", "loss", "loss_sft", "loss_rl", "reward", "entropy", "target_entropy", "step_time"):
         assert tag in tags, sorted(tags)
     assert tags["mu"] == [1, 2, 3]
+
+
+def test_lora_trains_only_the_adapters_and_its_checkpoint_loads_for_evaluation(tmp_path):
+    from amft_vlm.lora import has_lora, load_policy
+
+    trainer = run(tmp_path, "lora", "method=fixed-mix", "lora_rank=4", "learning_rate=1e-2")
+    initial = {name: p.detach().clone() for name, p in trainer.policy.model.named_parameters()}
+    trainer.train()
+    changed = {
+        name for name, p in trainer.policy.model.named_parameters() if not torch.equal(p, initial[name])
+    }
+    assert changed and all("lora_" in name for name in changed)
+    checkpoint = tmp_path / "lora" / "checkpoints" / "step-000004"
+    assert not (checkpoint / "policy").exists() and (checkpoint / "lora" / "adapter.safetensors").is_file()
+    merged = load_policy(checkpoint / "lora")
+    assert not has_lora(merged)
+    sequence = trainer.expert[0].token_sequences(trainer.policy)[0]
+    with torch.no_grad():
+        expected = trainer.policy.token_logprobs([sequence], [range(1, len(sequence))])[0]
+        loaded = merged.token_logprobs([sequence], [range(1, len(sequence))])[0]
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-4)
