@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -54,6 +54,8 @@ from amft_vlm.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
+UNSUPPORTED_DISTRIBUTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+"""accelerate set-ups that shard parameters; the trainer refuses them with a message."""
 VALIDATION_SEED_BASE = 1 << 30  # validation episodes never share seeds with training rollouts
 EXPERT_SEED_BASE = 1 << 29
 
@@ -165,6 +167,12 @@ class Trainer:
             project_dir=str(self.output_dir),
             cpu=config.device == "cpu",
         )
+        if self.accelerator.distributed_type in UNSUPPORTED_DISTRIBUTED:
+            raise ValueError(
+                f"accelerate is configured for {self.accelerator.distributed_type.value}, which the trainer does not "
+                "support: AMFT needs the full gradients g_SFT and g_RL and a look-ahead step on every process, and "
+                "sharded parameters do not give them. Use a multi-GPU/multi-CPU (DDP) accelerate config or torchrun."
+            )
         set_seed(config.seed)
         self.start_step = 0
         self.sft_position = 0

@@ -147,3 +147,17 @@ def test_lora_trains_only_the_adapters_and_its_checkpoint_loads_for_evaluation(t
         expected = trainer.policy.token_logprobs([sequence], [range(1, len(sequence))])[0]
         loaded = merged.token_logprobs([sequence], [range(1, len(sequence))])[0]
     torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-4)
+
+
+def test_sharded_accelerate_setups_are_refused_with_a_message(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    import amft_vlm.trainer as trainer_module
+
+    class ShardedAccelerator(Accelerator):
+        distributed_type = DistributedType.FSDP
+
+    monkeypatch.setattr(trainer_module, "Accelerator", ShardedAccelerator)
+    with pytest.raises(ValueError, match="FSDP.*DDP"):
+        run(tmp_path, "fsdp")
