@@ -369,7 +369,7 @@ class Trainer:
             for gradient, part in zip(gradients, self._gradients(loss * weight), strict=True):
                 gradient.add_(part)
             loss_sum += float(loss.detach()) * weight
-            entropy_sum += float(scores.entropy.sum())
+            entropy_sum += float(scores.entropy.detach().sum())
             for key, value in extra.items():
                 extras[key] = extras.get(key, 0.0) + value * weight
         parts = {"loss": self._global_sum(loss_sum), "entropy": self._global_sum(entropy_sum) / max(total_tokens, 1), "tokens": int(total_tokens)}
@@ -432,7 +432,7 @@ class Trainer:
             for parameter in self.critic.parameters():
                 parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
         self.critic_optimizer.step()
-        return advantages, {"value_loss": float(loss), "value_mean": float(torch.cat(old_values).mean())}
+        return advantages, {"value_loss": float(loss.detach()), "value_mean": float(torch.cat(old_values).mean())}
 
     def _meta_signal(self, step: int, combined: list[torch.Tensor], g_sft, g_rl) -> float | None:
         """dU/dmu through the look-ahead theta' = theta - alpha * grad L_total; None without both gradients."""
