@@ -16,8 +16,9 @@ What is real and what is scaled down:
   vision patch geometry (patch 14, temporal patch 2, spatial merge 2) is Qwen's, so image token counts
   are exactly those of the real models for the same ``min_pixels`` / ``max_pixels``.
 - The tokenizer is a byte-level BPE with Qwen2's pre-tokenizer (single digits, byte fallback for any
-  text), trained in memory on task-like text, wrapped in the real ``Qwen2Tokenizer``. Its vocabulary is
-  small (``vocab_size`` entries plus the Qwen special tokens appended at the end, as in Qwen).
+  text), trained in memory on the environments' own text (`task_corpus`), wrapped in the real
+  ``Qwen2Tokenizer``. Its vocabulary is small (``vocab_size`` entries plus the Qwen special tokens
+  appended at the end, as in Qwen).
 - The chat template renders Qwen's ChatML layout (default system prompt, images as
   ``<|vision_start|><|image_pad|><|vision_end|>``, ``add_generation_prompt``).
 - ``generation_config.json`` carries the same kind of sampling defaults as the real Instruct checkpoints
@@ -30,10 +31,9 @@ image-token expansion, rope positions and the loading path are those of the real
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("qwen2-vl", "qwen2.5-vl")
 """Architectures `build_tiny_model` can build."""
+
+QWEN_ROPE_THETA = 1_000_000.0
+"""Rotary base of the Qwen2-VL and Qwen2.5-VL language models (the tiny models' default)."""
 
 TINY_PREFIX = "tiny:"
 """Model specs ``tiny:ARCH`` (e.g. ``tiny:qwen2-vl``) name a tiny model to build instead of a checkpoint."""
@@ -114,78 +117,53 @@ _PRETOKENIZE_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-_CARD_NAMES = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
-_SUITS = ("Spades", "Hearts", "Diamonds", "Clubs")
-_DIRECTIONS = (
-    "north",
-    "north-east",
-    "east",
-    "south-east",
-    "south",
-    "south-west",
-    "west",
-    "north-west",
+_CORPUS_SETTINGS = (
+    ("GeneralPoints-v0", {"modality": "language"}, 60),
+    ("GeneralPoints-v0", {"modality": "language", "face_cards": "11-12-13"}, 20),
+    ("GeneralPoints-v0", {"modality": "vision", "resolution": 64}, 20),
+    ("VIRL-v0", {"modality": "language"}, 12),
+    ("VIRL-v0", {"modality": "vision", "resolution": 64}, 4),
 )
-_ACTIONS = (
-    "forward()",
-    "turn_direction(left)",
-    "turn_direction(right)",
-    "turn_direction(slightly left)",
-    "turn_direction(slightly right)",
-    "stop()",
-)
-_PROMPT_SENTENCES = (
-    "You are an expert card game player.",
-    "You are observing the image of four playing cards.",
-    "Use each card exactly once with + - * / and parentheses to reach the target number 24.",
-    "J, Q and K count as 10 and A counts as 1.",
-    "Your answer must be a JSON object with the fields cards, number and formula.",
-    "Your previous answer was incorrect. Please try again.",
-    "You recognized the wrong cards.",
-    "The formula does not evaluate to the target.",
-    "You are an expert in navigation. Follow the route instructions to reach the destination.",
-    "You observe the street view image in front of you and the current intersection.",
-    "Your answer must be a JSON object with the fields current observation, current instruction and action.",
-    "You have arrived at the destination.",
-    "Describe the image and answer the question.",
-)
+"""(environment, keyword arguments, episodes) whose text trains the tiny tokenizer."""
 
 
-_ROUTE_INSTRUCTIONS = (
-    "Turn left at the next intersection and walk to the coffee shop.",
-    "Head north until you see the museum on your right.",
-    "Turn slightly right onto the avenue and continue past the bank.",
-)
+def task_corpus() -> tuple[str, ...]:
+    """The tiny tokenizer's training text: what the two environments say and what agents answer them.
 
-
-def task_corpus() -> Iterator[str]:
-    """Yield the fixed, task-like training text of the tiny tokenizer.
-
-    Prompt sentences of both tasks, JSON answers with card names and formulas, arithmetic, compass
-    directions and navigation actions. The corpus does not depend on any seed, so every tiny checkpoint
-    shares the same tokenizer.
+    Episodes of GeneralPoints-v0 (language and vision prompts, both face-card rules) and VIRL-v0
+    (language and vision) from fixed seeds: every prompt, the expert's answers, a format-only or
+    random answer and the feedback it gets, plus Qwen's default system prompt. So the tokenizer
+    compresses the task text the way a real Qwen tokenizer does its training data (a GeneralPoints
+    prompt is about 110 tokens, not 380 of single letters) and the same text always gives the same
+    tokenizer. Computed once per process.
     """
-    rng = random.Random(1234)
-    yield from _PROMPT_SENTENCES
-    yield from _ROUTE_INSTRUCTIONS
-    for _ in range(600):
-        cards = [rng.choice(_CARD_NAMES) for _ in range(4)]
-        values = [{"A": 1, "J": 10, "Q": 10, "K": 10}.get(card) or int(card) for card in cards]
-        operators = [rng.choice("+-*/") for _ in range(3)]
-        formula = f"({values[0]}{operators[0]}{values[1]}){operators[1]}{values[2]}{operators[2]}{values[3]}"
-        answer = {"cards": cards, "number": values, "formula": f"{formula}=24"}
-        yield json.dumps(answer)
-        yield f"{rng.choice(_CARD_NAMES)} of {rng.choice(_SUITS)}"
-        yield f"{rng.randint(0, 99)} {rng.choice('+-*/')} {rng.randint(0, 99)} = {rng.randint(0, 999)}"
-        observation = f"{rng.choice(_DIRECTIONS)}: a {rng.choice(['shop', 'bank', 'park', 'school'])}"
-        yield json.dumps(
-            {
-                "current observation": observation,
-                "current instruction": rng.choice(_ROUTE_INSTRUCTIONS),
-                "action": rng.choice(_ACTIONS),
-            }
-        )
-        yield f"You are facing {rng.choice(_DIRECTIONS)}. {rng.choice(_PROMPT_SENTENCES)}"
+    return _task_corpus()
+
+
+@functools.cache
+def _task_corpus() -> tuple[str, ...]:
+    import gymnasium as gym
+
+    import environments  # noqa: F401  (registers the environments)
+    from agents.baselines import ExpertAgent, GeneralPointsFormatAgent, RandomTextAgent
+
+    texts = [DEFAULT_SYSTEM_PROMPT]
+    expert = ExpertAgent()
+    for env_id, kwargs, episodes in _CORPUS_SETTINGS:
+        env = gym.make(env_id, **kwargs)
+        wrong = GeneralPointsFormatAgent(seed=0) if env_id == "GeneralPoints-v0" else RandomTextAgent(seed=0, max_length=40)
+        for seed in range(episodes):
+            observation, _ = env.reset(seed=seed)
+            texts.append(observation["text"])
+            done, answers = False, 0
+            while not done and answers < 40:
+                agent = wrong if answers == 0 else expert
+                answer = agent.act(observation, env)
+                observation, _, terminated, truncated, info = env.step(answer)
+                done, answers = terminated or truncated, answers + 1
+                texts += [answer, observation["text"]]
+        env.close()
+    return tuple(texts)
 
 
 def build_tokenizer(*, vocab_size: int = 512) -> Qwen2Tokenizer:
@@ -275,6 +253,7 @@ def build_tiny_config(
     vision_depth: int = 2,
     vision_num_heads: int = 2,
     initializer_range: float = 0.2,
+    rope_theta: float = QWEN_ROPE_THETA,
 ) -> Qwen2VLConfig | Qwen2_5_VLConfig:
     """The real architecture config of `arch`, scaled down, with special-token ids read from `tokenizer`.
 
@@ -308,7 +287,7 @@ def build_tiny_config(
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
         "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section},
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
@@ -385,6 +364,7 @@ def build_tiny_model(
     vision_depth: int = 2,
     vision_num_heads: int = 2,
     initializer_range: float = 0.2,
+    rope_theta: float = QWEN_ROPE_THETA,
     min_pixels: int = 56 * 56,
     max_pixels: int = 28 * 28 * 64,
 ) -> Path:
@@ -407,6 +387,9 @@ def build_tiny_model(
         initializer_range: standard deviation of the random weights. Ten times Qwen's 0.02, so that
             next-token distributions are peaked like a trained model's instead of near-uniform; then a
             wrong position id or attention mask changes log-probs by whole nats, not by 1e-4.
+        rope_theta: rotary base of the text model; Qwen2-VL's and Qwen2.5-VL's is ``1e6``. A model trained
+            from scratch on dialogues of a few hundred tokens learns position-based copying faster with
+            ``1e4`` (the demo uses it).
         min_pixels: image processor's default smallest image area.
         max_pixels: image processor's default largest image area (small, so tests stay fast; real
             Qwen2-VL uses ``28 * 28 * 1280``).
@@ -430,6 +413,7 @@ def build_tiny_model(
         vision_depth=vision_depth,
         vision_num_heads=vision_num_heads,
         initializer_range=initializer_range,
+        rope_theta=rope_theta,
     )
     model_class = (
         Qwen2VLForConditionalGeneration if arch == "qwen2-vl" else Qwen2_5_VLForConditionalGeneration

@@ -132,3 +132,31 @@ def test_chat_template_renders_qwen_chatml(checkpoints):
 def test_rejects_unknown_architecture(tmp_path):
     with pytest.raises(ValueError, match="arch must be one of"):
         build_tiny_model("llava", tmp_path)
+
+
+def test_tokenizer_is_trained_on_the_environments_text():
+    import gymnasium as gym
+
+    from agents.tiny import build_tokenizer, task_corpus
+
+    assert task_corpus() == task_corpus()  # fixed seeds: the same text, so the same tokenizer
+    prompt = gym.make("GeneralPoints-v0", modality="language").reset(seed=3)[0]["text"]
+    assert prompt in task_corpus()
+    small, large = build_tokenizer(vocab_size=512), build_tokenizer(vocab_size=1024)
+    assert small.get_vocab() == build_tokenizer(vocab_size=512).get_vocab()
+    # Words the prompt repeats are whole tokens, as with a real Qwen tokenizer, not spelled letter by letter.
+    for word in (" cards", " card", " the"):
+        assert small.tokenize(word) == [word.replace(" ", "Ġ")]
+    # A bigger vocabulary compresses the prompt further (the demo uses 1024).
+    assert len(large.tokenize(prompt)) < len(small.tokenize(prompt)) < 0.5 * len(prompt)
+
+
+def test_rope_theta_is_a_size_knob(tmp_path):
+    import json
+
+    from agents.tiny import QWEN_ROPE_THETA
+
+    default = json.loads((build_tiny_model("qwen2-vl", tmp_path / "a", num_layers=1) / "config.json").read_text())
+    other = json.loads((build_tiny_model("qwen2-vl", tmp_path / "b", num_layers=1, rope_theta=1e4) / "config.json").read_text())
+    assert default["text_config"]["rope_parameters"]["rope_theta"] == QWEN_ROPE_THETA == 1e6
+    assert other["text_config"]["rope_parameters"]["rope_theta"] == 1e4
