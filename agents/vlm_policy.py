@@ -57,6 +57,9 @@ END_OF_TURN_TOKEN = "<|im_end|>"
 IMAGE_TOKEN = "<|image_pad|>"
 """Qwen's image placeholder token; the chat template writes one per image, the policy expands it."""
 
+MIN_SHARED_PREFIX = 16
+"""`VLMPolicy.token_logprobs` runs a common prefix of at least this many tokens once per batch."""
+
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -732,10 +735,12 @@ class VLMPolicy:
         *,
         temperature: float = 1.0,
         with_entropy: bool = False,
+        share_prefix: bool = True,
     ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Teacher-forced log-probs ``log_softmax(logits / temperature)`` of chosen tokens.
 
-        One forward pass over the left-padded batch of full sequences (images included); the logits of
+        One forward pass over the left-padded batch of full sequences (images included), or over a
+        prefix the sequences share and then their remainders (`share_prefix`); the logits of
         `suppressed_token_ids` are set to ``-inf`` as in `generate`. Gradients flow when called with
         grad enabled (wrap in ``torch.no_grad()`` for scoring only).
 
@@ -745,8 +750,10 @@ class VLMPolicy:
                 log-prob ``log p(token_ids[t] | token_ids[:t])`` is wanted, e.g. ``range(len(prompt),
                 len(sequence))`` for a single response.
             temperature: the sampling temperature the tokens were drawn at (1 for greedy).
-
             with_entropy: also return the entropy of the same distribution at each target position.
+            share_prefix: run the tokens all sequences begin with (at least `MIN_SHARED_PREFIX`, before
+                any target, text-only batches) once instead of once per sequence; same results up to
+                float rounding (see `_logits_after_shared_prefix`).
 
         Returns:
             One float32 tensor per sequence with the log-probs of its target positions, in order;
@@ -765,29 +772,17 @@ class VLMPolicy:
                     f"target positions of sequence {row} must lie in [1, {len(sequence) - 1}]; got "
                     f"{min(targets)}..{max(targets)}"
                 )
-        batch = self.collate(sequences)
-        length = batch.input_ids.shape[1]
-        padded_targets = [
-            [pad_length + target for target in targets]
-            for pad_length, targets in zip(batch.pad_lengths, positions, strict=True)
-        ]
-        earliest = min((min(targets) for targets in padded_targets if targets), default=length)
-        # Only positions earliest-1 .. length-2 predict a target; the LM head skips the rest.
-        logits_to_keep = length - earliest + 1
-        outputs = self.model(
-            **batch.model_inputs(self.dtype),
-            position_ids=self.position_ids(batch),
-            use_cache=False,
-            logits_to_keep=logits_to_keep,
-        )
-        first_kept = length - outputs.logits.shape[1]
-        suppressed = torch.tensor(self.suppressed_token_ids, dtype=torch.long, device=outputs.logits.device)
+        shared = self._shared_prefix_length(sequences, positions) if share_prefix else 0
+        if shared:
+            row_logits = self._logits_after_shared_prefix(sequences, positions, shared)
+        else:
+            row_logits = self._logits_left_padded(sequences, positions)
+        suppressed = torch.tensor(self.suppressed_token_ids, dtype=torch.long, device=self.device)
         results, entropies = [], []
-        for row, targets in enumerate(padded_targets):
-            index = torch.tensor(targets, dtype=torch.long, device=outputs.logits.device)
-            logits = outputs.logits[row, index - 1 - first_kept].float() / temperature
+        for sequence, targets, logits in zip(sequences, positions, row_logits, strict=True):
+            logits = logits.float() / temperature
             logits = logits.index_fill(-1, suppressed, float("-inf"))
-            tokens = batch.input_ids[row, index]
+            tokens = torch.tensor([sequence.token_ids[t] for t in targets], dtype=torch.long, device=self.device)
             log_distribution = torch.log_softmax(logits, dim=-1)
             results.append(log_distribution.gather(1, tokens[:, None]).squeeze(1))
             if with_entropy:
@@ -797,6 +792,86 @@ class VLMPolicy:
                     -(probabilities * log_distribution.masked_fill(probabilities == 0, 0.0)).sum(-1)
                 )
         return (results, entropies) if with_entropy else results
+
+    def _logits_left_padded(self, sequences: Sequence[TokenSequence], positions: list[list[int]]) -> list[torch.Tensor]:
+        """Per sequence, the logits ``(len(targets), vocab)`` that predict its targets: one left-padded pass."""
+        batch = self.collate(sequences)
+        length = batch.input_ids.shape[1]
+        padded_targets = [
+            [pad_length + target for target in targets]
+            for pad_length, targets in zip(batch.pad_lengths, positions, strict=True)
+        ]
+        earliest = min((min(targets) for targets in padded_targets if targets), default=length)
+        # Only positions earliest-1 .. length-2 predict a target; the LM head skips the rest.
+        outputs = self.model(
+            **batch.model_inputs(self.dtype),
+            position_ids=self.position_ids(batch),
+            use_cache=False,
+            logits_to_keep=length - earliest + 1,
+        )
+        first_kept = length - outputs.logits.shape[1]
+        return [
+            outputs.logits[row, torch.tensor(targets, dtype=torch.long, device=self.device) - 1 - first_kept]
+            for row, targets in enumerate(padded_targets)
+        ]
+
+    def _shared_prefix_length(self, sequences: Sequence[TokenSequence], positions: list[list[int]]) -> int:
+        """Tokens every sequence starts with that no target needs a logit from; 0 when sharing would not pay.
+
+        Only text-only batches of two or more sequences share (an image changes rope positions after it).
+        """
+        if len(sequences) < 2 or any(sequence.images is not None for sequence in sequences):
+            return 0
+        first = sequences[0].token_ids
+        common = min(len(sequence) for sequence in sequences) - 1  # every row keeps a token after it
+        for sequence in sequences[1:]:
+            ids = sequence.token_ids
+            common = next((i for i in range(common) if ids[i] != first[i]), common)
+        earliest = min((min(targets) for targets in positions if targets), default=common + 1)
+        shared = min(common, earliest - 1)
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
+    def _logits_after_shared_prefix(
+        self, sequences: Sequence[TokenSequence], positions: list[list[int]], shared: int
+    ) -> list[torch.Tensor]:
+        """As `_logits_left_padded`, but the first `shared` tokens (the same in every row) are run once.
+
+        The prefix's keys and values are computed for one row and broadcast to the batch (gradients sum
+        back through the broadcast); each row's remainder follows, right-padded, at positions ``shared``
+        onward. Same log-probs and gradients as the padded pass up to float rounding, and the prefix
+        costs one row instead of one per sequence (a GeneralPoints batch shares all but its hand).
+        """
+        prefix = torch.tensor([sequences[0].token_ids[:shared]], dtype=torch.long, device=self.device)
+        prefix_out = self.model.model.language_model(
+            input_ids=prefix,
+            attention_mask=torch.ones_like(prefix),
+            position_ids=torch.arange(shared, device=self.device)[None],
+            use_cache=True,
+        )
+        cache = prefix_out.past_key_values
+        batch_size = len(sequences)
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(batch_size, -1, -1, -1)
+            layer.values = layer.values.expand(batch_size, -1, -1, -1)
+        rest_length = max(len(sequence) for sequence in sequences) - shared
+        input_ids = torch.full((batch_size, rest_length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, shared + rest_length), dtype=torch.long)
+        attention_mask[:, :shared] = 1
+        for row, sequence in enumerate(sequences):
+            rest = sequence.token_ids[shared:]
+            input_ids[row, : len(rest)] = torch.tensor(rest, dtype=torch.long)
+            attention_mask[row, shared : shared + len(rest)] = 1
+        outputs = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            position_ids=(shared + torch.arange(rest_length, device=self.device)).expand(batch_size, -1),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return [
+            outputs.logits[row, torch.tensor(targets, dtype=torch.long, device=self.device) - 1 - shared]
+            for row, targets in enumerate(positions)
+        ]
 
 
 class _PreallocatedLayer(DynamicLayer):

@@ -22,10 +22,6 @@ TEXT_CHARSET = string.printable
 """Characters an observation text is made of (and the nominal charset of the action space)."""
 MAX_TEXT_LENGTH = 16_384
 
-_EXAMPLES = {
-    "10": ('["A", "3", "K", "6"]', "[1, 3, 10, 6]", "10*3-6*1=24"),
-    "11-12-13": ('["2", "J", "Q", "K"]', "[2, 11, 12, 13]", "(11+13-12)*2=24"),
-}
 _FACE_RULE_SENTENCES = {
     "10": "J, Q and K each count as 10; an ace (A) counts as 1; every other card counts as its number.",
     "11-12-13": "J counts as 11, Q as 12 and K as 13; an ace (A) counts as 1; every other card counts as its number.",
@@ -182,7 +178,8 @@ class GeneralPointsEnv(gym.Env):
         self._success = False
 
     def _build_prompt_template(self) -> str:
-        cards_example, numbers_example, formula_example = _EXAMPLES[self.face_cards]
+        # The hand comes last, so every prompt of a setting shares everything before it: a trainer or a
+        # server can compute that prefix once for a whole batch (`agents.vlm_policy` does).
         if self.modality == "language":
             where = "The cards in your hand are: {cards}."
             cards_field = "the cards you were given, by rank"
@@ -190,14 +187,15 @@ class GeneralPointsEnv(gym.Env):
             where = "The image shows the cards in your hand."
             cards_field = "the rank of every card in the image, left to right"
         return (
-            f"You are playing a card game. {where} "
+            "You are playing a card game. "
             f"Write one arithmetic formula that uses the value of each card exactly once and equals {self.target}. "
             "You may use +, -, *, / and parentheses, and nothing else.\n"
             f"{_FACE_RULE_SENTENCES[self.face_cards]}\n"
             "Reply with a single JSON object with three keys: "
             f'"cards" ({cards_field}), "number" (the value of each of those cards) and '
             f'"formula" (your formula as a string, without spaces, optionally ending in ={self.target}).\n'
-            f'For example: {{"cards": {cards_example}, "number": {numbers_example}, "formula": "{formula_example}"}}'
+            'Answer format: {"cards": [rank, ...], "number": [value, ...], "formula": "formula"}\n'
+            f"{where}"
         ).replace("{", "{{").replace("}", "}}").replace("{{cards}}", "{cards}")
 
     def _draw_hand(self) -> list[Card]:

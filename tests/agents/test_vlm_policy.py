@@ -297,21 +297,24 @@ def test_teacher_forced_logprobs_reproduce_sampling_logprobs(policies, arch, gre
     policy = policies[arch]
     prompts = _prompts(policy)
     assert len({len(prompt) for prompt in prompts}) == len(prompts)  # really padded
-    torch.manual_seed(4)
-    with LogitBias(policy, bias=2.5):
-        generations = policy.generate(prompts, temperature=temperature, max_new_tokens=16, greedy=greedy)
-        full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
-        targets = [range(len(prompt), len(sequence)) for prompt, sequence in zip(prompts, full, strict=True)]
-        with torch.no_grad():
-            teacher_forced = policy.token_logprobs(full, targets, temperature=temperature)
+    mixed_lengths = False
+    for seed in range(4, 24):  # sampling: go on until a batch mixes finished and cut-off responses
+        torch.manual_seed(seed)
+        with LogitBias(policy, bias=2.5):
+            generations = policy.generate(prompts, temperature=temperature, max_new_tokens=16, greedy=greedy)
+            full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
+            targets = [range(len(prompt), len(sequence)) for prompt, sequence in zip(prompts, full, strict=True)]
+            with torch.no_grad():
+                teacher_forced = policy.token_logprobs(full, targets, temperature=temperature)
 
-    for generation, logprobs in zip(generations, teacher_forced, strict=True):
-        assert len(generation.logprobs) == len(generation.token_ids) == len(logprobs)
-        assert torch.isfinite(logprobs).all()
-        assert (logprobs - generation.logprobs).abs().max().item() < 1e-4
-    if not greedy:
-        # The batch mixes finished and cut-off responses of different lengths.
-        assert len({len(g.token_ids) for g in generations}) > 1
+        for generation, logprobs in zip(generations, teacher_forced, strict=True):
+            assert len(generation.logprobs) == len(generation.token_ids) == len(logprobs)
+            assert torch.isfinite(logprobs).all()
+            assert (logprobs - generation.logprobs).abs().max().item() < 1e-4
+        mixed_lengths = len({len(g.token_ids) for g in generations}) > 1
+        if greedy or mixed_lengths:
+            break
+    assert greedy or mixed_lengths, "no seed gave responses of different lengths"
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -394,6 +397,46 @@ def test_token_logprobs_carry_gradients(policies):
     assert policy.model.lm_head.weight.grad is not None
     assert policy.model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
     policy.model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_shared_prefix_gives_the_padded_pass_logprobs_and_gradients(policies, arch):
+    """A batch that shares its first tokens runs them once: same log-probs, entropies and gradients."""
+    policy = policies[arch]
+    shared = "Rules of the game, the same for every row, long enough to be worth sharing. "
+    answers = ["{'a': 1}", "{'formula': '(10+2)*2=24'} with a longer tail", "ok"]
+    sequences, targets = [], []
+    for index, answer in enumerate(answers):
+        prompt = policy.encode_dialogue(Dialogue.start(shared + f"Hand {index}: {'x' * index}"))
+        sequence = prompt.extended(policy.tokenize(answer) + [policy.end_of_turn_token_id])
+        sequences.append(sequence)
+        targets.append(list(range(len(prompt), len(sequence))))
+    assert policy._shared_prefix_length(sequences, targets) >= 16
+    results = {}
+    for share in (False, True):
+        policy.model.zero_grad(set_to_none=True)
+        logprobs, entropies = policy.token_logprobs(sequences, targets, with_entropy=True, share_prefix=share)
+        (torch.cat(logprobs).sum() + torch.cat(entropies).sum()).backward()
+        gradients = {name: p.grad.clone() for name, p in policy.model.named_parameters() if p.grad is not None}
+        results[share] = (logprobs, entropies, gradients)
+    policy.model.zero_grad(set_to_none=True)
+    for padded, shared_result in zip(results[False][0] + results[False][1], results[True][0] + results[True][1], strict=True):
+        torch.testing.assert_close(shared_result, padded, atol=1e-4, rtol=0)
+    assert results[True][2].keys() == results[False][2].keys()
+    for name, gradient in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], gradient, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_prefix_is_not_shared_with_images_a_single_row_or_a_target_inside_it(policies):
+    policy = policies["qwen2-vl"]
+    text = "A long common opening that would be shared if nothing else stopped it. "
+    rows = [policy.encode_dialogue(Dialogue.start(text + tail)) for tail in ("one", "two")]
+    late = [[len(row) - 1] for row in rows]
+    assert policy._shared_prefix_length(rows, late) >= 16
+    assert policy._shared_prefix_length(rows[:1], late[:1]) == 0
+    assert policy._shared_prefix_length(rows, [[3], late[1]]) == 0  # a target needs the logit at position 2
+    with_image = policy.encode_dialogue(Dialogue.start(text + "one", image=_image(56, 56)))
+    assert policy._shared_prefix_length([with_image, rows[1]], [[len(with_image) - 1], late[1]]) == 0
 
 
 def test_generation_stops_at_end_of_turn(policies):

@@ -32,5 +32,9 @@ def test_two_processes_match_one_process(tmp_path):
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     initial = load_file(glob.glob(str(tmp_path / "one" / "initial-model" / "*.safetensors"))[0])
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-3  # training moved the weights
+    # Each process shares its own rows' prompt prefix, so gradients are summed in another order. The key
+    # biases' true gradient is 0 (softmax ignores a shift common to all keys) and AdamW turns that
+    # rounding noise into lr-sized steps, so the tolerance is 5e-4: still 20x below the 1e-2 the weights
+    # moved, which a missing gradient average or a wrong shard of the batch would show.
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-4, msg=name)

@@ -179,10 +179,8 @@ def test_group_sampling_shares_the_start_state_and_not_the_samples(tiny_policies
         assert len(prompts) == 1  # same seed, same hand
         first_answers = {tuple(t.segments[0].response_token_ids(0)) for t in group}
         assert len(first_answers) == 3  # distinct sampling randomness
-    assert (
-        trajectories[0].segments[0].token_ids[:200].tolist()
-        != trajectories[3].segments[0].token_ids[:200].tolist()
-    )
+    first, other = (t.segments[0] for t in (trajectories[0], trajectories[3]))
+    assert first.token_ids[: first.prompt_length].tolist() != other.token_ids[: other.prompt_length].tolist()
 
     again, _ = engine.collect([11, 12], group_size=3, sampling_seed=5, progress=False)
     assert again == trajectories
