@@ -21,8 +21,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 setup: $(STAMP)
 
+# --force: a second `make demo` replaces the first one's files in runs/demo (and nothing else there).
 demo: setup
-	$(BIN)/amft-vlm play
+	$(BIN)/amft-vlm demo --out runs/demo --force
 
 test: setup
 	$(BIN)/python -m pytest -q
