@@ -21,7 +21,7 @@
 replaced and nothing else is touched.
 
 The torch thread count is chosen from the machine's load unless given: on a shared machine one
-busy core makes two threads much slower than one (`choose_threads`).
+busy core makes two threads much slower than one (`choose_threads`, `busy_cores`).
 """
 
 from __future__ import annotations
@@ -179,15 +179,38 @@ class DemoResult:
     """Torch threads it ran with."""
 
 
+def busy_cores(window: float = 0.5) -> float:
+    """How many cores other processes keep busy now: from ``/proc/stat`` over `window` seconds.
+
+    The load average would do, but it lags by a minute: right after ``make demo``'s install step it
+    still reads about 1 on an idle machine. Without ``/proc/stat`` it is the fallback (0 without either).
+    """
+    def sample() -> tuple[int, int] | None:
+        try:
+            fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    first = sample()
+    if first is not None:
+        time.sleep(window)
+        second = sample()
+        if second is not None and second[0] > first[0]:
+            total, idle = second[0] - first[0], second[1] - first[1]
+            return (os.cpu_count() or 1) * (total - idle) / total
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def choose_threads(requested: int | None = None) -> int:
-    """Torch threads for the demo: `requested`, or the cores the 1-minute load average leaves free (at least 1)."""
+    """Torch threads for the demo: `requested`, or the cores other processes leave free now (at least 1)."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"threads must be at least 1; got {requested}")
         return requested
     cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - busy)))
+    return max(1, min(cores, round(cores - busy_cores())))
 
 
 def _prepare(out: Path, force: bool) -> None:
@@ -272,7 +295,7 @@ def run_demo(
         out_dir: output directory; must be empty or absent unless `force`.
         steps: optimiser steps of each method instead of the settings' (the AMFT warm-up keeps its
             share of the steps).
-        threads: torch threads; None chooses from the machine's load (`choose_threads`).
+        threads: torch threads; None uses the cores other processes leave free (`choose_threads`).
         quick: a few steps and episodes (`QUICK`): checks that everything runs, learns nothing.
         force: replace the demo's own files in a non-empty `out_dir`.
         progress: show progress bars.
@@ -289,8 +312,7 @@ def run_demo(
     _prepare(out, force)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(thread_count)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"amft-vlm demo: {thread_count} torch thread(s) on {os.cpu_count()} cores (1-minute load {load:.2f}); output in {out}", flush=True)
+    print(f"amft-vlm demo: {thread_count} torch thread(s) on {os.cpu_count()} cores; output in {out}", flush=True)
     started = time.perf_counter()
     try:
         print("1/5 building the tiny Qwen2-VL and its tokenizer", flush=True)

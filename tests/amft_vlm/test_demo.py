@@ -1,11 +1,13 @@
 """The demo end to end in its quick form (a few steps and episodes), and its command-line errors."""
 
 import json
+import os
+import time
 
 import pytest
 
 from amft_vlm.cli import main
-from amft_vlm.demo import EVALUATIONS, FULL, METHODS, QUICK, choose_threads, run_demo
+from amft_vlm.demo import EVALUATIONS, FULL, METHODS, QUICK, busy_cores, choose_threads, run_demo
 from amft_vlm.report import FIGURES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -68,15 +70,37 @@ def test_demo_steps_must_leave_room_for_warm_up_and_controller(tmp_path):
 
 def test_threads_follow_the_load(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    monkeypatch.setattr("os.getloadavg", lambda: (1.0, 1.0, 1.0))
+    monkeypatch.setattr("amft_vlm.demo.busy_cores", lambda: 1.0)
     assert choose_threads() == 1
-    monkeypatch.setattr("os.getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr("amft_vlm.demo.busy_cores", lambda: 0.1)
     assert choose_threads() == 2
-    monkeypatch.setattr("os.getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr("amft_vlm.demo.busy_cores", lambda: 5.0)
     assert choose_threads() == 1
     assert choose_threads(3) == 3
     with pytest.raises(ValueError, match="at least 1"):
         choose_threads(0)
+
+
+def test_busy_cores_sees_a_spinning_process():
+    import multiprocessing
+
+    idle = busy_cores(window=0.3)
+    spinner = multiprocessing.get_context("spawn").Process(target=_spin, args=(3.0,))
+    spinner.start()
+    try:
+        time.sleep(0.5)  # let it start
+        busy = busy_cores(window=0.5)
+    finally:
+        spinner.terminate()
+        spinner.join()
+    assert 0.0 <= idle <= (os.cpu_count() or 1)
+    assert busy > idle + 0.5 or busy > 0.8
+
+
+def _spin(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
 
 
 def test_full_settings_share_the_budget_between_methods():
