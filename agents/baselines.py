@@ -60,3 +60,18 @@ class GeneralPointsFormatAgent:
         operators = self.rng.choice(list("+-*/"), size=self.num_cards - 1)
         formula = str(numbers[0]) + "".join(f"{op}{n}" for op, n in zip(operators, numbers[1:], strict=False))
         return json.dumps({"cards": [RANK_NAMES[r - 1] for r in ranks], "number": numbers, "formula": formula})
+
+
+BASELINE_AGENTS = {"expert": ExpertAgent, "random": RandomTextAgent, "format-only": GeneralPointsFormatAgent}
+"""The model-free agents by name (the ``--agent`` choices of the command line)."""
+
+
+def baseline_agent(name: str, seed: int | None = None) -> ExpertAgent | RandomTextAgent | GeneralPointsFormatAgent:
+    """A new model-free agent by name; the random ones draw from `seed`.
+
+    Raises:
+        ValueError: for a name not in `BASELINE_AGENTS`.
+    """
+    if name not in BASELINE_AGENTS:
+        raise ValueError(f"unknown agent {name!r}; choose one of {sorted(BASELINE_AGENTS)}")
+    return ExpertAgent() if name == "expert" else BASELINE_AGENTS[name](seed=seed)

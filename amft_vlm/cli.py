@@ -9,7 +9,7 @@ import sys
 import gymnasium as gym
 
 import environments  # noqa: F401  (registers the environments)
-from agents.baselines import ExpertAgent, GeneralPointsFormatAgent, RandomTextAgent
+from agents.baselines import BASELINE_AGENTS, baseline_agent
 from amft_vlm.evaluate import ENV_IDS, MODALITIES, SETTINGS, SPLITS, evaluate, write_record
 from amft_vlm.expert_data import collect
 from amft_vlm.play import play, results_table
@@ -18,12 +18,7 @@ from environments.general_points.settings import PAPER_EPISODES, PAPER_SETTINGS
 log = logging.getLogger("amft_vlm")
 
 
-AGENT_NAMES = ("expert", "random", "format-only")
-
-
-def _agents(seed: int) -> dict:
-    """The model-free agents by name, the random ones seeded."""
-    return {"expert": ExpertAgent(), "random": RandomTextAgent(seed=seed), "format-only": GeneralPointsFormatAgent(seed=seed)}
+AGENT_NAMES = tuple(BASELINE_AGENTS)
 
 
 def _play_command(args: argparse.Namespace) -> int:
@@ -31,9 +26,8 @@ def _play_command(args: argparse.Namespace) -> int:
     results = []
     for setting in settings:
         env = gym.make("GeneralPoints-v0", resolution=args.resolution, split=args.split, **PAPER_SETTINGS[setting])
-        agents = _agents(args.seed)
         for name in args.agent:
-            results.append(play(env, agents[name], episodes=args.episodes, seed=args.seed, setting=setting))
+            results.append(play(env, baseline_agent(name, args.seed), episodes=args.episodes, seed=args.seed, setting=setting))
         env.close()
     print(results_table(results))
     return 0
@@ -51,9 +45,8 @@ def parse_env_args(pairs: list[str]) -> dict[str, object]:
 
 
 def _collect_command(args: argparse.Namespace) -> int:
-    agents = _agents(args.seed)
     env_kwargs = parse_env_args(args.env_arg)
-    stats = collect(args.env, env_kwargs, agents[args.agent], episodes=args.episodes, seed=args.seed, out_dir=args.out)
+    stats = collect(args.env, env_kwargs, baseline_agent(args.agent, args.seed), episodes=args.episodes, seed=args.seed, out_dir=args.out)
     log.info(
         "wrote %d dialogues from %d episodes to %s (success rate %.1f%%, mean return %.2f)",
         stats.dialogues, stats.episodes, args.out, 100 * stats.success_rate, stats.total_return / stats.episodes,
@@ -111,7 +104,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         split=args.split,
         episodes=args.episodes,
         seed=args.seed,
-        agent=_agents(args.seed)[args.agent] if args.agent else None,
+        agent=baseline_agent(args.agent, args.seed) if args.agent else None,
         model=args.model,
         env_kwargs=parse_env_args(args.env_arg),
         num_envs=args.num_envs,

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from agents.baselines import ExpertAgent, RandomTextAgent
+from agents.baselines import ExpertAgent, baseline_agent
 from agents.tiny import build_tiny_model
 from amft_vlm.checkpoint import latest_checkpoint
 from amft_vlm.config import ControllerConfig, TrainConfig
@@ -231,7 +231,6 @@ def _prepare(out: Path, force: bool) -> None:
 def _evaluate_all(who: str, label: str, *, model: str | None, settings: DemoSettings, eval_dir: Path, file_prefix: str, progress: bool) -> dict[str, EvalRecord]:
     """Play the three evaluations with a model or the agent `who`; write each record to ``eval_dir/PREFIXNAME.json``."""
     eval_dir.mkdir(parents=True, exist_ok=True)
-    agents = {"expert": ExpertAgent, "random": lambda: RandomTextAgent(seed=0)}
     records = {}
     for name, setting, split, _ in EVALUATIONS:
         record = evaluate(
@@ -239,7 +238,7 @@ def _evaluate_all(who: str, label: str, *, model: str | None, settings: DemoSett
             split=split,
             episodes=settings.eval_episodes,
             model=model,
-            agent=agents[who]() if model is None else None,
+            agent=baseline_agent(who, seed=0) if model is None else None,
             num_envs=settings.num_envs,
             max_new_tokens=settings.max_new_tokens,
             device="cpu",
