@@ -842,13 +842,13 @@ class VLMPolicy:
         costs one row instead of one per sequence (a GeneralPoints batch shares all but its hand).
         """
         prefix = torch.tensor([sequences[0].token_ids[:shared]], dtype=torch.long, device=self.device)
-        prefix_out = self.model.model.language_model(
+        cache = self.model(
             input_ids=prefix,
             attention_mask=torch.ones_like(prefix),
             position_ids=torch.arange(shared, device=self.device)[None],
             use_cache=True,
-        )
-        cache = prefix_out.past_key_values
+            logits_to_keep=1,  # the prefix predicts no target; only its keys and values are wanted
+        ).past_key_values
         batch_size = len(sequences)
         for layer in cache.layers:
             layer.keys = layer.keys.expand(batch_size, -1, -1, -1)
