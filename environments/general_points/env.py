@@ -47,8 +47,9 @@ class GeneralPointsEnv(gym.Env):
     ## Observation Space
     ``Dict({"text": Text(...)})`` in language modality, plus ``"image": Box(0, 255, (resolution,
     resolution, 3), uint8)`` in vision modality. ``"text"`` is the user message of this turn: at
-    reset the whole task prompt (rules, the face-card rule, the cards in language modality, the
-    answer format); after a failed attempt the feedback on it. The dialogue is the alternation of
+    reset the whole task prompt (rules, the face-card rule, the answer format, then the cards in
+    language modality; the hand comes last, so all prompts of a setting share everything before it);
+    after a failed attempt the feedback on it. The dialogue is the alternation of
     observation texts and the model's answers. The image (vision modality) is the same all episode.
 
     Vector environments: ``gym.make_vec(..., vectorization_mode="sync")`` and
