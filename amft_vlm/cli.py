@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     play_parser.add_argument("--episodes", type=int, default=PAPER_EPISODES, help=f"episodes per setting and agent (default {PAPER_EPISODES}, as the papers)")
     play_parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
-    play_parser.add_argument("--split", default="all", choices=["all", "train", "test"], help="which hands to deal")
+    play_parser.add_argument("--split", default="all", choices=["all", "train", "val", "test"], help="which hands to deal")
     play_parser.add_argument("--resolution", type=int, default=1200, help="card-table image size in vision settings")
     play_parser.set_defaults(handler=_play_command)
 

@@ -15,9 +15,9 @@ from environments.general_points.cards import FACE_CARD_RULES, SUIT_SETS, Card, 
 from environments.general_points.renderer import render_table
 from environments.general_points.solver import first_solution, hand_split, is_solvable, solvable_hands
 from environments.general_points.verifier import REWARD_OUT_OF_ATTEMPTS, judge, parse_response
+from environments.splits import SPLITS, split_shares
 
 MODALITIES = ("vision", "language")
-SPLITS = ("all", "train", "test")
 TEXT_CHARSET = string.printable
 """Characters an observation text is made of (and the nominal charset of the action space)."""
 MAX_TEXT_LENGTH = 16_384
@@ -102,8 +102,13 @@ class GeneralPointsEnv(gym.Env):
     - ``suits``: ``"black"`` (spades and clubs; vision training), ``"red"`` (hearts and diamonds; visual OOD) or ``"mixed"``.
     - ``target``: the number the formula must make. ``num_cards``: cards per hand (1 to 8).
     - ``max_attempts``: verified attempts per episode (at least 1).
-    - ``split``: ``"all"`` (the papers' protocol), ``"train"`` or ``"test"``: a fixed partition of the solvable
-      value multisets, about 80/20 (:func:`environments.general_points.solver.hand_split`).
+    - ``split``: ``"all"`` (the papers' protocol), ``"train"``, ``"val"`` or ``"test"``: a fixed partition of
+      the solvable value multisets, about 70/10/20 (:func:`environments.general_points.solver.hand_split`,
+      :mod:`environments.splits`). ``"test"`` is for reported held-out evaluation; ``"val"`` is for tuning
+      and controllers (such as AMFT's meta-gradient validation episodes), so nothing that steers training
+      sees a test hand. A multiset's side depends only on its sorted values, never on the target. With
+      ``face_cards="10"`` the 566 solvable multisets are 376 train, 57 val and 133 test; with
+      ``"11-12-13"`` the 1362 are 943, 129 and 290.
     - ``resolution``: side of the square card-table image in pixels (64 to 2048).
     - ``render_mode``: ``None`` or ``"rgb_array"`` (``render()`` returns the card-table image, in either modality).
 
@@ -119,10 +124,13 @@ class GeneralPointsEnv(gym.Env):
     - The ``"number"`` field is read but not scored, as in the reference.
     - Prompts and feedback are written for this project; the card images come from this project's renderer
       (no photographs of cards), at a configurable resolution.
-    - ``split`` adds a held-out set of hands that the papers do not have; ``split="all"`` is their protocol.
+    - ``split`` adds validation and held-out sets of hands that the papers do not have; ``split="all"`` is
+      their protocol.
 
     ## Version History
-    - v0: initial release.
+    - v0: initial release. ``split="val"`` was added later without a version bump: ``"all"`` and the
+      ``"test"`` hands are unchanged, and ``"train"`` gave up the hands that are now ``"val"``
+      (with ``face_cards="10"`` it went from 433 to 376 value multisets).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
@@ -160,7 +168,11 @@ class GeneralPointsEnv(gym.Env):
         hands = solvable_hands(self.target, self.num_cards, max_value)
         self._allowed_hands = frozenset(h for h in hands if split == "all" or hand_split(h) == split)
         if not self._allowed_hands:
-            raise ValueError(f"no solvable hand of {num_cards} cards makes {target} in split {split!r}; choose another target or num_cards")
+            raise ValueError(
+                f"no solvable hand of {num_cards} cards makes {target} in split {split!r} (solvable value multisets "
+                f"are split {split_shares()} by environments.general_points.solver.hand_split); choose another "
+                "target or num_cards, or split='all'"
+            )
         self._suit_letters = SUIT_SETS[suits]
         self._prompt_template = self._build_prompt_template()
 

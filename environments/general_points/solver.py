@@ -7,11 +7,12 @@ hand, asking again costs a dictionary look-up, so environments never search duri
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from functools import cache, lru_cache
 from itertools import combinations, combinations_with_replacement
+
+from environments.splits import split_of_key
 
 _ADD, _MUL, _ATOM = 1, 2, 3  # operator precedence of an expression's top level
 
@@ -201,17 +202,11 @@ def first_solution(numbers: Iterable[int], target: int = 24) -> str | None:
     return found[0] if found else None
 
 
-TEST_SHARE_PERCENT = 20
-"""About this share of the solvable hands (as value multisets) belongs to the test split."""
-
-
 def hand_split(numbers: Iterable[int]) -> str:
-    """'train' or 'test': the fixed split of a hand's value multiset, identical on every machine.
+    """'train', 'val' or 'test': the fixed split of a hand's value multiset, identical on every machine.
 
-    The multiset's sorted values are written as text ('1,3,6,10'), hashed with SHA-256, and the
-    hand is a test hand when the first 8 bytes as an integer modulo 100 fall below
-    :data:`TEST_SHARE_PERCENT`. The rule does not depend on the target or on which hands exist.
+    The key is the multiset's sorted values written as text (``'1,3,6,10'``), and
+    :func:`environments.splits.split_of_key` decides its side (about 70/10/20). The rule does not
+    depend on the target or on which hands exist.
     """
-    key = ",".join(str(int(n)) for n in sorted(numbers)).encode()
-    bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 100
-    return "test" if bucket < TEST_SHARE_PERCENT else "train"
+    return split_of_key(",".join(str(int(n)) for n in sorted(numbers)))

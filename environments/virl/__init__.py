@@ -10,8 +10,6 @@ from environments.virl.geometry import (
 )
 from environments.virl.published import PublishedRouteDatabase, load_routes
 from environments.virl.routes import (
-    SPLITS,
-    TEST_SHARE_PERCENT,
     Location,
     Milestone,
     Rail,
@@ -29,8 +27,6 @@ __all__ = [
     "COMPASS_NAMES",
     "RELATIVE_TURNS",
     "SPATIAL_RELATIONS",
-    "SPLITS",
-    "TEST_SHARE_PERCENT",
     "VERDICTS",
     "City",
     "CityLayout",

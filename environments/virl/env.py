@@ -13,13 +13,12 @@ import numpy as np
 from gymnasium import spaces
 
 from environments.arguments import check_choice
+from environments.splits import SPLITS, split_shares
 from environments.virl.city import CITY_SETS, City, load_city_set
 from environments.virl.geometry import COMPASS_NAMES, RELATIVE_TURNS
 from environments.virl.published import PublishedRouteDatabase
 from environments.virl.routes import (
     INTERSECTION_SENTENCE,
-    SPLITS,
-    TEST_SHARE_PERCENT,
     Location,
     Rail,
     Route,
@@ -255,15 +254,17 @@ class VIRLEnv(gym.Env):
     - ``data_dir``: a directory in the published V-IRL format (see ``docs/virl.md``); replaces
       ``city``. Language modality needs only its ``route_infos.json``.
     - ``max_attempts``: verified attempts per rail point (at least 1; the benchmark's is 2).
-    - ``split``: ``"all"`` (every route; the papers' protocol), ``"train"`` or ``"test"``: a fixed
-      partition of the routes, about 80/20, for held-out validation
-      (:func:`environments.virl.routes.route_split`). A route's side is decided by the SHA-256 of its
-      city's name and its points (start, intersections, destination; geocodes for published data),
-      never by its position or id, so it holds for any subset of a route database. The built-in
-      ``"builtin"`` city has 813 train and 187 test routes, ``"builtin-ood"`` 27 and 9. ``routes``
-      and ``options={"route": i}`` see only the split's routes, in their source's order, so a seed
-      picks a route of the split; with ``"all"`` they see every route. A split with no route (a tiny
-      database) raises ``ValueError``.
+    - ``split``: ``"all"`` (every route; the papers' protocol), ``"train"``, ``"val"`` or ``"test"``: a
+      fixed partition of the routes, about 70/10/20 (:func:`environments.virl.routes.route_split`,
+      :mod:`environments.splits`). ``"test"`` is for reported held-out evaluation; ``"val"`` is for
+      tuning and controllers (such as AMFT's meta-gradient validation episodes), so nothing that steers
+      training sees a test route. A route's side is decided by the SHA-256 of its city's name and its
+      points (start, intersections, destination; geocodes for published data), never by its position
+      or id, so it holds for any subset of a route database. The built-in ``"builtin"`` city has 706
+      train, 107 val and 187 test routes; ``"builtin-ood"`` has 27 train and 9 test routes and no val
+      route. ``routes`` and ``options={"route": i}`` see only the split's routes, in their source's
+      order, so a seed picks a route of the split; with ``"all"`` they see every route. A split with no
+      route (``"val"`` of ``"builtin-ood"``, a tiny database) raises ``ValueError``.
     - ``resolution``: side of each view in pixels, an even number from 64 to 2048.
     - ``render_mode``: ``None`` or ``"rgb_array"`` (``render()`` returns the current view grid, in either modality).
 
@@ -293,12 +294,15 @@ class VIRLEnv(gym.Env):
     - Answers are parsed leniently (trailing commas, single quotes, text around the JSON); an
       unreadable answer is a wrong action (-1). Published landmark names are turned into plain ASCII.
     - Prompts and feedback are written for this project. Randomness comes from ``self.np_random``.
-    - ``split`` adds a held-out set of routes that the papers do not have; ``split="all"`` is their protocol.
+    - ``split`` adds validation and held-out sets of routes that the papers do not have; ``split="all"`` is
+      their protocol.
     - A published route point without a panorama within 20 m is skipped if it is an in-between
       point and an error otherwise (the reference re-located points through its map service).
 
     ## Version History
-    - v0: initial release.
+    - v0: initial release. ``split="val"`` was added later without a version bump: ``"all"`` and the
+      ``"test"`` routes are unchanged, and ``"train"`` gave up the routes that are now ``"val"``
+      (``"builtin"`` went from 813 to 706 train routes).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
@@ -341,8 +345,8 @@ class VIRLEnv(gym.Env):
         if not self._source_indices:
             where = f"city {city!r}" if data_dir is None else f"the {len(source_routes)} route(s) in {str(data_dir)!r}"
             raise ValueError(
-                f"no route of {where} belongs to split {split!r} (about {TEST_SHARE_PERCENT}% of routes are test "
-                "routes, by environments.virl.routes.route_split); use split='all' or a route set with more routes"
+                f"no route of {where} belongs to split {split!r} (routes are split {split_shares()} by "
+                "environments.virl.routes.route_split); use split='all', another split or a route set with more routes"
             )
         self._routes = tuple(source_routes[index] for index in self._source_indices)
 

@@ -4,18 +4,18 @@ A :class:`Route` is what the published data and the built-in city both provide: 
 :class:`Milestone` per turn (the first at the start, the others at intersections) and a destination.
 :func:`route_instructions` writes the numbered instructions of the benchmark and :func:`build_rail`
 lays out the decision points with their expected actions, observations and current instruction.
-:func:`route_split` assigns every route to the fixed ``"train"`` or ``"test"`` split.
+:func:`route_split` assigns every route to the fixed ``"train"``, ``"val"`` or ``"test"`` split.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from environments.splits import split_of_key
 from environments.virl.geometry import compass_name, relative_turn
 
 FORWARD = "forward()"
@@ -36,10 +36,6 @@ MIN_LEG_FOR_INTERPOLATION_M = 5.0
 MIN_END_DISTANCE_M = 8.0
 """An interpolated point is kept only if farther than this from both ends of its leg."""
 
-SPLITS = ("all", "train", "test")
-"""Route splits an environment can draw from: every route, or one side of :func:`route_split`."""
-TEST_SHARE_PERCENT = 20
-"""About this share of the routes belongs to the test split."""
 
 
 def turn_action(direction: str) -> str:
@@ -271,13 +267,11 @@ def route_key(route: Route, city: str = "") -> str:
 
 
 def route_split(route: Route, city: str = "") -> str:
-    """'train' or 'test': the fixed split of ``route``, identical on every machine.
+    """'train', 'val' or 'test': the fixed split of ``route``, identical on every machine.
 
-    :func:`route_key` (``city`` is the built-in city's name, such as ``"metro"``, and ``""`` for
-    published data, whose geocodes already place the route) is hashed with SHA-256, and the route is
-    a test route when the first 8 bytes as an integer modulo 100 fall below
-    :data:`TEST_SHARE_PERCENT`. The rule does not depend on which other routes exist.
+    The key is :func:`route_key` (``city`` is the built-in city's name, such as ``"metro"``, and
+    ``""`` for published data, whose geocodes already place the route), and
+    :func:`environments.splits.split_of_key` decides its side (about 70/10/20). The rule does not
+    depend on which other routes exist.
     """
-    digest = hashlib.sha256(route_key(route, city).encode()).digest()
-    bucket = int.from_bytes(digest[:8], "big") % 100
-    return "test" if bucket < TEST_SHARE_PERCENT else "train"
+    return split_of_key(route_key(route, city))

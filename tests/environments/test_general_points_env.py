@@ -26,7 +26,7 @@ def test_check_env_passes_on_every_variant(modality, face_cards, suits):
     check_env(env.unwrapped)
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_check_env_passes_on_splits(split):
     check_env(make(modality="language", split=split).unwrapped)
 
@@ -52,7 +52,7 @@ def test_defaults_are_the_vision_training_setting():
         ({"modality": "audio"}, "modality"),
         ({"face_cards": "11"}, "face_cards"),
         ({"suits": "blue"}, "suits"),
-        ({"split": "val"}, "split"),
+        ({"split": "validation"}, "split"),
         ({"render_mode": "ansi"}, "render_mode"),
         ({"num_cards": 0}, "num_cards"),
         ({"max_attempts": 0}, "max_attempts"),
@@ -108,11 +108,17 @@ def test_rank_distribution_is_uniform_with_replacement():
     assert counts.min() > 0.4 * counts.mean()
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_split_deals_only_its_own_hands(split):
-    env = make(modality="language", split=split)
+@pytest.mark.parametrize("face_cards", ["10", "11-12-13"])
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_split_deals_only_its_own_hands(split, face_cards):
+    env = make(modality="language", face_cards=face_cards, split=split)
     for seed in range(150):
         assert hand_split(env.reset(seed=seed)[1]["numbers"]) == split
+
+
+def test_unknown_split_lists_the_splits():
+    with pytest.raises(ValueError, match=r"split must be one of \('all', 'train', 'val', 'test'\); got 'validation'"):
+        make(split="validation")
 
 
 @pytest.mark.parametrize("modality", ["language", "vision"])

@@ -1,6 +1,6 @@
-"""The exact solver: the spec's solvability counts, formula correctness, the train/test split."""
+"""The exact solver: the spec's solvability counts, formula correctness, the train/val/test split."""
 
-from collections import Counter
+import hashlib
 from fractions import Fraction
 
 import pytest
@@ -61,18 +61,33 @@ def test_solve_matches_solvability_on_all_face_ten_hands():
     assert solve([1, 1, 1, 1]) == []
 
 
-def test_split_is_disjoint_covers_all_and_is_about_80_20():
-    for max_value in (10, 13):
-        hands = solvable_hands(24, 4, max_value)
-        splits = Counter(hand_split(hand) for hand in hands)
-        assert set(splits) == {"train", "test"} and sum(splits.values()) == len(hands)
-        assert 0.15 < splits["test"] / len(hands) < 0.30
+HAND_SPLIT_SIZES = {10: {"train": 376, "val": 57, "test": 133}, 13: {"train": 943, "val": 129, "test": 290}}
+"""Solvable multisets per split for face_cards="10" (values up to 10) and "11-12-13" (up to 13)."""
+
+
+@pytest.mark.parametrize("max_value", [10, 13])
+def test_split_is_disjoint_covers_all_and_is_about_70_10_20(max_value):
+    hands = solvable_hands(24, 4, max_value)
+    by_split = {split: {hand for hand in hands if hand_split(hand) == split} for split in ("train", "val", "test")}
+    assert not by_split["train"] & by_split["val"] and not by_split["train"] & by_split["test"]
+    assert not by_split["val"] & by_split["test"]
+    assert by_split["train"] | by_split["val"] | by_split["test"] == set(hands)
+    assert {split: len(split_hands) for split, split_hands in by_split.items()} == HAND_SPLIT_SIZES[max_value]
+    assert 0.15 < len(by_split["test"]) / len(hands) < 0.25 and 0.06 < len(by_split["val"]) / len(hands) < 0.14
+
+
+@pytest.mark.parametrize("max_value", [10, 13])
+def test_test_hands_are_those_of_the_old_train_test_rule(max_value):
+    def old_bucket(hand):
+        return int.from_bytes(hashlib.sha256(",".join(map(str, hand)).encode()).digest()[:8], "big") % 100
+
+    hands = solvable_hands(24, 4, max_value)
+    assert {hand for hand in hands if hand_split(hand) == "test"} == {hand for hand in hands if old_bucket(hand) < 20}
+    assert {hand for hand in hands if hand_split(hand) == "val"} == {hand for hand in hands if 20 <= old_bucket(hand) < 30}
 
 
 def test_split_is_fixed_across_machines_and_orderings():
     # Pinned values: the split is a function of the sorted values' text, identical everywhere.
     assert hand_split([1, 3, 6, 10]) == hand_split([10, 6, 3, 1])
     pinned = {hand: hand_split(hand) for hand in [(1, 3, 6, 10), (3, 3, 8, 8), (4, 4, 10, 10), (1, 2, 3, 4)]}
-    assert pinned == {(1, 3, 6, 10): "train", (3, 3, 8, 8): "train", (4, 4, 10, 10): "test", (1, 2, 3, 4): "test"}
-    face_ten = Counter(hand_split(hand) for hand in solvable_hands(24, 4, 10))
-    assert face_ten == {"train": 433, "test": 133}
+    assert pinned == {(1, 3, 6, 10): "val", (3, 3, 8, 8): "train", (4, 4, 10, 10): "test", (1, 2, 3, 4): "test"}

@@ -1,9 +1,10 @@
-"""VIRL-v0's train/test split of routes: a fixed function of each route, on the built-in cities and published data."""
+"""VIRL-v0's train/val/test split of routes: a fixed function of each route, on the built-in cities and published data."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,13 +14,16 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import environments  # noqa: F401  (registers VIRL-v0)
+from environments.splits import TEST_SHARE_PERCENT, VAL_SHARE_PERCENT
 from environments.virl.env import VIRLEnv
 from environments.virl.published import load_routes
-from environments.virl.routes import TEST_SHARE_PERCENT, Location, Milestone, Route, route_key, route_split
+from environments.virl.routes import Location, Milestone, Route, route_key, route_split
 from tests.environments.virl_fixtures import ROUTES, FixtureRoute, route_record, write_published_database
 
 RESOLUTION = 64
-BUILTIN_SPLIT_SIZES = {"builtin": {"train": 813, "test": 187}, "builtin-ood": {"train": 27, "test": 9}}
+SPLITS = ("train", "val", "test")
+BUILTIN_SPLIT_SIZES = {"builtin": {"train": 706, "val": 107, "test": 187}, "builtin-ood": {"train": 27, "val": 0, "test": 9}}
+"""Routes per split; the 187 and 9 test routes are those of the train/test rule before val existed."""
 ALL_SPLIT_ROUTE_FOR_SEED = {0: "metro/0850", 1: "metro/0473", 2: "metro/0837", 3: "metro/0811", 4: "metro/0726"}
 """The routes ``split="all"`` drew for these seeds before splits existed; they must never change."""
 
@@ -27,6 +31,11 @@ ALL_SPLIT_ROUTE_FOR_SEED = {0: "metro/0850", 1: "metro/0473", 2: "metro/0837", 3
 @functools.cache
 def _env(city: str = "builtin", split: str = "all") -> VIRLEnv:
     return VIRLEnv(modality="language", city=city, split=split)
+
+
+def _builtin_split(route: Route) -> str:
+    """The split of a built-in route, whose id is "{city name}/{number}"."""
+    return route_split(route, route.route_id.split("/")[0])
 
 
 def _walk_with_the_expert(env: gym.Env, route: int, seed: int = 0) -> dict:
@@ -61,31 +70,43 @@ def routes_only_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("city", ["builtin", "builtin-ood"])
-def test_split_is_disjoint_and_covers_all_routes(city: str) -> None:
+def test_splits_are_disjoint_cover_all_routes_and_are_pinned(city: str) -> None:
     every = [route.route_id for route in _env(city).routes]
-    train = [route.route_id for route in _env(city, "train").routes]
-    test = [route.route_id for route in _env(city, "test").routes]
-    assert not set(train) & set(test)
-    assert sorted(train + test) == sorted(every)
-    assert train == [route_id for route_id in every if route_id in set(train)]  # the source's order is kept
-    for split in ("train", "test"):
-        # a built-in route id is "{city name}/{number}"
-        assert all(route_split(route, route.route_id.split("/")[0]) == split for route in _env(city, split).routes)
+    by_split = {split: [route.route_id for route in _env(city).routes if _builtin_split(route) == split] for split in SPLITS}
+    assert not set(by_split["train"]) & set(by_split["val"]) and not set(by_split["train"]) & set(by_split["test"])
+    assert not set(by_split["val"]) & set(by_split["test"])
+    assert sorted(by_split["train"] + by_split["val"] + by_split["test"]) == sorted(every)
+    assert {split: len(route_ids) for split, route_ids in by_split.items()} == BUILTIN_SPLIT_SIZES[city]
+    for split, route_ids in by_split.items():
+        if route_ids:  # the environment sees exactly the split's routes, in the source's order
+            assert [route.route_id for route in _env(city, split).routes] == route_ids
 
 
 @pytest.mark.parametrize("city", ["builtin", "builtin-ood"])
-def test_builtin_split_sizes_are_pinned(city: str) -> None:
-    sizes = {split: len(_env(city, split).routes) for split in ("train", "test")}
-    assert sizes == BUILTIN_SPLIT_SIZES[city]
+def test_test_routes_are_those_of_the_old_train_test_rule(city: str) -> None:
+    def old_bucket(route: Route) -> int:
+        key = route_key(route, route.route_id.split("/")[0])
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 100
+
+    test = [route.route_id for route in _env(city, "test").routes]
+    assert test == [route.route_id for route in _env(city).routes if old_bucket(route) < 20]
 
 
-def test_test_share_is_near_twenty_percent() -> None:
-    assert 0.15 <= len(_env("builtin", "test").routes) / len(_env("builtin").routes) <= 0.25
+def test_builtin_ood_has_no_val_route() -> None:
+    with pytest.raises(ValueError, match=r"no route of city 'builtin-ood' belongs to split 'val' \(routes are split about 70% train, 10% val"):
+        VIRLEnv(modality="language", city="builtin-ood", split="val")
+
+
+def test_shares_are_near_70_10_20() -> None:
+    every = len(_env("builtin").routes)
+    assert 0.15 <= len(_env("builtin", "test").routes) / every <= 0.25
+    assert 0.07 <= len(_env("builtin", "val").routes) / every <= 0.13
     synthetic = [
         Route(str(i), (Milestone(Location(float(i), 2.0 * i), 90.0),), Location(float(i) + 100.0, 2.0 * i)) for i in range(5000)
     ]
-    share = sum(route_split(route) == "test" for route in synthetic) / len(synthetic)
-    assert abs(share - TEST_SHARE_PERCENT / 100) < 0.02
+    splits = [route_split(route) for route in synthetic]
+    assert abs(splits.count("test") / len(splits) - TEST_SHARE_PERCENT / 100) < 0.02
+    assert abs(splits.count("val") / len(splits) - VAL_SHARE_PERCENT / 100) < 0.02
 
 
 def test_split_depends_on_the_route_not_its_id_heading_or_city_list() -> None:
@@ -98,15 +119,14 @@ def test_split_depends_on_the_route_not_its_id_heading_or_city_list() -> None:
     assert [route_split(route, city) for city in ("metro", "oldtown-1", "")] == ["train", "test", "train"]  # pinned: SHA-256 is fixed
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", SPLITS)
 def test_seeded_reset_is_deterministic_within_the_split(split: str) -> None:
     first, second = VIRLEnv(modality="language", split=split), VIRLEnv(modality="language", split=split)
-    ids = {route.route_id for route in first.routes}
     for seed in range(20):
         obs, info = first.reset(seed=seed)
         assert (obs, info) == second.reset(seed=seed)
-        assert info["route_id"] in ids
-        assert first.routes[info["route_index"]].route_id == info["route_id"]
+        route = first.routes[info["route_index"]]
+        assert route.route_id == info["route_id"] and _builtin_split(route) == split
 
 
 def test_options_route_indexes_the_split() -> None:
@@ -117,7 +137,7 @@ def test_options_route_indexes_the_split() -> None:
         env.reset(options={"route": 187})
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", SPLITS)
 def test_check_env_on_splits(split: str) -> None:
     check_env(VIRLEnv(modality="language", split=split), skip_render_check=True)
 
@@ -150,9 +170,9 @@ def test_all_split_is_unchanged() -> None:
     assert [explicit.reset(seed=seed)[1]["route_id"] for seed in range(20)] == [env.reset(seed=seed)[1]["route_id"] for seed in range(20)]
 
 
-@pytest.mark.parametrize("split", ["val", "TEST", None])
+@pytest.mark.parametrize("split", ["validation", "TEST", None])
 def test_bad_split_names_the_choices(split: object) -> None:
-    with pytest.raises(ValueError, match=r"split must be one of \('all', 'train', 'test'\); got"):
+    with pytest.raises(ValueError, match=r"split must be one of \('all', 'train', 'val', 'test'\); got"):
         VIRLEnv(modality="language", split=split)
 
 
@@ -170,9 +190,11 @@ def test_published_fixture_with_a_split(database: Path) -> None:
 def test_published_split_is_a_function_of_each_route(routes_only_database: Path, tmp_path: Path) -> None:
     every = load_routes(routes_only_database)
     train = VIRLEnv(data_dir=routes_only_database, modality="language", split="train").routes
+    val = VIRLEnv(data_dir=routes_only_database, modality="language", split="val").routes
     test = VIRLEnv(data_dir=routes_only_database, modality="language", split="test").routes
-    assert (len(train), len(test)) == (44, 16)  # pinned
+    assert (len(train), len(val), len(test)) == (39, 5, 16)  # pinned
     assert list(train) == [route for route in every if route_split(route) == "train"]
+    assert list(val) == [route for route in every if route_split(route) == "val"]
     assert list(test) == [route for route in every if route_split(route) == "test"]
     test_keys = {route_key(route) for route in test}
 
