@@ -28,8 +28,9 @@ Settings and defaults (the papers' protocol, Chu et al. 2025):
 - Episodes: 234 per GeneralPoints setting; 48 V-IRL routes in distribution and rule OOD, 18 visual OOD.
 - Episode ``i`` is reset with seed ``seed + i`` (seeds ``seed .. seed + episodes - 1``). V-IRL draws a
   route from the seed, so a small evaluation can walk a route twice.
-- ``split`` (``"train"``, ``"test"``, ``"all"``) is passed to the environment; ``"all"`` is the papers'
-  protocol. An environment that has no ``split`` argument refuses one rather than ignoring it.
+- ``split`` (``"train"``, ``"val"``, ``"test"``, ``"all"``) is passed to the environment; ``"all"`` is the
+  papers' protocol, ``"val"`` the tuning tasks kept apart from ``"test"``. An environment that has no
+  ``split`` argument (or not that split) refuses it rather than ignoring it.
 
 Metrics, each a `Metric` with its standard error (``sqrt(p (1 - p) / n)`` for a proportion over ``n``
 items, ``std / sqrt(n)`` for a mean):
@@ -37,8 +38,19 @@ items, ``std / sqrt(n)`` for a mean):
 - ``success_rate``: episodes solved within the attempt budget (for V-IRL: route success).
 - ``first_attempt_success``: episodes solved without a single wrong answer (GeneralPoints: the first
   answer is correct; V-IRL: every point right at its first attempt).
+- ``retry_success``: among the episodes with at least one answer that is not ``correct``, the share
+  solved in the end; its count is those episodes. GeneralPoints: episodes whose first answer failed
+  (a correct answer ends the episode) that a later attempt solved; V-IRL: routes with a failed
+  attempt at some point that were still walked to the end. It shows whether a model uses the
+  feedback. Absent when no episode had a failed answer (there is nothing to measure).
 - ``recognition_accuracy`` (GeneralPoints vision): 1 - answers with wrongly reported cards / verified
   answers.
+- ``valid_formula_rate`` (GeneralPoints): among verified answers other than ``wrong_cards``, the share
+  whose formula the verifier read and checked against the cards: verdict ``correct``, ``partial``,
+  ``no_solution`` or ``wrong_numbers``. ``grammar_error``, ``illegal_formula`` and ``missing_formula``
+  (and any verdict the environment does not list) count as invalid. ``wrong_cards`` answers are left
+  out of both counts: the card check comes first and nothing else is checked, so whether their
+  formula was valid is unknown. Absent when no answer is left to count.
 - ``step_accuracy`` (V-IRL): correct answers / verified answers, retries included: the papers' headline.
 - ``mean_turns``: answers per episode.
 - ``verdict_shares``: the share of each verdict (``correct``, ``wrong_numbers``, ``wrong_cards``,
@@ -89,14 +101,20 @@ SETTINGS = ("id", "ood-rule", "ood-visual")
 MODALITIES = ("language", "vision")
 """Observation modalities."""
 
-SPLITS = ("train", "test", "all")
-"""Hand (or route) splits an environment may offer; ``"all"`` is the papers' protocol."""
+SPLITS = ("train", "val", "test", "all")
+"""Hand (or route) splits an environment may offer; ``"all"`` is the papers' protocol, ``"val"`` is for tuning."""
 
 TINY_MODEL_SEED = 0
 """Weight seed of a ``tiny:ARCH`` model built for evaluation (the same as the default training config's)."""
 
 OUT_OF_ATTEMPTS = "out_of_attempts"
 """The verdict of an answer after the attempt budget: it is not read, so it is not a verified answer."""
+
+VALID_FORMULA_VERDICTS = frozenset({"correct", "partial", "no_solution", "wrong_numbers"})
+"""GeneralPoints verdicts of an answer whose formula the verifier read and checked against the cards."""
+
+UNCHECKED_FORMULA_VERDICTS = frozenset({"wrong_cards", OUT_OF_ATTEMPTS})
+"""GeneralPoints verdicts given before the formula is looked at: left out of ``valid_formula_rate``."""
 
 
 @dataclass(frozen=True)
@@ -205,7 +223,7 @@ class EvalRecord:
         env_id: ``"GeneralPoints-v0"`` or ``"VIRL-v0"``.
         env_kwargs: the ``gym.make`` keyword arguments the episodes were played with.
         setting: the paper setting's name, e.g. ``"GP-VL ood-visual"``.
-        split: the environment's split (``"all"``, ``"train"``, ``"test"``), None if it has none.
+        split: the environment's split (``"all"``, ``"train"``, ``"val"``, ``"test"``), None if it has none.
         episodes: number of episodes.
         seeds: the ``reset`` seed of each episode.
         decoding: for a model ``greedy``, ``temperature`` (None when greedy), ``sampling_seed``,
@@ -213,7 +231,8 @@ class EvalRecord:
         versions: versions of python, amft-vlm, torch, transformers and gymnasium.
         date: when the evaluation finished (ISO 8601, UTC).
         wall_seconds: how long it took.
-        metrics: ``success_rate``, ``first_attempt_success``, ``mean_turns``, and
+        metrics: ``success_rate``, ``first_attempt_success``, ``retry_success`` (when an episode had
+            a failed answer), ``mean_turns``, ``valid_formula_rate`` (GeneralPoints), and
             ``recognition_accuracy`` (GeneralPoints vision) or ``step_accuracy`` (V-IRL).
         verdict_shares: every verdict of the environment (zeros included) -> its share of all answers.
     """
@@ -311,7 +330,9 @@ def _percent(metric: Metric | None) -> str:
 _COMPARISON_COLUMNS = (
     ("success", "success_rate"),
     ("first-attempt success", "first_attempt_success"),
+    ("retry success", "retry_success"),
     ("recognition", "recognition_accuracy"),
+    ("valid formula", "valid_formula_rate"),
     ("step accuracy", "step_accuracy"),
 )
 
@@ -393,8 +414,39 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def retry_success(outcomes: Sequence[EpisodeOutcome]) -> Metric | None:
+    """Among the episodes with at least one answer that is not ``correct``, the share solved in the end.
+
+    GeneralPoints: a correct answer ends the episode, so these are the episodes whose first answer
+    failed, solved by a later attempt. V-IRL: routes with a failed attempt at some point, walked to
+    the end all the same. The count is the episodes with a failed answer; None when there are none.
+    """
+    retried = [outcome for outcome in outcomes if any(verdict != "correct" for verdict in outcome.verdicts)]
+    if not retried:
+        return None
+    return Metric.proportion(sum(outcome.success for outcome in retried), len(retried))
+
+
+def valid_formula_rate(verdicts: Sequence[str]) -> Metric | None:
+    """The share of GeneralPoints answers whose formula the verifier read and checked against the cards.
+
+    Valid: ``correct``, ``partial``, ``no_solution`` and ``wrong_numbers``. Invalid: ``grammar_error``,
+    ``illegal_formula``, ``missing_formula`` and any other verdict. Not counted at all: ``out_of_attempts``
+    (not read) and ``wrong_cards`` (the card check comes first and ends the judging, so the formula's
+    validity is unknown). None when no answer is left to count.
+    """
+    checked = [verdict for verdict in verdicts if verdict not in UNCHECKED_FORMULA_VERDICTS]
+    if not checked:
+        return None
+    return Metric.proportion(sum(verdict in VALID_FORMULA_VERDICTS for verdict in checked), len(checked))
+
+
 def compute_metrics(outcomes: Sequence[EpisodeOutcome], env_id: str, modality: str) -> tuple[dict[str, Metric], dict[str, Metric]]:
-    """The metrics and verdict shares of `outcomes` (see the module docstring for the definitions)."""
+    """The metrics and verdict shares of `outcomes` (see the module docstring for the definitions).
+
+    A conditional metric whose condition no episode or answer meets (``retry_success``,
+    ``valid_formula_rate``) is left out of the metrics rather than reported as 0.
+    """
     if not outcomes:
         raise ValueError("no episodes to measure")
     answers = [verdict for outcome in outcomes for verdict in outcome.verdicts]
@@ -405,8 +457,15 @@ def compute_metrics(outcomes: Sequence[EpisodeOutcome], env_id: str, modality: s
             sum(outcome.success and all(v == "correct" for v in outcome.verdicts) for outcome in outcomes), len(outcomes)
         ),
     }
+    retried = retry_success(outcomes)
+    if retried is not None:
+        metrics["retry_success"] = retried
     if env_id == "GeneralPoints-v0" and modality == "vision":
         metrics["recognition_accuracy"] = Metric.proportion(sum(v != "wrong_cards" for v in verified), len(verified))
+    if env_id == "GeneralPoints-v0":
+        valid = valid_formula_rate(answers)
+        if valid is not None:
+            metrics["valid_formula_rate"] = valid
     if env_id == "VIRL-v0":
         metrics["step_accuracy"] = Metric.proportion(verified.count("correct"), len(verified))
     metrics["mean_turns"] = Metric.mean([len(outcome.verdicts) for outcome in outcomes])
@@ -440,7 +499,7 @@ def evaluate(
         env_id: ``"GeneralPoints-v0"`` or ``"VIRL-v0"``.
         setting: ``"id"``, ``"ood-rule"`` or ``"ood-visual"`` (vision only).
         modality: ``"language"`` or ``"vision"``.
-        split: ``"train"``, ``"test"`` or ``"all"``, passed to the environment; None keeps its default
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``, passed to the environment; None keeps its default
             (``"all"``, the papers' protocol). An environment without a split refuses one.
         episodes: episodes to play; None for the papers' number (234 for GeneralPoints; 48 V-IRL
             routes, 18 for ood-visual).

@@ -68,6 +68,9 @@ def test_expert_solves_everything_and_random_nothing(env_id, setting, modality):
     has_recognition = env_id == "GeneralPoints-v0" and modality == "vision"
     assert ("recognition_accuracy" in expert.metrics) == has_recognition
     assert ("step_accuracy" in expert.metrics) == (env_id == "VIRL-v0")
+    assert ("valid_formula_rate" in expert.metrics) == (env_id == "GeneralPoints-v0")
+    assert "retry_success" not in expert.metrics  # no episode had a failed answer to recover from
+    assert random.metrics["retry_success"] == Metric.proportion(0, SMALL[env_id])
     if env_id == "GeneralPoints-v0":
         assert expert.metrics["mean_turns"].value == 1.0
         assert random.metrics["mean_turns"].value == 6.0  # 5 verified attempts and the unread 6th
@@ -103,9 +106,61 @@ def test_metrics_of_hand_made_episodes():
     # 14 verified answers (the two unread 6th answers are not), 6 with wrong cards.
     assert metrics["recognition_accuracy"] == Metric.proportion(8, 14)
     assert metrics["mean_turns"].value == 4.0
+    # Episodes 1, 2 and 3 had a failed answer; episode 1 recovered.
+    assert metrics["retry_success"] == Metric.proportion(1, 3)
+    # Wrong-cards answers are not counted: correct, wrong_numbers, correct of 3 + 5 missing formulas.
+    assert metrics["valid_formula_rate"] == Metric.proportion(3, 8)
     assert shares["wrong_cards"] == Metric.proportion(6, 16)
     assert shares["out_of_attempts"] == Metric.proportion(2, 16)
     assert math.isclose(sum(metric.value for metric in shares.values()), 1.0)
+
+
+def test_retry_success_and_valid_formula_rate():
+    outcomes = [
+        EpisodeOutcome(0, ("correct",), True),
+        EpisodeOutcome(1, ("grammar_error", "wrong_numbers", "correct"), True),
+        EpisodeOutcome(
+            2, ("missing_formula", "illegal_formula", "no_solution", "partial", "wrong_numbers", "out_of_attempts"), False
+        ),
+    ]
+    metrics, _ = compute_metrics(outcomes, "GeneralPoints-v0", "language")
+    retried = metrics["retry_success"]
+    assert (retried.value, retried.count) == (0.5, 2)
+    assert retried.stderr == pytest.approx(0.5 / math.sqrt(2))
+    # 9 verified answers; valid: correct x2, wrong_numbers x2, no_solution, partial.
+    assert metrics["valid_formula_rate"] == Metric.proportion(6, 9)
+    assert metrics["valid_formula_rate"].value == pytest.approx(2 / 3)
+    assert "recognition_accuracy" not in metrics
+    # Solved = solved first try + recovered after a failed first answer.
+    n = len(outcomes)
+    recovered = metrics["retry_success"].value * metrics["retry_success"].count
+    assert metrics["success_rate"].value * n == pytest.approx(metrics["first_attempt_success"].value * n + recovered)
+
+
+def test_conditional_metrics_are_absent_without_items():
+    solved, _ = compute_metrics([EpisodeOutcome(seed, ("correct",), True) for seed in range(3)], "GeneralPoints-v0", "language")
+    assert "retry_success" not in solved
+    assert solved["valid_formula_rate"] == Metric.proportion(3, 3)
+    blind = [EpisodeOutcome(0, ("wrong_cards",) * 5 + ("out_of_attempts",), False)]
+    metrics, _ = compute_metrics(blind, "GeneralPoints-v0", "vision")
+    assert "valid_formula_rate" not in metrics  # no answer's formula was checked
+    assert metrics["retry_success"] == Metric.proportion(0, 1)
+    assert metrics["recognition_accuracy"] == Metric.proportion(0, 5)
+
+
+def test_virl_retry_success():
+    outcomes = [
+        EpisodeOutcome(0, ("correct", "correct", "correct"), True),
+        EpisodeOutcome(1, ("wrong_action", "correct", "correct"), True),
+        EpisodeOutcome(2, ("correct", "no_action", "wrong_observation", "out_of_attempts"), False),
+        EpisodeOutcome(3, ("correct", "correct", "wrong_action", "correct"), True),
+    ]
+    metrics, _ = compute_metrics(outcomes, "VIRL-v0", "language")
+    # Episodes 1, 2 and 3 failed an attempt somewhere; 1 and 3 still reached the destination.
+    assert metrics["retry_success"] == Metric.proportion(2, 3)
+    assert metrics["first_attempt_success"] == Metric.proportion(1, 4)
+    assert metrics["step_accuracy"] == Metric.proportion(9, 13)  # 14 answers, the unread one not verified
+    assert "valid_formula_rate" not in metrics
 
 
 def test_verdict_shares_of_a_mixed_agent_sum_to_one():
@@ -126,10 +181,17 @@ def test_record_round_trips_and_tables(tmp_path):
     assert data["seeds"] == list(range(5, 5 + SMALL["GeneralPoints-v0"]))
     assert data["split"] == "test" and data["env_kwargs"]["split"] == "test"
     assert data["metrics"]["success_rate"] == {"value": 1.0, "stderr": 0.0, "count": SMALL["GeneralPoints-v0"]}
+    assert data["metrics"]["valid_formula_rate"] == {"value": 1.0, "stderr": 0.0, "count": SMALL["GeneralPoints-v0"]}
+    assert "retry_success" not in data["metrics"]
+    second_path = tmp_path / "random.json"
+    write_record(second, second_path)
+    assert load_record(second_path) == second
+    assert load_record(second_path).metrics["retry_success"] == Metric.proportion(0, SMALL["VIRL-v0"])
     assert set(data["versions"]) == {"python", "amft-vlm", "torch", "transformers", "gymnasium"}
     table = comparison_table([loaded, second, first])
     rows = table.splitlines()[2:]
     assert len(rows) == 3
+    assert "| retry success |" in table.splitlines()[0] and "| valid formula |" in table.splitlines()[0]
     assert "GP-L id" in rows[0] and "V-IRL-L ood-rule" in rows[1]
     wide = comparison_table([first, second], verdict_shares=True)
     assert "wrong_action share" in wide.splitlines()[0] and len(wide.splitlines()) == 4
@@ -140,6 +202,7 @@ def test_record_round_trips_and_tables(tmp_path):
 
 
 def test_paper_defaults():
+    assert evaluation.SPLITS == ("train", "val", "test", "all")
     assert paper_setting("GeneralPoints-v0", "ood-visual", "vision")[0] == "GP-VL ood-visual"
     assert evaluation.BENCHMARKS["GeneralPoints-v0"].paper_episodes == {"id": 234, "ood-rule": 234, "ood-visual": 234}
     assert evaluation.BENCHMARKS["VIRL-v0"].paper_episodes == {"id": 48, "ood-rule": 48, "ood-visual": 18}
