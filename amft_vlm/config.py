@@ -8,7 +8,9 @@ names the field and what to write instead.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -27,10 +29,17 @@ METHODS = (
 )
 """Training methods, all run by the same loop with the same budget accounting."""
 
+ENTROPY_SOURCES = ("rollouts", "expert")
+"""What the controller's entropy H and target H* are measured on (`ControllerConfig.entropy_source`)."""
+LOOKAHEADS = ("adam", "sgd")
+"""How the look-ahead parameters depend on mu (`ControllerConfig.lookahead`)."""
+META_SIGNALS = ("standardized", "raw")
+"""Forms of the meta-gradient signal (`ControllerConfig.meta_signal`)."""
+
 
 @dataclass
 class ControllerConfig:
-    """The AMFT mu controller (see :mod:`amft_vlm.controller`)."""
+    """The AMFT mu controller (see :mod:`amft_vlm.controller`); `MuController` takes it as it is."""
 
     mu_init: float = 0.5
     """mu when the controller takes over after warm-up (the released configuration used 0.8 and 0.5)."""
@@ -38,22 +47,65 @@ class ControllerConfig:
     """Lower clip of mu."""
     mu_max: float = 0.95
     """Upper clip of mu."""
-    eta_mu: float = 0.05
-    """Step size of the meta-gradient term (on the normalised signal; the raw product needs ~1e4x more)."""
+    eta_mu: float = 0.01
+    """Step size of the meta term. With ``meta_signal: standardized`` the signal is a t-statistic
+    (clipped to +-meta_clip), so 0.01 moves mu by about 0.02 per meta step when the sign is clear
+    (t ~ 2): 0.1-0.5 over a run of 10-25 meta steps. With ``raw`` it multiplies dU/dmu itself."""
     eta_h: float = 5e-4
-    """Step size of the entropy term."""
+    """Step size of the entropy term (per nat of H* - H)."""
     warmup_steps: int = 50
-    """Steps of pure SFT before the controller starts; H* is measured at their end."""
+    """Steps of pure SFT before the controller starts; H* is measured at the first controller step."""
     meta_interval: int = 20
     """Compute the meta-gradient every this many steps after warm-up."""
     entropy_sign: int = 1
     """+1: entropy below target raises mu (the paper's equation); -1: the paper's prose."""
-    normalize_meta: bool = True
-    """Use the cosine form of dU/dmu (scale-free) instead of the raw -alpha * dot product."""
-    meta_alpha: float | None = None
-    """Look-ahead step size alpha; None uses the optimiser's learning rate."""
-    validation_episodes: int = 16
-    """Held-out episodes per meta-gradient estimate of grad U."""
+    entropy_source: str = "rollouts"
+    """What H and H* are measured on, always at the sampling temperature: ``rollouts`` (the mean token
+    entropy of the step's own rollouts; H* is the first controller step's) or ``expert`` (a fixed
+    probe of ``entropy_probe_size`` expert dialogues, scored without gradient every step)."""
+    entropy_probe_size: int = 16
+    """Expert dialogues in the fixed entropy probe (``entropy_source: expert``)."""
+    lookahead: str = "adam"
+    """How theta' = the next parameters depend on mu: ``adam`` (the exact derivative of the real
+    clipped AdamW step) or ``sgd`` (Eq. 6 as written: d theta'/d mu = -lr (g_SFT - g_RL))."""
+    meta_signal: str = "standardized"
+    """``standardized``: dU/dmu divided by its standard error over the validation start states (a
+    t-statistic, scale-free), clipped to +-meta_clip; ``raw``: dU/dmu itself (Eq. 6's value)."""
+    meta_clip: float = 3.0
+    """Largest absolute standardized meta signal."""
+    validation_states: int = 8
+    """Validation start states (from the ``val`` split) per meta-gradient estimate; the same states every time."""
+    validation_samples: int = 4
+    """Episodes sampled per validation start state (>= 2: each gets the leave-one-out mean of the others as baseline)."""
+
+    def validate(self) -> ControllerConfig:
+        """Raise ValueError naming the first bad field; return self when valid."""
+        for name in ("mu_init", "mu_min", "mu_max", "eta_mu", "eta_h", "meta_clip"):
+            _finite(f"controller.{name}", getattr(self, name))
+        if not 0.0 <= self.mu_min <= self.mu_init <= self.mu_max <= 1.0:
+            raise ValueError(f"controller: need 0 <= mu_min <= mu_init <= mu_max <= 1; got {self.mu_min}, {self.mu_init}, {self.mu_max}")
+        for name in ("eta_mu", "eta_h"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"controller.{name} must be >= 0 (the sign of the entropy term is entropy_sign); got {getattr(self, name)}")
+        if self.entropy_sign not in (1, -1):
+            raise ValueError(f"controller.entropy_sign must be 1 or -1; got {self.entropy_sign!r}")
+        _choice("controller.entropy_source", self.entropy_source, ENTROPY_SOURCES)
+        _choice("controller.lookahead", self.lookahead, LOOKAHEADS)
+        _choice("controller.meta_signal", self.meta_signal, META_SIGNALS)
+        if not self.meta_clip > 0:
+            raise ValueError(f"controller.meta_clip must be > 0; got {self.meta_clip}")
+        for name in ("meta_interval", "entropy_probe_size", "validation_states"):
+            _positive(f"controller.{name}", getattr(self, name))
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"controller.warmup_steps must be an integer >= 0; got {self.warmup_steps!r}")
+        if isinstance(self.validation_samples, bool) or not isinstance(self.validation_samples, int) or self.validation_samples < 2:
+            raise ValueError(
+                f"controller.validation_samples must be an integer >= 2 (each episode's baseline is the mean of the "
+                f"others from its start state); got {self.validation_samples!r}"
+            )
+        if self.meta_signal == "standardized" and self.validation_states < 2:
+            raise ValueError("controller.validation_states must be >= 2 with meta_signal: standardized (its standard error needs two start states)")
+        return self
 
 
 @dataclass
@@ -89,15 +141,18 @@ class TrainConfig:
     """Environment to train on."""
     env_kwargs: dict[str, Any] = field(default_factory=lambda: {"modality": "language", "split": "train"})
     """gym.make keywords of the training environment."""
-    validation_env_kwargs: dict[str, Any] = field(default_factory=lambda: {"modality": "language", "split": "test"})
-    """gym.make keywords of the held-out episodes for the meta-gradient's utility U."""
+    validation_env_kwargs: dict[str, Any] = field(default_factory=lambda: {"modality": "language", "split": "val"})
+    """gym.make keywords of the validation episodes for the meta-gradient's utility U: the ``val`` split,
+    disjoint from ``train`` and from ``test`` (which held-out evaluation reports), so the controller never
+    sees the hands or routes the reported numbers come from."""
     expert_data: str | None = None
     """Expert dataset directory (amft-vlm collect); None collects expert_episodes with the oracle expert."""
     expert_episodes: int = 512
     """Expert episodes to collect when expert_data is None."""
 
     steps: int = 500
-    """Optimiser steps in all (every method gets the same)."""
+    """Training iterations in all (every method gets the same). Each collects one batch (expert
+    dialogues and/or rollouts) and makes ``ppo_epochs`` x mini-batches optimiser updates on it."""
     episodes_per_step: int = 8
     """RL start states per step; each is played group_size times."""
     group_size: int = 8
@@ -124,14 +179,21 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimiser step."""
     mixed_precision: str = "no"
-    """accelerate mixed precision: no, bf16 or fp16."""
+    """accelerate mixed precision: no, bf16 or fp16 (``no`` in YAML is the string, not false)."""
 
     advantage: str = "grpo"
     """'grpo' (group-normalised, no critic) or 'ppo' (value head and GAE)."""
     credit: str = "episode"
     """'episode': every turn gets the episode return; 'turn': each turn its own reward (plus GAE for ppo)."""
     clip_epsilon: float = 0.2
-    """PPO clip range of the probability ratio."""
+    """PPO clip range of the probability ratio (and of the ppo critic's value change)."""
+    ppo_epochs: int = 1
+    """Passes over each iteration's batch. 1 (with one mini-batch) is one optimiser step per batch: the
+    ratio is then exactly 1 and the clip never acts; Chu et al.'s recipe uses 4. Every method makes the
+    same number of updates per iteration (an SFT-only iteration passes over its expert batch as often)."""
+    mini_batch_size: int | None = None
+    """Rollouts per optimiser update; the expert batch is split into as many parts. None: the whole batch
+    in one update. Updates per iteration = ppo_epochs x ceil(episodes_per_step x group_size / mini_batch_size)."""
     gamma: float = 1.0
     """Discount per turn in GAE (ppo)."""
     gae_lambda: float = 0.95
@@ -170,8 +232,14 @@ class TrainConfig:
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("advantage", self.advantage, ("grpo", "ppo"))
         _choice("credit", self.credit, ("episode", "turn"))
-        for name in ("steps", "episodes_per_step", "group_size", "sft_batch_size", "num_envs", "max_new_tokens", "gradient_accumulation_steps", "save_every", "expert_episodes"):
+        for name in ("steps", "episodes_per_step", "group_size", "sft_batch_size", "num_envs", "max_new_tokens", "gradient_accumulation_steps", "save_every", "expert_episodes", "ppo_epochs"):
             _positive(name, getattr(self, name))
+        if self.mini_batch_size is not None:
+            _positive("mini_batch_size", self.mini_batch_size)
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float):
+                _finite(item.name, value)
         for name in ("learning_rate", "temperature", "clip_epsilon", "value_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
@@ -187,19 +255,23 @@ class TrainConfig:
             raise ValueError(f"lora_alpha must be > 0 or None (2 x lora_rank); got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
-        c = self.controller
-        if not 0.0 <= c.mu_min <= c.mu_init <= c.mu_max <= 1.0:
-            raise ValueError(f"controller: need 0 <= mu_min <= mu_init <= mu_max <= 1; got {c.mu_min}, {c.mu_init}, {c.mu_max}")
-        if c.entropy_sign not in (1, -1):
-            raise ValueError(f"controller.entropy_sign must be 1 or -1; got {c.entropy_sign!r}")
-        _positive("controller.meta_interval", c.meta_interval)
-        _positive("controller.validation_episodes", c.validation_episodes)
+        c = self.controller.validate()
+        if self.method in ("amft", "no-meta-gradient", "no-entropy", "no-warmup") and c.mu_max >= 1.0:
+            raise ValueError(
+                f"controller.mu_max must be < 1 for {self.method}: at mu = 1 no rollouts are collected, so the controller "
+                "would have no entropy or meta signal left to move mu back; the released value is 0.95"
+            )
         uses_warmup = self.method in ("amft", "no-meta-gradient", "no-entropy")
         if c.warmup_steps < 0 or (uses_warmup and c.warmup_steps >= self.steps):
             raise ValueError(f"controller.warmup_steps must be in [0, steps) = [0, {self.steps}); got {c.warmup_steps}")
         if self.expert_data is not None and not os.path.isdir(self.expert_data):
             raise ValueError(f"expert_data: {self.expert_data!r} is not a directory; run `amft-vlm collect --out DIR` or set expert_data=None")
         return self
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:
@@ -274,12 +346,29 @@ def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false (any case) are booleans; yes/no/on/off stay strings,
+    so ``mixed_precision: no`` is the string 'no'."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse a config file or an override value (YAML, with only true/false as booleans)."""
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML config (or the defaults), apply ``key=value`` overrides (YAML-typed values) and validate."""
     values: dict[str, Any] = {}
     if path is not None:
         with open(path) as handle:
-            loaded = yaml.safe_load(handle) or {}
+            loaded = parse_yaml(handle.read()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file is a mapping of field: value; got {type(loaded).__name__}")
         values = loaded
@@ -287,7 +376,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ValueError(f"overrides are key=value, like steps=100 or controller.eta_mu=0.1; got {override!r}")
-        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw else "")
+        _set_dotted(values, key.strip(), parse_yaml(raw) if raw else "")
     return _build(TrainConfig, values).validate()
 
 

@@ -1,55 +1,266 @@
 """The AMFT controller of mu, the weight of imitation in ``L_total = (1 - mu) * L_RL + mu * L_SFT``.
 
-After ``warmup_steps`` of pure SFT the target entropy ``H*`` is set to the policy's mean token
-entropy on expert data. Then every step adds the entropy term ``eta_H * sign * (H* - H)``
-(``sign = +1``: entropy below target -> more SFT, the direction of the paper's equation), and
-every ``meta_interval`` steps the meta-gradient term ``eta_mu * dU/dmu``, where U is the expected
-reward on held-out validation episodes and, through a one-step look-ahead
-``theta' = theta - alpha * grad L_total``::
+After ``warmup_steps`` of pure SFT, every step adds two terms to mu and clips it to [mu_min, mu_max]::
 
-    dU/dmu ~= -alpha * < grad U(theta'), g_SFT - g_RL >
+    mu <- clip(mu + eta_H * sign * (H* - H) + eta_mu * s, mu_min, mu_max)
 
-so mu rises when the SFT descent direction improves validation reward more than the RL one.
-mu is clipped to ``[mu_min, mu_max]``.
+**Entropy term.** H and the target H* are measured on the same kind of tokens at the same temperature
+(the sampling temperature), or their difference would compare two distributions of text rather than
+the policy with its past self (`ControllerConfig.entropy_source`):
+
+- ``rollouts`` (default): H is the mean token entropy of the step's own rollouts, H* that of the
+  rollouts of the first controller step (the end of warm-up). This is the exploration entropy the
+  paper's H(pi_theta) stands for; it is noisy from step to step, and averages to ~0 with a frozen policy.
+- ``expert``: H and H* are the mean token entropy on a fixed probe of expert dialogues, scored without
+  gradient every step: exactly 0 with a frozen policy, at the cost of one forward pass per step.
+
+**Meta term.** Every ``meta_interval`` steps, the meta-gradient of the utility U (expected reward on a
+fixed set of validation start states from the ``val`` split) through the policy update::
+
+    dU/dmu = < grad U(theta'), d theta'/d mu >
+
+The look-ahead theta' is the real update: the trainer takes its clipped AdamW step(s) and evaluates
+grad U at the parameters it lands on, so no parameters are saved, moved and restored.
+``d theta'/d mu`` is the exact derivative of that step with respect to mu (`adamw_mu_direction`):
+the mix ``g(mu) = mu g_SFT + (1 - mu) g_RL`` goes through the gradient-norm clip and the Adam moment
+updates, so a change of mu moves theta along the *preconditioned* difference of the two gradients, not
+along ``g_SFT - g_RL`` (this is a linearisation in mu of one real step; with several updates per
+iteration their directions are summed, ignoring how one update's change moves the next one's gradient).
+``lookahead: sgd`` keeps Eq. 6's direction ``-lr (g_SFT - g_RL)``.
+
+grad U is estimated by REINFORCE on ``validation_samples`` episodes from each of ``validation_states``
+start states, with a leave-one-out baseline (each episode's return minus the mean of the others from the
+same start state: unbiased, unlike a batch mean that includes the episode itself). Each start state
+gives one value ``s_i = < grad U_i, d theta'/d mu >`` (`MetaEstimate`), so dU/dmu comes with a standard
+error over start states.
+
+**Deviation from the paper, and why** (``meta_signal: standardized``, the default): the raw dU/dmu
+scales with the learning rate squared and the gradients' size (~1e-10 at LLM learning rates), so no
+fixed eta_mu suits it, and the cosine form used before (`cos(grad U, -(g_SFT - g_RL))` over millions of
+noisy dimensions) was ~0.01-0.08 and moved mu by 0.004 in a run. The default signal is dU/dmu divided
+by its standard error over start states, a t-statistic clipped to +-``meta_clip``: scale-free, ~+-1
+when the sign is not resolved and larger when it is, so eta_mu ~ 0.01 moves mu by 0.1-0.5 over a run
+only when the validation episodes consistently favour one side. ``meta_signal: raw`` uses dU/dmu itself.
+
+**Guards.** A non-finite entropy or meta signal is skipped (counted in ``skipped_signals``) and never
+reaches mu; a meta step whose validation returns all tie has no signal (None, logged as null).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
+from amft_vlm.config import ControllerConfig
+
 
 def flat_dot(a: Iterable[torch.Tensor | None], b: Iterable[torch.Tensor | None]) -> float:
-    """Sum of elementwise products over matching parameter gradients (None counts as zeros)."""
-    total = 0.0
+    """Sum of elementwise products over matching tensors (None counts as zeros), accumulated in float64.
+
+    The products are summed per tensor in float64 without float64 copies of the inputs, and the
+    host reads the total once.
+    """
+    total = None
     for x, y in zip(a, b, strict=True):
         if x is not None and y is not None:
-            total += float((x.double() * y.double()).sum())
-    return total
+            part = torch.sum(x * y, dtype=torch.float64)
+            total = part if total is None else total + part.to(total.device)
+    return 0.0 if total is None else float(total)
 
 
-def meta_gradient(
-    grad_u: list[torch.Tensor | None],
-    g_sft: list[torch.Tensor | None],
-    g_rl: list[torch.Tensor | None],
-    *,
-    alpha: float,
-    normalize: bool,
-) -> float:
-    """``dU/dmu`` through the look-ahead, or its normalised form.
+def leave_one_out_advantages(returns: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+    """Each return minus the mean return of the *other* episodes of its group (0 for a group of one).
 
-    Raw: ``-alpha * <grad U(theta'), g_SFT - g_RL>``. Normalised: the cosine between ``grad U`` and
-    ``-(g_SFT - g_RL)``, which has the same sign but is scale-free (the raw product is ~1e-10 at LLM
-    learning rates, too small to steer mu with any sensible ``eta_mu``).
+    With K episodes from one start state this is ``K / (K - 1) * (R - mean(R))``: an unbiased baseline,
+    since it does not depend on the episode it is subtracted from.
     """
-    difference = [None if s is None or r is None else s - r for s, r in zip(g_sft, g_rl, strict=True)]
-    dot = flat_dot(grad_u, difference)
-    if not normalize:
-        return -alpha * dot
-    norm = (flat_dot(grad_u, grad_u) * flat_dot(difference, difference)) ** 0.5
-    return -dot / norm if norm > 0 else 0.0
+    returns = returns.to(torch.float64)
+    group_ids = torch.as_tensor(list(groups))
+    if group_ids.shape != returns.shape:
+        raise ValueError(f"need one group id per return; got {tuple(group_ids.shape)} ids for {tuple(returns.shape)} returns")
+    advantages = torch.zeros_like(returns)
+    for group in group_ids.unique():
+        members = group_ids == group
+        count = int(members.sum())
+        if count > 1:
+            values = returns[members]
+            advantages[members] = (values - values.mean()) * count / (count - 1)
+    return advantages
+
+
+@dataclass(frozen=True)
+class MetaEstimate:
+    """dU/dmu from the per-start-state values ``s_i``: their mean and its standard error."""
+
+    value: float
+    """dU/dmu: the mean of the per-state values."""
+    stderr: float
+    """Standard error of `value` (sample std / sqrt(states)); NaN with one state."""
+    states: int
+    """Validation start states it averages."""
+
+    @classmethod
+    def from_per_state(cls, values: Sequence[float]) -> MetaEstimate | None:
+        """The estimate, or None when there is no signal (no states, or every value exactly 0)."""
+        count = len(values)
+        if count == 0 or all(v == 0.0 for v in values):
+            return None
+        mean = sum(values) / count
+        if count == 1:
+            return cls(mean, float("nan"), 1)
+        variance = sum((v - mean) ** 2 for v in values) / (count - 1)
+        return cls(mean, math.sqrt(variance / count), count)
+
+    @property
+    def t_statistic(self) -> float:
+        """value / stderr (NaN when the standard error is 0 or unknown)."""
+        return self.value / self.stderr if self.stderr > 0 else float("nan")
+
+    def signal(self, form: str, clip: float) -> float:
+        """The meta signal of `form`: ``raw`` (dU/dmu) or ``standardized`` (the t-statistic clipped to +-clip)."""
+        if form == "raw":
+            return self.value
+        if form == "standardized":
+            t = self.t_statistic
+            return max(-clip, min(clip, t)) if math.isfinite(t) else t  # NaN stays NaN: the controller skips it
+        raise ValueError(f"meta signal form must be 'standardized' or 'raw'; got {form!r}")
+
+
+@dataclass(frozen=True)
+class ClipDerivative:
+    """How the gradient-norm clip of ``g(mu)`` changes with mu: ``dg_clipped/dmu = scale * delta + rate * g_clipped``.
+
+    Without clipping (norm <= max_norm) ``scale = 1`` and ``rate = 0``. With it, torch's clip multiplies by
+    ``c = max_norm / (n + 1e-6)`` where ``n = |g|``, so ``dc/dmu = -c <g, delta> / (n (n + 1e-6))``.
+    """
+
+    scale: float
+    rate: float
+
+    @classmethod
+    def of(cls, *, total_norm: float, max_norm: float, mix_dot_delta: float) -> ClipDerivative:
+        """From the unclipped norm ``n``, the clip's ``max_norm`` (<= 0: no clipping) and ``<g, g_SFT - g_RL>``."""
+        coefficient = max_norm / (total_norm + 1e-6) if max_norm > 0 else 1.0
+        if coefficient >= 1.0 or total_norm == 0.0:
+            return cls(1.0, 0.0)
+        return cls(coefficient, -mix_dot_delta / (total_norm * (total_norm + 1e-6)))
+
+
+def adamw_mu_direction(
+    delta: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    clip: ClipDerivative,
+) -> torch.Tensor:
+    """``d theta'/d mu`` of one parameter for the AdamW step just taken (torch's AdamW, amsgrad off).
+
+    The step was ``theta' = theta (1 - lr wd) - lr / b1 * m / (sqrt(v) / sqrt(b2) + eps)`` with
+    ``m = beta1 m_prev + (1 - beta1) g``, ``v = beta2 v_prev + (1 - beta2) g^2``, ``b_i = 1 - beta_i^step``
+    and ``g`` the clipped gradient ``(1 - mu) g_RL + mu g_SFT``. Arguments are the values *after* the
+    step: ``grad`` the clipped g, ``exp_avg``/``exp_avg_sq`` m and v; ``delta = g_SFT - g_RL``.
+    """
+    beta1, beta2 = betas
+    bias1, bias2_sqrt = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
+    dtype = torch.promote_types(grad.dtype, torch.float32)  # half-precision state is differentiated in float32
+    grad, exp_avg = grad.to(dtype), exp_avg.to(dtype)
+    dgrad = clip.scale * delta.to(dtype) + clip.rate * grad
+    root = exp_avg_sq.to(dtype).sqrt()
+    denom = root / bias2_sqrt + eps
+    # d sqrt(v) = (1 - beta2) g dg / sqrt(v); where v = 0 every gradient so far was 0 and the step did not move.
+    droot = torch.where(root > 0, (1.0 - beta2) * grad * dgrad / root.clamp_min(1e-30), torch.zeros_like(root))
+    return -(lr / bias1) * ((1.0 - beta1) * dgrad / denom - exp_avg * (droot / bias2_sqrt) / denom**2)
+
+
+@dataclass(frozen=True)
+class MixedStep:
+    """What `mixed_adamw_step` did."""
+
+    grad_norm: float | None
+    """Norm of the mixed gradient before clipping (None without clipping)."""
+    cos_sft_rl: float | None
+    """Cosine of g_SFT and g_RL (None unless both were given)."""
+    direction: list[torch.Tensor] | None
+    """``d theta'/d mu`` of the step, per parameter (None unless asked for and both gradients were given)."""
+
+
+def mixed_adamw_step(
+    parameters: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    g_sft: list[torch.Tensor] | None,
+    g_rl: list[torch.Tensor] | None,
+    *,
+    mu: float,
+    max_grad_norm: float,
+    lookahead: str | None = None,
+) -> MixedStep:
+    """One update: ``g = mu g_SFT + (1 - mu) g_RL`` (a missing part counts as 0), norm clip, AdamW step.
+
+    With ``lookahead`` (``"adam"`` or ``"sgd"``) it also returns ``d theta'/d mu`` of this very step
+    (`adamw_mu_direction`, or Eq. 6's ``-lr (g_SFT - g_RL)``). The gradient lists are consumed: they
+    are reused in place for the mix, ``g_SFT - g_RL`` and the direction, so the step allocates no
+    parameter-sized tensor of its own. ``optimizer`` is a torch AdamW (amsgrad off) over `parameters`
+    in one group, or a wrapper holding one as ``.optimizer`` (accelerate's).
+    """
+    cosine = None
+    if g_sft is not None and g_rl is not None:
+        sft_sq, rl_sq, cross = flat_dot(g_sft, g_sft), flat_dot(g_rl, g_rl), flat_dot(g_sft, g_rl)
+        cosine = cross / math.sqrt(sft_sq * rl_sq) if sft_sq > 0 and rl_sq > 0 else 0.0
+        # g_rl becomes delta = g_SFT - g_RL and g_sft the mix mu g_SFT + (1 - mu) g_RL = g_SFT - (1 - mu) delta.
+        for sft, rl in zip(g_sft, g_rl, strict=True):
+            rl.sub_(sft).neg_()
+            sft.sub_(rl, alpha=1.0 - mu)
+        mixed, delta = g_sft, g_rl
+    else:
+        mixed, delta = (g_sft, None) if g_sft is not None else (g_rl, None)
+        if mixed is None:
+            raise ValueError("a step needs g_SFT, g_RL or both")
+        scale = mu if g_sft is not None else 1.0 - mu
+        if scale != 1.0:
+            for gradient in mixed:
+                gradient.mul_(scale)
+    lookahead = lookahead if delta is not None else None
+    mix_dot_delta = flat_dot(mixed, delta) if lookahead == "adam" else 0.0
+    for parameter, gradient in zip(parameters, mixed, strict=True):
+        parameter.grad = gradient
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)) if max_grad_norm > 0 else None
+    optimizer.step()
+    direction = None
+    if lookahead is not None:
+        adamw = getattr(optimizer, "optimizer", optimizer)
+        (group,) = adamw.param_groups
+        if lookahead == "adam" and (not isinstance(adamw, torch.optim.AdamW) or group["amsgrad"] or group["maximize"]):
+            raise ValueError(f"lookahead 'adam' differentiates torch.optim.AdamW without amsgrad or maximize; got {adamw!r}")
+        clip = ClipDerivative.of(total_norm=grad_norm or 0.0, max_norm=max_grad_norm, mix_dot_delta=mix_dot_delta)
+        for parameter, difference in zip(parameters, delta, strict=True):
+            if lookahead == "sgd":
+                difference.mul_(-group["lr"])
+                continue
+            state = adamw.state[parameter]
+            difference.copy_(
+                adamw_mu_direction(
+                    difference,
+                    parameter.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    step=int(state["step"]),
+                    lr=group["lr"],
+                    betas=group["betas"],
+                    eps=group["eps"],
+                    clip=clip,
+                )
+            )
+        direction = delta
+    optimizer.zero_grad(set_to_none=True)
+    return MixedStep(grad_norm, cosine, direction)
 
 
 @dataclass
@@ -58,50 +269,37 @@ class ControllerState:
 
     mu: float
     target_entropy: float | None = None
-    last_entropy_term: float = 0.0
-    last_meta_term: float = 0.0
+    last_entropy_term: float | None = 0.0
+    """The entropy term added at the last update (None: no entropy measured, or a skipped non-finite one)."""
+    last_meta_term: float | None = 0.0
+    """The meta term added at the last update (0 when none was applied; None: a skipped non-finite one)."""
+    skipped_signals: int = 0
+    """Non-finite signals skipped so far."""
 
 
 class MuController:
-    """Adapts mu every step from the entropy signal and, every ``meta_interval`` steps, the meta-gradient.
+    """Adapts mu from the entropy signal every step and the meta-gradient every ``meta_interval`` steps.
 
     Args:
-        mu_init: mu after warm-up. mu_min, mu_max: the clip range.
-        eta_mu: step size of the meta-gradient term. eta_h: step size of the entropy term.
-        warmup_steps: steps of pure SFT (mu = 1) before the controller starts.
-        meta_interval: the meta-gradient is applied every this many steps after warm-up.
-        entropy_sign: +1 raises mu when entropy is below target (the paper's equation), -1 the reverse.
-        use_meta, use_entropy: switch either term off (the ablations).
+        config: the controller's settings (validated here).
+        warmup_steps: overrides ``config.warmup_steps`` (the no-warmup ablation passes 0).
+        use_meta, use_entropy: switch either term off (the ablations); a switched-off term is exactly 0.
     """
 
     def __init__(
         self,
+        config: ControllerConfig | None = None,
         *,
-        mu_init: float = 0.5,
-        mu_min: float = 0.05,
-        mu_max: float = 0.95,
-        eta_mu: float = 0.05,
-        eta_h: float = 5e-4,
-        warmup_steps: int = 50,
-        meta_interval: int = 20,
-        entropy_sign: int = 1,
+        warmup_steps: int | None = None,
         use_meta: bool = True,
         use_entropy: bool = True,
     ) -> None:
-        if not 0.0 <= mu_min <= mu_max <= 1.0:
-            raise ValueError(f"need 0 <= mu_min <= mu_max <= 1; got mu_min={mu_min}, mu_max={mu_max}")
-        if not mu_min <= mu_init <= mu_max:
-            raise ValueError(f"mu_init must lie in [mu_min, mu_max] = [{mu_min}, {mu_max}]; got {mu_init}")
-        if entropy_sign not in (1, -1):
-            raise ValueError(f"entropy_sign must be 1 or -1; got {entropy_sign}")
-        if meta_interval < 1 or warmup_steps < 0:
-            raise ValueError(f"need meta_interval >= 1 and warmup_steps >= 0; got {meta_interval}, {warmup_steps}")
-        self.mu_min, self.mu_max = mu_min, mu_max
-        self.eta_mu, self.eta_h = eta_mu, eta_h
-        self.warmup_steps, self.meta_interval = warmup_steps, meta_interval
-        self.entropy_sign = entropy_sign
+        self.config = (config or ControllerConfig()).validate()
+        self.warmup_steps = self.config.warmup_steps if warmup_steps is None else warmup_steps
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
         self.use_meta, self.use_entropy = use_meta, use_entropy
-        self.state = ControllerState(mu=mu_init)
+        self.state = ControllerState(mu=self.config.mu_init)
 
     def in_warmup(self, step: int) -> bool:
         """True while ``step`` (0-based) is a pure-SFT warm-up step."""
@@ -113,25 +311,44 @@ class MuController:
 
     def wants_meta_gradient(self, step: int) -> bool:
         """True when ``step`` should compute the meta-gradient (every ``meta_interval`` steps after warm-up)."""
-        return self.use_meta and not self.in_warmup(step) and (step - self.warmup_steps) % self.meta_interval == 0
+        return self.use_meta and not self.in_warmup(step) and (step - self.warmup_steps) % self.config.meta_interval == 0
+
+    def needs_target_entropy(self, step: int) -> bool:
+        """True at the first controller step when H* is not set yet (it is then set from this step's H)."""
+        return not self.in_warmup(step) and self.state.target_entropy is None
 
     def set_target_entropy(self, entropy: float) -> None:
-        """Fix ``H*``, the policy's mean token entropy on expert data at the end of warm-up."""
-        self.state.target_entropy = float(entropy)
+        """Fix ``H*``; a non-finite value leaves it unset (tried again at the next step)."""
+        if math.isfinite(entropy):
+            self.state.target_entropy = float(entropy)
+        else:
+            self.state.skipped_signals += 1
 
-    def update(self, *, entropy: float, meta_signal: float | None = None) -> float:
+    def update(self, *, entropy: float | None, meta_signal: float | None = None) -> float:
         """Apply one step's terms and return the new mu.
 
-        ``entropy`` is H(pi_theta) measured on this step's tokens; ``meta_signal`` is dU/dmu (from
-        :func:`meta_gradient`) on steps that computed it, else None.
+        ``entropy`` is H on this step (None if not measured); ``meta_signal`` the meta signal on steps that
+        computed one (`MetaEstimate.signal`), else None. Non-finite values are skipped, never applied.
         """
-        if self.state.target_entropy is None:
-            raise RuntimeError("set_target_entropy() must be called (at the end of warm-up) before update()")
-        entropy_term = self.eta_h * self.entropy_sign * (self.state.target_entropy - entropy) if self.use_entropy else 0.0
-        meta_term = self.eta_mu * meta_signal if (self.use_meta and meta_signal is not None) else 0.0
-        self.state.last_entropy_term, self.state.last_meta_term = entropy_term, meta_term
-        self.state.mu = min(self.mu_max, max(self.mu_min, self.state.mu + entropy_term + meta_term))
-        return self.state.mu
+        config, state = self.config, self.state
+        entropy_term: float | None = 0.0
+        if self.use_entropy:
+            entropy_term = None
+            if entropy is not None and state.target_entropy is not None:
+                if math.isfinite(entropy):
+                    entropy_term = config.eta_h * config.entropy_sign * (state.target_entropy - entropy)
+                else:
+                    state.skipped_signals += 1
+        meta_term: float | None = 0.0
+        if self.use_meta and meta_signal is not None:
+            meta_term = None
+            if math.isfinite(meta_signal):
+                meta_term = config.eta_mu * meta_signal
+            else:
+                state.skipped_signals += 1
+        state.last_entropy_term, state.last_meta_term = entropy_term, meta_term
+        state.mu = min(config.mu_max, max(config.mu_min, state.mu + (entropy_term or 0.0) + (meta_term or 0.0)))
+        return state.mu
 
     def state_dict(self) -> dict:
         """The controller's state, for checkpoints."""

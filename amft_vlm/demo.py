@@ -60,7 +60,7 @@ OUTPUTS = ("initial-model", "expert", "baselines", *METHODS, "report", "demo.md"
 """The entries `run_demo` writes under its output directory (what ``force`` replaces)."""
 
 TRAIN_ENV = {"modality": "language", "split": "train"}
-VALIDATION_ENV = {"modality": "language", "split": "test"}
+VALIDATION_ENV = {"modality": "language", "split": "val"}
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,10 @@ class DemoSettings:
     """AMFT: rollouts per start state (GRPO group)."""
     meta_interval: int = 5
     """AMFT: steps between meta-gradient estimates."""
-    validation_episodes: int = 8
-    """AMFT: held-out episodes per meta-gradient estimate."""
+    validation_states: int = 8
+    """AMFT: validation start states (``split="val"``) per meta-gradient estimate."""
+    validation_samples: int = 2
+    """AMFT: episodes per validation start state."""
     mu_init: float = 0.8
     """AMFT: mu when the controller takes over."""
     max_new_tokens: int = 60
@@ -133,7 +135,8 @@ class DemoSettings:
                 mu_init=self.mu_init,
                 warmup_steps=self.warmup_steps,
                 meta_interval=self.meta_interval,
-                validation_episodes=self.validation_episodes,
+                validation_states=self.validation_states,
+                validation_samples=self.validation_samples,
             ),
             output_dir=output_dir,
             save_every=self.steps,
@@ -152,7 +155,8 @@ QUICK = DemoSettings(
     episodes_per_step=2,
     group_size=2,
     meta_interval=1,
-    validation_episodes=2,
+    validation_states=2,
+    validation_samples=2,
     max_new_tokens=16,
     num_envs=4,
     eval_episodes=3,

@@ -5,10 +5,11 @@ Names follow the papers: ``L_SFT`` is the masked negative log-likelihood of the 
 advantages by default, PPO with a value head and GAE as the option), and
 ``L_total = (1 - mu) * L_RL + mu * L_SFT``.
 
-Every per-token tensor is ``(batch, length)`` and paired with a ``loss_mask`` of the same shape that
-is 1 exactly on the policy's own generated tokens. Token-level aggregation: a loss is the sum over
-all masked tokens of the batch divided by their count (each generated token weighs the same,
-whatever the length of its sequence), as in DAPO and TRL's ``loss_type="dapo"``.
+Per-token tensors are either flat over the trainable tokens of a batch (what the trainer passes: the
+loss mask is then None) or ``(batch, length)`` with a ``loss_mask`` of the same shape that is 1 exactly
+on the policy's own generated tokens. Token-level aggregation: a loss is the sum over all trainable
+tokens of the batch divided by their count (each generated token weighs the same, whatever the length
+of its sequence), as in DAPO and TRL's ``loss_type="dapo"``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from dataclasses import dataclass
 import torch
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over positions where ``mask`` is 1 (0 when the mask is empty)."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values`` over positions where ``mask`` is 1 (over all of them without a mask; 0 when empty)."""
+    if mask is None:
+        return values.sum() / max(values.numel(), 1)
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def sft_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def sft_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``L_SFT``: mean negative log-likelihood of the expert's response tokens."""
     return -masked_mean(logprobs, loss_mask)
 
@@ -71,7 +74,7 @@ def clipped_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    loss_mask: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
     *,
     clip_epsilon: float = 0.2,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
@@ -79,15 +82,20 @@ def clipped_policy_loss(
 
     ``ratio = exp(logprobs - old_logprobs)``; per token
     ``-min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)``. ``advantages`` is per token (broadcast a
-    per-episode advantage over its tokens before calling).
+    per-episode advantage over its tokens before calling). ``clip_fraction`` is the share of tokens
+    whose clipped term is the one in force (ratio above 1 + eps with A > 0, or below 1 - eps with
+    A < 0): their gradient is zero. A token outside the band on the other side keeps its gradient
+    and is not counted.
     """
-    log_ratio = (logprobs - old_logprobs) * loss_mask
+    log_ratio = logprobs - old_logprobs
+    if loss_mask is not None:
+        log_ratio = log_ratio * loss_mask
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon) * advantages
     loss = -masked_mean(torch.minimum(unclipped, clipped), loss_mask)
     with torch.no_grad():
-        was_clipped = ((ratio < 1.0 - clip_epsilon) | (ratio > 1.0 + clip_epsilon)).to(torch.float32)
+        was_clipped = (((ratio > 1.0 + clip_epsilon) & (advantages > 0)) | ((ratio < 1.0 - clip_epsilon) & (advantages < 0))).to(torch.float32)
         stats = PolicyLossStats(
             clip_fraction=float(masked_mean(was_clipped, loss_mask)),
             approx_kl=float(masked_mean((ratio - 1.0) - log_ratio, loss_mask)),  # k3 estimator, >= 0
@@ -126,10 +134,17 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def group_turn_advantages(turn_rewards: Sequence[Sequence[float]], groups: Sequence[int], *, eps: float = 1e-6) -> list[torch.Tensor]:
-    """Per-turn credit for GRPO: each turn's reward-to-go, normalised over all turns of its group.
+    """Per-turn credit for GRPO: each turn's reward-to-go against the same turn of the other episodes of its group.
 
-    Returns one tensor per episode with one advantage per turn. A group whose rewards-to-go are all
-    equal gets zeros.
+    Turn t of an episode is compared with turn t of the episodes from the same start state that reached
+    it: its advantage is its reward-to-go minus their mean reward-to-go at turn t, divided by the std
+    of all these centred values in the group. Comparing across turn positions instead (pooling every
+    turn of the group) would credit a turn for where it sits: a failing 6-turn GeneralPoints episode
+    has rewards-to-go -6, -5, ..., -1, so its later failed attempts would look better than its first
+    one by position alone. A turn that no other episode of its group reached gets 0 (nothing to compare
+    it with), as does every turn of a group without spread.
+
+    Returns one tensor per episode with one advantage per turn.
     """
     to_go = [torch.flip(torch.cumsum(torch.flip(torch.tensor(r, dtype=torch.float32), [0]), 0), [0]) for r in turn_rewards]
     advantages = [torch.zeros_like(values) for values in to_go]
@@ -137,8 +152,14 @@ def group_turn_advantages(turn_rewards: Sequence[Sequence[float]], groups: Seque
     for index, group in enumerate(groups):
         by_group.setdefault(int(group), []).append(index)
     for members in by_group.values():
-        pooled = torch.cat([to_go[i] for i in members])
-        mean, std = pooled.mean(), pooled.std(unbiased=False)
-        for i in members:
-            advantages[i] = (to_go[i] - mean) / (std + eps) if std > eps else torch.zeros_like(to_go[i])
+        centred = {i: torch.zeros_like(to_go[i]) for i in members}
+        for turn in range(max(to_go[i].numel() for i in members)):
+            reached = [i for i in members if to_go[i].numel() > turn]
+            baseline = sum(float(to_go[i][turn]) for i in reached) / len(reached)
+            for i in reached:
+                centred[i][turn] = to_go[i][turn] - baseline
+        std = torch.cat(list(centred.values())).std(unbiased=False)
+        if std > eps:
+            for i in members:
+                advantages[i] = centred[i] / std
     return advantages

@@ -1,25 +1,30 @@
 """One trainer for AMFT and its baselines: the whole loop is `Trainer.train`, top to bottom.
 
-Each optimiser step:
+Each training iteration (``steps`` of them):
 
-1. **mu** for this step: the method's schedule (``sft`` 1, ``rl`` 0, ``fixed-mix``, ``scheduled-mix``,
-   ``sft-then-rl``) or the AMFT controller (1 during warm-up).
-2. **Collect**: an SFT batch of expert trajectories (if mu > 0) and, if mu < 1, fresh rollouts of
-   the policy (``episodes_per_step`` start states x ``group_size``) with group-relative advantages
+1. **mu** for this iteration: the method's schedule (``sft`` 1, ``rl`` 0, ``fixed-mix``,
+   ``scheduled-mix``, ``sft-then-rl``) or the AMFT controller (1 during warm-up).
+2. **Collect**: an expert batch for ``L_SFT`` (if mu > 0) and, if mu < 1, fresh rollouts of the policy
+   (``episodes_per_step`` start states x ``group_size``) with group-relative advantages
    (``advantage: grpo``) or GAE over turns from a critic (``advantage: ppo``, `amft_vlm.critic`).
-3. **Losses**: ``L_SFT`` and ``L_RL`` in separate backward passes, so ``g_SFT`` and ``g_RL`` are both
-   known (their cosine is logged) and the step's gradient is ``(1 - mu) g_RL + mu g_SFT``.
-4. **Controller** (AMFT): at the end of warm-up ``H*`` = mean token entropy on expert data; every
-   step the entropy term; every ``meta_interval`` steps the meta-gradient through a look-ahead
-   ``theta' = theta - alpha * grad L_total`` with ``grad U(theta')`` estimated by an on-policy policy
-   gradient on held-out validation episodes.
-5. **Update** (clip, AdamW, lr schedule), **log** to ``metrics.jsonl`` and the trackers, and
-   **checkpoint** atomically every ``save_every`` steps.
+3. **Update**: ``ppo_epochs`` passes over the batch in mini-batches (``mini_batch_size`` rollouts and an
+   equal share of the expert batch), one optimiser update each: ``L_SFT`` and ``L_RL`` in separate
+   backward passes (``g_SFT``, ``g_RL``; their cosine is logged), the mix ``(1 - mu) g_RL + mu g_SFT``,
+   gradient-norm clipping and AdamW. With one pass and one mini-batch (the default) the PPO ratio is 1
+   and the clip never acts; with more, it does.
+4. **Controller** (AMFT, `amft_vlm.controller`): the entropy term every iteration (H and H* on the same
+   tokens at the sampling temperature); every ``meta_interval`` iterations the meta-gradient: grad U on
+   validation episodes (the ``val`` split) at the parameters the update landed on, along the exact
+   derivative of the update with respect to mu.
+5. **Log** to ``metrics.jsonl`` and the trackers, with the budget consumed so far (`Budget`: optimiser
+   updates, environment episodes of training rollouts and of validation, expert examples, trained
+   tokens), and **checkpoint** atomically every ``save_every`` iterations. The learning-rate schedule
+   advances once per iteration.
 
-Every method runs the same number of optimiser steps with the same batch sizes. Under
-``accelerate launch`` each process collects its share of episodes and gradients are averaged across
-processes explicitly after each backward pass (what DDP does, kept explicit so the separate
-``g_SFT`` / ``g_RL`` passes and the look-ahead stay exact).
+The model is in training mode during the loss passes (so LoRA dropout acts there) and in eval mode
+for sampling, validation and scoring without gradient. Under ``accelerate launch`` each process
+collects its share of episodes and every gradient is summed across processes once per backward pass
+(what DDP does, kept explicit so the separate ``g_SFT`` / ``g_RL`` passes stay exact).
 """
 
 from __future__ import annotations
@@ -28,14 +33,16 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -44,16 +51,24 @@ from agents.tiny import resolve_model_spec
 from agents.vlm_policy import VLMPolicy
 from amft_vlm.checkpoint import latest_checkpoint, load_trainer_state, restore_rng_states, save_checkpoint
 from amft_vlm.config import TrainConfig, config_to_dict
-from amft_vlm.controller import MuController, flat_dot, meta_gradient
+from amft_vlm.controller import (
+    MetaEstimate,
+    MuController,
+    flat_dot,
+    leave_one_out_advantages,
+    mixed_adamw_step,
+)
 from amft_vlm.critic import ValueHead, credited_rewards, decision_states, gae_turn_advantages
 from amft_vlm.lora import apply_lora, load_lora
-from amft_vlm.losses import clipped_policy_loss, group_advantages, group_turn_advantages, value_loss
+from amft_vlm.losses import clipped_policy_loss, group_advantages, group_turn_advantages, sft_loss, value_loss
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.sft_data import load_sft_trajectories
 from amft_vlm.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
+CONTROLLER_METHODS = ("amft", "no-meta-gradient", "no-entropy", "no-warmup")
+"""Methods whose mu comes from `MuController`."""
 UNSUPPORTED_DISTRIBUTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 """accelerate set-ups that shard parameters; the trainer refuses them with a message."""
 VALIDATION_SEED_BASE = 1 << 30  # validation episodes never share seeds with training rollouts
@@ -80,21 +95,55 @@ def method_mu(config: TrainConfig, step: int, controller: MuController | None) -
 
 def build_controller(config: TrainConfig) -> MuController | None:
     """The mu controller of AMFT and its ablations (None for the fixed baselines)."""
-    if config.method not in ("amft", "no-meta-gradient", "no-entropy", "no-warmup"):
+    if config.method not in CONTROLLER_METHODS:
         return None
-    c = config.controller
     return MuController(
-        mu_init=c.mu_init,
-        mu_min=c.mu_min,
-        mu_max=c.mu_max,
-        eta_mu=c.eta_mu,
-        eta_h=c.eta_h,
-        warmup_steps=0 if config.method == "no-warmup" else c.warmup_steps,
-        meta_interval=c.meta_interval,
-        entropy_sign=c.entropy_sign,
+        config.controller,
+        warmup_steps=0 if config.method == "no-warmup" else None,
         use_meta=config.method != "no-meta-gradient",
         use_entropy=config.method != "no-entropy",
     )
+
+
+@dataclass
+class Budget:
+    """What a run has consumed so far, logged cumulatively every iteration so "same budget" can be checked."""
+
+    updates: int = 0
+    """Optimiser updates."""
+    rollout_episodes: int = 0
+    """Training episodes played by the policy."""
+    validation_episodes: int = 0
+    """Validation episodes played for the meta-gradient."""
+    expert_examples: int = 0
+    """Expert dialogues passed through L_SFT (a dialogue seen in two updates counts twice)."""
+    trained_tokens: int = 0
+    """Trainable tokens through a gradient pass of L_SFT or L_RL (again per update)."""
+
+    def metrics(self) -> dict[str, int]:
+        """The ``budget_*`` metrics; ``budget_env_episodes`` counts training rollouts and validation episodes."""
+        return {
+            "budget_updates": self.updates,
+            "budget_env_episodes": self.rollout_episodes + self.validation_episodes,
+            "budget_rollout_episodes": self.rollout_episodes,
+            "budget_validation_episodes": self.validation_episodes,
+            "budget_expert_examples": self.expert_examples,
+            "budget_trained_tokens": self.trained_tokens,
+        }
+
+
+@dataclass
+class RLBatch:
+    """An iteration's rollouts with one advantage per turn (and, for ppo, the critic's inputs and targets)."""
+
+    trajectories: list[Trajectory]
+    turn_advantages: list[torch.Tensor]
+    critic_features: list[torch.Tensor] | None = None
+    """ppo: the decision states of each trajectory's turns (detached), read by the value head."""
+    old_values: list[torch.Tensor] | None = None
+    """ppo: the value head's estimates when the batch was collected (the value clip's anchor)."""
+    value_targets: list[torch.Tensor] | None = None
+    """ppo: GAE returns, the value head's regression targets."""
 
 
 @dataclass
@@ -176,6 +225,7 @@ class Trainer:
         set_seed(config.seed)
         self.start_step = 0
         self.sft_position = 0
+        self.budget = Budget()
         checkpoint = latest_checkpoint(self.checkpoints) if resume else None
         if resume and checkpoint is None:
             log.info("no checkpoint under %s; starting from step 0", self.checkpoints)
@@ -219,6 +269,8 @@ class Trainer:
         self.engine = RolloutEngine(self.policy, config.env_id, env_kwargs=config.env_kwargs, **engine_kwargs)
         self.validation_engine = RolloutEngine(self.policy, config.env_id, env_kwargs=config.validation_env_kwargs, **engine_kwargs)
         self.expert = self._expert_trajectories() if config.method != "rl" else []
+        # A fixed probe of expert dialogues for entropy_source=expert: the first ones, the same at every step.
+        self.entropy_probe = self.expert[: config.controller.entropy_probe_size] if self.controller else []
 
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -232,59 +284,65 @@ class Trainer:
     # The loop.
 
     def train(self) -> list[dict]:
-        """Run from the current step to ``config.steps``; returns the metrics of the steps run."""
-        config, history = self.config, []
+        """Run from the current iteration to ``config.steps``; returns the metrics of the iterations run."""
+        config, controller, history = self.config, self.controller, []
         bar = tqdm(range(self.start_step, config.steps), desc=f"train {config.method}", disable=not self.progress)
         for step in bar:
             started = time.perf_counter()
-            mu = method_mu(config, step, self.controller)
+            mu = method_mu(config, step, controller)
             metrics: dict = {"step": step + 1, "mu": mu, "lr": self.scheduler.get_last_lr()[0]}
+            controlled = controller is not None and not controller.in_warmup(step)
 
-            # Collect: expert batch for L_SFT, on-policy rollouts for L_RL.
-            sft_batch = self._next_sft_batch() if mu > 0 or self._needs_target_entropy(step) else []
-            rollouts, rollout_stats = ([], None) if mu >= 1 else self._collect_rollouts(step)
-
-            # Losses, each in its own backward pass: g_SFT and g_RL.
-            g_sft, sft_metrics = self._backward_sft(sft_batch) if sft_batch else (None, {})
-            g_rl, rl_metrics = self._backward_rl(rollouts) if rollouts else (None, {})
-            metrics.update(sft_metrics)
-            metrics.update(rl_metrics)
+            # Collect: expert batch for L_SFT, on-policy rollouts (with advantages) for L_RL.
+            sft_batch = self._next_sft_batch() if mu > 0 else []
+            rollouts, rollout_stats = self._collect_rollouts(step) if mu < 1 else ([], None)
+            rl_batch = self._rl_batch(rollouts) if rollouts else None
             if rollout_stats is not None:
                 metrics.update(reward=rollout_stats.mean_return, success=rollout_stats.success_rate, turns=rollout_stats.mean_turns)
-            if g_sft is not None and g_rl is not None:
-                metrics["cos_sft_rl"] = _cosine(g_sft, g_rl)
-            combined = _mix(g_sft, g_rl, mu, self.parameters)
+            probe_entropy = self._probe_entropy() if controlled and config.controller.entropy_source == "expert" else None
 
-            # Controller: H* at the end of warm-up, then the entropy term every step and the meta-gradient every k.
-            if self.controller is not None:
-                if self._needs_target_entropy(step):
-                    self.controller.set_target_entropy(sft_metrics["entropy_sft"])
-                if not self.controller.in_warmup(step):
-                    entropy = rl_metrics.get("entropy_rl", sft_metrics.get("entropy_sft"))
-                    meta = self._meta_signal(step, combined, g_sft, g_rl) if self.controller.wants_meta_gradient(step) else None
-                    self.controller.update(entropy=entropy, meta_signal=meta)
-                    metrics.update(entropy=entropy, meta_signal=meta)
-                state = self.controller.state
+            # Update: ppo_epochs x mini-batches of (g_SFT, g_RL) -> mix -> clip -> AdamW. On meta-gradient
+            # iterations it also returns d theta'/d mu of the update(s).
+            meta_step = controller is not None and controller.wants_meta_gradient(step)
+            update_metrics, direction = self._update(step, mu, sft_batch, rl_batch, lookahead=meta_step)
+            metrics.update(update_metrics)
+
+            # Controller: H* at the first controller step, the entropy term every step, the meta term every k.
+            if controlled:
+                entropy = probe_entropy if config.controller.entropy_source == "expert" else update_metrics.get("entropy_rl")
+                if controller.needs_target_entropy(step) and entropy is not None:
+                    controller.set_target_entropy(entropy)
+                signal = None
+                if meta_step:
+                    estimate = self._meta_estimate(step, direction) if direction is not None else None
+                    signal = estimate.signal(config.controller.meta_signal, config.controller.meta_clip) if estimate else None
+                    metrics.update(
+                        meta_signal=signal,
+                        meta_dU_dmu=estimate.value if estimate else None,
+                        meta_stderr=estimate.stderr if estimate else None,
+                    )
+                controller.update(entropy=entropy, meta_signal=signal)
+                metrics["entropy"] = entropy
+            if controller is not None:
+                state = controller.state
                 metrics.update(
                     target_entropy=state.target_entropy,
-                    entropy_term=state.last_entropy_term,
-                    meta_term=state.last_meta_term,
+                    entropy_term=state.last_entropy_term if controlled else 0.0,
+                    meta_term=state.last_meta_term if controlled else 0.0,
+                    skipped_signals=state.skipped_signals,
                     next_mu=state.mu,
                 )
-
-            # Update.
-            for parameter, gradient in zip(self.parameters, combined, strict=True):
-                parameter.grad = gradient
-            if config.max_grad_norm > 0:
-                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm))
-            self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
 
             # Log and checkpoint.
             elapsed = time.perf_counter() - started
             tokens = metrics.get("tokens_sft", 0) + metrics.get("tokens_rl", 0)
-            metrics.update(step_time=elapsed, tokens_per_second=tokens / elapsed if elapsed > 0 else 0.0, loss=mu * metrics.get("loss_sft", 0.0) + (1 - mu) * metrics.get("loss_rl", 0.0))
+            metrics.update(
+                step_time=elapsed,
+                tokens_per_second=tokens / elapsed if elapsed > 0 else 0.0,
+                loss=mu * metrics.get("loss_sft", 0.0) + (1 - mu) * metrics.get("loss_rl", 0.0),
+                **self.budget.metrics(),
+            )
             self._log(metrics)
             history.append(metrics)
             bar.set_postfix(mu=f"{mu:.2f}", loss=f"{metrics['loss']:.3f}", reward=f"{metrics.get('reward', float('nan')):.2f}")
@@ -294,10 +352,7 @@ class Trainer:
         return history
 
     # ----------------------------------------------------------------------------------------------
-    # The parts.
-
-    def _needs_target_entropy(self, step: int) -> bool:
-        return self.controller is not None and step == self.controller.warmup_steps and self.controller.state.target_entropy is None
+    # Collecting.
 
     def _initial_model_path(self) -> str:
         with self.accelerator.main_process_first():  # one process builds a tiny model, the others load it
@@ -327,19 +382,101 @@ class Trainer:
         config = self.config
         seeds = [config.seed * 1_000_003 + step * config.episodes_per_step + i for i in range(config.episodes_per_step)]
         shard = seeds[self.accelerator.process_index :: self.accelerator.num_processes]
+        self.budget.rollout_episodes += config.episodes_per_step * config.group_size
         return self.engine.collect(shard, group_size=config.group_size, sampling_seed=_mix_seed(config.seed, step, 1), progress=False)
 
-    def _gradients(self, loss: torch.Tensor, *, reduction: str = "sum") -> list[torch.Tensor]:
-        """Gradients of ``loss`` over the trainable parameters, combined across processes.
+    def _rl_batch(self, rollouts: list[Trajectory]) -> RLBatch:
+        """The rollouts with per-turn advantages: GRPO (episode or turn credit) or, with a critic, GAE."""
+        config = self.config
+        groups = [t.group for t in rollouts]
+        if self.critic is not None:
+            features = [states.to(self.accelerator.device) for states in decision_states(self.policy, rollouts)]
+            with torch.no_grad():
+                old_values = [self.critic(states) for states in features]
+            rewards = [credited_rewards(t, config.credit).to(self.accelerator.device) for t in rollouts]
+            advantages, targets = gae_turn_advantages(rewards, old_values, gamma=config.gamma, lam=config.gae_lambda)
+            return RLBatch(rollouts, advantages, features, old_values, targets)
+        if config.credit == "episode":
+            per_episode = group_advantages(torch.tensor([t.episode_return for t in rollouts]), groups)
+            return RLBatch(rollouts, [per_episode[i].expand(t.num_turns) for i, t in enumerate(rollouts)])
+        return RLBatch(rollouts, group_turn_advantages([t.turn_rewards for t in rollouts], groups))
 
-        ``"sum"`` for losses already divided by the global token count (so the sum over processes is
-        the global token mean); ``"mean"`` for per-process estimates of the same quantity.
+    # ----------------------------------------------------------------------------------------------
+    # Updating.
+
+    def _update(self, step: int, mu: float, sft_batch: list[Trajectory], rl_batch: RLBatch | None, *, lookahead: bool) -> tuple[dict, list[torch.Tensor] | None]:
+        """``ppo_epochs`` passes over the iteration's batch in mini-batches, one optimiser update each.
+
+        Returns the metrics (losses and diagnostics averaged over the updates; entropies and token counts
+        of the first pass, i.e. of the batch under the policy that collected it) and, with `lookahead`,
+        ``d theta'/d mu`` summed over the updates (None when an update lacked g_SFT or g_RL).
         """
+        config = self.config
+        rollouts = rl_batch.trajectories if rl_batch is not None else []
+        parts = self._mini_batch_count()
+        direction: list[torch.Tensor] | None = None
+        averaged: dict[str, list[float]] = {}
+        first_pass: dict[str, float] = {}
+        for epoch in range(config.ppo_epochs):
+            sft_parts = _mini_batches(len(sft_batch), parts, seed=(config.seed, step, epoch, 0))
+            rl_parts = _mini_batches(len(rollouts), parts, seed=(config.seed, step, epoch, 1))
+            for sft_indices, rl_indices in zip(sft_parts, rl_parts, strict=True):
+                with self._training_mode():
+                    g_sft, sft_metrics = self._backward_sft([sft_batch[i] for i in sft_indices]) if sft_batch else (None, {})
+                    g_rl, rl_metrics = self._backward_rl(rl_batch, rl_indices) if rl_batch is not None else (None, {})
+                critic_metrics = self._critic_update(rl_batch, rl_indices) if self.critic is not None and rl_batch is not None else {}
+                update = mixed_adamw_step(
+                    self.parameters,
+                    self.optimizer,
+                    g_sft,
+                    g_rl,
+                    mu=mu,
+                    max_grad_norm=config.max_grad_norm,
+                    lookahead=config.controller.lookahead if lookahead else None,
+                )
+                self.budget.updates += 1
+                step_direction = update.direction
+                step_metrics = {key: value for key, value in (("grad_norm", update.grad_norm), ("cos_sft_rl", update.cos_sft_rl)) if value is not None}
+                if lookahead:
+                    if step_direction is None:
+                        direction, lookahead = None, False  # an update without both gradients: no meta-gradient
+                    elif direction is None:
+                        direction = step_direction
+                    else:
+                        for total, part in zip(direction, step_direction, strict=True):
+                            total.add_(part)
+                for key, value in {**sft_metrics, **rl_metrics, **critic_metrics, **step_metrics}.items():
+                    if key.startswith(("entropy_", "tokens_", "examples_")):
+                        if epoch == 0:
+                            first_pass[key] = first_pass.get(key, 0.0) + value
+                    else:
+                        averaged.setdefault(key, []).append(value)
+        metrics = {key: sum(values) / len(values) for key, values in averaged.items()}
+        for kind in ("sft", "rl"):
+            tokens = first_pass.get(f"tokens_{kind}")
+            if tokens is not None:
+                metrics[f"tokens_{kind}"] = int(tokens)
+                metrics[f"entropy_{kind}"] = first_pass[f"entropy_{kind}"] / max(tokens, 1)
+        return metrics, direction
+
+    def _mini_batch_count(self) -> int:
+        """Mini-batches per pass: rollouts per iteration / mini_batch_size, rounded up (1 without a size)."""
+        size = self.config.mini_batch_size
+        return 1 if size is None else math.ceil(self.config.episodes_per_step * self.config.group_size / size)
+
+    @contextmanager
+    def _training_mode(self):
+        """The model in training mode for a loss pass (LoRA dropout acts), back in eval mode afterwards."""
+        self.policy.model.train()
+        try:
+            yield
+        finally:
+            self.policy.model.eval()
+
+    def _gradients(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """This process's gradients of ``loss`` over the trainable parameters (unused ones as zeros)."""
         gradients = torch.autograd.grad(loss, self.parameters, allow_unused=True)
-        gradients = [torch.zeros_like(p) if g is None else g for p, g in zip(self.parameters, gradients, strict=True)]
-        if self.accelerator.num_processes > 1:
-            gradients = [self.accelerator.reduce(g, reduction=reduction) for g in gradients]
-        return gradients
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.parameters, gradients, strict=True)]
 
     def _global_sum(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
@@ -352,130 +489,145 @@ class Trainer:
         return [part.tolist() for part in parts if len(part)]
 
     def _accumulate(self, trajectories: list[Trajectory], loss_of) -> tuple[list[torch.Tensor], dict]:
-        """Gradient of the token-mean loss over all trajectories, one micro-batch forward at a time.
+        """Gradient of the token-mean loss over all trajectories (of every process), one micro-batch at a time.
 
-        ``loss_of(indices)`` returns (token-mean loss of those trajectories, their TokenScores,
-        extra metrics); each micro-batch is weighted by its share of trainable tokens, so the sum is
-        exactly the full batch's token mean.
+        ``loss_of(indices)`` returns (token-mean loss of those trajectories, their TokenScores, extra
+        metrics); each micro-batch is weighted by its share of the global trainable tokens, and the
+        processes' sums are added once at the end, so the result is exactly the global token mean.
         """
-        # Weights use the token count of the whole batch over all processes, so summing the
-        # processes' gradients gives exactly the single-process token mean.
         total_tokens = self._global_sum(sum(t.num_response_tokens for t in trajectories))
-        gradients = [torch.zeros_like(p) for p in self.parameters]
+        gradients: list[torch.Tensor] | None = None
         loss_sum, entropy_sum, extras = 0.0, 0.0, {}
         for indices in self._micro_batches(trajectories):
             loss, scores, extra = loss_of(indices)
             weight = scores.num_tokens / max(total_tokens, 1)
-            for gradient, part in zip(gradients, self._gradients(loss * weight), strict=True):
-                gradient.add_(part)
+            parts = self._gradients(loss * weight)
+            if gradients is None:
+                gradients = parts
+            else:
+                for gradient, part in zip(gradients, parts, strict=True):
+                    gradient.add_(part)
             loss_sum += float(loss.detach()) * weight
             entropy_sum += float(scores.entropy.detach().sum())
             for key, value in extra.items():
                 extras[key] = extras.get(key, 0.0) + value * weight
-        parts = {"loss": self._global_sum(loss_sum), "entropy": self._global_sum(entropy_sum) / max(total_tokens, 1), "tokens": int(total_tokens)}
+        if gradients is None:  # nothing on this process; it still joins the reduction
+            gradients = [torch.zeros_like(p) for p in self.parameters]
+        if self.accelerator.num_processes > 1:
+            gradients = [self.accelerator.reduce(g, reduction="sum") for g in gradients]
+        parts = {
+            "loss": self._global_sum(loss_sum),
+            "entropy_sum": self._global_sum(entropy_sum),
+            "tokens": int(total_tokens),
+            "examples": int(self._global_sum(len(trajectories))),
+        }
+        self.budget.trained_tokens += parts["tokens"]
         return gradients, {**parts, **{key: self._global_sum(value) for key, value in extras.items()}}
 
     def _backward_sft(self, batch: list[Trajectory]) -> tuple[list[torch.Tensor], dict]:
         def loss_of(indices):
             scores = score_trajectories(self.policy, [batch[i] for i in indices], temperature=1.0)
-            return -scores.logprobs.mean(), scores, {}
+            return sft_loss(scores.logprobs), scores, {}
 
         gradients, parts = self._accumulate(batch, loss_of)
-        return gradients, {"loss_sft": parts["loss"], "entropy_sft": parts["entropy"], "tokens_sft": parts["tokens"]}
+        self.budget.expert_examples += parts["examples"]
+        return gradients, {"loss_sft": parts["loss"], "entropy_sft": parts["entropy_sum"], "tokens_sft": parts["tokens"]}
 
-    def _backward_rl(self, rollouts: list[Trajectory]) -> tuple[list[torch.Tensor], dict]:
-        config = self.config
-        groups = [t.group for t in rollouts]
-        critic_metrics = {}
-        if self.critic is not None:
-            turn_advantages, critic_metrics = self._ppo_advantages(rollouts)
-        elif config.credit == "episode":
-            per_episode = group_advantages(torch.tensor([t.episode_return for t in rollouts]), groups)
-            turn_advantages = [per_episode[i].expand(t.num_turns) for i, t in enumerate(rollouts)]
-        else:
-            turn_advantages = group_turn_advantages([t.turn_rewards for t in rollouts], groups)
+    def _backward_rl(self, batch: RLBatch, indices: Sequence[int]) -> tuple[list[torch.Tensor], dict]:
+        trajectories = [batch.trajectories[i] for i in indices]
+        advantages = [batch.turn_advantages[i] for i in indices]
 
-        def loss_of(indices):
+        def loss_of(micro):
             scores = score_trajectories(
                 self.policy,
-                [rollouts[i] for i in indices],
+                [trajectories[i] for i in micro],
                 temperature=self.engine.sampling_temperature,
-                turn_advantages=[turn_advantages[i] for i in indices],
+                turn_advantages=[advantages[i] for i in micro],
             )
-            ones = torch.ones_like(scores.logprobs)
-            loss, stats = clipped_policy_loss(scores.logprobs, scores.old_logprobs, scores.advantages, ones, clip_epsilon=config.clip_epsilon)
-            return loss, scores, {"clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl}
+            loss, stats = clipped_policy_loss(scores.logprobs, scores.old_logprobs, scores.advantages, clip_epsilon=self.config.clip_epsilon)
+            return loss, scores, {"clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl, "ratio": stats.mean_ratio}
 
-        gradients, parts = self._accumulate(rollouts, loss_of)
+        gradients, parts = self._accumulate(trajectories, loss_of)
         return gradients, {
             "loss_rl": parts["loss"],
-            "entropy_rl": parts["entropy"],
+            "entropy_rl": parts["entropy_sum"],
             "tokens_rl": parts["tokens"],
-            "clip_fraction": parts["clip_fraction"],
-            "approx_kl": parts["approx_kl"],
-            **critic_metrics,
+            "clip_fraction": parts.get("clip_fraction", 0.0),
+            "approx_kl": parts.get("approx_kl", 0.0),
+            "ratio": parts.get("ratio", 1.0),
         }
 
-    def _ppo_advantages(self, rollouts: list[Trajectory]) -> tuple[list[torch.Tensor], dict]:
-        """GAE turn advantages from the critic's values, then one critic step towards the GAE returns."""
-        config = self.config
-        features = [states.to(self.accelerator.device) for states in decision_states(self.policy, rollouts)]
-        with torch.no_grad():
-            old_values = [self.critic(states) for states in features]
-        rewards = [credited_rewards(t, config.credit).to(self.accelerator.device) for t in rollouts]
-        advantages, targets = gae_turn_advantages(rewards, old_values, gamma=config.gamma, lam=config.gae_lambda)
-        predicted = torch.cat([self.critic(states) for states in features])
-        loss = value_loss(predicted, torch.cat(targets), torch.cat(old_values), clip_epsilon=config.clip_epsilon)
+    def _critic_update(self, batch: RLBatch, indices: Sequence[int]) -> dict:
+        """One AdamW step of the value head on the turns of ``indices`` (clipped around the collection's values)."""
         self.critic_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        metrics = {}
+        if indices:
+            predicted = torch.cat([self.critic(batch.critic_features[i]) for i in indices])
+            targets = torch.cat([batch.value_targets[i] for i in indices])
+            old = torch.cat([batch.old_values[i] for i in indices])
+            epsilon = self.config.clip_epsilon
+            loss = value_loss(predicted, targets, old, clip_epsilon=epsilon)
+            loss.backward()
+            with torch.no_grad():  # turns whose clipped error is the larger one: the clip holds them back
+                clipped = old + (predicted - old).clamp(-epsilon, epsilon)
+                held = ((clipped - targets) ** 2 > (predicted - targets) ** 2).float().mean()
+            metrics = {"value_loss": float(loss.detach()), "value_mean": float(old.mean()), "value_clip_fraction": float(held)}
         if self.accelerator.num_processes > 1:
             for parameter in self.critic.parameters():
-                parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
+                gradient = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+                parameter.grad = self.accelerator.reduce(gradient, reduction="mean")
         self.critic_optimizer.step()
-        return advantages, {"value_loss": float(loss.detach()), "value_mean": float(torch.cat(old_values).mean())}
+        return metrics
 
-    def _meta_signal(self, step: int, combined: list[torch.Tensor], g_sft, g_rl) -> float | None:
-        """dU/dmu through the look-ahead theta' = theta - alpha * grad L_total; None without both gradients."""
-        if g_sft is None or g_rl is None:
-            return None
-        c = self.config.controller
-        alpha = c.meta_alpha if c.meta_alpha is not None else self.scheduler.get_last_lr()[0]
-        saved = [p.detach().clone() for p in self.parameters]
-        try:
-            with torch.no_grad():
-                for parameter, gradient in zip(self.parameters, combined, strict=True):
-                    parameter.sub_(alpha * gradient)
-            grad_u = self._utility_gradient(step)
-        finally:
-            with torch.no_grad():
-                for parameter, original in zip(self.parameters, saved, strict=True):
-                    parameter.copy_(original)
-        return meta_gradient(grad_u, g_sft, g_rl, alpha=alpha, normalize=c.normalize_meta)
+    # ----------------------------------------------------------------------------------------------
+    # The controller's measurements.
 
-    def _utility_gradient(self, step: int) -> list[torch.Tensor]:
-        """grad U: on-policy policy gradient of the mean validation return (baseline: the batch mean)."""
+    def _probe_entropy(self) -> float:
+        """Mean token entropy at the sampling temperature on the fixed expert probe (no gradient)."""
+        probe = self.entropy_probe[self.accelerator.process_index :: self.accelerator.num_processes]
+        with torch.no_grad():
+            scores = score_trajectories(self.policy, probe, temperature=self.engine.sampling_temperature) if probe else None
+        entropy_sum = float(scores.entropy.sum()) if scores is not None else 0.0
+        tokens = scores.num_tokens if scores is not None else 0
+        return self._global_sum(entropy_sum) / max(self._global_sum(tokens), 1)
+
+    def _meta_estimate(self, step: int, direction: list[torch.Tensor]) -> MetaEstimate | None:
+        """dU/dmu along ``direction`` from validation episodes played by the current (updated) policy.
+
+        Each start state i gives ``s_i = < (1/K) sum_j w_ij grad log p(tau_ij), direction >`` with the
+        leave-one-out advantages ``w``; a start state whose returns all tie gives exactly 0 without a
+        backward pass. None when no start state has a signal.
+        """
         c = self.config.controller
-        seeds = [VALIDATION_SEED_BASE + i for i in range(c.validation_episodes)]
+        seeds = [VALIDATION_SEED_BASE + i for i in range(c.validation_states)]
         shard = seeds[self.accelerator.process_index :: self.accelerator.num_processes]
-        episodes, _ = self.validation_engine.collect(shard, sampling_seed=_mix_seed(self.config.seed, step, 2), progress=False)
-        returns = torch.tensor([t.episode_return for t in episodes])
-        weights = returns - returns.mean()
-        if not weights.any():
-            # Every episode scored the same: the estimate is exactly zero, so skip the scoring pass
-            # (all processes still join the reduction).
-            zeros = [torch.zeros_like(p) for p in self.parameters]
-            if self.accelerator.num_processes > 1:
-                zeros = [self.accelerator.reduce(g, reduction="mean") for g in zeros]
-            return zeros
-        scores = score_trajectories(self.policy, episodes, temperature=self.validation_engine.sampling_temperature)
-        utility = sum(w * lp.sum() for w, lp in zip(weights, scores.episode_token_logprobs, strict=True)) / len(episodes)
-        return self._gradients(utility, reduction="mean")
+        episodes, _ = self.validation_engine.collect(shard, group_size=c.validation_samples, sampling_seed=_mix_seed(self.config.seed, step, 2), progress=False)
+        self.budget.validation_episodes += c.validation_states * c.validation_samples
+        weights = leave_one_out_advantages(torch.tensor([t.episode_return for t in episodes]), [t.group for t in episodes])
+        per_state = []
+        for group in range(len(shard)):
+            members = [i for i, trajectory in enumerate(episodes) if trajectory.group == group]
+            if not any(weights[i] != 0 for i in members):
+                per_state.append(0.0)
+                continue
+            scores = score_trajectories(self.policy, [episodes[i] for i in members], temperature=self.validation_engine.sampling_temperature)
+            objective = sum(float(weights[i]) * logprobs.sum() for i, logprobs in zip(members, scores.episode_token_logprobs, strict=True)) / len(members)
+            per_state.append(flat_dot(torch.autograd.grad(objective, self.parameters, allow_unused=True), direction))
+        if self.accelerator.num_processes > 1:
+            per_state = gather_object(per_state)
+        return MetaEstimate.from_per_state(per_state)
+
+    # ----------------------------------------------------------------------------------------------
+    # Logging and checkpoints.
 
     def _log(self, metrics: dict) -> None:
+        # Non-finite numbers are written as null: JSON has no NaN, and a missing signal is not a number.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        metrics.update(clean)
         if self.accelerator.is_main_process:
             with open(self.output_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(metrics) + "\n")
-        self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=metrics["step"])
+                handle.write(json.dumps(clean) + "\n")
+        self.accelerator.log({k: v for k, v in clean.items() if isinstance(v, int | float)}, step=metrics["step"])
 
     def _truncate_metrics(self, step: int) -> None:
         """Keep only the metric lines of steps up to ``step`` (a resumed run rewrites what came after)."""
@@ -492,7 +644,12 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        state = {"step": step, "sft_position": self.sft_position, "controller": self.controller.state_dict() if self.controller else None}
+        state = {
+            "step": step,
+            "sft_position": self.sft_position,
+            "controller": self.controller.state_dict() if self.controller else None,
+            "budget": asdict(self.budget),
+        }
         extra = {}
         if self.critic is not None:
             extra["critic"] = {"head": self.critic.state_dict(), "optimizer": self.critic_optimizer.state_dict()}
@@ -510,6 +667,7 @@ class Trainer:
     def _restore(self, checkpoint: Path) -> None:
         state = load_trainer_state(checkpoint)
         self.start_step, self.sft_position = state["step"], state["sft_position"]
+        self.budget = Budget(**state.get("budget", {}))
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
         if self.controller is not None and state["controller"] is not None:
@@ -522,17 +680,10 @@ class Trainer:
         log.info("resumed from %s at step %d", checkpoint, self.start_step)
 
 
-def _mix(g_sft, g_rl, mu: float, parameters) -> list[torch.Tensor]:
-    """The step's gradient ``(1 - mu) g_RL + mu g_SFT`` (a missing part counts as zero)."""
-    zeros = [torch.zeros_like(p) for p in parameters]
-    g_sft = g_sft or zeros
-    g_rl = g_rl or zeros
-    return [mu * s + (1 - mu) * r for s, r in zip(g_sft, g_rl, strict=True)]
-
-
-def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    norm = math.sqrt(flat_dot(a, a) * flat_dot(b, b))
-    return flat_dot(a, b) / norm if norm > 0 else 0.0
+def _mini_batches(count: int, parts: int, *, seed: tuple[int, ...]) -> list[list[int]]:
+    """``parts`` near-equal index lists covering ``range(count)``: in order for one part, else a seeded shuffle."""
+    order = np.arange(count) if parts == 1 else np.random.default_rng(list(seed)).permutation(count)
+    return [part.tolist() for part in np.array_split(order, parts)]
 
 
 def _mix_seed(seed: int, step: int, stream: int) -> int:

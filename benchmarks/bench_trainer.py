@@ -62,7 +62,7 @@ def _config(method: str, output_dir: Path) -> TrainConfig:
         device="cpu",
         env_id="GeneralPoints-v0",
         env_kwargs={"modality": "language", "split": "train"},
-        validation_env_kwargs={"modality": "language", "split": "test"},
+        validation_env_kwargs={"modality": "language", "split": "val"},
         expert_episodes=64,
         steps=WARMUP_STEPS + TIMED_STEPS,
         episodes_per_step=4,
@@ -74,7 +74,7 @@ def _config(method: str, output_dir: Path) -> TrainConfig:
         lr_schedule="constant",
         save_every=1000,
         seed=0,
-        controller=ControllerConfig(warmup_steps=0, meta_interval=META_INTERVAL, validation_episodes=8),
+        controller=ControllerConfig(warmup_steps=0, meta_interval=META_INTERVAL, validation_states=4, validation_samples=2),
         output_dir=str(output_dir / method),
     )
 

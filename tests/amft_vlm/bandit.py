@@ -1,4 +1,4 @@
-"""A one-turn text environment that is easy to learn: the reward is the share of vowels in the answer."""
+"""A one-turn text environment that is easy to learn: the reward is the share of target letters in the answer."""
 
 import string
 
@@ -7,11 +7,17 @@ from gymnasium import spaces
 
 ENV_ID = "VowelBandit-v0"
 
+TARGETS = {"vowels": set("aeiou"), "consonants": set(string.ascii_lowercase) - set("aeiou")}
+
 
 class VowelBandit(gym.Env):
-    """Answer once; reward = fraction of the answer's letters that are vowels (0 for no letters)."""
+    """Answer once; reward = fraction of the answer's letters that are `target` letters (0 for no letters).
 
-    def __init__(self):
+    ``target="vowels"`` (the default) or ``"consonants"``: an expert for one is a wrong expert for the other.
+    """
+
+    def __init__(self, target: str = "vowels"):
+        self.letters = TARGETS[target]
         self.observation_space = spaces.Dict({"text": spaces.Text(max_length=100, charset=string.printable)})
         self.action_space = spaces.Text(max_length=100, charset=string.printable)
 
@@ -21,8 +27,19 @@ class VowelBandit(gym.Env):
 
     def step(self, action):
         letters = [c for c in action.lower() if c.isalpha()]
-        reward = sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0
+        reward = sum(c in self.letters for c in letters) / len(letters) if letters else 0.0
         return {"text": "Thanks."}, reward, True, False, {"success": reward > 0.5}
+
+
+class ConstantAgent:
+    """A model-free agent that always gives the same answer (an expert for the bandit, or a wrong one)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.name = f"constant {text!r}"
+
+    def act(self, observation, env):
+        return self.text
 
 
 if ENV_ID not in gym.registry:

@@ -45,6 +45,16 @@ def test_every_method_is_accepted(method):
         (["expert_data=/no/such/dir"], "expert_data"),
         (["advantage=a2c"], "advantage"),
         (["steps"], "key=value"),
+        (["learning_rate=.inf"], "learning_rate"),
+        (["temperature=.inf"], "temperature"),
+        (["controller.eta_h=.nan"], "controller.eta_h"),
+        (["controller.eta_mu=-0.1"], "controller.eta_mu"),
+        (["controller.mu_max=1.0"], "controller.mu_max"),
+        (["controller.validation_samples=1"], "controller.validation_samples"),
+        (["controller.meta_signal=cosine"], "controller.meta_signal"),
+        (["ppo_epochs=0"], "ppo_epochs"),
+        (["mini_batch_size=0"], "mini_batch_size"),
+        (["mixed_precision=maybe"], "mixed_precision"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
@@ -79,3 +89,23 @@ def test_train_command_rejects_a_bad_override(capsys):
     with pytest.raises(SystemExit):
         main(["train", "steps=oops"])
     assert "steps must be an integer" in capsys.readouterr().err
+
+
+def test_yaml_no_and_yes_are_strings_not_booleans(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\nfreeze_vision_tower: true\n")
+    config = load_config(path)
+    assert config.mixed_precision == "no" and config.freeze_vision_tower is True
+    assert load_config(overrides=["mixed_precision=no"]).mixed_precision == "no"
+    with pytest.raises(ValueError, match="freeze_vision_tower must be true or false"):
+        load_config(overrides=["freeze_vision_tower=yes"])
+
+
+def test_shipped_configs_validate_on_the_val_split_never_on_test():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
+        config = load_config(path)
+        if config.method != "sft":
+            assert config.validation_env_kwargs.get("split") == "val", path
+            assert config.env_kwargs.get("split") == "train", path

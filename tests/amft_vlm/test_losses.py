@@ -9,6 +9,7 @@ from amft_vlm.losses import (
     clipped_policy_loss,
     generalized_advantages,
     group_advantages,
+    group_turn_advantages,
     masked_mean,
     mix_losses,
     sft_loss,
@@ -60,7 +61,8 @@ def test_clipping_stops_gradient_only_where_the_objective_is_clipped(advantage, 
     loss, stats = clipped_policy_loss(logprobs, old, torch.tensor([[advantage]]), torch.tensor([[1]]), clip_epsilon=0.2)
     loss.backward()
     assert (logprobs.grad.abs().item() > 0) == expect_gradient
-    assert stats.clip_fraction == 1.0
+    # Counted as clipped exactly where the clipped term is in force, i.e. where the gradient stops.
+    assert stats.clip_fraction == (0.0 if expect_gradient else 1.0)
     ratio = math.exp(log_ratio)
     expected = -min(ratio * advantage, min(max(ratio, 0.8), 1.2) * advantage)
     assert loss.item() == pytest.approx(expected)
@@ -84,3 +86,28 @@ def test_value_loss_is_clipped_like_ppo():
 def test_entropy_of_uniform_and_peaked_distributions():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
     assert token_entropy(logits).tolist() == pytest.approx([math.log(4), 0.0], abs=1e-6)
+
+
+def test_clip_fraction_on_a_flat_batch_without_a_mask():
+    old = torch.zeros(4)
+    logprobs = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))  # ratios 1.5, 1.5, 0.5, 0.5
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    _, stats = clipped_policy_loss(logprobs, old, advantages, clip_epsilon=0.2)
+    assert stats.clip_fraction == pytest.approx(0.5)  # the first (A > 0, above) and the last (A < 0, below)
+
+
+def test_group_turn_advantages_compare_each_turn_with_the_same_turn_of_its_group():
+    # Group 0: a 3-turn failure (-1, -1, -1) and a 1-turn success (+5); group 1: two 2-turn episodes.
+    rewards = [[-1.0, -1.0, -1.0], [5.0], [-1.0, 5.0], [-1.0, -1.0]]
+    advantages = group_turn_advantages(rewards, [0, 0, 1, 1])
+    # Group 0: turn 0 rewards-to-go -3 and 5 (mean 1): centred -4 and +4; turns 1 and 2 are reached by the
+    # failure only: 0. Std over (-4, 0, 0, 4) = sqrt(8).
+    scale = math.sqrt(8.0)
+    assert advantages[0].tolist() == pytest.approx([-4 / scale, 0.0, 0.0])
+    assert advantages[1].tolist() == pytest.approx([4 / scale])
+    # Group 1: turn 0 to-go 4 and -2 (mean 1): +-3; turn 1 to-go 5 and -1 (mean 2): +-3; std 3.
+    assert advantages[2].tolist() == pytest.approx([1.0, 1.0])
+    assert advantages[3].tolist() == pytest.approx([-1.0, -1.0])
+    # The failing episode's later turns are not credited for their position (pooling would give them +).
+    tied = group_turn_advantages([[1.0, 1.0], [1.0, 1.0]], [0, 0])
+    assert all(a.abs().max() == 0 for a in tied)

@@ -11,7 +11,7 @@ from amft_vlm.trainer import Trainer
 FAST = [
     "steps=4", "episodes_per_step=2", "group_size=2", "sft_batch_size=4", "num_envs=4", "max_new_tokens=16",
     "expert_episodes=12", "learning_rate=2e-3", "controller.warmup_steps=1", "controller.meta_interval=2",
-    "controller.validation_episodes=2", "save_every=2", "device=cpu",
+    "controller.validation_states=2", "controller.validation_samples=2", "save_every=2", "device=cpu",
 ]
 
 
@@ -163,3 +163,14 @@ def test_sharded_accelerate_setups_are_refused_with_a_message(tmp_path, monkeypa
     monkeypatch.setattr(trainer_module, "Accelerator", ShardedAccelerator)
     with pytest.raises(ValueError, match="FSDP.*DDP"):
         run(tmp_path, "fsdp")
+
+
+def test_lora_dropout_acts_in_the_loss_passes_only(tmp_path):
+    """Dropout changes the update (the model trains in training mode); rollouts stay in eval mode."""
+    trained = {}
+    for dropout in (0.0, 0.5):
+        trainer = run(tmp_path, f"dropout-{dropout}", "method=fixed-mix", "lora_rank=4", "steps=2", f"lora_dropout={dropout}")
+        trainer.train()
+        assert not trainer.policy.model.training
+        trained[dropout] = {name: p.detach().clone() for name, p in trainer.policy.model.named_parameters() if "lora_" in name}
+    assert any(not torch.equal(trained[0.0][name], trained[0.5][name]) for name in trained[0.0])
