@@ -28,6 +28,8 @@ METHODS = (
     "no-warmup",
 )
 """Training methods, all run by the same loop with the same budget accounting."""
+CONTROLLER_METHODS = ("amft", "no-meta-gradient", "no-entropy", "no-warmup")
+"""Methods whose mu comes from the AMFT controller (`amft_vlm.controller.MuController`)."""
 
 ENTROPY_SOURCES = ("rollouts", "expert")
 """What the controller's entropy H and target H* are measured on (`ControllerConfig.entropy_source`)."""
@@ -217,6 +219,13 @@ class TrainConfig:
 
     output_dir: str = "runs/amft"
     """Run directory: checkpoints, metrics.jsonl, config.yaml."""
+    warm_start: str | None = None
+    """A checkpoint of another run (``RUN/checkpoints/step-N``) whose first N iterations this run shares, e.g.
+    an ``sft`` run's step N for an ``amft`` run with ``controller.warmup_steps >= N``: both are N iterations of
+    pure SFT on the same data, so this run starts from that checkpoint as a resumed run would (weights,
+    optimiser, schedule, data position, random state, budget) and copies that run's metric lines up to
+    step N. Refused unless both runs are pure SFT for those N iterations and agree on every setting that
+    shapes them (`WARM_START_FIELDS`). A checkpoint of this run's own directory (``--resume``) wins."""
     save_every: int = 50
     """Checkpoint every this many steps (and at the end)."""
     seed: int = 0
@@ -256,7 +265,7 @@ class TrainConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
         c = self.controller.validate()
-        if self.method in ("amft", "no-meta-gradient", "no-entropy", "no-warmup") and c.mu_max >= 1.0:
+        if self.method in CONTROLLER_METHODS and c.mu_max >= 1.0:
             raise ValueError(
                 f"controller.mu_max must be < 1 for {self.method}: at mu = 1 no rollouts are collected, so the controller "
                 "would have no entropy or meta signal left to move mu back; the released value is 0.95"
@@ -267,6 +276,15 @@ class TrainConfig:
         if self.expert_data is not None and not os.path.isdir(self.expert_data):
             raise ValueError(f"expert_data: {self.expert_data!r} is not a directory; run `amft-vlm collect --out DIR` or set expert_data=None")
         return self
+
+
+WARM_START_FIELDS = (
+    "model", "dtype", "attn_implementation", "min_pixels", "max_pixels", "freeze_vision_tower", "lora_rank", "lora_alpha",
+    "lora_dropout", "env_id", "env_kwargs", "expert_data", "expert_episodes", "steps", "episodes_per_step", "group_size",
+    "sft_batch_size", "learning_rate", "weight_decay", "lr_schedule", "lr_warmup_steps", "max_grad_norm",
+    "gradient_accumulation_steps", "mixed_precision", "ppo_epochs", "mini_batch_size", "seed",
+)
+"""Settings two runs must share for one to warm-start from the other's SFT iterations (`TrainConfig.warm_start`)."""
 
 
 def _finite(name: str, value: float) -> None:

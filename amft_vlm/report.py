@@ -43,6 +43,8 @@ class Panel:
     """Draw a running mean over long noisy series; off for step-like series (mu, the controller's terms)."""
     sparse: bool = False
     """Markers only: the metric exists on a few steps (the meta-gradient every k steps)."""
+    cumulative: bool = False
+    """Draw the running sum of the metric (e.g. each controller term's total contribution to mu)."""
 
 
 @dataclass(frozen=True)
@@ -64,17 +66,18 @@ FIGURES = (
         Panel("L_SFT (expert NLL per token)", "loss (log scale)", ("loss_sft",), yscale="log"),
         Panel("L_RL (clipped policy gradient)", "loss", ("loss_rl",)),
     )),
-    Figure("mu", "SFT weight mu in mu·L_SFT + (1-mu)·L_RL", (
+    Figure("mu", "SFT weight mu in mu·L_SFT + (1-mu)·L_RL, and what moved it", (
         Panel("mu", "mu", ("mu",), ylim=(-0.03, 1.03), smooth=False),
+        Panel("Running sum of each controller term", "total change of mu", ("entropy_term", "meta_term"), smooth=False, cumulative=True),
     )),
     Figure("entropy", "Policy entropy and target entropy H* (dashed)", (
-        Panel("On the policy's own rollouts (the controller's H)", "entropy (nats / token)", ("entropy_rl",), ("target_entropy",)),
-        Panel("On expert data", "entropy (nats / token)", ("entropy_sft",), ("target_entropy",)),
+        Panel("The controller's H (its own rollouts or the expert probe, sampling temperature)", "entropy (nats / token)", ("entropy",), ("target_entropy",)),
+        Panel("On the SFT batch (expert tokens, temperature 1)", "entropy (nats / token)", ("entropy_sft",)),
     )),
     Figure("controller", "mu controller terms (added to mu each step)", (
         Panel("Entropy term  eta_H·sign·(H* - H)", "change of mu", ("entropy_term",), smooth=False),
-        Panel("Meta term  eta_mu·dU/dmu", "change of mu", ("meta_term",), smooth=False),
-        Panel("Meta signal dU/dmu (every k steps)", "dU/dmu", ("meta_signal",), sparse=True),
+        Panel("Meta term  eta_mu·signal", "change of mu", ("meta_term",), smooth=False),
+        Panel("Meta signal (t-statistic of dU/dmu, or raw; every k steps)", "signal", ("meta_signal",), sparse=True),
     )),
     Figure("gradients", "Gradients", (
         Panel("cos(g_SFT, g_RL)", "cosine similarity", ("cos_sft_rl",), ylim=(-1.03, 1.03)),
@@ -212,6 +215,8 @@ def _draw_figure(figure: Figure, runs: list[Run], path: Path) -> bool:
                 steps, values = run.series(key)
                 if not steps.size:
                     continue
+                if panel.cumulative:
+                    values = np.cumsum(values)
                 label = run.label if len(panel.keys) == 1 else f"{run.label}: {key}"
                 if panel.sparse or steps.size == 1:
                     axis.plot(steps, values, linestyle="none", fillstyle="none", markeredgewidth=1.5, label=label, **style)
@@ -266,22 +271,39 @@ def _number(value: float, *, percent: bool = False) -> str:
     return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
 
 
+BUDGET_COLUMNS = (
+    ("budget_updates", "updates"),
+    ("budget_rollout_episodes", "rollout episodes"),
+    ("budget_validation_episodes", "validation episodes"),
+    ("budget_expert_examples", "expert examples"),
+    ("budget_trained_tokens", "trained tokens"),
+)
+"""The cumulative budget counters the trainer logs, and their column titles in the summary."""
+
+
 def summary_table(runs: Sequence[Run]) -> str:
-    """Markdown table: a row per run with its method, steps, final and last-10% reward and success, final mu."""
+    """Markdown table: a row per run with its method, steps, final and last-10% reward and success, final mu,
+    and the budget it consumed (so "the same budget" can be checked)."""
+    budget_titles = " | ".join(title for _, title in BUDGET_COLUMNS)
     rows = [
-        "| run | method | steps | reward (final) | reward (last 10%) | success (final) | success (last 10%) | mu (final) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| run | method | steps | reward (final) | reward (last 10%) | success (final) | success (last 10%) | mu (final) | {budget_titles} |",
+        "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(BUDGET_COLUMNS),
     ]
     for run in runs:
         planned = run.config.get("steps")
         steps = f"{run.last_step} / {planned}" if isinstance(planned, int) and planned != run.last_step else str(run.last_step)
+        budget = " | ".join(_count(_final(run, key)) for key, _ in BUDGET_COLUMNS)
         rows.append(
             f"| {run.label} | {run.method} | {steps} "
             f"| {_number(_final(run, 'reward'))} | {_number(_tail_mean(run, 'reward'))} "
             f"| {_number(_final(run, 'success'), percent=True)} | {_number(_tail_mean(run, 'success'), percent=True)} "
-            f"| {_number(_final(run, 'mu'))} |"
+            f"| {_number(_final(run, 'mu'))} | {budget} |"
         )
     return "\n".join(rows)
+
+
+def _count(value: float) -> str:
+    return f"{int(value):,}" if math.isfinite(value) else "–"
 
 
 def _evaluation_section(eval_files: Sequence[Path]) -> list[str]:

@@ -50,7 +50,7 @@ from agents.baselines import ExpertAgent
 from agents.tiny import resolve_model_spec
 from agents.vlm_policy import VLMPolicy
 from amft_vlm.checkpoint import latest_checkpoint, load_trainer_state, restore_rng_states, save_checkpoint
-from amft_vlm.config import TrainConfig, config_to_dict
+from amft_vlm.config import CONTROLLER_METHODS, WARM_START_FIELDS, TrainConfig, config_to_dict, load_config
 from amft_vlm.controller import (
     MetaEstimate,
     MuController,
@@ -67,8 +67,6 @@ from amft_vlm.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
-CONTROLLER_METHODS = ("amft", "no-meta-gradient", "no-entropy", "no-warmup")
-"""Methods whose mu comes from `MuController`."""
 UNSUPPORTED_DISTRIBUTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 """accelerate set-ups that shard parameters; the trainer refuses them with a message."""
 VALIDATION_SEED_BASE = 1 << 30  # validation episodes never share seeds with training rollouts
@@ -103,6 +101,30 @@ def build_controller(config: TrainConfig) -> MuController | None:
         use_meta=config.method != "no-meta-gradient",
         use_entropy=config.method != "no-entropy",
     )
+
+
+def warm_start_checkpoint(config: TrainConfig) -> Path:
+    """``config.warm_start`` after checking that its first N iterations are this run's (see `TrainConfig.warm_start`)."""
+    path = Path(config.warm_start)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"warm_start: {str(path)!r} is not a checkpoint; give a RUN/checkpoints/step-N directory written by the trainer")
+    source_path = path.parent.parent / "config.yaml"
+    if not source_path.is_file():
+        raise ValueError(f"warm_start: {str(path)!r} has no {source_path.name} two levels up; give a checkpoint inside its run directory")
+    source = load_config(source_path)
+    step = int(load_trainer_state(path)["step"])
+    differing = [name for name in WARM_START_FIELDS if getattr(source, name) != getattr(config, name)]
+    if differing:
+        details = "; ".join(f"{name}: {getattr(source, name)!r} there, {getattr(config, name)!r} here" for name in differing)
+        raise ValueError(f"warm_start: {str(path)!r} comes from a run with other settings ({details}); its {step} iterations are not this run's")
+    for who, run in (("its run", source), ("this run", config)):
+        controller = build_controller(run)
+        if any(method_mu(run, s, controller) != 1.0 for s in range(step)):
+            raise ValueError(
+                f"warm_start: {who} ({run.method}) is not pure SFT for the checkpoint's {step} iterations; warm-start from "
+                f"an earlier step (an amft run needs controller.warmup_steps >= {step})"
+            )
+    return path
 
 
 @dataclass
@@ -229,6 +251,9 @@ class Trainer:
         checkpoint = latest_checkpoint(self.checkpoints) if resume else None
         if resume and checkpoint is None:
             log.info("no checkpoint under %s; starting from step 0", self.checkpoints)
+        warm_start = checkpoint is None and config.warm_start is not None
+        if warm_start:
+            checkpoint = warm_start_checkpoint(config)
         # With LoRA the policy is always the base model plus adapters (fresh, or the checkpoint's).
         self.base_model = self._initial_model_path()
         model_path = str(checkpoint / "policy") if checkpoint and not config.lora_rank else self.base_model
@@ -277,7 +302,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-            self._truncate_metrics(self.start_step)
+            self._keep_metrics(self.start_step, source=checkpoint.parent.parent if warm_start else self.output_dir)
         self.accelerator.init_trackers("amft-vlm", config=_flat_config(config))
 
     # ----------------------------------------------------------------------------------------------
@@ -322,6 +347,7 @@ class Trainer:
                         meta_stderr=estimate.stderr if estimate else None,
                     )
                 controller.update(entropy=entropy, meta_signal=signal)
+                self._check_same_mu(controller.state.mu)
                 metrics["entropy"] = entropy
             if controller is not None:
                 state = controller.state
@@ -478,6 +504,14 @@ class Trainer:
         gradients = torch.autograd.grad(loss, self.parameters, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.parameters, gradients, strict=True)]
 
+    def _check_same_mu(self, mu: float) -> None:
+        """Every process must hold the same mu (its signals are global); a mismatch would split the model."""
+        if self.accelerator.num_processes == 1:
+            return
+        values = self.accelerator.gather(torch.tensor([mu], dtype=torch.float64, device=self.accelerator.device))
+        if not torch.all(values == values[0]):
+            raise RuntimeError(f"mu differs across processes ({values.tolist()}); the controller's signals must be reduced over all processes")
+
     def _global_sum(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
             return value
@@ -629,15 +663,15 @@ class Trainer:
                 handle.write(json.dumps(clean) + "\n")
         self.accelerator.log({k: v for k, v in clean.items() if isinstance(v, int | float)}, step=metrics["step"])
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Keep only the metric lines of steps up to ``step`` (a resumed run rewrites what came after)."""
-        path = self.output_dir / "metrics.jsonl"
+    def _keep_metrics(self, step: int, *, source: Path) -> None:
+        """Keep only the metric lines of steps up to ``step``, from this run's file or a warm start's source run."""
+        path = source / "metrics.jsonl"
         if not path.exists():
             return
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        tmp = path.with_suffix(".jsonl.tmp")
+        tmp = (self.output_dir / "metrics.jsonl").with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        tmp.replace(self.output_dir / "metrics.jsonl")
 
     def save(self, step: int) -> Path | None:
         """Write checkpoint ``step`` (main process only)."""
@@ -672,7 +706,7 @@ class Trainer:
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])
-        if self.critic is not None:
+        if self.critic is not None and (checkpoint / "critic.pt").is_file():  # an SFT run's checkpoint has none
             critic = torch.load(checkpoint / "critic.pt", weights_only=False)
             self.critic.load_state_dict(critic["head"])
             self.critic_optimizer.load_state_dict(critic["optimizer"])

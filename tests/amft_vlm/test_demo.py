@@ -5,6 +5,7 @@ import os
 import time
 
 import pytest
+import yaml
 
 from amft_vlm.cli import main
 from amft_vlm.demo import EVALUATIONS, FULL, METHODS, QUICK, busy_cores, choose_threads, run_demo
@@ -28,10 +29,11 @@ def test_quick_demo_writes_runs_records_report_and_prints_the_table(tmp_path, ca
     assert amft_mu[: QUICK.warmup_steps] == [1.0] * QUICK.warmup_steps and all(mu < 1 for mu in amft_mu[QUICK.warmup_steps :])
     assert (out / "expert" / "manifest.json").is_file() and (out / "initial-model" / "config.json").is_file()
 
+    greedy = [e.name for e in EVALUATIONS if e.temperature is None]
     record_files = {
-        "expert": [out / "baselines" / "eval" / f"expert-{name}.json" for name, *_ in EVALUATIONS],
-        "random": [out / "baselines" / "eval" / f"random-{name}.json" for name, *_ in EVALUATIONS],
-        **{method: [out / method / "eval" / f"{name}.json" for name, *_ in EVALUATIONS] for method in METHODS},
+        "expert": [out / "baselines" / "eval" / f"expert-{name}.json" for name in greedy],
+        "random": [out / "baselines" / "eval" / f"random-{name}.json" for name in greedy],
+        **{method: [out / method / "eval" / f"{e.name}.json" for e in EVALUATIONS] for method in METHODS},
     }
     for row, files in record_files.items():
         for path in files:
@@ -40,17 +42,26 @@ def test_quick_demo_writes_runs_records_report_and_prints_the_table(tmp_path, ca
             assert record["model"].startswith(row), path
     assert json.loads((out / "sft" / "eval" / "test.json").read_text())["split"] == "test"
     assert json.loads((out / "amft" / "eval" / "ood-rule.json").read_text())["setting"] == "GP-L ood-rule"
+    sampled = json.loads((out / "amft" / "eval" / "test-sampled.json").read_text())
+    assert sampled["decoding"]["temperature"] == 1.0 and sampled["split"] == "test"
     expert = result.records["expert"]
-    assert all(expert[name].metrics["success_rate"].value == 1.0 for name, *_ in EVALUATIONS)
+    assert all(expert[name].metrics["success_rate"].value == 1.0 for name in greedy)
+    # AMFT started from the SFT run's checkpoint at the end of its warm-up, and its metrics hold every step.
+    assert yaml.safe_load((out / "amft" / "config.yaml").read_text())["warm_start"] == str(
+        out / "sft" / "checkpoints" / f"step-{QUICK.warmup_steps:06d}"
+    )
 
     report = (out / "report" / "report.md").read_text()
     assert result.report == out / "report" / "report.md"
     for figure in FIGURES:
         assert (out / "report" / f"{figure.name}.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert report.count("| GP-L ") == 3 * (2 + len(METHODS))  # every row of every evaluation
+    assert report.count("| GP-L ") == 2 * len(greedy) + len(METHODS) * len(EVALUATIONS)  # every record
 
-    rows = [line for line in result.table.splitlines() if line.startswith("| ") and "---" not in line]
+    first_table = result.table.split("\n\n")[1]
+    rows = [line for line in first_table.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["expert", "random", *METHODS]
+    assert "shared with sft" in rows[-1]
+    assert "retry success, training hands" in result.table and "RL rollout episodes" in result.table
     assert result.table in printed and result.table in (out / "demo.md").read_text()
     assert str(out / "report" / "report.md") in printed
     assert set(result.train_seconds) == set(METHODS)
@@ -103,12 +114,15 @@ def _spin(seconds):
         pass
 
 
-def test_full_settings_share_the_budget_between_methods():
-    sft = FULL.train_config("sft", model="m", expert_data=".", output_dir="o")
-    amft = FULL.train_config("amft", model="m", expert_data=".", output_dir="o")
-    for name in ("steps", "sft_batch_size", "learning_rate", "lr_schedule", "expert_data", "model", "env_kwargs", "seed"):
-        assert getattr(sft, name) == getattr(amft, name), name
-    assert 0 < amft.controller.warmup_steps < amft.steps
+def test_full_settings_share_the_budget_and_give_the_controller_a_quarter_of_the_steps(tmp_path):
+    from amft_vlm.config import WARM_START_FIELDS
+
+    sft = FULL.train_config("sft", model="m", expert_data=str(tmp_path), output_dir="o")
+    amft = FULL.train_config("amft", model="m", expert_data=str(tmp_path), output_dir="o")
+    assert [name for name in WARM_START_FIELDS if getattr(sft, name) != getattr(amft, name)] == []
+    assert amft.steps - amft.controller.warmup_steps >= amft.steps / 4
+    assert sft.save_every == amft.controller.warmup_steps  # the checkpoint AMFT starts from
+    assert amft.validation_env_kwargs["split"] == "val"
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,8 @@ def amft_records(steps=30, warmup=5, meta_interval=5):
             record.update(loss_rl=0.01 * math.sin(step), entropy_rl=4.2 - 0.01 * step, tokens_rl=300, clip_fraction=0.1, approx_kl=0.01,
                           reward=-10 + step / 3, success=min(1.0, step / steps), turns=3.0, cos_sft_rl=0.1,
                           entropy=4.2 - 0.01 * step, meta_signal=meta, entropy_term=-1e-4, meta_term=1e-5 if meta else 0.0)
+        record.update(budget_updates=step, budget_rollout_episodes=16 * max(0, step - warmup), budget_validation_episodes=0,
+                      budget_expert_examples=32 * step, budget_trained_tokens=1800 * step)
         record["loss"] = record["mu"] * record["loss_sft"] + (1 - record["mu"]) * record.get("loss_rl", 0.0)
         records.append(record)
     return records
@@ -71,6 +73,8 @@ def test_report_writes_every_plot_and_a_summary_of_both_runs(runs, tmp_path):
     assert set(rows) == {"amft-run (amft)", "sft-run (sft)"}
     assert "| amft | 30 |" in rows["amft-run (amft)"] and "100.0%" in rows["amft-run (amft)"]
     assert "| sft | 20 |" in rows["sft-run (sft)"] and "| 1.000 |" in rows["sft-run (sft)"]
+    assert "| rollout episodes |" in text and "| 30 | 400 | 0 | 960 | 54,000 |" in rows["amft-run (amft)"]
+    assert rows["sft-run (sft)"].endswith("| – | – | – | – | – |")  # an old run without budget counters
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert sorted(links) == sorted(f"{figure.name}.png" for figure in FIGURES)
     for link in links:
@@ -90,7 +94,8 @@ def test_runs_are_overlaid_with_a_legend_entry_each(runs, tmp_path, monkeypatch)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
     write_report(runs, tmp_path / "report")
     mu_legend = next(labels for path, labels in legends.items() if "mu.png" in path)
-    assert mu_legend == ["amft-run (amft)", "sft-run (sft)"]
+    # mu of both runs, then what moved it: the running sums of the AMFT run's two controller terms.
+    assert mu_legend == ["amft-run (amft)", "sft-run (sft)", "amft-run (amft): entropy_term", "amft-run (amft): meta_term"]
     loss_legend = next(labels for path, labels in legends.items() if "loss.png" in path)
     assert loss_legend.count("sft-run (sft)") == 2  # total loss and L_SFT; no L_RL line for an SFT run
     assert all(figure.title for figure in FIGURES)

@@ -174,3 +174,34 @@ def test_lora_dropout_acts_in_the_loss_passes_only(tmp_path):
         assert not trainer.policy.model.training
         trained[dropout] = {name: p.detach().clone() for name, p in trainer.policy.model.named_parameters() if "lora_" in name}
     assert any(not torch.equal(trained[0.0][name], trained[0.5][name]) for name in trained[0.0])
+
+
+def test_amft_warm_started_from_an_sft_checkpoint_equals_amft_from_scratch(tmp_path):
+    settings = ["controller.warmup_steps=2", "controller.meta_interval=1"]
+    straight = run(tmp_path, "straight", "method=amft", *settings)
+    straight_history = straight.train()
+    run(tmp_path, "sft", "method=sft", *settings).train()  # saves step 2 (save_every=2)
+    warm = run(tmp_path, "warm", "method=amft", *settings, f"warm_start={tmp_path / 'sft' / 'checkpoints' / 'step-000002'}")
+    assert warm.start_step == 2
+    warm_history = warm.train()
+    for a, b in zip(straight.policy.model.parameters(), warm.policy.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for key in ("mu", "next_mu", "target_entropy", "entropy", "meta_signal", "loss_sft", "budget_env_episodes", "budget_updates"):
+        assert [m[key] for m in warm_history] == pytest.approx([m[key] for m in straight_history[2:]]), key
+    lines = [json.loads(line) for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]  # the shared warm-up's lines are copied in
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["learning_rate=1e-3"], "learning_rate: 0.002 there, 0.001 here"),
+        (["controller.warmup_steps=1"], "not pure SFT"),
+        (["method=fixed-mix"], "not pure SFT"),
+    ],
+)
+def test_a_warm_start_from_a_different_run_is_refused(tmp_path, overrides, message):
+    run(tmp_path, "sft", "method=sft").train()
+    checkpoint = tmp_path / "sft" / "checkpoints" / "step-000002"
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, "warm", "method=amft", "controller.warmup_steps=2", *overrides, f"warm_start={checkpoint}")
