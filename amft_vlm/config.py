@@ -56,15 +56,18 @@ class ControllerConfig:
     eta_h: float = 5e-4
     """Step size of the entropy term (per nat of H* - H)."""
     warmup_steps: int = 50
-    """Steps of pure SFT before the controller starts; H* is measured at the first controller step."""
+    """Steps of pure SFT before the controller starts; H* is measured over the first controller steps."""
     meta_interval: int = 20
     """Compute the meta-gradient every this many steps after warm-up."""
     entropy_sign: int = 1
     """+1: entropy below target raises mu (the paper's equation); -1: the paper's prose."""
     entropy_source: str = "rollouts"
     """What H and H* are measured on, always at the sampling temperature: ``rollouts`` (the mean token
-    entropy of the step's own rollouts; H* is the first controller step's) or ``expert`` (a fixed
-    probe of ``entropy_probe_size`` expert dialogues, scored without gradient every step)."""
+    entropy of the step's own rollouts) or ``expert`` (a fixed probe of ``entropy_probe_size`` expert
+    dialogues, scored without gradient every step)."""
+    target_entropy_steps: int = 5
+    """H* is the mean H of this many first controller steps (the entropy term is 0 until then), so one
+    batch's noise does not offset the term for the whole run."""
     entropy_probe_size: int = 16
     """Expert dialogues in the fixed entropy probe (``entropy_source: expert``)."""
     lookahead: str = "adam"
@@ -72,7 +75,8 @@ class ControllerConfig:
     clipped AdamW step) or ``sgd`` (Eq. 6 as written: d theta'/d mu = -lr (g_SFT - g_RL))."""
     meta_signal: str = "standardized"
     """``standardized``: dU/dmu divided by its standard error over the validation start states (a
-    t-statistic, scale-free), clipped to +-meta_clip; ``raw``: dU/dmu itself (Eq. 6's value)."""
+    t-statistic, scale-free), clipped to +-meta_clip; ``raw``: dU/dmu itself (Eq. 6's value). With few
+    states the t-statistic is heavy-tailed (with 2, about 1 pure-noise estimate in 5 reaches +-3): use 6 or more."""
     meta_clip: float = 3.0
     """Largest absolute standardized meta signal."""
     validation_states: int = 8
@@ -96,7 +100,7 @@ class ControllerConfig:
         _choice("controller.meta_signal", self.meta_signal, META_SIGNALS)
         if not self.meta_clip > 0:
             raise ValueError(f"controller.meta_clip must be > 0; got {self.meta_clip}")
-        for name in ("meta_interval", "entropy_probe_size", "validation_states"):
+        for name in ("meta_interval", "entropy_probe_size", "validation_states", "target_entropy_steps"):
             _positive(f"controller.{name}", getattr(self, name))
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"controller.warmup_steps must be an integer >= 0; got {self.warmup_steps!r}")
@@ -137,7 +141,9 @@ class TrainConfig:
     lora_alpha: float | None = None
     """LoRA alpha; None gives 2 x lora_rank (a scale of 2)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA input; active only in training mode, i.e. never during rollouts or scoring here."""
+    """Dropout on the LoRA input. It acts in the loss passes (the model trains in training mode) and never
+    in rollouts, validation or evaluation; so with dropout > 0 the PPO ratio and the rollout entropy
+    the controller reads carry dropout noise, as in any policy-gradient trainer with dropout."""
 
     env_id: str = "GeneralPoints-v0"
     """Environment to train on."""
@@ -245,6 +251,12 @@ class TrainConfig:
             _positive(name, getattr(self, name))
         if self.mini_batch_size is not None:
             _positive("mini_batch_size", self.mini_batch_size)
+            parts = math.ceil(self.episodes_per_step * self.group_size / self.mini_batch_size)
+            if self.sft_batch_size < parts:
+                raise ValueError(
+                    f"sft_batch_size ({self.sft_batch_size}) must be at least the number of mini-batches ({parts} = "
+                    f"episodes_per_step x group_size / mini_batch_size, rounded up): each update takes a share of the expert batch"
+                )
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             if isinstance(value, float):

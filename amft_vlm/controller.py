@@ -8,11 +8,13 @@ After ``warmup_steps`` of pure SFT, every step adds two terms to mu and clips it
 (the sampling temperature), or their difference would compare two distributions of text rather than
 the policy with its past self (`ControllerConfig.entropy_source`):
 
-- ``rollouts`` (default): H is the mean token entropy of the step's own rollouts, H* that of the
-  rollouts of the first controller step (the end of warm-up). This is the exploration entropy the
-  paper's H(pi_theta) stands for; it is noisy from step to step, and averages to ~0 with a frozen policy.
-- ``expert``: H and H* are the mean token entropy on a fixed probe of expert dialogues, scored without
-  gradient every step: exactly 0 with a frozen policy, at the cost of one forward pass per step.
+- ``rollouts`` (default): H is the mean token entropy of the step's own rollouts. This is the
+  exploration entropy the paper's H(pi_theta) stands for; it is noisy from step to step.
+- ``expert``: H is the mean token entropy on a fixed probe of expert dialogues, scored without
+  gradient every step: no sampling noise, at the cost of one forward pass per step.
+
+H* is the mean H of the first ``target_entropy_steps`` controller steps (the end of warm-up; the term
+is 0 until then), so with a frozen policy the term averages to ~0 (exactly 0 with the probe).
 
 **Meta term.** Every ``meta_interval`` steps, the meta-gradient of the utility U (expected reward on a
 fixed set of validation start states from the ``val`` split) through the policy update::
@@ -21,12 +23,13 @@ fixed set of validation start states from the ``val`` split) through the policy 
 
 The look-ahead theta' is the real update: the trainer takes its clipped AdamW step(s) and evaluates
 grad U at the parameters it lands on, so no parameters are saved, moved and restored.
-``d theta'/d mu`` is the exact derivative of that step with respect to mu (`adamw_mu_direction`):
-the mix ``g(mu) = mu g_SFT + (1 - mu) g_RL`` goes through the gradient-norm clip and the Adam moment
-updates, so a change of mu moves theta along the *preconditioned* difference of the two gradients, not
-along ``g_SFT - g_RL`` (this is a linearisation in mu of one real step; with several updates per
-iteration their directions are summed, ignoring how one update's change moves the next one's gradient).
-``lookahead: sgd`` keeps Eq. 6's direction ``-lr (g_SFT - g_RL)``.
+``d theta'/d mu`` is the derivative of that step with respect to mu, carried forward (`MuTangent`,
+`adamw_tangent`): the mix ``g(mu) = mu g_SFT + (1 - mu) g_RL`` goes through the gradient-norm clip and
+the Adam moment updates, so a change of mu moves theta along the *preconditioned* difference of the two
+gradients, not along ``g_SFT - g_RL``. With one update per iteration (the default) it is exact; with
+several, the moments' derivatives are carried from update to update and only the Hessian term (how an
+earlier update's change of theta moves a later gradient) is left out. ``lookahead: sgd`` keeps Eq. 6's
+direction ``-lr (g_SFT - g_RL)``.
 
 grad U is estimated by REINFORCE on ``validation_samples`` episodes from each of ``validation_states``
 start states, with a leave-one-out baseline (each episode's return minus the mean of the others from the
@@ -35,12 +38,14 @@ gives one value ``s_i = < grad U_i, d theta'/d mu >`` (`MetaEstimate`), so dU/dm
 error over start states.
 
 **Deviation from the paper, and why** (``meta_signal: standardized``, the default): the raw dU/dmu
-scales with the learning rate squared and the gradients' size (~1e-10 at LLM learning rates), so no
+scales with the learning rate and the gradients' size (~1e-10 at LLM learning rates), so no
 fixed eta_mu suits it, and the cosine form used before (`cos(grad U, -(g_SFT - g_RL))` over millions of
 noisy dimensions) was ~0.01-0.08 and moved mu by 0.004 in a run. The default signal is dU/dmu divided
 by its standard error over start states, a t-statistic clipped to +-``meta_clip``: scale-free, ~+-1
 when the sign is not resolved and larger when it is, so eta_mu ~ 0.01 moves mu by 0.1-0.5 over a run
 only when the validation episodes consistently favour one side. ``meta_signal: raw`` uses dU/dmu itself.
+U is the reward of the policy at its sampling temperature (validation episodes are sampled, as
+REINFORCE needs), not of greedy decoding.
 
 **Guards.** A non-finite entropy or meta signal is skipped (counted in ``skipped_signals``) and never
 reaches mu; a meta step whose validation returns all tie has no signal (None, logged as null).
@@ -149,7 +154,7 @@ class ClipDerivative:
         return cls(coefficient, -mix_dot_delta / (total_norm * (total_norm + 1e-6)))
 
 
-def adamw_mu_direction(
+def adamw_tangent(
     delta: torch.Tensor,
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -160,24 +165,96 @@ def adamw_mu_direction(
     betas: tuple[float, float],
     eps: float,
     clip: ClipDerivative,
-) -> torch.Tensor:
-    """``d theta'/d mu`` of one parameter for the AdamW step just taken (torch's AdamW, amsgrad off).
+    exp_avg_tangent: torch.Tensor | None = None,
+    exp_avg_sq_tangent: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Derivatives in mu of one parameter's AdamW step just taken (torch's AdamW, amsgrad off).
 
     The step was ``theta' = theta (1 - lr wd) - lr / b1 * m / (sqrt(v) / sqrt(b2) + eps)`` with
     ``m = beta1 m_prev + (1 - beta1) g``, ``v = beta2 v_prev + (1 - beta2) g^2``, ``b_i = 1 - beta_i^step``
     and ``g`` the clipped gradient ``(1 - mu) g_RL + mu g_SFT``. Arguments are the values *after* the
-    step: ``grad`` the clipped g, ``exp_avg``/``exp_avg_sq`` m and v; ``delta = g_SFT - g_RL``.
+    step: ``grad`` the clipped g, ``exp_avg``/``exp_avg_sq`` m and v; ``delta = g_SFT - g_RL``;
+    ``exp_avg_tangent``/``exp_avg_sq_tangent`` the derivatives of m_prev and v_prev in mu (None: 0, the
+    first update after mu was chosen). Returns (d of the step's change of theta, dm, dv); the weight
+    decay factor does not depend on mu.
     """
     beta1, beta2 = betas
     bias1, bias2_sqrt = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
     dtype = torch.promote_types(grad.dtype, torch.float32)  # half-precision state is differentiated in float32
     grad, exp_avg = grad.to(dtype), exp_avg.to(dtype)
     dgrad = clip.scale * delta.to(dtype) + clip.rate * grad
+    dexp_avg = (1.0 - beta1) * dgrad
+    dexp_avg_sq = 2.0 * (1.0 - beta2) * grad * dgrad
+    if exp_avg_tangent is not None:
+        dexp_avg = dexp_avg + beta1 * exp_avg_tangent
+    if exp_avg_sq_tangent is not None:
+        dexp_avg_sq = dexp_avg_sq + beta2 * exp_avg_sq_tangent
     root = exp_avg_sq.to(dtype).sqrt()
     denom = root / bias2_sqrt + eps
-    # d sqrt(v) = (1 - beta2) g dg / sqrt(v); where v = 0 every gradient so far was 0 and the step did not move.
-    droot = torch.where(root > 0, (1.0 - beta2) * grad * dgrad / root.clamp_min(1e-30), torch.zeros_like(root))
-    return -(lr / bias1) * ((1.0 - beta1) * dgrad / denom - exp_avg * (droot / bias2_sqrt) / denom**2)
+    # d sqrt(v) = dv / (2 sqrt(v)); where v = 0 every gradient so far was 0 and the step did not move.
+    droot = torch.where(root > 0, dexp_avg_sq / (2.0 * root.clamp_min(1e-30)), torch.zeros_like(root))
+    dstep = -(lr / bias1) * (dexp_avg / denom - exp_avg * (droot / bias2_sqrt) / denom**2)
+    return dstep, dexp_avg, dexp_avg_sq
+
+
+class MuTangent:
+    """``d theta/d mu`` carried forward through one iteration's optimiser updates (forward mode).
+
+    Each update adds its own dependence on mu: through the mix and the clip of its gradient and, for
+    ``lookahead="adam"``, through AdamW's moments, whose derivatives are carried from one update to
+    the next (kept only while more updates follow). The gradients themselves are treated as fixed:
+    how an earlier update's change of theta moves a later gradient (a Hessian term) is left out, so
+    with one update per iteration (the default) the result is exact and with several it is the
+    linearisation the look-ahead stands for. ``lookahead="sgd"`` is Eq. 6's ``-lr (g_SFT - g_RL)`` per update.
+    """
+
+    def __init__(self, lookahead: str) -> None:
+        if lookahead not in ("adam", "sgd"):
+            raise ValueError(f"lookahead must be 'adam' or 'sgd'; got {lookahead!r}")
+        self.lookahead = lookahead
+        self.theta: list[torch.Tensor] | None = None
+        """d theta/d mu per parameter so far (None before the first update or after an invalid one)."""
+        self.valid = True
+        self._exp_avg: list[torch.Tensor] | None = None
+        self._exp_avg_sq: list[torch.Tensor] | None = None
+
+    def invalidate(self) -> None:
+        """An update without both gradients: mu did not enter it the way the look-ahead assumes."""
+        self.valid, self.theta, self._exp_avg, self._exp_avg_sq = False, None, None, None
+
+    def advance(self, parameters: Sequence[torch.Tensor], adamw: torch.optim.Optimizer, delta: list[torch.Tensor], clip: ClipDerivative, *, more_updates: bool) -> None:
+        """Add the update just taken (``delta = g_SFT - g_RL`` is consumed: it becomes this update's direction)."""
+        if not self.valid:
+            return
+        (group,) = adamw.param_groups
+        lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
+        exp_avg, exp_avg_sq = [], []
+        for index, (parameter, difference) in enumerate(zip(parameters, delta, strict=True)):
+            if self.lookahead == "sgd":
+                difference.mul_(-lr)
+            else:
+                state = adamw.state[parameter]
+                dstep, dm, dv = adamw_tangent(
+                    difference,
+                    parameter.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    step=int(state["step"]),
+                    lr=lr,
+                    betas=group["betas"],
+                    eps=group["eps"],
+                    clip=clip,
+                    exp_avg_tangent=self._exp_avg[index] if self._exp_avg is not None else None,
+                    exp_avg_sq_tangent=self._exp_avg_sq[index] if self._exp_avg_sq is not None else None,
+                )
+                difference.copy_(dstep)
+                if more_updates:
+                    exp_avg.append(dm)
+                    exp_avg_sq.append(dv)
+            if self.theta is not None:
+                difference.add_(self.theta[index], alpha=decay if self.lookahead == "adam" else 1.0)
+        self.theta = delta
+        self._exp_avg, self._exp_avg_sq = (exp_avg, exp_avg_sq) if more_updates and self.lookahead == "adam" else (None, None)
 
 
 @dataclass(frozen=True)
@@ -188,8 +265,6 @@ class MixedStep:
     """Norm of the mixed gradient before clipping (None without clipping)."""
     cos_sft_rl: float | None
     """Cosine of g_SFT and g_RL (None unless both were given)."""
-    direction: list[torch.Tensor] | None
-    """``d theta'/d mu`` of the step, per parameter (None unless asked for and both gradients were given)."""
 
 
 def mixed_adamw_step(
@@ -200,16 +275,21 @@ def mixed_adamw_step(
     *,
     mu: float,
     max_grad_norm: float,
-    lookahead: str | None = None,
+    tangent: MuTangent | None = None,
+    more_updates: bool = False,
 ) -> MixedStep:
     """One update: ``g = mu g_SFT + (1 - mu) g_RL`` (a missing part counts as 0), norm clip, AdamW step.
 
-    With ``lookahead`` (``"adam"`` or ``"sgd"``) it also returns ``d theta'/d mu`` of this very step
-    (`adamw_mu_direction`, or Eq. 6's ``-lr (g_SFT - g_RL)``). The gradient lists are consumed: they
-    are reused in place for the mix, ``g_SFT - g_RL`` and the direction, so the step allocates no
-    parameter-sized tensor of its own. ``optimizer`` is a torch AdamW (amsgrad off) over `parameters`
-    in one group, or a wrapper holding one as ``.optimizer`` (accelerate's).
+    With a `tangent` it also carries ``d theta/d mu`` through this update (`MuTangent.advance`;
+    `more_updates` says whether the iteration has more updates after this one). The gradient lists
+    are consumed: they are reused in place for the mix, ``g_SFT - g_RL`` and the derivative, so the step
+    allocates no parameter-sized tensor of its own beyond what the tangent keeps. ``optimizer`` is a
+    plain torch AdamW (amsgrad off) over `parameters` in one group (any optimiser without a tangent).
     """
+    if tangent is not None and tangent.lookahead == "adam" and (
+        not isinstance(optimizer, torch.optim.AdamW) or optimizer.param_groups[0]["amsgrad"] or optimizer.param_groups[0]["maximize"]
+    ):
+        raise ValueError(f"lookahead 'adam' differentiates torch.optim.AdamW without amsgrad or maximize; got {optimizer!r}")
     cosine = None
     if g_sft is not None and g_rl is not None:
         sft_sq, rl_sq, cross = flat_dot(g_sft, g_sft), flat_dot(g_rl, g_rl), flat_dot(g_sft, g_rl)
@@ -227,40 +307,19 @@ def mixed_adamw_step(
         if scale != 1.0:
             for gradient in mixed:
                 gradient.mul_(scale)
-    lookahead = lookahead if delta is not None else None
-    mix_dot_delta = flat_dot(mixed, delta) if lookahead == "adam" else 0.0
+    if tangent is not None and delta is None:
+        tangent.invalidate()
+    track = tangent is not None and tangent.valid
+    mix_dot_delta = flat_dot(mixed, delta) if track and tangent.lookahead == "adam" else 0.0
     for parameter, gradient in zip(parameters, mixed, strict=True):
         parameter.grad = gradient
     grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)) if max_grad_norm > 0 else None
     optimizer.step()
-    direction = None
-    if lookahead is not None:
-        adamw = getattr(optimizer, "optimizer", optimizer)
-        (group,) = adamw.param_groups
-        if lookahead == "adam" and (not isinstance(adamw, torch.optim.AdamW) or group["amsgrad"] or group["maximize"]):
-            raise ValueError(f"lookahead 'adam' differentiates torch.optim.AdamW without amsgrad or maximize; got {adamw!r}")
+    if track:
         clip = ClipDerivative.of(total_norm=grad_norm or 0.0, max_norm=max_grad_norm, mix_dot_delta=mix_dot_delta)
-        for parameter, difference in zip(parameters, delta, strict=True):
-            if lookahead == "sgd":
-                difference.mul_(-group["lr"])
-                continue
-            state = adamw.state[parameter]
-            difference.copy_(
-                adamw_mu_direction(
-                    difference,
-                    parameter.grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    step=int(state["step"]),
-                    lr=group["lr"],
-                    betas=group["betas"],
-                    eps=group["eps"],
-                    clip=clip,
-                )
-            )
-        direction = delta
+        tangent.advance(parameters, optimizer, delta, clip, more_updates=more_updates)
     optimizer.zero_grad(set_to_none=True)
-    return MixedStep(grad_norm, cosine, direction)
+    return MixedStep(grad_norm, cosine)
 
 
 @dataclass
@@ -269,8 +328,12 @@ class ControllerState:
 
     mu: float
     target_entropy: float | None = None
+    target_entropy_sum: float = 0.0
+    """Sum of the H values seen while H* is being measured."""
+    target_entropy_count: int = 0
+    """How many H values that sum holds (H* is set once it reaches ``target_entropy_steps``)."""
     last_entropy_term: float | None = 0.0
-    """The entropy term added at the last update (None: no entropy measured, or a skipped non-finite one)."""
+    """The entropy term added at the last update (None: no signal yet, or a skipped non-finite one)."""
     last_meta_term: float | None = 0.0
     """The meta term added at the last update (0 when none was applied; None: a skipped non-finite one)."""
     skipped_signals: int = 0
@@ -314,11 +377,26 @@ class MuController:
         return self.use_meta and not self.in_warmup(step) and (step - self.warmup_steps) % self.config.meta_interval == 0
 
     def needs_target_entropy(self, step: int) -> bool:
-        """True at the first controller step when H* is not set yet (it is then set from this step's H)."""
+        """True at controller steps while H* is still being measured (`observe_target_entropy`)."""
         return not self.in_warmup(step) and self.state.target_entropy is None
 
+    def observe_target_entropy(self, entropy: float) -> None:
+        """Add one H to the measurement of ``H*``: the mean of the first ``target_entropy_steps`` values.
+
+        Averaging keeps one batch's sampling noise from becoming a constant offset of the entropy term
+        for the rest of the run. A non-finite value is skipped (and counted).
+        """
+        state = self.state
+        if not math.isfinite(entropy):
+            state.skipped_signals += 1
+            return
+        state.target_entropy_sum += float(entropy)
+        state.target_entropy_count += 1
+        if state.target_entropy_count >= self.config.target_entropy_steps:
+            state.target_entropy = state.target_entropy_sum / state.target_entropy_count
+
     def set_target_entropy(self, entropy: float) -> None:
-        """Fix ``H*``; a non-finite value leaves it unset (tried again at the next step)."""
+        """Fix ``H*`` directly (a non-finite value is skipped)."""
         if math.isfinite(entropy):
             self.state.target_entropy = float(entropy)
         else:

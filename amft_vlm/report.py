@@ -13,6 +13,7 @@ figure with no data at all is not drawn, and missing, null and NaN values are sk
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -68,7 +69,7 @@ FIGURES = (
     )),
     Figure("mu", "SFT weight mu in mu·L_SFT + (1-mu)·L_RL, and what moved it", (
         Panel("mu", "mu", ("mu",), ylim=(-0.03, 1.03), smooth=False),
-        Panel("Running sum of each controller term", "total change of mu", ("entropy_term", "meta_term"), smooth=False, cumulative=True),
+        Panel("Running sum of each controller term (before mu's clip)", "sum of terms", ("entropy_term", "meta_term"), smooth=False, cumulative=True),
     )),
     Figure("entropy", "Policy entropy and target entropy H* (dashed)", (
         Panel("The controller's H (its own rollouts or the expert probe, sampling temperature)", "entropy (nats / token)", ("entropy",), ("target_entropy",)),
@@ -178,6 +179,8 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+KEY_LINES = ("-", "--", ":", "-.")
+"""Line styles of the keys of a panel with several keys (a run keeps its colour)."""
 
 
 def _run_styles(count: int) -> list[dict]:
@@ -211,7 +214,7 @@ def _draw_figure(figure: Figure, runs: list[Run], path: Path) -> bool:
     for axis, panel in zip(axes[0], panels, strict=True):
         for run, style in zip(runs, _run_styles(len(runs)), strict=True):
             colour, linewidth = style["color"], style["linewidth"]
-            for key in panel.keys:
+            for key, line in zip(panel.keys, itertools.cycle(KEY_LINES)):  # several keys: one line style each
                 steps, values = run.series(key)
                 if not steps.size:
                     continue
@@ -221,13 +224,13 @@ def _draw_figure(figure: Figure, runs: list[Run], path: Path) -> bool:
                 if panel.sparse or steps.size == 1:
                     axis.plot(steps, values, linestyle="none", fillstyle="none", markeredgewidth=1.5, label=label, **style)
                 elif steps.size >= DENSE_POINTS and not panel.smooth:
-                    axis.plot(steps, values, "-", color=colour, linewidth=linewidth, label=label)
+                    axis.plot(steps, values, line, color=colour, linewidth=linewidth, label=label)
                 elif steps.size >= DENSE_POINTS:
-                    axis.plot(steps, values, "-", color=colour, alpha=0.3, linewidth=1)
-                    axis.plot(steps, _smooth(values, max(3, steps.size // 20)), "-", color=colour, linewidth=linewidth, label=label)
+                    axis.plot(steps, values, line, color=colour, alpha=0.3, linewidth=1)
+                    axis.plot(steps, _smooth(values, max(3, steps.size // 20)), line, color=colour, linewidth=linewidth, label=label)
                     smoothed = True
                 else:
-                    axis.plot(steps, values, "-", fillstyle="none", label=label, **style)
+                    axis.plot(steps, values, line, fillstyle="none", label=label, **style)
             for key in panel.reference_keys:
                 steps, values = run.series(key)
                 if steps.size:

@@ -54,6 +54,7 @@ from amft_vlm.config import CONTROLLER_METHODS, WARM_START_FIELDS, TrainConfig, 
 from amft_vlm.controller import (
     MetaEstimate,
     MuController,
+    MuTangent,
     flat_dot,
     leave_one_out_advantages,
     mixed_adamw_step,
@@ -283,6 +284,9 @@ class Trainer:
         # The scheduler is not handed to accelerate: its wrapper advances the schedule once per process,
         # which assumes each process adds its own batch; here the global batch is fixed and sharded.
         self.optimizer, self.scheduler = self.accelerator.prepare(optimizer), scheduler
+        # Updates go through torch's AdamW itself: the loss is never scaled, so accelerate's fp16 grad
+        # scaler must not unscale it, and the look-ahead differentiates exactly this step.
+        self._adamw = optimizer
         self.critic, self.critic_optimizer = None, None
         if config.advantage == "ppo":
             hidden_size = self.policy.model.config.get_text_config().hidden_size
@@ -319,12 +323,14 @@ class Trainer:
             controlled = controller is not None and not controller.in_warmup(step)
 
             # Collect: expert batch for L_SFT, on-policy rollouts (with advantages) for L_RL.
-            sft_batch = self._next_sft_batch() if mu > 0 else []
+            # Whether a part exists is decided by mu (global); a process's share of it may be empty.
+            sft_batch = self._next_sft_batch() if mu > 0 else None
             rollouts, rollout_stats = self._collect_rollouts(step) if mu < 1 else ([], None)
-            rl_batch = self._rl_batch(rollouts) if rollouts else None
+            rl_batch = self._rl_batch(rollouts) if mu < 1 else None
             if rollout_stats is not None:
                 metrics.update(reward=rollout_stats.mean_return, success=rollout_stats.success_rate, turns=rollout_stats.mean_turns)
-            probe_entropy = self._probe_entropy() if controlled and config.controller.entropy_source == "expert" else None
+            wants_entropy = controlled and controller.use_entropy
+            probe_entropy = self._probe_entropy() if wants_entropy and config.controller.entropy_source == "expert" else None
 
             # Update: ppo_epochs x mini-batches of (g_SFT, g_RL) -> mix -> clip -> AdamW. On meta-gradient
             # iterations it also returns d theta'/d mu of the update(s).
@@ -336,7 +342,7 @@ class Trainer:
             if controlled:
                 entropy = probe_entropy if config.controller.entropy_source == "expert" else update_metrics.get("entropy_rl")
                 if controller.needs_target_entropy(step) and entropy is not None:
-                    controller.set_target_entropy(entropy)
+                    controller.observe_target_entropy(entropy)
                 signal = None
                 if meta_step:
                     estimate = self._meta_estimate(step, direction) if direction is not None else None
@@ -430,49 +436,48 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # Updating.
 
-    def _update(self, step: int, mu: float, sft_batch: list[Trajectory], rl_batch: RLBatch | None, *, lookahead: bool) -> tuple[dict, list[torch.Tensor] | None]:
+    def _update(
+        self, step: int, mu: float, sft_batch: list[Trajectory] | None, rl_batch: RLBatch | None, *, lookahead: bool
+    ) -> tuple[dict, list[torch.Tensor] | None]:
         """``ppo_epochs`` passes over the iteration's batch in mini-batches, one optimiser update each.
 
-        Returns the metrics (losses and diagnostics averaged over the updates; entropies and token counts
-        of the first pass, i.e. of the batch under the policy that collected it) and, with `lookahead`,
-        ``d theta'/d mu`` summed over the updates (None when an update lacked g_SFT or g_RL).
+        `sft_batch` and `rl_batch` are this process's shares (possibly empty) or None when the iteration
+        has no such part (decided from mu, the same on every process, so every process makes the same
+        collective calls). Returns the metrics (losses and diagnostics averaged over the updates;
+        entropies and token counts summed over the first pass, whose first mini-batch is scored by the
+        policy that collected the rollouts and later ones after the earlier updates) and, with
+        `lookahead`, ``d theta'/d mu`` through all the updates (`MuTangent`; None when an update lacked
+        g_SFT or g_RL).
         """
         config = self.config
         rollouts = rl_batch.trajectories if rl_batch is not None else []
         parts = self._mini_batch_count()
-        direction: list[torch.Tensor] | None = None
+        tangent = MuTangent(config.controller.lookahead) if lookahead else None
         averaged: dict[str, list[float]] = {}
         first_pass: dict[str, float] = {}
+        updates = config.ppo_epochs * parts
         for epoch in range(config.ppo_epochs):
-            sft_parts = _mini_batches(len(sft_batch), parts, seed=(config.seed, step, epoch, 0))
+            sft_parts = _mini_batches(len(sft_batch or ()), parts, seed=(config.seed, step, epoch, 0))
             rl_parts = _mini_batches(len(rollouts), parts, seed=(config.seed, step, epoch, 1))
-            for sft_indices, rl_indices in zip(sft_parts, rl_parts, strict=True):
+            for part, (sft_indices, rl_indices) in enumerate(zip(sft_parts, rl_parts, strict=True)):
                 with self._training_mode():
-                    g_sft, sft_metrics = self._backward_sft([sft_batch[i] for i in sft_indices]) if sft_batch else (None, {})
+                    g_sft, sft_metrics = self._backward_sft([sft_batch[i] for i in sft_indices]) if sft_batch is not None else (None, {})
                     g_rl, rl_metrics = self._backward_rl(rl_batch, rl_indices) if rl_batch is not None else (None, {})
                 critic_metrics = self._critic_update(rl_batch, rl_indices) if self.critic is not None and rl_batch is not None else {}
                 update = mixed_adamw_step(
                     self.parameters,
-                    self.optimizer,
+                    self._adamw,
                     g_sft,
                     g_rl,
                     mu=mu,
                     max_grad_norm=config.max_grad_norm,
-                    lookahead=config.controller.lookahead if lookahead else None,
+                    tangent=tangent,
+                    more_updates=epoch * parts + part + 1 < updates,
                 )
                 self.budget.updates += 1
-                step_direction = update.direction
                 step_metrics = {key: value for key, value in (("grad_norm", update.grad_norm), ("cos_sft_rl", update.cos_sft_rl)) if value is not None}
-                if lookahead:
-                    if step_direction is None:
-                        direction, lookahead = None, False  # an update without both gradients: no meta-gradient
-                    elif direction is None:
-                        direction = step_direction
-                    else:
-                        for total, part in zip(direction, step_direction, strict=True):
-                            total.add_(part)
                 for key, value in {**sft_metrics, **rl_metrics, **critic_metrics, **step_metrics}.items():
-                    if key.startswith(("entropy_", "tokens_", "examples_")):
+                    if key.startswith(("entropy_", "tokens_")):
                         if epoch == 0:
                             first_pass[key] = first_pass.get(key, 0.0) + value
                     else:
@@ -483,7 +488,7 @@ class Trainer:
             if tokens is not None:
                 metrics[f"tokens_{kind}"] = int(tokens)
                 metrics[f"entropy_{kind}"] = first_pass[f"entropy_{kind}"] / max(tokens, 1)
-        return metrics, direction
+        return metrics, tangent.theta if tangent is not None else None
 
     def _mini_batch_count(self) -> int:
         """Mini-batches per pass: rollouts per iteration / mini_batch_size, rounded up (1 without a size)."""
@@ -513,25 +518,31 @@ class Trainer:
             raise RuntimeError(f"mu differs across processes ({values.tolist()}); the controller's signals must be reduced over all processes")
 
     def _global_sum(self, value: float) -> float:
+        return float(self._global_sums([value])[0])
+
+    def _global_sums(self, values: Sequence[float]) -> list[float]:
+        """Each value summed over all processes, in one reduction."""
         if self.accelerator.num_processes == 1:
-            return value
-        return float(self.accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=self.accelerator.device), reduction="sum"))
+            return [float(v) for v in values]
+        packed = torch.tensor(list(values), dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(packed, reduction="sum").tolist()
 
     def _micro_batches(self, trajectories: list[Trajectory]) -> list[list[int]]:
         """Indices of ``gradient_accumulation_steps`` near-equal micro-batches (empty ones dropped)."""
         parts = np.array_split(np.arange(len(trajectories)), self.config.gradient_accumulation_steps)
         return [part.tolist() for part in parts if len(part)]
 
-    def _accumulate(self, trajectories: list[Trajectory], loss_of) -> tuple[list[torch.Tensor], dict]:
+    def _accumulate(self, trajectories: list[Trajectory], loss_of, extra_keys: Sequence[str] = ()) -> tuple[list[torch.Tensor], dict]:
         """Gradient of the token-mean loss over all trajectories (of every process), one micro-batch at a time.
 
         ``loss_of(indices)`` returns (token-mean loss of those trajectories, their TokenScores, extra
-        metrics); each micro-batch is weighted by its share of the global trainable tokens, and the
-        processes' sums are added once at the end, so the result is exactly the global token mean.
+        metrics with the keys `extra_keys`); each micro-batch is weighted by its share of the global
+        trainable tokens, and the processes' sums are added once at the end, so the result is exactly the
+        global token mean. Every process makes the same collective calls, whatever its share (even none).
         """
-        total_tokens = self._global_sum(sum(t.num_response_tokens for t in trajectories))
+        (total_tokens,) = self._global_sums([sum(t.num_response_tokens for t in trajectories)])
         gradients: list[torch.Tensor] | None = None
-        loss_sum, entropy_sum, extras = 0.0, 0.0, {}
+        sums = dict.fromkeys(("loss", "entropy_sum", *extra_keys), 0.0)
         for indices in self._micro_batches(trajectories):
             loss, scores, extra = loss_of(indices)
             weight = scores.num_tokens / max(total_tokens, 1)
@@ -541,22 +552,19 @@ class Trainer:
             else:
                 for gradient, part in zip(gradients, parts, strict=True):
                     gradient.add_(part)
-            loss_sum += float(loss.detach()) * weight
-            entropy_sum += float(scores.entropy.detach().sum())
-            for key, value in extra.items():
-                extras[key] = extras.get(key, 0.0) + value * weight
+            sums["loss"] += float(loss.detach()) * weight
+            sums["entropy_sum"] += float(scores.entropy.detach().sum())
+            for key in extra_keys:
+                sums[key] += extra[key] * weight
         if gradients is None:  # nothing on this process; it still joins the reduction
             gradients = [torch.zeros_like(p) for p in self.parameters]
         if self.accelerator.num_processes > 1:
             gradients = [self.accelerator.reduce(g, reduction="sum") for g in gradients]
-        parts = {
-            "loss": self._global_sum(loss_sum),
-            "entropy_sum": self._global_sum(entropy_sum),
-            "tokens": int(total_tokens),
-            "examples": int(self._global_sum(len(trajectories))),
-        }
-        self.budget.trained_tokens += parts["tokens"]
-        return gradients, {**parts, **{key: self._global_sum(value) for key, value in extras.items()}}
+        *values, examples = self._global_sums([*sums.values(), len(trajectories)])
+        totals = dict(zip(sums, values, strict=True))
+        totals["tokens"], totals["examples"] = int(total_tokens), int(examples)
+        self.budget.trained_tokens += totals["tokens"]
+        return gradients, totals
 
     def _backward_sft(self, batch: list[Trajectory]) -> tuple[list[torch.Tensor], dict]:
         def loss_of(indices):
@@ -581,37 +589,43 @@ class Trainer:
             loss, stats = clipped_policy_loss(scores.logprobs, scores.old_logprobs, scores.advantages, clip_epsilon=self.config.clip_epsilon)
             return loss, scores, {"clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl, "ratio": stats.mean_ratio}
 
-        gradients, parts = self._accumulate(trajectories, loss_of)
+        gradients, parts = self._accumulate(trajectories, loss_of, extra_keys=("clip_fraction", "approx_kl", "ratio"))
         return gradients, {
             "loss_rl": parts["loss"],
             "entropy_rl": parts["entropy_sum"],
             "tokens_rl": parts["tokens"],
-            "clip_fraction": parts.get("clip_fraction", 0.0),
-            "approx_kl": parts.get("approx_kl", 0.0),
-            "ratio": parts.get("ratio", 1.0),
+            "clip_fraction": parts["clip_fraction"],
+            "approx_kl": parts["approx_kl"],
+            "ratio": parts["ratio"],
         }
 
     def _critic_update(self, batch: RLBatch, indices: Sequence[int]) -> dict:
-        """One AdamW step of the value head on the turns of ``indices`` (clipped around the collection's values)."""
+        """One AdamW step of the value head on the turns of ``indices`` of every process (the global turn
+        mean of the clipped value loss, around the values at collection)."""
         self.critic_optimizer.zero_grad(set_to_none=True)
-        metrics = {}
-        if indices:
+        turns = sum(int(batch.old_values[i].numel()) for i in indices)
+        loss_sum = held_sum = value_sum = 0.0
+        (total_turns,) = self._global_sums([turns])
+        if turns:
             predicted = torch.cat([self.critic(batch.critic_features[i]) for i in indices])
             targets = torch.cat([batch.value_targets[i] for i in indices])
             old = torch.cat([batch.old_values[i] for i in indices])
             epsilon = self.config.clip_epsilon
             loss = value_loss(predicted, targets, old, clip_epsilon=epsilon)
-            loss.backward()
+            (loss * turns / max(total_turns, 1)).backward()
             with torch.no_grad():  # turns whose clipped error is the larger one: the clip holds them back
                 clipped = old + (predicted - old).clamp(-epsilon, epsilon)
-                held = ((clipped - targets) ** 2 > (predicted - targets) ** 2).float().mean()
-            metrics = {"value_loss": float(loss.detach()), "value_mean": float(old.mean()), "value_clip_fraction": float(held)}
+                held_sum = float(((clipped - targets) ** 2 > (predicted - targets) ** 2).float().sum())
+            loss_sum, value_sum = float(loss.detach()) * turns, float(old.sum())
         if self.accelerator.num_processes > 1:
             for parameter in self.critic.parameters():
                 gradient = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
-                parameter.grad = self.accelerator.reduce(gradient, reduction="mean")
+                parameter.grad = self.accelerator.reduce(gradient, reduction="sum")
         self.critic_optimizer.step()
-        return metrics
+        loss_sum, held_sum, value_sum = self._global_sums([loss_sum, held_sum, value_sum])
+        if not total_turns:
+            return {}
+        return {"value_loss": loss_sum / total_turns, "value_mean": value_sum / total_turns, "value_clip_fraction": held_sum / total_turns}
 
     # ----------------------------------------------------------------------------------------------
     # The controller's measurements.

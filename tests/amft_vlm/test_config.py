@@ -54,6 +54,7 @@ def test_every_method_is_accepted(method):
         (["controller.meta_signal=cosine"], "controller.meta_signal"),
         (["ppo_epochs=0"], "ppo_epochs"),
         (["mini_batch_size=0"], "mini_batch_size"),
+        (["mini_batch_size=1", "episodes_per_step=8", "group_size=8", "sft_batch_size=32"], "sft_batch_size"),
         (["mixed_precision=maybe"], "mixed_precision"),
     ],
 )

@@ -11,7 +11,8 @@ from amft_vlm.trainer import Trainer
 FAST = [
     "steps=4", "episodes_per_step=2", "group_size=2", "sft_batch_size=4", "num_envs=4", "max_new_tokens=16",
     "expert_episodes=12", "learning_rate=2e-3", "controller.warmup_steps=1", "controller.meta_interval=2",
-    "controller.validation_states=2", "controller.validation_samples=2", "save_every=2", "device=cpu",
+    "controller.validation_states=2", "controller.validation_samples=2", "controller.target_entropy_steps=1",
+    "save_every=2", "device=cpu",
 ]
 
 

@@ -20,13 +20,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_with_a_frozen_policy_the_entropy_term_averages_to_zero(tmp_path, source):
     """H and H* are measured on the same kind of tokens at the same (here: 2.0) temperature."""
     history = run(
-        tmp_path, source, "method=no-meta-gradient", "learning_rate=1e-12", "temperature=2.0", "steps=7",
-        f"controller.entropy_source={source}", "controller.eta_h=1.0",
+        tmp_path, source, "method=no-meta-gradient", "learning_rate=1e-12", "temperature=2.0", "steps=9",
+        f"controller.entropy_source={source}", "controller.eta_h=1.0", "controller.target_entropy_steps=3",
     ).train()
     controlled = history[1:]
-    target = controlled[0]["target_entropy"]
-    assert target == pytest.approx(controlled[0]["entropy"])  # H* is the first controller step's H
-    terms = [m["entropy_term"] for m in controlled]
+    target = controlled[-1]["target_entropy"]
+    assert target == pytest.approx(statistics.mean(m["entropy"] for m in controlled[:3]))  # H*: the first 3 steps' mean H
+    assert all(m["entropy_term"] is None for m in controlled[:2])  # no signal while H* is measured
+    terms = [m["entropy_term"] for m in controlled[3:]]
     if source == "expert":
         assert max(abs(t) for t in terms) < 1e-5  # the same probe tokens every step
     else:
