@@ -232,6 +232,9 @@ class VLMPolicy:
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.autocast_dtype: torch.dtype | None = None
+        """Run every forward pass under ``torch.autocast`` in this dtype (e.g. bfloat16 compute over float32
+        master weights); None runs in the parameters' dtype."""
         if min_pixels is None or max_pixels is None:
             default_min, default_max = default_pixel_bounds(image_processor)
             min_pixels = default_min if min_pixels is None else min_pixels
@@ -322,6 +325,14 @@ class VLMPolicy:
     def dtype(self) -> torch.dtype:
         """The dtype of the model's parameters."""
         return next(self.model.parameters()).dtype
+
+    def _forward(self, module: Any = None, **inputs: Any) -> Any:
+        """``module(**inputs)`` (the whole model by default) under `autocast_dtype` when one is set."""
+        module = self.model if module is None else module
+        if self.autocast_dtype is None:
+            return module(**inputs)
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+            return module(**inputs)
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -570,7 +581,7 @@ class VLMPolicy:
                 )
                 rows = [rows[batch_row] for batch_row in going_on]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-            outputs = self.model(
+            outputs = self._forward(
                 input_ids=chosen[:, None],
                 attention_mask=attention_mask,
                 position_ids=next_positions.view(1, -1, 1).expand(3, -1, 1),
@@ -636,7 +647,7 @@ class VLMPolicy:
             merged = ImageInputs.concatenate(images)
             inputs["pixel_values"] = merged.pixel_values.to(self.device, self.dtype)
             inputs["image_grid_thw"] = merged.image_grid_thw.to(self.device)
-        outputs = self.model(**inputs)
+        outputs = self._forward(**inputs)
         return (
             outputs.logits[:, -1],
             outputs.past_key_values,
@@ -719,8 +730,8 @@ class VLMPolicy:
             if wanted and not (min(wanted) >= 0 and max(wanted) < len(sequence)):
                 raise ValueError(f"positions of sequence {row} must lie in [0, {len(sequence) - 1}]")
         batch = self.collate(sequences)
-        outputs = self.model.model(
-            **batch.model_inputs(self.dtype), position_ids=self.position_ids(batch), use_cache=False
+        outputs = self._forward(
+            self.model.model, **batch.model_inputs(self.dtype), position_ids=self.position_ids(batch), use_cache=False
         )
         states = outputs.last_hidden_state
         return [
@@ -803,7 +814,7 @@ class VLMPolicy:
         ]
         earliest = min((min(targets) for targets in padded_targets if targets), default=length)
         # Only positions earliest-1 .. length-2 predict a target; the LM head skips the rest.
-        outputs = self.model(
+        outputs = self._forward(
             **batch.model_inputs(self.dtype),
             position_ids=self.position_ids(batch),
             use_cache=False,
@@ -842,7 +853,7 @@ class VLMPolicy:
         costs one row instead of one per sequence (a GeneralPoints batch shares all but its hand).
         """
         prefix = torch.tensor([sequences[0].token_ids[:shared]], dtype=torch.long, device=self.device)
-        cache = self.model(
+        cache = self._forward(
             input_ids=prefix,
             attention_mask=torch.ones_like(prefix),
             position_ids=torch.arange(shared, device=self.device)[None],
@@ -861,7 +872,7 @@ class VLMPolicy:
             rest = sequence.token_ids[shared:]
             input_ids[row, : len(rest)] = torch.tensor(rest, dtype=torch.long)
             attention_mask[row, shared : shared + len(rest)] = 1
-        outputs = self.model(
+        outputs = self._forward(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             position_ids=(shared + torch.arange(rest_length, device=self.device)).expand(batch_size, -1),

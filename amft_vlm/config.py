@@ -123,7 +123,9 @@ class TrainConfig:
     model: str = "tiny:qwen2-vl"
     """Hugging Face model id or local path; 'tiny:qwen2-vl' / 'tiny:qwen2.5-vl' builds a tiny random model in the run directory."""
     dtype: str = "float32"
-    """Parameter dtype: float32, bfloat16 or float16."""
+    """Storage dtype of the weights (and so of AdamW's updates and state): float32, bfloat16 or float16.
+    Train in float32 with ``mixed_precision: bf16`` (float32 master weights, bfloat16 compute); half-precision
+    weights suit a frozen LoRA base, and full fine-tuning in them is refused where updates would round away."""
     device: str = "auto"
     """'auto' (accelerate decides), 'cpu' or 'cuda'."""
     attn_implementation: str = "sdpa"
@@ -187,7 +189,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimiser step."""
     mixed_precision: str = "no"
-    """accelerate mixed precision: no, bf16 or fp16 (``no`` in YAML is the string, not false)."""
+    """Compute dtype of every forward pass: ``no`` (the weights' dtype) or ``bf16`` (``torch.autocast`` in
+    bfloat16 over the stored weights; the updates, AdamW state and gradient reductions stay in the weights'
+    dtype). ``fp16`` is refused: it needs loss scaling, which the separate g_SFT / g_RL passes do not do.
+    (``no`` in YAML is the string, not false.)"""
 
     advantage: str = "grpo"
     """'grpo' (group-normalised, no critic) or 'ppo' (value head and GAE)."""
@@ -239,12 +244,32 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """accelerate trackers besides metrics.jsonl: tensorboard, wandb (when installed)."""
 
+    def _check_update_precision(self) -> None:
+        """Refuse full fine-tuning in half-precision weights at a learning rate whose updates round away."""
+        if self.lora_rank or self.dtype == "float32":
+            return
+        import torch
+
+        smallest = TYPICAL_WEIGHT * torch.finfo(getattr(torch, self.dtype)).eps
+        if self.learning_rate < smallest:
+            raise ValueError(
+                f"dtype: {self.dtype} keeps the weights AdamW updates in {self.dtype}, with no float32 master copy: at "
+                f"learning_rate {self.learning_rate:g} an update is below the spacing of a typical weight ({TYPICAL_WEIGHT}: "
+                f"{smallest:.2g}) and rounds away. Set dtype: float32 with mixed_precision: bf16 (float32 master weights "
+                "and optimiser state, bfloat16 compute), or train LoRA adapters (lora_rank > 0; they are kept in float32)"
+            )
+
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field and what it accepts; return self when valid."""
         _choice("method", self.method, METHODS)
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        if self.mixed_precision == "fp16":
+            raise ValueError(
+                "mixed_precision: fp16 is not supported: float16 compute needs loss scaling against underflow, which "
+                "the trainer's separate g_SFT / g_RL passes and look-ahead do not do; use mixed_precision: bf16"
+            )
         _choice("advantage", self.advantage, ("grpo", "ppo"))
         _choice("credit", self.credit, ("episode", "turn"))
         for name in ("steps", "episodes_per_step", "group_size", "sft_batch_size", "num_envs", "max_new_tokens", "gradient_accumulation_steps", "save_every", "expert_episodes", "ppo_epochs"):
@@ -276,6 +301,7 @@ class TrainConfig:
             raise ValueError(f"lora_alpha must be > 0 or None (2 x lora_rank); got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
+        self._check_update_precision()
         c = self.controller.validate()
         if self.method in CONTROLLER_METHODS and c.mu_max >= 1.0:
             raise ValueError(
@@ -297,6 +323,10 @@ WARM_START_FIELDS = (
     "gradient_accumulation_steps", "mixed_precision", "ppo_epochs", "mini_batch_size", "seed",
 )
 """Settings two runs must share for one to warm-start from the other's SFT iterations (`TrainConfig.warm_start`)."""
+
+
+TYPICAL_WEIGHT = 0.02
+"""Size of a typical weight (Qwen's init std, and the scale of trained LLM weights), for the precision check."""
 
 
 def _finite(name: str, value: float) -> None:

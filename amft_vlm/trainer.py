@@ -233,8 +233,10 @@ class Trainer:
         self.progress = progress
         self.output_dir = Path(config.output_dir)
         self.checkpoints = self.output_dir / "checkpoints"
+        # Mixed precision is the policy's own autocast (`VLMPolicy.autocast_dtype`): the model is not handed
+        # to accelerate, whose mixed_precision would only add a grad scaler to an optimiser we step ourselves.
         self.accelerator = Accelerator(
-            mixed_precision=config.mixed_precision,
+            mixed_precision="no",
             log_with=config.report_to or None,
             project_dir=str(self.output_dir),
             cpu=config.device == "cpu",
@@ -266,6 +268,8 @@ class Trainer:
             min_pixels=config.min_pixels,
             max_pixels=config.max_pixels,
         )
+        if config.mixed_precision == "bf16":
+            self.policy.autocast_dtype = torch.bfloat16
         if config.lora_rank:
             self.parameters = (
                 load_lora(self.policy, checkpoint / "lora")

@@ -206,3 +206,29 @@ def test_a_warm_start_from_a_different_run_is_refused(tmp_path, overrides, messa
     checkpoint = tmp_path / "sft" / "checkpoints" / "step-000002"
     with pytest.raises(ValueError, match=message):
         run(tmp_path, "warm", "method=amft", "controller.warmup_steps=2", *overrides, f"warm_start={checkpoint}")
+
+
+def test_bf16_compute_over_float32_master_weights_moves_the_weights_like_float32(tmp_path):
+    """3 SFT steps at lr 1e-6: bf16 autocast with float32 masters changes the same share of weights in the same direction."""
+    updates, losses = {}, {}
+    for name, precision in (("fp32", "no"), ("bf16", "bf16")):
+        trainer = run(tmp_path, name, "method=sft", "steps=3", "learning_rate=1e-6", "lr_schedule=constant", f"mixed_precision={precision}")
+        assert all(p.dtype == torch.float32 for p in trainer.parameters)
+        initial = [p.detach().clone() for p in trainer.parameters]
+        history = trainer.train()
+        updates[name] = torch.cat([(p.detach() - q).flatten() for p, q in zip(trainer.parameters, initial, strict=True)])
+        losses[name] = history[0]["loss_sft"]
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)  # bf16 compute, same model
+    shares = {name: float((update != 0).float().mean()) for name, update in updates.items()}
+    assert shares["fp32"] > 0.3 and shares["bf16"] > 0.9 * shares["fp32"], shares
+    cosine = torch.nn.functional.cosine_similarity(updates["fp32"], updates["bf16"], dim=0)
+    assert cosine > 0.9, float(cosine)
+
+
+def test_half_precision_weights_at_a_learning_rate_that_rounds_away_are_refused():
+    with pytest.raises(ValueError, match="dtype: float32 with mixed_precision: bf16"):
+        load_config(overrides=["dtype=bfloat16", "learning_rate=1e-6"])
+    assert load_config(overrides=["dtype=bfloat16", "learning_rate=1e-6", "lora_rank=8"]).lora_rank == 8  # adapters stay float32
+    assert load_config(overrides=["dtype=bfloat16", "learning_rate=1e-2"]).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        load_config(overrides=["mixed_precision=fp16"])
