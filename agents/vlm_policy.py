@@ -502,6 +502,7 @@ class VLMPolicy:
         greedy: bool = False,
         caches: Sequence[KVPrefix | None] | None = None,
         keep_cache: bool = False,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> list[Generation]:
         """Generate one response per prompt, all prompts decoded together in one batch.
 
@@ -522,6 +523,9 @@ class VLMPolicy:
             greedy: take the arg-max token instead of sampling; log-probs are then at temperature 1.
             caches: for each prompt, a `KVPrefix` from an earlier call on the same dialogue, or None.
             keep_cache: return each response's `KVPrefix` in `Generation.cache`.
+            generators: one CPU ``torch.Generator`` per prompt to draw its tokens from; a row's draws
+                then do not depend on which other prompts share the batch. None draws from torch's
+                global generator.
 
         Returns:
             One `Generation` per prompt, in order.
@@ -535,6 +539,8 @@ class VLMPolicy:
             caches = [None] * len(prompts)
         elif len(caches) != len(prompts):
             raise ValueError(f"got {len(caches)} caches for {len(prompts)} prompts")
+        if generators is not None and len(generators) != len(prompts):
+            raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts")
         prefixes = [
             cache if cache is not None and cache.is_prefix_of(prompt) else None
             for prompt, cache in zip(prompts, caches, strict=True)
@@ -550,7 +556,11 @@ class VLMPolicy:
         kept: list[KVPrefix | None] = [None] * len(prompts)
         for step in range(max_new_tokens):
             chosen, chosen_logprobs = choose_tokens(
-                logits, suppressed, temperature=temperature, greedy=greedy
+                logits,
+                suppressed,
+                temperature=temperature,
+                greedy=greedy,
+                generators=None if generators is None else [generators[row] for row in rows],
             )
             going_on = []
             for batch_row, (row, token, logprob) in enumerate(
@@ -926,12 +936,18 @@ class _PreallocatedLayer(DynamicLayer):
 
 
 def choose_tokens(
-    logits: torch.Tensor, suppressed: torch.Tensor, *, temperature: float, greedy: bool
+    logits: torch.Tensor,
+    suppressed: torch.Tensor,
+    *,
+    temperature: float,
+    greedy: bool,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from ``softmax(logits / temperature)`` with `suppressed` ids at probability 0.
 
     Returns the chosen ids ``(batch,)`` and their log-probs under that distribution (float32); greedy
-    takes the arg-max, whose log-prob is then read at the given temperature.
+    takes the arg-max, whose log-prob is then read at the given temperature. With `generators` (one CPU
+    generator per row) each row's uniform draw comes from its own generator.
     """
     scaled = logits.float() / temperature
     log_distribution = torch.log_softmax(scaled.index_fill(-1, suppressed, float("-inf")), dim=-1)
@@ -943,6 +959,11 @@ def choose_tokens(
         # ``torch.multinomial``, at a sixth of its cost per call on CPU; float64 keeps the sums exact
         # enough for a 150k vocabulary.
         cumulative = log_distribution.double().exp().cumsum(dim=-1)
-        threshold = torch.rand_like(cumulative[:, :1]) * cumulative[:, -1:]
+        if generators is None:
+            uniform = torch.rand_like(cumulative[:, :1])
+        else:
+            draws = [torch.rand((1,), generator=generator, dtype=torch.float64) for generator in generators]
+            uniform = torch.stack(draws).to(cumulative.device)
+        threshold = uniform * cumulative[:, -1:]
         chosen = torch.searchsorted(cumulative, threshold, right=True).squeeze(1)
     return chosen, log_distribution.gather(1, chosen[:, None]).squeeze(1)

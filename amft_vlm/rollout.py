@@ -13,15 +13,13 @@ Episodes and groups. ``collect(seeds, group_size=G)`` plays G episodes per seed,
 seed (the same start state) and sharing a group id (the seed's position in `seeds`), as GRPO needs.
 Trajectories come back in queue order (seed by seed, G each) whatever slot played them.
 
-Randomness. Environments draw only from their ``reset`` seed and the responses. Sampling draws from
-torch's global generator; ``collect(..., sampling_seed=s)`` seeds it with `s` for the collection (and
-restores the caller's generator state afterwards). Then a collection is reproducible for the same
-policy, seeds, ``group_size``, ``num_envs`` and device. Changing ``num_envs`` changes which prompts
-share a batch and so which random numbers each sequence gets: sampled trajectories differ, while
-greedy trajectories are the same (up to float differences between batch shapes, which do not move a
-tiny model's arg-max in practice). The G episodes of a group sit in different batch rows of the same
-call, so they draw different random numbers and differ when sampling (they are identical when
-greedy).
+Randomness. Environments draw only from their ``reset`` seed and the responses. With
+``collect(..., sampling_seed=s)`` each episode draws its tokens from its own generator, seeded by
+``(s, reset seed, place in its group)``: a collection is then reproducible for the same policy and
+seeds whatever ``num_envs``, batch neighbours or process split plays it (up to float differences
+between batch shapes, which move a token only when a draw falls within rounding of a boundary).
+The G episodes of a group have different places, so they differ when sampling (and are identical
+when greedy). Without a sampling seed, tokens come from torch's global generator.
 
 Model-free agents. ``collect(..., responder=ExpertAgent())`` takes every answer from the agent instead
 of the policy (no ``generate`` call); the answers are tokenised as expert SFT examples are
@@ -38,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -53,10 +52,11 @@ POLICY_SOURCE = "policy"
 
 @dataclass(frozen=True)
 class EpisodeSpec:
-    """One queued episode: the ``reset`` seed and the group it belongs to."""
+    """One queued episode: the ``reset`` seed, the group it belongs to and its place in the group."""
 
     seed: int
     group: int
+    member: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,8 @@ class _Episode:
     builder: TrajectoryBuilder
     observation: dict[str, Any]
     cache: KVPrefix | None = None
+    generator: torch.Generator | None = None
+    """Where its tokens are drawn from (with a sampling seed), whatever else shares the batch."""
 
 
 class RolloutEngine:
@@ -227,16 +229,16 @@ class RolloutEngine:
         if group_size < 1:
             raise ValueError(f"group_size must be at least 1; got {group_size}")
         specs = [
-            EpisodeSpec(seed=int(seed), group=group)
+            EpisodeSpec(seed=int(seed), group=group, member=member)
             for group, seed in enumerate(seeds)
-            for _ in range(group_size)
+            for member in range(group_size)
         ]
         device = self.policy.device
         fork_devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices, enabled=sampling_seed is not None):
             if sampling_seed is not None:
                 torch.manual_seed(sampling_seed)
-            return self._run(specs, responder=responder, progress=progress)
+            return self._run(specs, responder=responder, progress=progress, sampling_seed=sampling_seed)
 
     def close(self) -> None:
         """Close the environments."""
@@ -251,7 +253,7 @@ class RolloutEngine:
         self.close()
 
     def _run(
-        self, specs: list[EpisodeSpec], *, responder: Agent | None, progress: bool
+        self, specs: list[EpisodeSpec], *, responder: Agent | None, progress: bool, sampling_seed: int | None = None
     ) -> tuple[list[Trajectory], RolloutStats]:
         start_time = time.perf_counter()
         while len(self.envs) < min(self.num_envs, len(specs)):
@@ -264,7 +266,7 @@ class RolloutEngine:
         generate_seconds, generate_calls, finished, successes = 0.0, 0, 0, 0
 
         def refill(slot: int) -> None:
-            slots[slot] = self._start_episode(slot, *queue.popleft(), source, responder) if queue else None
+            slots[slot] = self._start_episode(slot, *queue.popleft(), source, responder, sampling_seed) if queue else None
 
         with tqdm(total=len(specs), desc=f"rollout {env_id}", unit="episode", disable=not progress) as bar:
             for slot in range(len(slots)):
@@ -281,6 +283,7 @@ class RolloutEngine:
                             greedy=self.greedy,
                             caches=[slots[slot].cache for slot in active],
                             keep_cache=self.reuse_cache,
+                            generators=None if sampling_seed is None else [slots[slot].generator for slot in active],
                         )
                     )
                     generate_seconds += time.perf_counter() - generate_start
@@ -313,7 +316,7 @@ class RolloutEngine:
         return env.spec.id if env.spec is not None else type(env.unwrapped).__name__
 
     def _start_episode(
-        self, slot: int, index: int, spec: EpisodeSpec, source: str, responder: Agent | None
+        self, slot: int, index: int, spec: EpisodeSpec, source: str, responder: Agent | None, sampling_seed: int | None = None
     ) -> _Episode:
         observation, _ = self.envs[slot].reset(seed=spec.seed)
         builder = TrajectoryBuilder(
@@ -325,7 +328,12 @@ class RolloutEngine:
             sampling_temperature=self.sampling_temperature if responder is None else None,
         )
         builder.start_dialogue(observation["text"], image=observation.get("image"))
-        return _Episode(index=index, spec=spec, builder=builder, observation=observation)
+        generator = None
+        if sampling_seed is not None:
+            # Seeded by (sampling seed, reset seed, place in group) alone: the same draws whichever slot,
+            # batch, num_envs or process plays the episode.
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([sampling_seed, spec.seed, spec.member]).generate_state(1)[0]))
+        return _Episode(index=index, spec=spec, builder=builder, observation=observation, generator=generator)
 
     def _step(
         self, slot: int, episode: _Episode, generation: Generation | None, responder: Agent | None

@@ -189,6 +189,20 @@ def test_group_sampling_shares_the_start_state_and_not_the_samples(tiny_policies
     assert stats.episodes == 6
 
 
+def test_sampled_episodes_do_not_depend_on_batch_neighbours_or_how_the_seeds_are_split(tiny_policies):
+    """Each episode draws from its own generator: num_envs or a split over processes changes nothing."""
+    policy = tiny_policies["qwen2-vl"]
+
+    def collect(seeds, num_envs):
+        engine = RolloutEngine(policy, "GeneralPoints-v0", env_kwargs={"modality": "language"}, num_envs=num_envs, max_new_tokens=10)
+        trajectories, _ = engine.collect(seeds, group_size=2, sampling_seed=7, progress=False)
+        return [(t.seed, [s.token_ids.tolist() for s in t.segments]) for t in trajectories]
+
+    together = collect([21, 22, 23], num_envs=6)
+    assert collect([21, 22, 23], num_envs=1) == together
+    assert collect([21, 23], num_envs=3) + collect([22], num_envs=2) == [together[i] for i in (0, 1, 4, 5, 2, 3)]
+
+
 @pytest.mark.parametrize(
     ("arch", "env_id", "env_kwargs"),
     [
