@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -232,6 +233,8 @@ class VLMPolicy:
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.share_prefix = True
+        """Let `token_logprobs` run a prefix every sequence shares once (off under sharded training)."""
         self.autocast_dtype: torch.dtype | None = None
         """Run every forward pass under ``torch.autocast`` in this dtype (e.g. bfloat16 compute over float32
         master weights); None runs in the parameters' dtype."""
@@ -793,7 +796,7 @@ class VLMPolicy:
                     f"target positions of sequence {row} must lie in [1, {len(sequence) - 1}]; got "
                     f"{min(targets)}..{max(targets)}"
                 )
-        shared = self._shared_prefix_length(sequences, positions) if share_prefix else 0
+        shared = self._shared_prefix_length(sequences, positions) if share_prefix and self.share_prefix else 0
         if shared:
             row_logits = self._logits_after_shared_prefix(sequences, positions, shared)
         else:
@@ -801,17 +804,21 @@ class VLMPolicy:
         suppressed = torch.tensor(self.suppressed_token_ids, dtype=torch.long, device=self.device)
         results, entropies = [], []
         for sequence, targets, logits in zip(sequences, positions, row_logits, strict=True):
-            logits = logits.float() / temperature
-            logits = logits.index_fill(-1, suppressed, float("-inf"))
             tokens = torch.tensor([sequence.token_ids[t] for t in targets], dtype=torch.long, device=self.device)
-            log_distribution = torch.log_softmax(logits, dim=-1)
-            results.append(log_distribution.gather(1, tokens[:, None]).squeeze(1))
-            if with_entropy:
-                probabilities = log_distribution.exp()
-                # 0 * log 0 is 0: the suppressed tokens have probability 0 and log-prob -inf.
-                entropies.append(
-                    -(probabilities * log_distribution.masked_fill(probabilities == 0, 0.0)).sum(-1)
-                )
+            chunks = range(0, len(targets), SCORE_CHUNK)
+            if logits.requires_grad:
+                # Recomputed in the backward pass: only the logits are kept, no float32 full-vocabulary copy.
+                parts = [
+                    checkpoint(_chunk_logprobs, logits[i : i + SCORE_CHUNK], tokens[i : i + SCORE_CHUNK], suppressed, temperature, use_reentrant=False)
+                    for i in chunks
+                ]
+            else:
+                parts = [_chunk_logprobs(logits[i : i + SCORE_CHUNK], tokens[i : i + SCORE_CHUNK], suppressed, temperature) for i in chunks]
+            results.append(torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32))
+            if with_entropy:  # a diagnostic: no graph
+                with torch.no_grad():
+                    entropy = [_chunk_entropy(logits[i : i + SCORE_CHUNK], suppressed, temperature) for i in chunks]
+                entropies.append(torch.cat(entropy) if entropy else logits.new_zeros(0, dtype=torch.float32))
         return (results, entropies) if with_entropy else results
 
     def _logits_left_padded(self, sequences: Sequence[TokenSequence], positions: list[list[int]]) -> list[torch.Tensor]:
@@ -933,6 +940,32 @@ class _PreallocatedLayer(DynamicLayer):
             self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
             self.keys = self._key_buffer[:, :, : self.length]
             self.values = self._value_buffer[:, :, : self.length]
+
+
+SCORE_CHUNK = 256
+"""Target positions whose log-probs (and entropies) are computed together: bounds the float32 full-vocabulary
+tensors alive at once to ``SCORE_CHUNK x vocab``."""
+
+
+def _tempered_log_normaliser(logits: torch.Tensor, suppressed: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits / temperature`` in float32 with `suppressed` at ``-inf``, its log-sum-exp per row)."""
+    scaled = (logits.float() / temperature).index_fill(-1, suppressed, float("-inf"))
+    return scaled, torch.logsumexp(scaled, dim=-1)
+
+
+def _chunk_logprobs(logits: torch.Tensor, tokens: torch.Tensor, suppressed: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log softmax(logits / temperature)[token]`` per row (suppressed ids at probability 0)."""
+    scaled, normaliser = _tempered_log_normaliser(logits, suppressed, temperature)
+    return scaled.gather(1, tokens[:, None]).squeeze(1) - normaliser
+
+
+def _chunk_entropy(logits: torch.Tensor, suppressed: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` per row, in nats (suppressed ids contribute 0)."""
+    scaled, normaliser = _tempered_log_normaliser(logits, suppressed, temperature)
+    log_distribution = scaled - normaliser[:, None]
+    probabilities = log_distribution.exp()
+    # 0 * log 0 is 0: the suppressed tokens have probability 0 and log-prob -inf.
+    return -(probabilities * log_distribution.masked_fill(probabilities == 0, 0.0)).sum(-1)
 
 
 def choose_tokens(

@@ -1,7 +1,9 @@
 """Checkpoints that are either complete or absent.
 
 A checkpoint is a directory ``checkpoints/step-NNNNNN`` holding the policy (``save_pretrained``),
-the optimiser, scheduler, controller and RNG states and the trainer's position. It is written
+the optimiser, scheduler, controller and RNG states and the trainer's position. A run sharded over
+processes (`save_sharded_checkpoint`) also writes its weights and optimiser state as
+``torch.distributed.checkpoint`` shards (``dcp/``), which load on any process count. It is written
 under a temporary name and renamed into place (atomic on POSIX), and only then does the
 ``checkpoints/latest`` pointer (itself replaced atomically) name it. A run killed at any moment
 leaves the previous checkpoint intact and at most an ignorable ``.tmp-*`` directory.
@@ -108,3 +110,69 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """The trainer's position saved in checkpoint ``path``."""
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    policy,
+    optimizer,
+    scheduler,
+    trainer_state: dict[str, Any],
+    is_main: bool,
+    barrier,
+    extra: dict[str, Any] | None = None,
+) -> Path | None:
+    """`save_checkpoint` for a model sharded over processes (every process calls it).
+
+    Each process writes its shards of the weights and AdamW state through ``torch.distributed.checkpoint``
+    into ``dcp/`` (loadable on another process count); the main process also gathers the full weights into a
+    loadable ``policy/`` (for evaluation), writes the rest of the state and moves the checkpoint into place.
+    Returns the checkpoint's path on the main process, None elsewhere.
+    """
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    name = f"step-{step:06d}"
+    final, staging = root / name, root / f".tmp-{name}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    barrier()
+    model_state, optimizer_state = get_state_dict(policy.model, optimizer)
+    dcp_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(staging / "dcp"))
+    full_weights = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main:
+        policy.model.save_pretrained(staging / "policy", state_dict=full_weights)
+        policy.tokenizer.save_pretrained(staging / "policy")
+        policy.image_processor.save_pretrained(staging / "policy")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save(rng_states(), staging / "rng.pt")
+        for part, state in (extra or {}).items():
+            torch.save(state, staging / f"{part}.pt")
+        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _write_text_atomic(root / LATEST, name + "\n")
+    barrier()
+    return final if is_main else None
+
+
+def load_sharded_state(checkpoint: Path, policy, optimizer) -> None:
+    """Load ``checkpoint/dcp`` (weights and AdamW state) into `policy`'s model and `optimizer`, sharded or not.
+
+    The weights must all be there. The AdamW state may lack parameters that never had a gradient (a
+    text-only run's vision tower): they keep the empty state torch gives them, and never step.
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(policy.model, optimizer)
+    weights, moments = {"model": model_state}, {"optimizer": optimizer_state}
+    dcp_load(weights, checkpoint_id=str(checkpoint / "dcp"))
+    dcp_load(moments, checkpoint_id=str(checkpoint / "dcp"), planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(policy.model, optimizer, model_state_dict=weights["model"], optim_state_dict=moments["optimizer"])

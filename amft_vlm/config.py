@@ -187,7 +187,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per optimiser step."""
+    """Micro-batches per optimiser step (per process)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (less memory,
+    about a third more compute in the loss passes); rollouts are unaffected."""
+    distributed: str = "auto"
+    """How several processes share the work (`amft_vlm.distributed`): ``ddp`` (each holds the whole model;
+    gradients summed in backward), ``fsdp2`` (parameters, gradients and AdamW state sharded), ``none`` (one
+    process) or ``auto`` (one process: none; several: fsdp2 when accelerate is configured for FSDP, else ddp)."""
     mixed_precision: str = "no"
     """Compute dtype of every forward pass: ``no`` (the weights' dtype) or ``bf16`` (``torch.autocast`` in
     bfloat16 over the stored weights; the updates, AdamW state and gradient reductions stay in the weights'
@@ -265,6 +272,7 @@ class TrainConfig:
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _choice("distributed", self.distributed, ("auto", "none", "ddp", "fsdp2"))
         if self.mixed_precision == "fp16":
             raise ValueError(
                 "mixed_precision: fp16 is not supported: float16 compute needs loss scaling against underflow, which "

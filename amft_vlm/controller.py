@@ -54,26 +54,13 @@ reaches mu; a meta step whose validation returns all tie has no signal (None, lo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
 from amft_vlm.config import ControllerConfig
-
-
-def flat_dot(a: Iterable[torch.Tensor | None], b: Iterable[torch.Tensor | None]) -> float:
-    """Sum of elementwise products over matching tensors (None counts as zeros), accumulated in float64.
-
-    The products are summed per tensor in float64 without float64 copies of the inputs, and the
-    host reads the total once.
-    """
-    total = None
-    for x, y in zip(a, b, strict=True):
-        if x is not None and y is not None:
-            part = torch.sum(x * y, dtype=torch.float64)
-            total = part if total is None else total + part.to(total.device)
-    return 0.0 if total is None else float(total)
+from amft_vlm.distributed import flat_dot, flat_dots, local_shard
 
 
 def leave_one_out_advantages(returns: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
@@ -230,15 +217,20 @@ class MuTangent:
         lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
         exp_avg, exp_avg_sq = [], []
         for index, (parameter, difference) in enumerate(zip(parameters, delta, strict=True)):
+            if difference is None:  # no gradient on either side: the step did not involve mu here
+                exp_avg.append(None)
+                exp_avg_sq.append(None)
+                continue
+            local = local_shard(difference)  # shard-local arithmetic: the same on a DTensor's shards
             if self.lookahead == "sgd":
-                difference.mul_(-lr)
+                local.mul_(-lr)
             else:
                 state = adamw.state[parameter]
                 dstep, dm, dv = adamw_tangent(
-                    difference,
-                    parameter.grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
+                    local,
+                    local_shard(parameter.grad),
+                    local_shard(state["exp_avg"]),
+                    local_shard(state["exp_avg_sq"]),
                     step=int(state["step"]),
                     lr=lr,
                     betas=group["betas"],
@@ -247,12 +239,11 @@ class MuTangent:
                     exp_avg_tangent=self._exp_avg[index] if self._exp_avg is not None else None,
                     exp_avg_sq_tangent=self._exp_avg_sq[index] if self._exp_avg_sq is not None else None,
                 )
-                difference.copy_(dstep)
-                if more_updates:
-                    exp_avg.append(dm)
-                    exp_avg_sq.append(dv)
-            if self.theta is not None:
-                difference.add_(self.theta[index], alpha=decay if self.lookahead == "adam" else 1.0)
+                local.copy_(dstep)
+                exp_avg.append(dm if more_updates else None)
+                exp_avg_sq.append(dv if more_updates else None)
+            if self.theta is not None and self.theta[index] is not None:
+                local.add_(local_shard(self.theta[index]), alpha=decay if self.lookahead == "adam" else 1.0)
         self.theta = delta
         self._exp_avg, self._exp_avg_sq = (exp_avg, exp_avg_sq) if more_updates and self.lookahead == "adam" else (None, None)
 
@@ -292,10 +283,17 @@ def mixed_adamw_step(
         raise ValueError(f"lookahead 'adam' differentiates torch.optim.AdamW without amsgrad or maximize; got {optimizer!r}")
     cosine = None
     if g_sft is not None and g_rl is not None:
-        sft_sq, rl_sq, cross = flat_dot(g_sft, g_sft), flat_dot(g_rl, g_rl), flat_dot(g_sft, g_rl)
+        sft_sq, rl_sq, cross = flat_dots([(g_sft, g_sft), (g_rl, g_rl), (g_sft, g_rl)])
         cosine = cross / math.sqrt(sft_sq * rl_sq) if sft_sq > 0 and rl_sq > 0 else 0.0
         # g_rl becomes delta = g_SFT - g_RL and g_sft the mix mu g_SFT + (1 - mu) g_RL = g_SFT - (1 - mu) delta.
-        for sft, rl in zip(g_sft, g_rl, strict=True):
+        # A parameter with no gradient on either side stays None; with one side only, the other is 0.
+        for index, (sft, rl) in enumerate(zip(g_sft, g_rl, strict=True)):
+            if sft is None and rl is None:
+                continue
+            if sft is None:
+                sft = g_sft[index] = torch.zeros_like(rl)
+            if rl is None:
+                rl = g_rl[index] = torch.zeros_like(sft)
             rl.sub_(sft).neg_()
             sft.sub_(rl, alpha=1.0 - mu)
         mixed, delta = g_sft, g_rl
@@ -306,7 +304,8 @@ def mixed_adamw_step(
         scale = mu if g_sft is not None else 1.0 - mu
         if scale != 1.0:
             for gradient in mixed:
-                gradient.mul_(scale)
+                if gradient is not None:
+                    gradient.mul_(scale)
     if tangent is not None and delta is None:
         tangent.invalidate()
     track = tangent is not None and tangent.valid

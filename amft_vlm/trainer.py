@@ -42,25 +42,32 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from agents.baselines import ExpertAgent
 from agents.tiny import resolve_model_spec
 from agents.vlm_policy import VLMPolicy
-from amft_vlm.checkpoint import latest_checkpoint, load_trainer_state, restore_rng_states, save_checkpoint
+from amft_vlm.checkpoint import (
+    latest_checkpoint,
+    load_sharded_state,
+    load_trainer_state,
+    restore_rng_states,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from amft_vlm.config import CONTROLLER_METHODS, WARM_START_FIELDS, TrainConfig, config_to_dict, load_config
 from amft_vlm.controller import (
     MetaEstimate,
     MuController,
     MuTangent,
-    flat_dot,
     leave_one_out_advantages,
     mixed_adamw_step,
 )
 from amft_vlm.critic import ValueHead, credited_rewards, decision_states, gae_turn_advantages
-from amft_vlm.lora import apply_lora, load_lora
+from amft_vlm.distributed import Parallel, flat_dot
+from amft_vlm.lora import apply_lora, load_lora, lora_parameters
 from amft_vlm.losses import clipped_policy_loss, group_advantages, group_turn_advantages, sft_loss, value_loss
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.sft_data import load_sft_trajectories
@@ -68,8 +75,8 @@ from amft_vlm.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
-UNSUPPORTED_DISTRIBUTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
-"""accelerate set-ups that shard parameters; the trainer refuses them with a message."""
+UNSUPPORTED_DISTRIBUTED = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+"""accelerate set-ups the trainer refuses (FSDP is mapped to its own fully_shard, `amft_vlm.distributed`)."""
 VALIDATION_SEED_BASE = 1 << 30  # validation episodes never share seeds with training rollouts
 EXPERT_SEED_BASE = 1 << 29
 
@@ -244,9 +251,10 @@ class Trainer:
         if self.accelerator.distributed_type in UNSUPPORTED_DISTRIBUTED:
             raise ValueError(
                 f"accelerate is configured for {self.accelerator.distributed_type.value}, which the trainer does not "
-                "support: AMFT needs the full gradients g_SFT and g_RL and a look-ahead step on every process, and "
-                "sharded parameters do not give them. Use a multi-GPU/multi-CPU (DDP) accelerate config or torchrun."
+                "support; use an accelerate config for several processes (DDP) or FSDP (configs/accelerate/), or torchrun"
             )
+        self.parallel = Parallel(config.distributed, self.accelerator)
+        self._check_parallel_settings()
         set_seed(config.seed)
         self.start_step = 0
         self.sft_position = 0
@@ -271,26 +279,28 @@ class Trainer:
         if config.mixed_precision == "bf16":
             self.policy.autocast_dtype = torch.bfloat16
         if config.lora_rank:
-            self.parameters = (
+            if checkpoint:
                 load_lora(self.policy, checkpoint / "lora")
-                if checkpoint
-                else apply_lora(self.policy, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
-            )
-        else:
-            if config.freeze_vision_tower:
-                for parameter in self.policy.model.model.visual.parameters():
-                    parameter.requires_grad_(False)
-            self.parameters = [p for p in self.policy.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+            else:
+                apply_lora(self.policy, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
+        elif config.freeze_vision_tower:
+            for parameter in self.policy.model.model.visual.parameters():
+                parameter.requires_grad_(False)
+        if config.gradient_checkpointing:
+            self.policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The shared-prefix shortcut makes one or two forward calls depending on the batch: off where every
+        # process must make the same calls, and where checkpointing drops the cache it relies on.
+        self.policy.share_prefix = not (self.parallel.sharded or config.gradient_checkpointing)
+        self.parallel.wrap(self.policy.model)  # parameters are new objects from here on
+        self.parameters = lora_parameters(self.policy) if config.lora_rank else [p for p in self.policy.model.parameters() if p.requires_grad]
+        # Updates go through torch's AdamW itself (not accelerate's wrapper): the loss is never scaled, and
+        # the look-ahead differentiates exactly this step.
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         schedule = get_cosine_schedule_with_warmup if config.lr_schedule == "cosine" else get_constant_schedule_with_warmup
         schedule_kwargs = {"num_training_steps": config.steps} if config.lr_schedule == "cosine" else {}
-        scheduler = schedule(optimizer, num_warmup_steps=config.lr_warmup_steps, **schedule_kwargs)
-        # The scheduler is not handed to accelerate: its wrapper advances the schedule once per process,
+        # The scheduler is not handed to accelerate either: its wrapper advances the schedule once per process,
         # which assumes each process adds its own batch; here the global batch is fixed and sharded.
-        self.optimizer, self.scheduler = self.accelerator.prepare(optimizer), scheduler
-        # Updates go through torch's AdamW itself: the loss is never scaled, so accelerate's fp16 grad
-        # scaler must not unscale it, and the look-ahead differentiates exactly this step.
-        self._adamw = optimizer
+        self.scheduler = schedule(self.optimizer, num_warmup_steps=config.lr_warmup_steps, **schedule_kwargs)
         self.critic, self.critic_optimizer = None, None
         if config.advantage == "ppo":
             hidden_size = self.policy.model.config.get_text_config().hidden_size
@@ -319,7 +329,7 @@ class Trainer:
     def train(self) -> list[dict]:
         """Run from the current iteration to ``config.steps``; returns the metrics of the iterations run."""
         config, controller, history = self.config, self.controller, []
-        bar = tqdm(range(self.start_step, config.steps), desc=f"train {config.method}", disable=not self.progress)
+        bar = tqdm(range(self.start_step, config.steps), desc=f"train {config.method}", disable=not (self.progress and self.accelerator.is_main_process))
         for step in bar:
             started = time.perf_counter()
             mu = method_mu(config, step, controller)
@@ -332,7 +342,10 @@ class Trainer:
             rollouts, rollout_stats = self._collect_rollouts(step) if mu < 1 else ([], None)
             rl_batch = self._rl_batch(rollouts) if mu < 1 else None
             if rollout_stats is not None:
-                metrics.update(reward=rollout_stats.mean_return, success=rollout_stats.success_rate, turns=rollout_stats.mean_turns)
+                episodes, returns, successes, turns = self._global_sums(
+                    [rollout_stats.episodes, rollout_stats.mean_return * rollout_stats.episodes, rollout_stats.successes, rollout_stats.mean_turns * rollout_stats.episodes]
+                )
+                metrics.update(reward=returns / episodes, success=successes / episodes, turns=turns / episodes)
             wants_entropy = controlled and controller.use_entropy
             probe_entropy = self._probe_entropy() if wants_entropy and config.controller.entropy_source == "expert" else None
 
@@ -390,6 +403,21 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # Collecting.
 
+    def _check_parallel_settings(self) -> None:
+        """Batches that split evenly over the processes, and what the sharded strategies do not support yet."""
+        config = self.config
+        if not self.parallel.sharded:
+            return
+        if config.lora_rank:
+            raise ValueError(
+                f"LoRA trains on one process for now (distributed: {self.parallel.strategy} was chosen for "
+                f"{self.parallel.world} processes); launch one process, or train all weights"
+            )
+        counts = {"sft_batch_size": config.sft_batch_size, "episodes_per_step": config.episodes_per_step}
+        if config.method in CONTROLLER_METHODS:
+            counts["controller.validation_states"] = config.controller.validation_states
+        self.parallel.check_even(**counts)
+
     def _initial_model_path(self) -> str:
         with self.accelerator.main_process_first():  # one process builds a tiny model, the others load it
             return resolve_model_spec(self.config.model, self.output_dir / "initial-model", seed=self.config.seed)
@@ -419,14 +447,16 @@ class Trainer:
         seeds = [config.seed * 1_000_003 + step * config.episodes_per_step + i for i in range(config.episodes_per_step)]
         shard = seeds[self.accelerator.process_index :: self.accelerator.num_processes]
         self.budget.rollout_episodes += config.episodes_per_step * config.group_size
-        return self.engine.collect(shard, group_size=config.group_size, sampling_seed=_mix_seed(config.seed, step, 1), progress=False)
+        with self.parallel.full_weights():
+            return self.engine.collect(shard, group_size=config.group_size, sampling_seed=_mix_seed(config.seed, step, 1), progress=False)
 
     def _rl_batch(self, rollouts: list[Trajectory]) -> RLBatch:
         """The rollouts with per-turn advantages: GRPO (episode or turn credit) or, with a critic, GAE."""
         config = self.config
         groups = [t.group for t in rollouts]
         if self.critic is not None:
-            features = [states.to(self.accelerator.device) for states in decision_states(self.policy, rollouts)]
+            with self.parallel.full_weights():
+                features = [states.to(self.accelerator.device) for states in decision_states(self.policy, rollouts)]
             with torch.no_grad():
                 old_values = [self.critic(states) for states in features]
             rewards = [credited_rewards(t, config.credit).to(self.accelerator.device) for t in rollouts]
@@ -470,7 +500,7 @@ class Trainer:
                 critic_metrics = self._critic_update(rl_batch, rl_indices) if self.critic is not None and rl_batch is not None else {}
                 update = mixed_adamw_step(
                     self.parameters,
-                    self._adamw,
+                    self.optimizer,
                     g_sft,
                     g_rl,
                     mu=mu,
@@ -508,11 +538,6 @@ class Trainer:
         finally:
             self.policy.model.eval()
 
-    def _gradients(self, loss: torch.Tensor) -> list[torch.Tensor]:
-        """This process's gradients of ``loss`` over the trainable parameters (unused ones as zeros)."""
-        gradients = torch.autograd.grad(loss, self.parameters, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.parameters, gradients, strict=True)]
-
     def _check_same_mu(self, mu: float) -> None:
         """Every process must hold the same mu (its signals are global); a mismatch would split the model."""
         if self.accelerator.num_processes == 1:
@@ -521,54 +546,47 @@ class Trainer:
         if not torch.all(values == values[0]):
             raise RuntimeError(f"mu differs across processes ({values.tolist()}); the controller's signals must be reduced over all processes")
 
-    def _global_sum(self, value: float) -> float:
-        return float(self._global_sums([value])[0])
-
     def _global_sums(self, values: Sequence[float]) -> list[float]:
         """Each value summed over all processes, in one reduction."""
-        if self.accelerator.num_processes == 1:
-            return [float(v) for v in values]
-        packed = torch.tensor(list(values), dtype=torch.float64, device=self.accelerator.device)
-        return self.accelerator.reduce(packed, reduction="sum").tolist()
+        return self.parallel.sums(values)
 
     def _micro_batches(self, trajectories: list[Trajectory]) -> list[list[int]]:
         """Indices of ``gradient_accumulation_steps`` near-equal micro-batches (empty ones dropped)."""
         parts = np.array_split(np.arange(len(trajectories)), self.config.gradient_accumulation_steps)
         return [part.tolist() for part in parts if len(part)]
 
-    def _accumulate(self, trajectories: list[Trajectory], loss_of, extra_keys: Sequence[str] = ()) -> tuple[list[torch.Tensor], dict]:
+    def _accumulate(self, trajectories: list[Trajectory], loss_of, extra_keys: Sequence[str] = ()) -> tuple[list[torch.Tensor | None], dict]:
         """Gradient of the token-mean loss over all trajectories (of every process), one micro-batch at a time.
 
         ``loss_of(indices)`` returns (token-mean loss of those trajectories, their TokenScores, extra
         metrics with the keys `extra_keys`); each micro-batch is weighted by its share of the global
-        trainable tokens, and the processes' sums are added once at the end, so the result is exactly the
-        global token mean. Every process makes the same collective calls, whatever its share (even none).
+        trainable tokens and its backward pass adds into the parameters' ``.grad`` (summed over processes
+        by the distributed strategy), so the result is exactly the global token mean. The gradients are
+        then taken out of ``.grad`` (None for a parameter no token reached): no copies, no zero lists.
         """
         (total_tokens,) = self._global_sums([sum(t.num_response_tokens for t in trajectories)])
-        gradients: list[torch.Tensor] | None = None
         sums = dict.fromkeys(("loss", "entropy_sum", *extra_keys), 0.0)
         for indices in self._micro_batches(trajectories):
             loss, scores, extra = loss_of(indices)
             weight = scores.num_tokens / max(total_tokens, 1)
-            parts = self._gradients(loss * weight)
-            if gradients is None:
-                gradients = parts
-            else:
-                for gradient, part in zip(gradients, parts, strict=True):
-                    gradient.add_(part)
+            (loss * weight).backward()
             sums["loss"] += float(loss.detach()) * weight
-            sums["entropy_sum"] += float(scores.entropy.detach().sum())
+            sums["entropy_sum"] += float(scores.entropy.sum())
             for key in extra_keys:
                 sums[key] += extra[key] * weight
-        if gradients is None:  # nothing on this process; it still joins the reduction
-            gradients = [torch.zeros_like(p) for p in self.parameters]
-        if self.accelerator.num_processes > 1:
-            gradients = [self.accelerator.reduce(g, reduction="sum") for g in gradients]
+        gradients = self._take_gradients()
         *values, examples = self._global_sums([*sums.values(), len(trajectories)])
         totals = dict(zip(sums, values, strict=True))
         totals["tokens"], totals["examples"] = int(total_tokens), int(examples)
         self.budget.trained_tokens += totals["tokens"]
         return gradients, totals
+
+    def _take_gradients(self) -> list[torch.Tensor | None]:
+        """The parameters' ``.grad`` tensors, which are then cleared (the next backward starts from none)."""
+        gradients = [parameter.grad for parameter in self.parameters]
+        for parameter in self.parameters:
+            parameter.grad = None
+        return gradients
 
     def _backward_sft(self, batch: list[Trajectory]) -> tuple[list[torch.Tensor], dict]:
         def loss_of(indices):
@@ -637,37 +655,46 @@ class Trainer:
     def _probe_entropy(self) -> float:
         """Mean token entropy at the sampling temperature on the fixed expert probe (no gradient)."""
         probe = self.entropy_probe[self.accelerator.process_index :: self.accelerator.num_processes]
-        with torch.no_grad():
-            scores = score_trajectories(self.policy, probe, temperature=self.engine.sampling_temperature) if probe else None
-        entropy_sum = float(scores.entropy.sum()) if scores is not None else 0.0
-        tokens = scores.num_tokens if scores is not None else 0
-        return self._global_sum(entropy_sum) / max(self._global_sum(tokens), 1)
+        entropy_sum, tokens = 0.0, 0
+        if probe:
+            with torch.no_grad(), self.parallel.full_weights():
+                scores = score_trajectories(self.policy, probe, temperature=self.engine.sampling_temperature)
+            entropy_sum, tokens = float(scores.entropy.sum()), scores.num_tokens
+        entropy_sum, tokens = self._global_sums([entropy_sum, tokens])
+        return entropy_sum / max(tokens, 1)
 
-    def _meta_estimate(self, step: int, direction: list[torch.Tensor]) -> MetaEstimate | None:
+    def _meta_estimate(self, step: int, direction: list[torch.Tensor | None]) -> MetaEstimate | None:
         """dU/dmu along ``direction`` from validation episodes played by the current (updated) policy.
 
         Each start state i gives ``s_i = < (1/K) sum_j w_ij grad log p(tau_ij), direction >`` with the
-        leave-one-out advantages ``w``; a start state whose returns all tie gives exactly 0 without a
-        backward pass. None when no start state has a signal.
+        leave-one-out advantages ``w``, one backward pass (in micro-batches) per start state. With W
+        processes the states go in rounds of W, one per process: a data-parallel backward pass sums the
+        processes' gradients, so a round gives the mean of its W states' values, and the standard error
+        is taken over rounds (over single states with one process; dU/dmu itself is the same either way).
+        A round whose states all tie gives exactly 0 and is not scored. None when no round has a signal.
         """
         c = self.config.controller
         seeds = [VALIDATION_SEED_BASE + i for i in range(c.validation_states)]
         shard = seeds[self.accelerator.process_index :: self.accelerator.num_processes]
-        episodes, _ = self.validation_engine.collect(shard, group_size=c.validation_samples, sampling_seed=_mix_seed(self.config.seed, step, 2), progress=False)
+        with self.parallel.full_weights():
+            episodes, _ = self.validation_engine.collect(shard, group_size=c.validation_samples, sampling_seed=_mix_seed(self.config.seed, step, 2), progress=False)
         self.budget.validation_episodes += c.validation_states * c.validation_samples
         weights = leave_one_out_advantages(torch.tensor([t.episode_return for t in episodes]), [t.group for t in episodes])
-        per_state = []
-        for group in range(len(shard)):
-            members = [i for i, trajectory in enumerate(episodes) if trajectory.group == group]
-            if not any(weights[i] != 0 for i in members):
-                per_state.append(0.0)
+        states = [[i for i, trajectory in enumerate(episodes) if trajectory.group == group] for group in range(len(shard))]
+        tied = self.parallel.all_true([not any(weights[i] != 0 for i in members) for members in states])
+        temperature = self.validation_engine.sampling_temperature
+        per_round = []
+        for members, skip in zip(states, tied, strict=True):
+            if skip:
+                per_round.append(0.0)
                 continue
-            scores = score_trajectories(self.policy, [episodes[i] for i in members], temperature=self.validation_engine.sampling_temperature)
-            objective = sum(float(weights[i]) * logprobs.sum() for i, logprobs in zip(members, scores.episode_token_logprobs, strict=True)) / len(members)
-            per_state.append(flat_dot(torch.autograd.grad(objective, self.parameters, allow_unused=True), direction))
-        if self.accelerator.num_processes > 1:
-            per_state = gather_object(per_state)
-        return MetaEstimate.from_per_state(per_state)
+            for micro in self._micro_batches(members):
+                chosen = [members[i] for i in micro]
+                scores = score_trajectories(self.policy, [episodes[i] for i in chosen], temperature=temperature)
+                logprobs = torch.stack([part.sum() for part in scores.episode_token_logprobs])
+                ((weights[chosen].to(logprobs) * logprobs).sum() / len(members)).backward()
+            per_round.append(flat_dot(self._take_gradients(), direction) / self.parallel.world)
+        return MetaEstimate.from_per_state(per_round)
 
     # ----------------------------------------------------------------------------------------------
     # Logging and checkpoints.
@@ -692,10 +719,9 @@ class Trainer:
         tmp.replace(self.output_dir / "metrics.jsonl")
 
     def save(self, step: int) -> Path | None:
-        """Write checkpoint ``step`` (main process only)."""
+        """Write checkpoint ``step`` (every process takes part when the model is sharded)."""
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
+        is_main = self.accelerator.is_main_process
         state = {
             "step": step,
             "sft_position": self.sft_position,
@@ -705,6 +731,20 @@ class Trainer:
         extra = {}
         if self.critic is not None:
             extra["critic"] = {"head": self.critic.state_dict(), "optimizer": self.critic_optimizer.state_dict()}
+        if self.parallel.sharded:
+            return save_sharded_checkpoint(
+                self.checkpoints,
+                step,
+                policy=self.policy,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                trainer_state=state,
+                is_main=is_main,
+                barrier=self.accelerator.wait_for_everyone,
+                extra=extra,
+            )
+        if not is_main:
+            return None
         return save_checkpoint(
             self.checkpoints,
             step,
@@ -720,7 +760,14 @@ class Trainer:
         state = load_trainer_state(checkpoint)
         self.start_step, self.sft_position = state["step"], state["sft_position"]
         self.budget = Budget(**state.get("budget", {}))
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+        if (checkpoint / "dcp").is_dir():  # written by a sharded run: loads on any process count
+            load_sharded_state(checkpoint, self.policy, self.optimizer)
+        elif self.parallel.sharded:
+            raise ValueError(
+                f"{checkpoint} was written by a one-process run (optimizer.pt, no dcp/); resume it with one process"
+            )
+        else:
+            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])

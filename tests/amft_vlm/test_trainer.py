@@ -152,19 +152,20 @@ def test_lora_trains_only_the_adapters_and_its_checkpoint_loads_for_evaluation(t
     torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-4)
 
 
-def test_sharded_accelerate_setups_are_refused_with_a_message(tmp_path, monkeypatch):
+def test_deepspeed_accelerate_setups_are_refused_with_a_message(tmp_path, monkeypatch):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     import amft_vlm.trainer as trainer_module
 
-    class ShardedAccelerator(Accelerator):
-        distributed_type = DistributedType.FSDP
+    class DeepSpeedAccelerator(Accelerator):
+        distributed_type = DistributedType.DEEPSPEED
 
-    monkeypatch.setattr(trainer_module, "Accelerator", ShardedAccelerator)
-    with pytest.raises(ValueError, match="FSDP.*DDP"):
-        run(tmp_path, "fsdp")
-
+    with pytest.raises(ValueError, match="fsdp2 needs several processes"):
+        run(tmp_path, "fsdp2", "distributed=fsdp2")
+    monkeypatch.setattr(trainer_module, "Accelerator", DeepSpeedAccelerator)
+    with pytest.raises(ValueError, match="DEEPSPEED.*configs/accelerate"):
+        run(tmp_path, "deepspeed")
 
 def test_lora_dropout_acts_in_the_loss_passes_only(tmp_path):
     """Dropout changes the update (the model trains in training mode); rollouts stay in eval mode."""

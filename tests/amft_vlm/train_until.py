@@ -1,0 +1,20 @@
+"""``python -m tests.amft_vlm.train_until [--stop-after N] [--resume] key=value ...``: train, optionally stopping
+after N steps with a checkpoint (as a kill right after one would); run under torchrun by the distributed tests."""
+
+import sys
+
+from amft_vlm.config import load_config
+from amft_vlm.trainer import Trainer
+
+
+def main(argv: list[str]) -> None:
+    stop = next((int(arg.split("=", 1)[1]) for arg in argv if arg.startswith("--stop-after=")), None)
+    overrides = [arg for arg in argv if not arg.startswith("--")]
+    trainer = Trainer(load_config(overrides=overrides), resume="--resume" in argv, progress=False)
+    if stop is not None:
+        trainer.config.steps = stop  # the schedule keeps the full length; the last step run is checkpointed
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
