@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# On a CUDA machine without network, with torch/transformers/accelerate preinstalled: install the small
+# wheels carried in .gpu-wheels/ (made here by `make gpu-wheels`), then run the check (exits non-zero on failure).
+gpu-check:
+	-$(PYTHON) -m pip install --quiet --no-index --find-links .gpu-wheels gymnasium
+	PYTHONPATH=. $(PYTHON) -m scripts.gpu_check
+
+gpu-wheels: setup
+	$(BIN)/pip download --quiet --dest .gpu-wheels --only-binary=:all: gymnasium
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
