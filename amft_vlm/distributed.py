@@ -186,6 +186,22 @@ class Parallel:
 
         return gather_object(values)
 
+    def check_same(self, value: float, *, what: str) -> None:
+        """Raise if `value` differs between processes (a quantity every process must agree on, like mu)."""
+        if self.world == 1:
+            return
+        values = self.accelerator.gather(torch.tensor([value], dtype=torch.float64, device=self.accelerator.device))
+        if not torch.all(values == values[0]):
+            raise RuntimeError(f"{what} differs across processes ({values.tolist()}); its inputs must be reduced over all processes")
+
+    def sum_gradients(self, module: torch.nn.Module) -> None:
+        """Sum the gradients of a small replicated module (the ppo critic) over the processes (a missing one counts as 0)."""
+        if self.world == 1:
+            return
+        for parameter in module.parameters():
+            gradient = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+            parameter.grad = self.accelerator.reduce(gradient, reduction="sum")
+
     def all_true(self, flags: Sequence[bool]) -> list[bool]:
         """Per position, whether the flag is true on every process (all processes pass as many flags)."""
         if self.world == 1:

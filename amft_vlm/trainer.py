@@ -370,7 +370,7 @@ class Trainer:
                         meta_stderr=estimate.stderr if estimate else None,
                     )
                 controller.update(entropy=entropy, meta_signal=signal)
-                self._check_same_mu(controller.state.mu)
+                self.parallel.check_same(controller.state.mu, what="mu")
                 metrics["entropy"] = entropy
             if controller is not None:
                 state = controller.state
@@ -538,14 +538,6 @@ class Trainer:
         finally:
             self.policy.model.eval()
 
-    def _check_same_mu(self, mu: float) -> None:
-        """Every process must hold the same mu (its signals are global); a mismatch would split the model."""
-        if self.accelerator.num_processes == 1:
-            return
-        values = self.accelerator.gather(torch.tensor([mu], dtype=torch.float64, device=self.accelerator.device))
-        if not torch.all(values == values[0]):
-            raise RuntimeError(f"mu differs across processes ({values.tolist()}); the controller's signals must be reduced over all processes")
-
     def _global_sums(self, values: Sequence[float]) -> list[float]:
         """Each value summed over all processes, in one reduction."""
         return self.parallel.sums(values)
@@ -639,10 +631,7 @@ class Trainer:
                 clipped = old + (predicted - old).clamp(-epsilon, epsilon)
                 held_sum = float(((clipped - targets) ** 2 > (predicted - targets) ** 2).float().sum())
             loss_sum, value_sum = float(loss.detach()) * turns, float(old.sum())
-        if self.accelerator.num_processes > 1:
-            for parameter in self.critic.parameters():
-                gradient = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
-                parameter.grad = self.accelerator.reduce(gradient, reduction="sum")
+        self.parallel.sum_gradients(self.critic)
         self.critic_optimizer.step()
         loss_sum, held_sum, value_sum = self._global_sums([loss_sum, held_sum, value_sum])
         if not total_turns:
