@@ -37,11 +37,12 @@ lint: setup
 # On a CUDA machine without network, with torch/transformers/accelerate preinstalled: install the small
 # wheels carried in .gpu-wheels/ (made here by `make gpu-wheels`), then run the check (exits non-zero on failure).
 gpu-check:
-	-$(PYTHON) -m pip install --quiet --no-index --find-links .gpu-wheels gymnasium
+	-$(PYTHON) -m pip install --quiet --no-index --find-links .gpu-wheels gymnasium pillow
+	@$(PYTHON) -c "import gymnasium, PIL, torch, transformers, accelerate" || { echo "gpu-check: a package is missing (make gpu-wheels here, carry .gpu-wheels/)"; exit 1; }
 	PYTHONPATH=. $(PYTHON) -m scripts.gpu_check
 
 gpu-wheels: setup
-	$(BIN)/pip download --quiet --dest .gpu-wheels --only-binary=:all: gymnasium
+	$(BIN)/pip download --quiet --dest .gpu-wheels --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 gymnasium pillow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -36,6 +36,7 @@ prefill, then one forward per token over the rows still generating (finished row
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -329,12 +330,16 @@ class VLMPolicy:
         """The dtype of the model's parameters."""
         return next(self.model.parameters()).dtype
 
+    def _autocast(self) -> Any:
+        """``torch.autocast`` in `autocast_dtype` (a no-op context without one)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
     def _forward(self, module: Any = None, **inputs: Any) -> Any:
         """``module(**inputs)`` (the whole model by default) under `autocast_dtype` when one is set."""
         module = self.model if module is None else module
-        if self.autocast_dtype is None:
-            return module(**inputs)
-        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+        with self._autocast():
             return module(**inputs)
 
     def _token_id(self, token: str) -> int:
@@ -548,6 +553,23 @@ class VLMPolicy:
             cache if cache is not None and cache.is_prefix_of(prompt) else None
             for prompt, cache in zip(prompts, caches, strict=True)
         ]
+        # One autocast context for the whole call: autocast keeps its half-precision copy of each weight
+        # until the outermost context exits, instead of re-casting every weight at every token.
+        with self._autocast():
+            return self._generate(prompts, prefixes, temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy, keep_cache=keep_cache, generators=generators)
+
+    def _generate(
+        self,
+        prompts: Sequence[TokenSequence],
+        prefixes: Sequence[KVPrefix | None],
+        *,
+        temperature: float,
+        max_new_tokens: int,
+        greedy: bool,
+        keep_cache: bool,
+        generators: Sequence[torch.Generator] | None,
+    ) -> list[Generation]:
+        """The decoding loop of `generate` (arguments checked there)."""
         logits, cache, attention_mask, next_positions = self._prefill(prompts, prefixes, extra=max_new_tokens)
         temperature = 1.0 if greedy else temperature
         suppressed = torch.tensor(self.suppressed_token_ids, dtype=torch.long, device=self.device)
@@ -915,9 +937,11 @@ class _PreallocatedLayer(DynamicLayer):
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        # Keys in the values' dtype: under bf16 autocast the rotary embedding hands keys over in float32,
+        # and attention casts them back to bf16 anyway, so a float32 key cache only costs memory.
+        self.dtype, self.device = value_states.dtype, key_states.device
         batch, heads, _, _ = key_states.shape
-        self._key_buffer = key_states.new_zeros((batch, heads, self.capacity, key_states.shape[-1]))
+        self._key_buffer = key_states.new_zeros((batch, heads, self.capacity, key_states.shape[-1]), dtype=value_states.dtype)
         self._value_buffer = value_states.new_zeros((batch, heads, self.capacity, value_states.shape[-1]))
         self.is_initialized = True
 

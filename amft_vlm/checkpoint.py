@@ -1,10 +1,12 @@
 """Checkpoints that are either complete or absent.
 
-A checkpoint is a directory ``checkpoints/step-NNNNNN`` holding the policy (``save_pretrained``),
-the optimiser, scheduler, controller and RNG states and the trainer's position. A run sharded over
-processes (`save_sharded_checkpoint`) also writes its weights and optimiser state as
-``torch.distributed.checkpoint`` shards (``dcp/``), which load on any process count. It is written
-under a temporary name and renamed into place (atomic on POSIX), and only then does the
+A checkpoint is a directory ``checkpoints/step-NNNNNN`` holding the policy (``save_pretrained``, the
+full weights even when training shards them), the optimiser state, the scheduler, controller and RNG
+states and the trainer's position. The optimiser state is written through ``torch.distributed.checkpoint``
+(``optimizer/``: each process writes its shards, and any process count loads it, so a run sharded over 8
+GPUs resumes on 4 and a one-process SFT run warm-starts a sharded one); a LoRA run's adapters and their
+optimiser state are plain files (``lora/``, ``optimizer.pt``). A checkpoint is written under a
+temporary name and renamed into place (atomic on POSIX), and only then does the
 ``checkpoints/latest`` pointer (itself replaced atomically) name it. A run killed at any moment
 leaves the previous checkpoint intact and at most an ignorable ``.tmp-*`` directory.
 """
@@ -47,11 +49,22 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_policy(policy, directory: Path) -> None:
-    """Save a `VLMPolicy` so that ``VLMPolicy.from_pretrained(directory)`` loads it back (model, tokenizer, image processor)."""
-    policy.model.save_pretrained(directory)
+def save_policy(policy, directory: Path, *, state_dict: dict | None = None) -> None:
+    """Save a `VLMPolicy` so that ``VLMPolicy.from_pretrained(directory)`` loads it back (model, tokenizer, image processor).
+
+    `state_dict` gives the full weights of a model whose parameters are sharded.
+    """
+    policy.model.save_pretrained(directory, state_dict=state_dict)
     policy.tokenizer.save_pretrained(directory)
     policy.image_processor.save_pretrained(directory)
+
+
+def _single_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def _sharded(model) -> bool:
+    return any(hasattr(parameter, "device_mesh") for parameter in model.parameters())
 
 
 def save_checkpoint(
@@ -64,36 +77,81 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     extra: dict[str, Any] | None = None,
     lora_base_model: str | None = None,
-) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically and point ``latest`` at it.
+    is_main: bool = True,
+    barrier=None,
+) -> Path | None:
+    """Write checkpoint ``step`` under ``root`` atomically and point ``latest`` at it; every process calls it.
 
-    The policy goes to ``policy/`` (a loadable checkpoint), or, with ``lora_base_model``, only its LoRA
-    adapters go to ``lora/`` with that base model's path or id (`amft_vlm.lora.load_policy` loads it).
-    ``extra`` maps names to picklable states (e.g. a critic's weights and optimiser), saved as ``NAME.pt``.
+    It is built under a temporary name: every process writes its shards of the optimiser state, the main
+    process the policy (the full weights, gathered when sharded: a collective), the rest of the state,
+    and then renames it into place. With ``lora_base_model`` only the LoRA adapters go to ``lora/``, with
+    that base model's path or id (`amft_vlm.lora.load_policy` loads it), and the optimiser state to
+    ``optimizer.pt`` (LoRA runs on one process). ``extra`` maps names to picklable states (e.g. a critic's
+    weights and optimiser), saved as ``NAME.pt``. Returns the path on the main process, None elsewhere.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
-    final = root / name
-    staging = root / f".tmp-{name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    if lora_base_model is None:
-        save_policy(policy, staging / "policy")
-    else:
-        from amft_vlm.lora import save_lora
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
-        save_lora(policy, staging / "lora", base_model=lora_base_model)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    torch.save(rng_states(), staging / "rng.pt")
-    for part, state in (extra or {}).items():
-        torch.save(state, staging / f"{part}.pt")
-    (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-    if final.exists():  # a re-run of the same step replaces it whole
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    _write_text_atomic(root / LATEST, name + "\n")
-    return final
+    barrier = barrier or (lambda: None)
+    name = f"step-{step:06d}"
+    final, staging = root / name, root / f".tmp-{name}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    barrier()
+    if lora_base_model is not None:
+        if is_main:
+            from amft_vlm.lora import save_lora
+
+            save_lora(policy, staging / "lora", base_model=lora_base_model)
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    else:
+        optimizer_state = get_optimizer_state_dict(policy.model, optimizer)
+        dcp_save({"optimizer": optimizer_state}, checkpoint_id=str(staging / "optimizer"), no_dist=_single_process())
+        full_weights = None
+        if _sharded(policy.model):
+            full_weights = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if is_main:
+            save_policy(policy, staging / "policy", state_dict=full_weights)
+    if is_main:
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save(rng_states(), staging / "rng.pt")
+        for part, state in (extra or {}).items():
+            torch.save(state, staging / f"{part}.pt")
+        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if final.exists():  # a re-run of the same step replaces it whole
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _write_text_atomic(root / LATEST, name + "\n")
+    barrier()
+    return final if is_main else None
+
+
+def load_optimizer_state(checkpoint: Path, policy, optimizer) -> None:
+    """Load the optimiser state of `checkpoint` into `optimizer` (over `policy`'s model, sharded or not).
+
+    ``optimizer/`` (torch.distributed.checkpoint) loads on any process count; a LoRA checkpoint's
+    ``optimizer.pt`` on one process. Parameters that never had a gradient (a text-only run's vision
+    tower) have no saved state: torch initialises theirs (step 1, zero moments), and they never step.
+    """
+    if (checkpoint / "optimizer").is_dir():
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+        from torch.distributed.checkpoint import load as dcp_load
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        state = {"optimizer": get_optimizer_state_dict(policy.model, optimizer)}
+        planner = DefaultLoadPlanner(allow_partial_load=True)
+        dcp_load(state, checkpoint_id=str(checkpoint / "optimizer"), planner=planner, no_dist=_single_process())
+        set_optimizer_state_dict(policy.model, optimizer, optim_state_dict=state["optimizer"])
+    elif _sharded(policy.model):
+        raise ValueError(f"{checkpoint} holds a LoRA run's optimizer.pt, which loads on one process only")
+    else:
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -110,69 +168,3 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """The trainer's position saved in checkpoint ``path``."""
     return json.loads((path / "trainer_state.json").read_text())
-
-
-def save_sharded_checkpoint(
-    root: Path,
-    step: int,
-    *,
-    policy,
-    optimizer,
-    scheduler,
-    trainer_state: dict[str, Any],
-    is_main: bool,
-    barrier,
-    extra: dict[str, Any] | None = None,
-) -> Path | None:
-    """`save_checkpoint` for a model sharded over processes (every process calls it).
-
-    Each process writes its shards of the weights and AdamW state through ``torch.distributed.checkpoint``
-    into ``dcp/`` (loadable on another process count); the main process also gathers the full weights into a
-    loadable ``policy/`` (for evaluation), writes the rest of the state and moves the checkpoint into place.
-    Returns the checkpoint's path on the main process, None elsewhere.
-    """
-    from torch.distributed.checkpoint import save as dcp_save
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-    name = f"step-{step:06d}"
-    final, staging = root / name, root / f".tmp-{name}"
-    if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    barrier()
-    model_state, optimizer_state = get_state_dict(policy.model, optimizer)
-    dcp_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(staging / "dcp"))
-    full_weights = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if is_main:
-        policy.model.save_pretrained(staging / "policy", state_dict=full_weights)
-        policy.tokenizer.save_pretrained(staging / "policy")
-        policy.image_processor.save_pretrained(staging / "policy")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save(rng_states(), staging / "rng.pt")
-        for part, state in (extra or {}).items():
-            torch.save(state, staging / f"{part}.pt")
-        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _write_text_atomic(root / LATEST, name + "\n")
-    barrier()
-    return final if is_main else None
-
-
-def load_sharded_state(checkpoint: Path, policy, optimizer) -> None:
-    """Load ``checkpoint/dcp`` (weights and AdamW state) into `policy`'s model and `optimizer`, sharded or not.
-
-    The weights must all be there. The AdamW state may lack parameters that never had a gradient (a
-    text-only run's vision tower): they keep the empty state torch gives them, and never step.
-    """
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optimizer_state = get_state_dict(policy.model, optimizer)
-    weights, moments = {"model": model_state}, {"optimizer": optimizer_state}
-    dcp_load(weights, checkpoint_id=str(checkpoint / "dcp"))
-    dcp_load(moments, checkpoint_id=str(checkpoint / "dcp"), planner=DefaultLoadPlanner(allow_partial_load=True))
-    set_state_dict(policy.model, optimizer, model_state_dict=weights["model"], optim_state_dict=moments["optimizer"])

@@ -123,9 +123,10 @@ class TrainConfig:
     model: str = "tiny:qwen2-vl"
     """Hugging Face model id or local path; 'tiny:qwen2-vl' / 'tiny:qwen2.5-vl' builds a tiny random model in the run directory."""
     dtype: str = "float32"
-    """Storage dtype of the weights (and so of AdamW's updates and state): float32, bfloat16 or float16.
-    Train in float32 with ``mixed_precision: bf16`` (float32 master weights, bfloat16 compute); half-precision
-    weights suit a frozen LoRA base, and full fine-tuning in them is refused where updates would round away."""
+    """Storage dtype of the weights (and so of AdamW's updates and state): float32 or bfloat16 (float16 is
+    refused: it needs loss scaling). Train in float32 with ``mixed_precision: bf16`` (float32 master weights,
+    bfloat16 compute); bfloat16 weights suit a frozen LoRA base, and full fine-tuning in them is refused at
+    any learning rate below bfloat16's epsilon (7.8e-3), where the norm gains' updates round away."""
     device: str = "auto"
     """'auto' (accelerate decides), 'cpu' or 'cuda'."""
     attn_implementation: str = "sdpa"
@@ -252,18 +253,25 @@ class TrainConfig:
     """accelerate trackers besides metrics.jsonl: tensorboard, wandb (when installed)."""
 
     def _check_update_precision(self) -> None:
-        """Refuse full fine-tuning in half-precision weights at a learning rate whose updates round away."""
+        """Refuse weights whose updates round away (bf16 full fine-tuning) or need loss scaling (float16)."""
+        if self.dtype == "float16":
+            raise ValueError(
+                "dtype: float16 is not supported for training: float16 compute needs loss scaling against underflow, which "
+                "the trainer does not do; use dtype: float32 with mixed_precision: bf16 (or dtype: bfloat16 for a LoRA base)"
+            )
         if self.lora_rank or self.dtype == "float32":
             return
         import torch
 
-        smallest = TYPICAL_WEIGHT * torch.finfo(getattr(torch, self.dtype)).eps
+        # Norm gains sit near 1.0, where bfloat16's spacing is its epsilon: a smaller step never moves them.
+        smallest = torch.finfo(getattr(torch, self.dtype)).eps
         if self.learning_rate < smallest:
             raise ValueError(
                 f"dtype: {self.dtype} keeps the weights AdamW updates in {self.dtype}, with no float32 master copy: at "
-                f"learning_rate {self.learning_rate:g} an update is below the spacing of a typical weight ({TYPICAL_WEIGHT}: "
-                f"{smallest:.2g}) and rounds away. Set dtype: float32 with mixed_precision: bf16 (float32 master weights "
-                "and optimiser state, bfloat16 compute), or train LoRA adapters (lora_rank > 0; they are kept in float32)"
+                f"learning_rate {self.learning_rate:g} an update is below the spacing of a norm gain near 1.0 ({smallest:.2g}; "
+                f"of a typical 0.02 weight: {TYPICAL_WEIGHT * smallest:.2g}) and rounds away. Set dtype: float32 with "
+                "mixed_precision: bf16 (float32 master weights and optimiser state, bfloat16 compute), or train LoRA "
+                "adapters (lora_rank > 0; they are kept in float32)"
             )
 
     def validate(self) -> TrainConfig:
@@ -334,7 +342,7 @@ WARM_START_FIELDS = (
 
 
 TYPICAL_WEIGHT = 0.02
-"""Size of a typical weight (Qwen's init std, and the scale of trained LLM weights), for the precision check."""
+"""Size of a typical weight (Qwen's init std, and the scale of trained LLM weights), quoted by the precision check."""
 
 
 def _finite(name: str, value: float) -> None:

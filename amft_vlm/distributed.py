@@ -113,6 +113,8 @@ class Parallel:
             )
         self.strategy = strategy
         self._modules: list[Any] = []
+        self._root: Any = None
+        self._gathered = False
 
     @property
     def sharded(self) -> bool:
@@ -141,6 +143,9 @@ class Parallel:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if not all(hasattr(FSDPModule, name) for name in ("set_force_sum_reduction_for_comms", "set_gradient_divide_factor", "unshard")):
+            raise RuntimeError(f"distributed: {self.strategy} needs FSDP2 with summed reductions (torch 2.9 or newer); this is torch {torch.__version__}")
+
         device_type = self.accelerator.device.type
         if self.strategy == "fsdp2":
             mesh = init_device_mesh(device_type, (self.world,), mesh_dim_names=("shard",))
@@ -149,6 +154,7 @@ class Parallel:
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        self._root = model
         self._modules = [module for module in model.modules() if isinstance(module, FSDPModule)]
         for module in self._modules:
             module.set_gradient_divide_factor(1.0)  # a sum: the losses are divided by the global token count
@@ -156,20 +162,25 @@ class Parallel:
 
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[None]:
-        """Every layer's weights gathered for the block: forwards inside make no collective calls, so
-        processes may run different numbers of them (generation). Use without gradients only."""
-        if not self._modules:
-            yield
+        """Every layer's weights gathered for the block, which runs without gradients: forwards inside make
+        no collective calls, so processes may run different numbers of them (generation). Re-entrant."""
+        if not self._modules or self._gathered:
+            with torch.no_grad():
+                yield
             return
-        for module in self._modules:
-            module.set_reshard_after_forward(False)
-            module.unshard()
+        self._gathered = True
         try:
-            yield
+            for module in self._modules:
+                module.set_reshard_after_forward(False)
+                module.unshard()
+            with torch.no_grad():
+                yield
         finally:
             for module in self._modules:
                 module.reshard()
                 module.set_reshard_after_forward(True)
+            self._root.set_reshard_after_forward(False, recurse=False)  # fully_shard's default for the root
+            self._gathered = False
 
     def sums(self, values: Sequence[float]) -> list[float]:
         """Each value summed over all processes, in one reduction."""
@@ -177,14 +188,6 @@ class Parallel:
             return [float(v) for v in values]
         packed = torch.tensor(list(values), dtype=torch.float64, device=self.accelerator.device)
         return self.accelerator.reduce(packed, reduction="sum").tolist()
-
-    def gather(self, values: list) -> list:
-        """The concatenation of every process's `values`, in rank order."""
-        if self.world == 1:
-            return list(values)
-        from accelerate.utils import gather_object
-
-        return gather_object(values)
 
     def check_same(self, value: float, *, what: str) -> None:
         """Raise if `value` differs between processes (a quantity every process must agree on, like mu)."""

@@ -22,13 +22,14 @@ Each training iteration (``steps`` of them):
    advances once per iteration.
 
 The model is in training mode during the loss passes (so LoRA dropout acts there) and in eval mode
-for sampling, validation and scoring without gradient. Under ``accelerate launch`` each process
-collects its share of episodes and every gradient is summed across processes once per backward pass
-(what DDP does, kept explicit so the separate ``g_SFT`` / ``g_RL`` passes stay exact).
+for sampling and scoring without gradient. Under ``accelerate launch`` or ``torchrun`` each process
+collects its share of episodes; the strategy of `amft_vlm.distributed` (ddp or fsdp2) sums every
+gradient across processes in its backward pass, so the separate ``g_SFT`` / ``g_RL`` passes stay exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -51,11 +52,10 @@ from agents.tiny import resolve_model_spec
 from agents.vlm_policy import VLMPolicy
 from amft_vlm.checkpoint import (
     latest_checkpoint,
-    load_sharded_state,
+    load_optimizer_state,
     load_trainer_state,
     restore_rng_states,
     save_checkpoint,
-    save_sharded_checkpoint,
 )
 from amft_vlm.config import CONTROLLER_METHODS, WARM_START_FIELDS, TrainConfig, config_to_dict, load_config
 from amft_vlm.controller import (
@@ -77,6 +77,8 @@ log = logging.getLogger(__name__)
 
 UNSUPPORTED_DISTRIBUTED = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 """accelerate set-ups the trainer refuses (FSDP is mapped to its own fully_shard, `amft_vlm.distributed`)."""
+MIN_ROUNDS = 3
+"""Fewest rounds of validation start states (one per process) the standardized meta signal takes its error over."""
 VALIDATION_SEED_BASE = 1 << 30  # validation episodes never share seeds with training rollouts
 EXPERT_SEED_BASE = 1 << 29
 
@@ -295,7 +297,9 @@ class Trainer:
         self.parameters = lora_parameters(self.policy) if config.lora_rank else [p for p in self.policy.model.parameters() if p.requires_grad]
         # Updates go through torch's AdamW itself (not accelerate's wrapper): the loss is never scaled, and
         # the look-ahead differentiates exactly this step.
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # On CUDA the fused kernel: the default foreach one allocates a parameter-sized temporary.
+        fused = self.accelerator.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
         schedule = get_cosine_schedule_with_warmup if config.lr_schedule == "cosine" else get_constant_schedule_with_warmup
         schedule_kwargs = {"num_training_steps": config.steps} if config.lr_schedule == "cosine" else {}
         # The scheduler is not handed to accelerate either: its wrapper advances the schedule once per process,
@@ -363,6 +367,7 @@ class Trainer:
                 signal = None
                 if meta_step:
                     estimate = self._meta_estimate(step, direction) if direction is not None else None
+                    direction = None  # a parameter-sized buffer: free it before the next iteration
                     signal = estimate.signal(config.controller.meta_signal, config.controller.meta_clip) if estimate else None
                     metrics.update(
                         meta_signal=signal,
@@ -417,6 +422,14 @@ class Trainer:
         if config.method in CONTROLLER_METHODS:
             counts["controller.validation_states"] = config.controller.validation_states
         self.parallel.check_even(**counts)
+        rounds = config.controller.validation_states // self.parallel.world
+        if config.method in ("amft", "no-entropy", "no-warmup") and config.controller.meta_signal == "standardized" and rounds < MIN_ROUNDS:
+            raise ValueError(
+                f"controller.validation_states ({config.controller.validation_states}) gives {rounds} round(s) of one start state "
+                f"per process on {self.parallel.world} processes; the standardized meta signal takes its standard error over "
+                f"rounds and needs at least {MIN_ROUNDS}: set validation_states to {MIN_ROUNDS * self.parallel.world} or more, "
+                "or controller.meta_signal: raw"
+            )
 
     def _initial_model_path(self) -> str:
         with self.accelerator.main_process_first():  # one process builds a tiny model, the others load it
@@ -508,6 +521,7 @@ class Trainer:
                     tangent=tangent,
                     more_updates=epoch * parts + part + 1 < updates,
                 )
+                g_sft = g_rl = None  # consumed (g_rl's buffer lives on in the tangent); free the rest now
                 self.budget.updates += 1
                 step_metrics = {key: value for key, value in (("grad_norm", update.grad_norm), ("cos_sft_rl", update.cos_sft_rl)) if value is not None}
                 for key, value in {**sft_metrics, **rl_metrics, **critic_metrics, **step_metrics}.items():
@@ -556,6 +570,7 @@ class Trainer:
         by the distributed strategy), so the result is exactly the global token mean. The gradients are
         then taken out of ``.grad`` (None for a parameter no token reached): no copies, no zero lists.
         """
+        self._check_images(trajectories)
         (total_tokens,) = self._global_sums([sum(t.num_response_tokens for t in trajectories)])
         sums = dict.fromkeys(("loss", "entropy_sum", *extra_keys), 0.0)
         for indices in self._micro_batches(trajectories):
@@ -572,6 +587,13 @@ class Trainer:
         totals["tokens"], totals["examples"] = int(total_tokens), int(examples)
         self.budget.trained_tokens += totals["tokens"]
         return gradients, totals
+
+    def _check_images(self, trajectories: list[Trajectory]) -> None:
+        """Sharded runs: images in this pass on every process or on none (the vision tower's collectives
+        must pair up across processes)."""
+        if self.parallel.sharded:
+            has_images = any(t.images for t in trajectories)
+            self.parallel.check_same(float(has_images), what="whether a pass has images (mix image and text-only data per run, not per process)")
 
     def _take_gradients(self) -> list[torch.Tensor | None]:
         """The parameters' ``.grad`` tensors, which are then cleared (the next backward starts from none)."""
@@ -677,11 +699,15 @@ class Trainer:
             if skip:
                 per_round.append(0.0)
                 continue
-            for micro in self._micro_batches(members):
-                chosen = [members[i] for i in micro]
-                scores = score_trajectories(self.policy, [episodes[i] for i in chosen], temperature=temperature)
-                logprobs = torch.stack([part.sum() for part in scores.episode_token_logprobs])
-                ((weights[chosen].to(logprobs) * logprobs).sum() / len(members)).backward()
+            self._check_images([episodes[i] for i in members])
+            # Training mode only so that gradient checkpointing acts (transformers checks it); it also
+            # turns LoRA dropout on here.
+            with self._training_mode() if self.config.gradient_checkpointing else contextlib.nullcontext():
+                for micro in self._micro_batches(members):
+                    chosen = [members[i] for i in micro]
+                    scores = score_trajectories(self.policy, [episodes[i] for i in chosen], temperature=temperature)
+                    logprobs = torch.stack([part.sum() for part in scores.episode_token_logprobs])
+                    ((weights[chosen].to(logprobs) * logprobs).sum() / len(members)).backward()
             per_round.append(flat_dot(self._take_gradients(), direction) / self.parallel.world)
         return MetaEstimate.from_per_state(per_round)
 
@@ -720,20 +746,6 @@ class Trainer:
         extra = {}
         if self.critic is not None:
             extra["critic"] = {"head": self.critic.state_dict(), "optimizer": self.critic_optimizer.state_dict()}
-        if self.parallel.sharded:
-            return save_sharded_checkpoint(
-                self.checkpoints,
-                step,
-                policy=self.policy,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                trainer_state=state,
-                is_main=is_main,
-                barrier=self.accelerator.wait_for_everyone,
-                extra=extra,
-            )
-        if not is_main:
-            return None
         return save_checkpoint(
             self.checkpoints,
             step,
@@ -743,20 +755,15 @@ class Trainer:
             trainer_state=state,
             extra=extra,
             lora_base_model=self.base_model if self.config.lora_rank else None,
+            is_main=is_main,
+            barrier=self.accelerator.wait_for_everyone,
         )
 
     def _restore(self, checkpoint: Path) -> None:
         state = load_trainer_state(checkpoint)
         self.start_step, self.sft_position = state["step"], state["sft_position"]
         self.budget = Budget(**state.get("budget", {}))
-        if (checkpoint / "dcp").is_dir():  # written by a sharded run: loads on any process count
-            load_sharded_state(checkpoint, self.policy, self.optimizer)
-        elif self.parallel.sharded:
-            raise ValueError(
-                f"{checkpoint} was written by a one-process run (optimizer.pt, no dcp/); resume it with one process"
-            )
-        else:
-            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+        load_optimizer_state(checkpoint, self.policy, self.optimizer)
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])

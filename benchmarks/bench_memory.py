@@ -1,11 +1,15 @@
 """Peak memory of a training step in bytes per trainable parameter (Qwen2.5-VL architecture, ~150M parameters, CPU)
 
 A random-init Qwen2.5-VL-architecture checkpoint (`agents.tiny.build_tiny_model`: 12 decoder layers of
-width 1024, MLP 2816, a 4-block vision tower, float32; about 150M parameters, almost all trainable) takes
-one training step of each kind on GeneralPoints-v0 (language): a plain SFT step (4 expert dialogues: the
-baseline), an RL step (2 start states x 2 rollouts, up to 16 new tokens), an AMFT step without and with
-the meta-gradient (both losses, and on the meta step 2 validation start states x 2 episodes and the
-derivative of the update in mu). Every step runs with gradient checkpointing and one trajectory per
+width 1024, MLP 2816, a 4-block vision tower, float32; about 140M parameters, almost all trainable) takes
+one training step of each kind: a plain SFT step (4 expert answers: the baseline), an RL step (2 start
+states x 2 rollouts of up to 16 tokens), an AMFT step without and with the meta-gradient (both losses,
+and on the meta step 2 validation start states x 2 episodes, a backward pass per state and the
+derivative of the update in mu). The task is the test suite's one-turn vowel bandit
+(`tests/amft_vlm/bandit.py`, with a constant "aeiou" expert): its rewards vary even for a random model,
+so the meta step really scores its validation episodes (on GeneralPoints a random model ties every
+validation return and the meta step skips that backward pass), and its short answers keep activations
+small, so the figure is what a step keeps per parameter. Every step runs with gradient checkpointing and one trajectory per
 micro-batch, as a 3B-7B run would, so that the figure measures what a step keeps per parameter rather
 than the activations of a batch (without them, the RL scoring of four 6-turn episodes alone held 18
 bytes per parameter of activations in this model). Each step runs in a fresh process: the resident
@@ -43,8 +47,9 @@ STEPS = {
     "amft-meta": ["method=no-warmup", "controller.meta_interval=1"],
 }
 """The measured step kinds and their trainer settings (the controller from the first step, so step 1 is the one measured)."""
+BANDIT = "tests.amft_vlm.bandit:VowelBandit-v0"
 COMMON = [
-    "steps=1", "sft_batch_size=4", "expert_episodes=8", "episodes_per_step=2", "group_size=2", "num_envs=4",
+    f"env_id={BANDIT}", "env_kwargs={}", "validation_env_kwargs={}", "steps=1", "sft_batch_size=4", "expert_episodes=8", "episodes_per_step=2", "group_size=2", "num_envs=4",
     "max_new_tokens=16", "learning_rate=1e-5", "save_every=1000", "device=cpu", "controller.validation_states=2",
     "controller.validation_samples=2", "controller.target_entropy_steps=1", "gradient_checkpointing=true",
     "gradient_accumulation_steps=4",
@@ -59,11 +64,16 @@ def _rss_bytes() -> int:
 
 def _measure(kind: str, model_dir: str, output_dir: str) -> dict:
     """In this process: load the trainer, run its one step while sampling the resident memory; the figures as a dict."""
-    before = _rss_bytes()  # imports done, no model yet
     from amft_vlm.config import load_config
+    from amft_vlm.expert_data import collect
     from amft_vlm.trainer import Trainer
+    from tests.amft_vlm import bandit
 
-    trainer = Trainer(load_config(overrides=[*COMMON, *STEPS[kind], f"model={model_dir}", f"output_dir={output_dir}"]), progress=False)
+    expert = Path(output_dir) / "expert"
+    collect(bandit.ENV_ID, {}, bandit.ConstantAgent("aeiou eioua"), episodes=8, seed=0, out_dir=expert, progress=False)
+    before = _rss_bytes()  # imports done, no model yet
+    overrides = [*COMMON, *STEPS[kind], f"model={model_dir}", f"output_dir={output_dir}", f"expert_data={expert}"]
+    trainer = Trainer(load_config(overrides=overrides), progress=False)
     parameters = sum(p.numel() for p in trainer.parameters)
     peak, running = [_rss_bytes()], [True]
 
@@ -78,8 +88,8 @@ def _measure(kind: str, model_dir: str, output_dir: str) -> dict:
     (metrics,) = trainer.train()
     running[0] = False
     sampler.join()
-    if kind == "amft-meta" and "meta_signal" not in metrics:
-        raise RuntimeError("the amft-meta step ran no meta-gradient")
+    if kind == "amft-meta" and metrics.get("meta_dU_dmu") is None:
+        raise RuntimeError("the amft-meta step scored no validation episode (all returns tied)")
     return {"kind": kind, "bytes_per_parameter": (peak[0] - before) / parameters, "parameters": parameters, "seconds": time.perf_counter() - started}
 
 

@@ -3,10 +3,12 @@
 1. Builds a random-init Qwen2.5-VL-architecture checkpoint at 3B size (36 decoder layers of width 2048,
    MLP 11008, a 32-block vision tower of width 1280; the project's small locally trained tokenizer, so the
    embeddings are small and the parameters sit in the layers: about 3.4B).
-2. Plays GeneralPoints-VL (the card image, 16 episodes at once, sampling, bf16 weights) with the batched
-   rollout engine: generated tokens per second.
-3. Takes one training step each of SFT, RL and AMFT with a meta-gradient, through the real trainer:
-   float32 master weights, bf16 autocast, gradient checkpointing; step time and peak GPU memory.
+2. Plays GeneralPoints-VL (the card image, 16 episodes at once, sampling) with the batched rollout
+   engine, with bf16 weights and as the trainer does (float32 weights, bf16 autocast): generated tokens/s.
+3. Takes one training step each of SFT and RL on GeneralPoints-VL and of AMFT with a meta-gradient,
+   through the real trainer: float32 master weights, bf16 autocast, gradient checkpointing; step time
+   and peak GPU memory. The AMFT step plays the test suite's one-turn vowel bandit, whose rewards vary
+   even for a random model, so its meta-gradient really scores validation episodes.
 
 Prints a table and one JSON line with every figure; exits non-zero if any stage fails. ``--size tiny
 --device cpu`` runs the same stages on a tiny model (the test suite does, so the script does not rot).
@@ -28,7 +30,7 @@ import torch
 
 SIZES = {
     "3b": {"hidden_size": 2048, "num_layers": 36, "num_heads": 16, "num_kv_heads": 2, "intermediate_size": 11008,
-           "vision_embed_dim": 1280, "vision_depth": 32, "vision_num_heads": 16, "vocab_size": 1024},
+           "vision_embed_dim": 1280, "vision_depth": 32, "vision_num_heads": 16, "vocab_size": 1024, "initializer_range": 0.02},
     "tiny": {"hidden_size": 64, "num_layers": 2, "vocab_size": 512},
 }
 """Model sizes: 3b for the GPU check, tiny for a dry run on a CPU."""
@@ -46,14 +48,18 @@ def _reset_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def rollout_speed(model_dir: Path, device: str, max_new_tokens: int) -> dict:
-    """Generated tokens per second of a batched GeneralPoints-VL collection (bf16 weights on the GPU)."""
+def rollout_speed(model_dir: Path, device: str, max_new_tokens: int, *, trainer_precision: bool) -> dict:
+    """Generated tokens per second of a batched GeneralPoints-VL collection: bf16 weights, or (`trainer_precision`)
+    float32 weights under bf16 autocast as in training."""
     from agents.vlm_policy import VLMPolicy
     from amft_vlm.rollout import RolloutEngine
 
     _reset_memory(device)
-    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    cuda = device.startswith("cuda")
+    dtype = "bfloat16" if cuda and not trainer_precision else "float32"
     policy = VLMPolicy.from_pretrained(model_dir, dtype=dtype, device=device, max_pixels=448 * 448)
+    if cuda and trainer_precision:
+        policy.autocast_dtype = torch.bfloat16
     engine = RolloutEngine(policy, "GeneralPoints-v0", env_kwargs=ENV, num_envs=16, max_new_tokens=max_new_tokens)
     engine.collect(range(2), sampling_seed=0, progress=False)  # warm-up: kernels and allocator
     started = time.perf_counter()
@@ -70,6 +76,15 @@ def training_step(method: str, model_dir: Path, out: Path, device: str, max_new_
 
     _reset_memory(device)
     amft = method == "amft"
+    task = {"env_id": "GeneralPoints-v0", "env_kwargs": {**ENV, "split": "train"}, "validation_env_kwargs": {**ENV, "split": "val"}}
+    if amft:
+        from amft_vlm.expert_data import collect
+        from tests.amft_vlm import bandit
+
+        expert = out / "bandit-expert"
+        if not expert.exists():
+            collect(bandit.ENV_ID, {}, bandit.ConstantAgent("aeiou eioua"), episodes=8, seed=0, out_dir=expert, progress=False)
+        task = {"env_id": f"tests.amft_vlm.bandit:{bandit.ENV_ID}", "env_kwargs": {}, "validation_env_kwargs": {}, "expert_data": str(expert)}
     config = TrainConfig(
         method="no-warmup" if amft else method,
         model=str(model_dir),
@@ -78,8 +93,7 @@ def training_step(method: str, model_dir: Path, out: Path, device: str, max_new_
         gradient_checkpointing=True,
         device=device,
         max_pixels=448 * 448,
-        env_kwargs={**ENV, "split": "train"},
-        validation_env_kwargs={**ENV, "split": "val"},
+        **task,
         expert_episodes=8,
         steps=1,
         episodes_per_step=2,
@@ -95,10 +109,10 @@ def training_step(method: str, model_dir: Path, out: Path, device: str, max_new_
     )
     trainer = Trainer(config, progress=False)
     (metrics,) = trainer.train()
-    if amft and "meta_signal" not in metrics:
-        raise RuntimeError("the AMFT step ran no meta-gradient")
+    if amft and metrics.get("meta_dU_dmu") is None:
+        raise RuntimeError("the AMFT step scored no validation episode for its meta-gradient")
     del trainer
-    return {"step_seconds": metrics["step_time"], "peak_gib": _peak_memory(device), "loss": metrics["loss"]}
+    return {"step_seconds": metrics["step_time"], "peak_gib": _peak_memory(device), "loss": metrics["loss"], "meta_dU_dmu": metrics.get("meta_dU_dmu")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,9 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu-check: no CUDA device", file=sys.stderr)
         return 1
+    import accelerate
+    import transformers
+
     from agents.tiny import build_tiny_model
 
-    figures: dict = {"size": args.size, "device": args.device, "torch": torch.__version__}
+    figures: dict = {
+        "size": args.size,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+    }
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         out = Path(args.out or scratch)
         try:
@@ -126,16 +149,18 @@ def main(argv: list[str] | None = None) -> int:
             config = AutoConfig.from_pretrained(model_dir)
             figures["build_seconds"] = time.perf_counter() - started
             figures["layers"] = config.get_text_config().num_hidden_layers
-            figures["rollout"] = rollout_speed(model_dir, args.device, args.max_new_tokens)
+            figures["rollout"] = rollout_speed(model_dir, args.device, args.max_new_tokens, trainer_precision=False)
+            figures["rollout_trainer_precision"] = rollout_speed(model_dir, args.device, args.max_new_tokens, trainer_precision=True)
             for method in ("sft", "rl", "amft"):
                 figures[method] = training_step(method, model_dir, out, args.device, args.max_new_tokens)
         except Exception as error:  # noqa: BLE001 - report any failure as the check's result
             figures["error"] = f"{type(error).__name__}: {error}"
             print(json.dumps(figures))
             raise
-    print(f"gpu-check ({args.size}, {args.device}, torch {torch.__version__}): model built in {figures['build_seconds']:.0f} s")
-    rollout = figures["rollout"]
-    print(f"  rollout, GeneralPoints-VL, 16 envs: {rollout['tokens_per_second']:.0f} generated tokens/s, peak {rollout['peak_gib']} GiB")
+    print(f"gpu-check ({args.size} on {figures['device']}, torch {torch.__version__}, transformers {figures['transformers']}): model built in {figures['build_seconds']:.0f} s")
+    for key, label in (("rollout", "bf16 weights"), ("rollout_trainer_precision", "fp32 weights, bf16 autocast")):
+        rollout = figures[key]
+        print(f"  rollout, GeneralPoints-VL, 16 envs, {label}: {rollout['tokens_per_second']:.0f} generated tokens/s, peak {rollout['peak_gib']} GiB")
     precision = "fp32 masters, bf16 autocast" if args.device.startswith("cuda") else "fp32"
     for method in ("sft", "rl", "amft"):
         step = figures[method]

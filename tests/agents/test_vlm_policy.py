@@ -477,3 +477,37 @@ def test_invalid_inputs_are_rejected_with_a_clear_message(policies):
         Dialogue((ChatTurn("assistant", "hi"),))
     with pytest.raises(ValueError, match="dtype"):
         VLMPolicy.from_pretrained("unused", dtype="float64")
+
+
+def test_chunked_logprobs_and_entropies_equal_one_chunk_with_gradients(policies, monkeypatch):
+    """Log-probs are computed in chunks recomputed in the backward pass; entropies without a graph."""
+    import agents.vlm_policy as vlm_policy
+
+    policy = policies["qwen2-vl"]
+    sequences = [prompt.extended(policy.tokenize("10*3-6*1=24 then more words")) for prompt in _prompts(policy)]
+    targets = [range(len(s) - 12, len(s)) for s in sequences]
+    results = {}
+    for chunk in (vlm_policy.SCORE_CHUNK, 5):
+        monkeypatch.setattr(vlm_policy, "SCORE_CHUNK", chunk)
+        logprobs, entropies = policy.token_logprobs(sequences, targets, with_entropy=True, temperature=0.7)
+        assert all(not e.requires_grad for e in entropies)
+        sum(lp.sum() for lp in logprobs).backward()
+        gradient = policy.model.lm_head.weight.grad.clone()
+        policy.model.zero_grad(set_to_none=True)
+        results[chunk] = (torch.cat(logprobs).detach(), torch.cat(entropies), gradient)
+    (a, b) = results.values()
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_bf16_autocast_keeps_the_key_value_cache_in_bf16_and_scores_close_to_float32(checkpoints):
+    policy = VLMPolicy.from_pretrained(checkpoints["qwen2.5-vl"], max_pixels=MAX_PIXELS)
+    prompts = _prompts(policy)[:2]
+    torch.manual_seed(0)
+    reference = policy.generate(prompts, greedy=True, max_new_tokens=4, keep_cache=True)
+    policy.autocast_dtype = torch.bfloat16
+    generations = policy.generate(prompts, greedy=True, max_new_tokens=4, keep_cache=True)
+    keys, values = generations[0].cache.layers[0]
+    assert keys.dtype == values.dtype == torch.bfloat16 and policy.dtype == torch.float32  # float32 masters
+    for generation, expected in zip(generations, reference, strict=True):
+        assert (generation.logprobs - expected.logprobs).abs().max().item() < 0.25  # bf16 compute: coarse agreement

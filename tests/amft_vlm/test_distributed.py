@@ -35,10 +35,11 @@ def test_two_processes_match_one_process(tmp_path):
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     initial = load_file(glob.glob(str(tmp_path / "one" / "initial-model" / "*.safetensors"))[0])
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-3  # training moved the weights
-    # Each process shares its own rows' prompt prefix, so gradients are summed in another order. The key
-    # biases' true gradient is 0 (softmax ignores a shift common to all keys) and AdamW turns that
-    # rounding noise into lr-sized steps, so the tolerance is 5e-4: still 20x below the 1e-2 the weights
-    # moved, which a missing gradient average or a wrong shard of the batch would show.
+    # Two processes run without the shared-prefix shortcut and sum their gradients, so sums run in another
+    # order. The key biases' true gradient is 0 (softmax ignores a shift common to all keys) and AdamW turns
+    # that rounding noise into lr-sized steps, so the tolerance is 5e-4: still 20x below the 1e-2 the weights
+    # moved, which a wrong shard of the batch would show. (A sum against an average is caught by the AMFT
+    # tests below: AdamW and clipping make SFT alone insensitive to the gradient's scale.)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-4, msg=name)
 
@@ -106,7 +107,7 @@ def test_two_processes_train_amft_like_one_process(amft_runs, strategy):
 
 @pytest.mark.parametrize("resumed", ["resumed", "resumed-on-one"])
 def test_a_sharded_run_resumes_like_a_straight_run_on_any_process_count(amft_runs, resumed):
-    assert (amft_runs / resumed / "checkpoints" / "step-000002" / "dcp").is_dir()
+    assert (amft_runs / resumed / "checkpoints" / "step-000002" / "optimizer").is_dir()
     straight, after = final_weights(amft_runs / "fsdp2", 4), final_weights(amft_runs / resumed, 4)
     for name in straight:
         torch.testing.assert_close(after[name], straight[name], rtol=0, atol=5e-4, msg=name)
@@ -127,3 +128,19 @@ def test_batches_that_do_not_split_evenly_over_the_processes_are_refused():
     with pytest.raises(ValueError, match="distributed: none runs one process"):
         Parallel("none", accelerator)
     assert Parallel("auto", SimpleNamespace(num_processes=2, process_index=0, distributed_type="FSDP")).strategy == "fsdp2"
+
+
+def test_too_few_validation_rounds_for_the_standardized_meta_signal_are_refused():
+    from types import SimpleNamespace
+
+    from amft_vlm.config import load_config
+    from amft_vlm.distributed import Parallel
+    from amft_vlm.trainer import Trainer
+
+    parallel = Parallel("auto", SimpleNamespace(num_processes=8, process_index=0, distributed_type="MULTI_GPU"))
+    check = Trainer._check_parallel_settings
+    with pytest.raises(ValueError, match="gives 1 round.*set validation_states to 24"):
+        check(SimpleNamespace(config=load_config(overrides=["sft_batch_size=8", "controller.validation_states=8"]), parallel=parallel))
+    check(SimpleNamespace(config=load_config(overrides=["sft_batch_size=8", "controller.validation_states=24"]), parallel=parallel))
+    raw = load_config(overrides=["sft_batch_size=8", "controller.validation_states=8", "controller.meta_signal=raw"])
+    check(SimpleNamespace(config=raw, parallel=parallel))

@@ -230,19 +230,28 @@ def test_half_precision_weights_at_a_learning_rate_that_rounds_away_are_refused(
     with pytest.raises(ValueError, match="dtype: float32 with mixed_precision: bf16"):
         load_config(overrides=["dtype=bfloat16", "learning_rate=1e-6"])
     assert load_config(overrides=["dtype=bfloat16", "learning_rate=1e-6", "lora_rank=8"]).lora_rank == 8  # adapters stay float32
+    with pytest.raises(ValueError, match="norm gain"):
+        load_config(overrides=["dtype=bfloat16", "learning_rate=1e-3"])
     assert load_config(overrides=["dtype=bfloat16", "learning_rate=1e-2"]).dtype == "bfloat16"
     with pytest.raises(ValueError, match="fp16 is not supported"):
         load_config(overrides=["mixed_precision=fp16"])
+    with pytest.raises(ValueError, match="float16 is not supported"):
+        load_config(overrides=["dtype=float16", "lora_rank=8"])
 
 
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
-    weights = {}
+    from amft_vlm.distributed import transformer_blocks
+
+    weights, layer_calls = {}, {}
     for checkpointing in (False, True):
-        trainer = run(tmp_path, f"checkpointing-{checkpointing}", "method=fixed-mix", "steps=2", f"gradient_checkpointing={checkpointing}")
+        trainer = run(tmp_path, f"checkpointing-{checkpointing}", "method=sft", "steps=2", f"gradient_checkpointing={checkpointing}")
         assert not trainer.policy.share_prefix if checkpointing else trainer.policy.share_prefix
         trainer.policy.share_prefix = False  # checkpointing turns it off; compare the same order of sums
+        calls, mlp = [], transformer_blocks(trainer.policy.model)[0].mlp
+        mlp_forward = mlp.forward
+        mlp.forward = lambda *args, forward=mlp_forward, calls=calls, **kwargs: calls.append(1) or forward(*args, **kwargs)  # hooks skip the recompute
         trainer.train()
-        assert trainer.policy.model.is_gradient_checkpointing == checkpointing
-        weights[checkpointing] = [p.detach().clone() for p in trainer.parameters]
+        weights[checkpointing], layer_calls[checkpointing] = [p.detach().clone() for p in trainer.parameters], len(calls)
+    assert layer_calls[True] == 2 * layer_calls[False]  # each loss pass runs the layer (its MLP) again in backward
     for a, b in zip(weights[False], weights[True], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
