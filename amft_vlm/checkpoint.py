@@ -14,6 +14,8 @@ leaves the previous checkpoint intact and at most an ignorable ``.tmp-*`` direct
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import random
 import shutil
@@ -24,6 +26,9 @@ import numpy as np
 import torch
 
 LATEST = "latest"
+METRICS = "metrics.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -168,3 +173,80 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """The trainer's position saved in checkpoint ``path``."""
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``metrics.jsonl``, in file order.
+
+    A truncated last line (a run killed while writing) is skipped with a warning; any other line that
+    is not a JSON object with a numeric ``step`` is an error naming the file and line.
+    """
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if index == len(lines) - 1:
+                log.warning("%s:%d is cut short (run stopped while writing?); skipped", path, number)
+                continue
+            raise ValueError(f"{path}:{number} is not a JSON object ({error}); fix or remove that line") from error
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int | float) or isinstance(step, bool) or not math.isfinite(step):
+            raise ValueError(f"{path}:{number} has no numeric 'step'; is this a metrics.jsonl from `amft-vlm train`?")
+        records.append(record)
+    return records
+
+
+class MetricsLog:
+    """A run's ``metrics.jsonl``: one JSON line per iteration, written by the main process only.
+
+    Non-finite numbers are written as null: JSON has no NaN, and a missing signal is not a number.
+    """
+
+    def __init__(self, output_dir: Path, *, is_main: bool) -> None:
+        self.path = output_dir / METRICS
+        self.is_main = is_main
+
+    def append(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Write one iteration's metrics; returns them with non-finite numbers as None."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        if self.is_main:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(clean) + "\n")
+        return clean
+
+    def keep_until(self, step: int, *, source: Path) -> None:
+        """Keep only the lines of steps up to `step`, from `source`'s file (this run's, or a warm start's run), atomically."""
+        path = source / METRICS
+        if not self.is_main or not path.exists():
+            return
+        kept = [json.dumps(record) + "\n" for record in read_metrics(path) if record["step"] <= step]
+        _write_text_atomic(self.path, "".join(kept))
+
+
+def warm_start_checkpoint(config) -> Path:
+    """``config.warm_start`` after checking that its first N iterations are this run's (see `TrainConfig.warm_start`)."""
+    from amft_vlm.config import WARM_START_FIELDS, load_config
+    from amft_vlm.methods import build_controller, method_mu
+
+    path = Path(config.warm_start)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"warm_start: {str(path)!r} is not a checkpoint; give a RUN/checkpoints/step-N directory written by the trainer")
+    source_path = path.parent.parent / "config.yaml"
+    if not source_path.is_file():
+        raise ValueError(f"warm_start: {str(path)!r} has no {source_path.name} two levels up; give a checkpoint inside its run directory")
+    source = load_config(source_path)
+    step = int(load_trainer_state(path)["step"])
+    differing = [name for name in WARM_START_FIELDS if getattr(source, name) != getattr(config, name)]
+    if differing:
+        details = "; ".join(f"{name}: {getattr(source, name)!r} there, {getattr(config, name)!r} here" for name in differing)
+        raise ValueError(f"warm_start: {str(path)!r} comes from a run with other settings ({details}); its {step} iterations are not this run's")
+    for who, run in (("its run", source), ("this run", config)):
+        controller = build_controller(run)
+        if any(method_mu(run, s, controller) != 1.0 for s in range(step)):
+            raise ValueError(
+                f"warm_start: {who} ({run.method}) is not pure SFT for the checkpoint's {step} iterations; warm-start from "
+                f"an earlier step (an amft run needs controller.warmup_steps >= {step})"
+            )
+    return path

@@ -6,13 +6,23 @@ import argparse
 import logging
 import sys
 
-import gymnasium as gym
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import environments  # noqa: F401  (registers the environments)
 from agents.baselines import BASELINE_AGENTS, baseline_agent
-from amft_vlm.evaluate import ENV_IDS, MODALITIES, SETTINGS, SPLITS, evaluate, write_record
-from amft_vlm.expert_data import collect
-from amft_vlm.play import play, results_table
+from amft_vlm.config import parse_key_value
+from amft_vlm.evaluate import (
+    ENV_IDS,
+    MODALITIES,
+    SETTINGS,
+    SPLITS,
+    evaluate,
+    paper_settings,
+    summary_table,
+    write_record,
+)
+from amft_vlm.expert_data import collect, read_manifest
+from amft_vlm.methods import METHODS
 from environments.general_points.settings import PAPER_EPISODES, PAPER_SETTINGS
 
 log = logging.getLogger("amft_vlm")
@@ -22,26 +32,31 @@ AGENT_NAMES = tuple(BASELINE_AGENTS)
 
 
 def _play_command(args: argparse.Namespace) -> int:
-    settings = args.setting or list(PAPER_SETTINGS)
-    results = []
-    for setting in settings:
-        env = gym.make("GeneralPoints-v0", resolution=args.resolution, split=args.split, **PAPER_SETTINGS[setting])
-        for name in args.agent:
-            results.append(play(env, baseline_agent(name, args.seed), episodes=args.episodes, seed=args.seed, setting=setting))
-        env.close()
-    print(results_table(results))
+    by_name = paper_settings("GeneralPoints-v0")
+    records = []
+    for name in args.setting or list(PAPER_SETTINGS):
+        setting, modality = by_name[name]
+        for agent in args.agent:
+            records.append(
+                evaluate(
+                    env_id="GeneralPoints-v0",
+                    setting=setting,
+                    modality=modality,
+                    split=args.split,
+                    episodes=args.episodes,
+                    seed=args.seed,
+                    agent=baseline_agent(agent, args.seed),
+                    env_kwargs={"resolution": args.resolution},
+                )
+            )
+    print(summary_table(records))
     return 0
 
 
 def parse_env_args(pairs: list[str]) -> dict[str, object]:
-    """``["modality=language", "num_cards=4"]`` -> ``{"modality": "language", "num_cards": 4}`` (integers converted)."""
-    kwargs: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--env-arg takes KEY=VALUE, like modality=language; got {pair!r}")
-        kwargs[key] = int(value) if value.lstrip("-").isdigit() else None if value == "None" else value
-    return kwargs
+    """``--env-arg`` values as gym.make keywords, read like every ``key=value`` (`amft_vlm.config.parse_key_value`):
+    ``["modality=language", "num_cards=4", "resolution=None"]`` -> ``{"modality": "language", "num_cards": 4, "resolution": None}``."""
+    return dict(parse_key_value(pair, what="--env-arg", example="modality=language") for pair in pairs)
 
 
 def _collect_command(args: argparse.Namespace) -> int:
@@ -49,7 +64,7 @@ def _collect_command(args: argparse.Namespace) -> int:
     stats = collect(args.env, env_kwargs, baseline_agent(args.agent, args.seed), episodes=args.episodes, seed=args.seed, out_dir=args.out)
     log.info(
         "wrote %d dialogues from %d episodes to %s (success rate %.1f%%, mean return %.2f)",
-        stats.dialogues, stats.episodes, args.out, 100 * stats.success_rate, stats.total_return / stats.episodes,
+        read_manifest(args.out)["dialogues"], stats.episodes, args.out, 100 * stats.success_rate, stats.mean_return,
     )
     return 0
 
@@ -79,9 +94,11 @@ def _report_command(args: argparse.Namespace) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from amft_vlm.demo import run_demo
+    from amft_vlm.demo import load_demo_config, run_demo
 
-    run_demo(args.out, steps=args.steps, threads=args.threads, quick=args.quick, force=args.force)
+    config = load_demo_config(args.config, args.overrides, quick=args.quick, steps=args.steps)
+    result = run_demo(args.out, config, threads=args.threads, force=args.force)
+    print(result.table)
     return 0
 
 
@@ -164,9 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser(
         "train",
         help="train a policy with AMFT or a baseline (config file + key=value overrides)",
-        description="Train with the method in the config (amft, sft, rl, sft-then-rl, fixed-mix, scheduled-mix, "
-        "no-meta-gradient, no-entropy, no-warmup). Overrides are key=value, dotted for sections: "
-        "steps=100 controller.eta_mu=0.1.",
+        description="Train with the method in the config (method: NAME, one of those below).\n"
+        "Overrides are key=value, dotted for sections, values read as YAML:\n"
+        "  steps=100 controller.eta_mu=0.1 expert_data=null",
+        epilog="methods:\n" + "\n".join(f"  {name:<17} {method.description}" for name, method in METHODS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train_parser.add_argument("--config", help="YAML config file (default: the built-in defaults)")
     train_parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
@@ -220,13 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a tiny Qwen2-VL with a locally trained tokenizer, collect expert dialogues on GeneralPoints "
         "(language, training hands), train SFT and AMFT with the same budget, evaluate both greedily on training hands, "
         "held-out hands and the rule-OOD setting (with expert and random sanity rows), write a report with plots, and "
-        "print the table. Nothing is downloaded; about 7 minutes on 2 free CPU cores.",
+        "print the table. Nothing is downloaded; about 7 minutes on 2 free CPU cores. Every number is in the config "
+        "(configs/demo.yaml); overrides are key=value as for train, e.g. demo.eval_episodes=20 seed=1.",
     )
+    demo_parser.add_argument("--config", metavar="FILE", help="demo config (default: the shipped configs/demo.yaml)")
     demo_parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory, empty or new (default runs/demo)")
     demo_parser.add_argument("--force", action="store_true", help="replace the demo's files in a non-empty --out directory")
-    demo_parser.add_argument("--steps", type=_positive_int, help="optimiser steps of each method (default: the calibrated budget)")
-    demo_parser.add_argument("--threads", type=_positive_int, help="torch threads (default: the cores the load average leaves free)")
+    demo_parser.add_argument("--steps", type=_positive_int, help="optimiser steps of each method, keeping the controller's share (default: the config's)")
+    demo_parser.add_argument(
+        "--threads", type=_positive_int, help="torch threads (default: the cores other processes leave free, measured from /proc/stat)"
+    )
     demo_parser.add_argument("--quick", action="store_true", help="a few steps and episodes: checks that everything runs, learns nothing")
+    demo_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied after --quick's")
     demo_parser.set_defaults(handler=_demo_command)
     return parser
 
@@ -242,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "episodes", None) is not None and args.episodes < 1:
         parser.error("--episodes must be at least 1")
     try:
-        return args.handler(args)
+        with logging_redirect_tqdm():  # log lines go above the progress bars, not into them
+            return args.handler(args)
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         parser.exit(2, f"amft-vlm {args.command}: error: {error}\n")
 

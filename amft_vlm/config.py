@@ -3,6 +3,11 @@
 ``amft-vlm train --config configs/gp-l.yaml steps=200 controller.eta_mu=0.1`` reads the file,
 applies the overrides (dotted keys reach nested sections) and validates the result; every error
 names the field and what to write instead.
+
+Config files and every ``key=value`` of the command line (overrides, ``--env-arg``) are read the
+same way, as YAML 1.2 scalars (`parse_key_value`): ``0.5`` and ``1e-3`` are numbers, ``true`` and
+``false`` booleans, ``null`` (or ``None``) is None, and anything else, ``no`` and ``abc`` included,
+a string.
 """
 
 from __future__ import annotations
@@ -11,25 +16,14 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 import yaml
 
-METHODS = (
-    "amft",
-    "sft",
-    "rl",
-    "sft-then-rl",
-    "fixed-mix",
-    "scheduled-mix",
-    "no-meta-gradient",
-    "no-entropy",
-    "no-warmup",
-)
-"""Training methods, all run by the same loop with the same budget accounting."""
-CONTROLLER_METHODS = ("amft", "no-meta-gradient", "no-entropy", "no-warmup")
-"""Methods whose mu comes from the AMFT controller (`amft_vlm.controller.MuController`)."""
+from amft_vlm.methods import METHODS as METHODS  # re-exported for `from amft_vlm.config import METHODS`
+from amft_vlm.methods import get_method
 
 ENTROPY_SOURCES = ("rollouts", "expert")
 """What the controller's entropy H and target H* are measured on (`ControllerConfig.entropy_source`)."""
@@ -41,7 +35,7 @@ META_SIGNALS = ("standardized", "raw")
 
 @dataclass
 class ControllerConfig:
-    """The AMFT mu controller (see :mod:`amft_vlm.controller`); `MuController` takes it as it is."""
+    """The AMFT mu controller (see :mod:`amft_vlm.controller`): `MuController`'s only settings and checks."""
 
     mu_init: float = 0.5
     """mu when the controller takes over after warm-up (the released configuration used 0.8 and 0.5)."""
@@ -119,7 +113,8 @@ class TrainConfig:
     """Everything a training run needs; defaults run AMFT on GeneralPoints language with a tiny model on CPU."""
 
     method: str = "amft"
-    """One of METHODS: amft, sft, rl, sft-then-rl, fixed-mix, scheduled-mix, no-meta-gradient, no-entropy, no-warmup."""
+    """The training method, a name in `amft_vlm.methods.METHODS`: sft, rl, sft-then-rl, fixed-mix, scheduled-mix,
+    amft, or an ablation of AMFT (no-warmup, no-meta-gradient, no-entropy); ``amft-vlm train --help`` describes each."""
     model: str = "tiny:qwen2-vl"
     """Hugging Face model id or local path; 'tiny:qwen2-vl' / 'tiny:qwen2.5-vl' builds a tiny random model in the run directory."""
     dtype: str = "float32"
@@ -276,7 +271,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field and what it accepts; return self when valid."""
-        _choice("method", self.method, METHODS)
+        controller_use = get_method(self.method).controller
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
@@ -319,13 +314,12 @@ class TrainConfig:
             raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
         self._check_update_precision()
         c = self.controller.validate()
-        if self.method in CONTROLLER_METHODS and c.mu_max >= 1.0:
+        if controller_use is not None and c.mu_max >= 1.0:
             raise ValueError(
                 f"controller.mu_max must be < 1 for {self.method}: at mu = 1 no rollouts are collected, so the controller "
                 "would have no entropy or meta signal left to move mu back; the released value is 0.95"
             )
-        uses_warmup = self.method in ("amft", "no-meta-gradient", "no-entropy")
-        if c.warmup_steps < 0 or (uses_warmup and c.warmup_steps >= self.steps):
+        if controller_use is not None and controller_use.warmup and c.warmup_steps >= self.steps:
             raise ValueError(f"controller.warmup_steps must be in [0, steps) = [0, {self.steps}); got {c.warmup_steps}")
         if self.expert_data is not None and not os.path.isdir(self.expert_data):
             raise ValueError(f"expert_data: {self.expert_data!r} is not a directory; run `amft-vlm collect --out DIR` or set expert_data=None")
@@ -360,12 +354,12 @@ def _positive(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
-def _coerce(name: str, value: Any, annotation: Any, current: Any) -> Any:
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
     """Convert a YAML/override value to the field's type, or explain what was expected."""
-    if dataclasses.is_dataclass(current):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping of its fields; got {value!r}")
-        return _build(type(current), value, prefix=f"{name}.")
+        return dataclass_from_dict(annotation, value, prefix=f"{name}.")
     text = str(annotation)
     if value is None:
         if "None" in text:
@@ -382,11 +376,6 @@ def _coerce(name: str, value: Any, annotation: Any, current: Any) -> Any:
     if annotation is float or text.startswith("float"):
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
         raise ValueError(f"{name} must be a number; got {value!r}")
     if text.startswith("dict"):
         if isinstance(value, dict):
@@ -401,15 +390,21 @@ def _coerce(name: str, value: Any, annotation: Any, current: Any) -> Any:
     raise ValueError(f"{name} must be a string; got {value!r}")
 
 
-def _build(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
-    instance = cls()
+def dataclass_from_dict(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
+    """An instance of dataclass `cls` from plain data: each value converted to its field's type (nested
+    dataclasses from mappings), fields left out keep their defaults; errors name the field as ``PREFIXfield``."""
     hints = get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"unknown config field '{prefix}{key}'; known fields: {', '.join(sorted(known))}")
-        setattr(instance, key, _coerce(prefix + key, value, hints[key], getattr(instance, key)))
-    return instance
+    fields = {item.name: item for item in dataclasses.fields(cls)}
+    unknown = [key for key in values if key not in fields]
+    if unknown:
+        raise ValueError(f"unknown config field '{prefix}{unknown[0]}'; known fields: {', '.join(sorted(fields))}")
+    missing = [
+        name for name, item in fields.items()
+        if name not in values and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+    ]  # fmt: skip
+    if missing:
+        raise ValueError(f"config field '{prefix}{missing[0]}' is missing; it has no default")
+    return cls(**{key: _coerce(prefix + key, value, hints[key]) for key, value in values.items()})
 
 
 def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
@@ -422,25 +417,70 @@ def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-class _ConfigLoader(yaml.SafeLoader):
-    """YAML with YAML 1.2's booleans: only true/false (any case) are booleans; yes/no/on/off stay strings,
-    so ``mixed_precision: no`` is the string 'no'."""
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML (a YAML 1.1 parser) with the YAML 1.2 core schema's scalars, plus Python's ``None`` as null.
+
+    Booleans are only true/false (any case): yes/no/on/off stay strings, so ``mixed_precision: no`` is 'no'.
+    Numbers are decimal, 0o octal or 0x hex integers and floats with or without a dot (``1e-3``), .inf and
+    .nan; ``010`` is ten, and 1.1's sexagesimal ``1:20``, ``1_000`` and dates stay strings.
+    """
+
+    yaml_implicit_resolvers: ClassVar[dict] = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:merge"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
 
-_ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:null", r"~|null|Null|NULL|None|", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE", list("tTfF")),
+    ("tag:yaml.org,2002:int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", list("-+0123456789")),
+    (
+        "tag:yaml.org,2002:float",
+        r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+        list("-+.0123456789"),
+    ),
+):
+    _Yaml12Loader.add_implicit_resolver(_tag, re.compile(f"^(?:{_pattern})$"), _first)
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)  # "010" is ten, not YAML 1.1's octal eight
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
 
 
 def parse_yaml(text: str) -> Any:
-    """Parse a config file or an override value (YAML, with only true/false as booleans)."""
-    return yaml.load(text, Loader=_ConfigLoader)
+    """A config file or one ``key=value`` value, read with YAML 1.2 scalars (see `_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML config (or the defaults), apply ``key=value`` overrides (YAML-typed values) and validate."""
+def parse_key_value(pair: str, *, what: str = "overrides", example: str = "steps=100") -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)``, the value read as YAML 1.2 (`parse_yaml`), the one parser of every command.
+
+    ``x=0.5`` -> 0.5, ``x=3`` -> 3, ``x=true`` -> True, ``x=null`` or ``x=None`` -> None, ``x=abc`` -> 'abc',
+    ``x={a: 1}`` -> a dict, ``x=`` -> ''. Quote a value to keep it a string (``x="'0.5'"`` in a shell).
+    `what` and `example` name the option in the error for anything else (no ``=``, no key, not YAML).
+    """
+    key, sep, raw = pair.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"{what} must be key=value, like {example}; got {pair!r}")
+    if not raw:
+        return key, ""
+    try:
+        return key, parse_yaml(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{what}: the value of {pair!r} is not a YAML value ({problem}); quote it to pass it as a string") from None
+
+
+def load_values(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML config file (or nothing) as plain data, with ``key=value`` overrides applied (dotted keys reach sections)."""
     values: dict[str, Any] = {}
     if path is not None:
         with open(path) as handle:
@@ -449,11 +489,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise ValueError(f"{path}: a config file is a mapping of field: value; got {type(loaded).__name__}")
         values = loaded
     for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ValueError(f"overrides are key=value, like steps=100 or controller.eta_mu=0.1; got {override!r}")
-        _set_dotted(values, key.strip(), parse_yaml(raw) if raw else "")
-    return _build(TrainConfig, values).validate()
+        _set_dotted(values, *parse_key_value(override, example="steps=100 or controller.eta_mu=0.1"))
+    return values
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config (or the defaults), apply ``key=value`` overrides (YAML-typed values) and validate."""
+    return dataclass_from_dict(TrainConfig, load_values(path, overrides)).validate()
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -61,6 +61,10 @@ import torch
 
 from amft_vlm.config import ControllerConfig
 from amft_vlm.distributed import flat_dot, flat_dots, local_shard
+from amft_vlm.methods import ControllerUse
+
+EVERY_PART = ControllerUse()
+"""The whole controller, as AMFT runs it (`MuController`'s default)."""
 
 
 def leave_one_out_advantages(returns: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
@@ -343,25 +347,17 @@ class MuController:
     """Adapts mu from the entropy signal every step and the meta-gradient every ``meta_interval`` steps.
 
     Args:
-        config: the controller's settings (validated here).
-        warmup_steps: overrides ``config.warmup_steps`` (the no-warmup ablation passes 0).
-        use_meta, use_entropy: switch either term off (the ablations); a switched-off term is exactly 0.
+        config: the controller's settings, checked by `ControllerConfig.validate`.
+        use: the parts that run (`amft_vlm.methods.ControllerUse`; all for AMFT, the ablations switch one
+            off): without the warm-up the controller runs from step 0; a switched-off term is exactly 0.
     """
 
-    def __init__(
-        self,
-        config: ControllerConfig | None = None,
-        *,
-        warmup_steps: int | None = None,
-        use_meta: bool = True,
-        use_entropy: bool = True,
-    ) -> None:
-        self.config = (config or ControllerConfig()).validate()
-        self.warmup_steps = self.config.warmup_steps if warmup_steps is None else warmup_steps
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps}")
-        self.use_meta, self.use_entropy = use_meta, use_entropy
-        self.state = ControllerState(mu=self.config.mu_init)
+    def __init__(self, config: ControllerConfig, use: ControllerUse = EVERY_PART) -> None:
+        self.config = config.validate()
+        self.warmup_steps = config.warmup_steps if use.warmup else 0
+        """Pure-SFT steps before the controller starts."""
+        self.use_meta, self.use_entropy = use.meta, use.entropy
+        self.state = ControllerState(mu=config.mu_init)
 
     def in_warmup(self, step: int) -> bool:
         """True while ``step`` (0-based) is a pure-SFT warm-up step."""

@@ -3,7 +3,7 @@
 A multi-turn episode is a sequence of decisions: turn t answers from the dialogue so far and gets the
 turn's reward. The critic predicts, for each turn, the return from that decision on, reading the
 policy's final hidden state at the decision point (the last token before the response, which is the
-state the first response token is sampled from). `gae_turn_advantages` then runs GAE over the turns of
+state the first response token is sampled from). `amft_vlm.advantages.gae_turn_advantages` then runs GAE over the turns of
 each episode (``gamma``, ``lambda`` per turn, value 0 after the last turn) and normalises the
 advantages over the batch; every token of a turn gets its turn's advantage, exactly as GRPO's
 group-normalised advantages are spread.
@@ -25,7 +25,10 @@ import torch
 from torch import nn
 
 from agents.vlm_policy import VLMPolicy
-from amft_vlm.losses import generalized_advantages
+from amft_vlm.advantages import gae_turn_advantages
+from amft_vlm.batch import CriticTargets
+from amft_vlm.distributed import Parallel
+from amft_vlm.losses import value_loss
 from amft_vlm.trajectory import Trajectory
 
 
@@ -70,28 +73,60 @@ def credited_rewards(trajectory: Trajectory, credit: str) -> torch.Tensor:
     raise ValueError(f"credit must be 'turn' or 'episode'; got {credit!r}")
 
 
-def gae_turn_advantages(
-    rewards: Sequence[torch.Tensor],
-    values: Sequence[torch.Tensor],
-    *,
-    gamma: float,
-    lam: float,
-    normalize: bool = True,
-    eps: float = 1e-6,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """GAE per episode over its turns: (advantages, value targets), one tensor per episode.
+class Critic:
+    """The value head with its own AdamW: turn advantages for a batch of rollouts, and its clipped-value update.
 
-    With `normalize`, advantages are shifted and scaled to mean 0, std 1 over all turns of the batch
-    (left as they are when all are equal); the value targets ``advantages + values`` use the raw GAE.
+    Args:
+        hidden_size: the policy's text hidden size.
+        learning_rate: the head's AdamW learning rate (``value_learning_rate``).
+        clip_epsilon: the value clip around the values at collection.
+        gamma, lam: GAE's discount and lambda over turns.
+        credit: ``"turn"`` or ``"episode"`` (`credited_rewards`).
+        device: where the head lives.
     """
-    advantages, targets = [], []
-    for episode_rewards, episode_values in zip(rewards, values, strict=True):
-        advantage, target = generalized_advantages(episode_rewards, episode_values.detach().float(), gamma=gamma, lam=lam)
-        advantages.append(advantage)
-        targets.append(target)
-    if normalize and advantages:
-        pooled = torch.cat(advantages)
-        mean, std = pooled.mean(), pooled.std(unbiased=False)
-        if std > eps:
-            advantages = [(advantage - mean) / std for advantage in advantages]
-    return advantages, targets
+
+    def __init__(self, hidden_size: int, *, learning_rate: float, clip_epsilon: float, gamma: float, lam: float, credit: str, device: torch.device | str) -> None:
+        self.head = ValueHead(hidden_size).to(device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=learning_rate)
+        self.clip_epsilon, self.gamma, self.lam, self.credit = clip_epsilon, gamma, lam, credit
+        self.device = torch.device(device)
+
+    def advantages(self, policy: VLMPolicy, rollouts: Sequence[Trajectory]) -> tuple[list[torch.Tensor], CriticTargets]:
+        """GAE advantages per turn of each rollout, and the value head's inputs and targets for its update.
+
+        The policy's hidden states are read without gradient (wrap in the strategy's ``full_weights``).
+        """
+        features = [states.to(self.device) for states in decision_states(policy, rollouts)]
+        with torch.no_grad():
+            old_values = [self.head(states) for states in features]
+        rewards = [credited_rewards(t, self.credit).to(self.device) for t in rollouts]
+        advantages, returns = gae_turn_advantages(rewards, old_values, gamma=self.gamma, lam=self.lam)
+        return advantages, CriticTargets(features, old_values, returns)
+
+    def update(self, targets: CriticTargets, parallel: Parallel) -> dict[str, float]:
+        """One AdamW step on the global turn mean of the clipped value loss over `targets` of every process."""
+        self.optimizer.zero_grad(set_to_none=True)
+        turns = sum(int(values.numel()) for values in targets.old_values)
+        loss_sum = held = value_sum = 0.0
+        (total_turns,) = parallel.sums([turns])
+        if turns:
+            predicted = torch.cat([self.head(states) for states in targets.features])
+            old = torch.cat(targets.old_values)
+            loss, held = value_loss(predicted, torch.cat(targets.returns), old, clip_epsilon=self.clip_epsilon)
+            (loss * turns / max(total_turns, 1)).backward()
+            loss_sum, value_sum = float(loss.detach()) * turns, float(old.sum())
+        parallel.sum_gradients(self.head)
+        self.optimizer.step()
+        loss_sum, held, value_sum = parallel.sums([loss_sum, held, value_sum])
+        if not total_turns:
+            return {}
+        return {"value_loss": loss_sum / total_turns, "value_mean": value_sum / total_turns, "value_clip_fraction": held / total_turns}
+
+    def state_dict(self) -> dict:
+        """The head's weights and its optimiser state."""
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Undo `state_dict`."""
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,9 +1,14 @@
 """The demo: the whole toolkit end to end on a CPU in minutes, nothing downloaded (``amft-vlm demo``).
 
+Every number comes from one YAML file, ``configs/demo.yaml`` (`DEFAULT_CONFIG`; ``--config FILE`` and
+``key=value`` overrides as for ``amft-vlm train``, read by `load_demo_config`): a `TrainConfig` for
+the AMFT run, which the SFT run shares, plus a ``demo:`` section (`DemoSettings`) with the tiny
+model's sizes and the evaluations' size. ``--quick`` is the same file with the `QUICK` overrides.
+
 `run_demo` does, in one output directory:
 
 1. **Model**: builds a tiny Qwen2-VL (the real architecture and classes, a locally trained
-   tokenizer; `DemoSettings` gives the sizes) into ``OUT/initial-model``; every run starts from it.
+   tokenizer; the ``demo:`` section gives the sizes) into ``OUT/initial-model``; every run starts from it.
 2. **Expert data**: the oracle expert plays GeneralPoints (language, ``split="train"``) and its
    dialogues are written to ``OUT/expert`` (the ``amft-vlm collect`` format); every run trains on it.
 3. **Training** with the same budget (steps, SFT batch, learning rate and its cosine schedule):
@@ -20,13 +25,14 @@
    random-text agent as sanity rows. Records go to ``RUN/eval/*.json`` (``OUT/baselines/eval`` for the
    agents).
 5. **Report**: `amft_vlm.report.write_report` over both runs into ``OUT/report`` (``report.md`` and
-   PNG plots), and ``OUT/demo.md`` with the table `run_demo` prints.
+   PNG plots), and ``OUT/demo.md`` with the table (``amft-vlm demo`` prints it).
 
 ``OUT`` must be empty or absent; with ``force=True`` (``--force``) the demo's own entries in it are
 replaced and nothing else is touched.
 
-The torch thread count is chosen from the machine's load unless given: on a shared machine one
-busy core makes two threads much slower than one (`choose_threads`, `busy_cores`).
+The torch thread count is the number of cores other processes leave free unless given (measured
+from ``/proc/stat``): on a shared machine one busy core makes two threads much slower than one
+(`choose_threads`, `busy_cores`).
 """
 
 from __future__ import annotations
@@ -36,15 +42,16 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from agents.baselines import ExpertAgent, baseline_agent
-from agents.tiny import build_tiny_model
+from agents.tiny import ARCHITECTURES, TINY_PREFIX, build_tiny_model
 from amft_vlm.checkpoint import latest_checkpoint
-from amft_vlm.config import ControllerConfig, TrainConfig
+from amft_vlm.config import TrainConfig, dataclass_from_dict, load_values
 from amft_vlm.evaluate import EvalRecord, evaluate, write_record
 from amft_vlm.expert_data import collect
 from amft_vlm.report import FIGURES, load_run, write_report
@@ -79,130 +86,113 @@ EVALUATIONS = (
 OUTPUTS = ("initial-model", "expert", "baselines", *METHODS, "report", "demo.md")
 """The entries `run_demo` writes under its output directory (what ``force`` replaces)."""
 
-TRAIN_ENV = {"modality": "language", "split": "train"}
-VALIDATION_ENV = {"modality": "language", "split": "val"}
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+"""The shipped demo config (``make demo``; ``amft-vlm demo`` without ``--config``), calibration notes included."""
+
+QUICK = (
+    "expert_episodes=32", "steps=4", "sft_batch_size=8", "controller.warmup_steps=2", "episodes_per_step=2", "group_size=2",
+    "controller.meta_interval=1", "controller.validation_states=2", "controller.validation_samples=2", "max_new_tokens=16",
+    "num_envs=4", "demo.eval_envs=4", "demo.eval_episodes=3",
+)
+"""The overrides of ``--quick``: a few steps and episodes, which check that every part runs (the test suite)."""
+
+SET_PER_RUN = ("method", "expert_data", "output_dir", "save_every", "warm_start")
+"""`TrainConfig` fields the demo sets for each run (`DemoConfig.train_config`), so a demo config leaves them out."""
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Every knob of the demo; `FULL` finishes in under 10 minutes on 2 free CPU cores (see the README).
+    """The ``demo:`` section of a demo config: what is not a `TrainConfig` field. No defaults: the file says."""
 
-    Calibration (SFT alone, greedy success on training hands): 1000 expert episodes, 600 steps of 32,
-    lr 2e-3: 48%; 300 episodes, 400 x 32, lr 2e-3: 62%; 300 episodes, 500 x 32, lr 3e-3: 97% (2026-11-23);
-    300 episodes, 400 x 32, lr 3e-3: 48%; 350 x 48, lr 3e-3: 82%; 350 x 48, lr 4e-3: 89% (2026-11-30).
-    The last is the demo's: 500 x 32 leaves no room for AMFT's controller to run a quarter of the steps
-    within 10 minutes (a controller step, with its 8 rollouts of up to 6 answers, costs about 2.8 s
-    against 0.36 s for an SFT step of 48 dialogues).
-    """
-
-    hidden_size: int = 128
-    """Text hidden size of the tiny Qwen2-VL."""
-    num_layers: int = 4
+    hidden_size: int
+    """Text hidden size of the tiny Qwen2-VL (`agents.tiny.build_tiny_model`)."""
+    num_layers: int
     """Text decoder layers."""
-    intermediate_size: int = 384
+    intermediate_size: int
     """Text MLP size."""
-    vocab_size: int = 1024
-    """Tokenizer vocabulary, trained on the environments' text: a GeneralPoints prompt is about 250 tokens
-    (about 350 with the tests' 512). With the sizes above: about 1.05M text parameters."""
-    rope_theta: float = 1e4
-    """Rotary base; with Qwen's 1e6 the tiny model learns to copy the cards more slowly."""
-    expert_episodes: int = 300
-    """Expert episodes (seeds 0..N-1) on training hands; the training-hands evaluation replays seeds
-    0..eval_episodes-1, so it asks for hands the models were trained on."""
-    steps: int = 350
-    """Optimiser steps of each method."""
-    sft_batch_size: int = 48
-    """Expert dialogues per step."""
-    learning_rate: float = 4e-3
-    """Peak AdamW learning rate; cosine decay to 0 at ``steps``."""
-    warmup_steps: int = 262
-    """AMFT: steps of SFT only before the controller runs (shared with the SFT run); the controller and RL
-    rollouts run for the last quarter of the steps."""
-    episodes_per_step: int = 2
-    """AMFT: start states of RL rollouts per step."""
-    group_size: int = 4
-    """AMFT: rollouts per start state (GRPO group)."""
-    meta_interval: int = 8
-    """AMFT: steps between meta-gradient estimates (11 in the demo's 88 controller steps)."""
-    validation_states: int = 6
-    """AMFT: validation start states (``split="val"``) per meta-gradient estimate."""
-    validation_samples: int = 2
-    """AMFT: episodes per validation start state."""
-    mu_init: float = 0.8
-    """AMFT: mu when the controller takes over."""
-    eta_h: float = 0.01
-    """AMFT: entropy step size; larger than the released 5e-4 so that, over the demo's 88 controller
-    steps, the entropy term moves mu about as far as the meta term (with 0.05 the rollout entropy's
-    fall below H*, ~0.1 nats, drove mu to mu_max within 40 steps on its own, 2026-11-30)."""
-    eta_mu: float = 0.01
-    """AMFT: meta step size on the standardized signal."""
-    max_new_tokens: int = 60
-    """Longest answer; the expert's longest GP-L answer is 55 tokens with the tiny tokenizer."""
-    num_envs: int = 16
-    """Environments played together in rollouts."""
-    eval_envs: int = 100
-    """Environments played together in evaluation (decoding a tiny model is latency-bound: 100 rows cost
-    little more than 16, and one wave plays every episode)."""
-    eval_episodes: int = 100
-    """Episodes per evaluation (seeds 0..N-1); the papers use 234."""
+    vocab_size: int
+    """Tokenizer vocabulary, trained on the environments' text."""
+    rope_theta: float
+    """Rotary base of the text model."""
+    eval_envs: int
+    """Environments played together in evaluation."""
+    eval_episodes: int
+    """Episodes per evaluation (seeds 0..N-1)."""
 
-    def train_config(
-        self, method: str, *, model: str, expert_data: str, output_dir: str, seed: int = 0, warm_start: str | None = None
-    ) -> TrainConfig:
-        """The trainer's config for `method`: both methods share every budget knob (`WARM_START_FIELDS`).
+    def validate(self) -> DemoSettings:
+        """Raise ValueError naming the first bad field; return self when valid."""
+        for name in ("hidden_size", "num_layers", "intermediate_size", "vocab_size", "eval_envs", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"demo.{name} must be a positive integer; got {getattr(self, name)}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"demo.rope_theta must be > 0; got {self.rope_theta}")
+        return self
 
-        The SFT run also saves its checkpoint at ``warmup_steps``, where AMFT's warm-up ends.
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """A demo's whole configuration, read from one YAML file by `load_demo_config`."""
+
+    train: TrainConfig
+    """AMFT's training config; the SFT run's is the same with ``method: sft`` (`train_config`)."""
+    demo: DemoSettings
+    """The tiny model's sizes and the evaluations' size."""
+
+    @property
+    def arch(self) -> str:
+        """The tiny architecture the demo builds, from ``model: tiny:ARCH``."""
+        return self.train.model[len(TINY_PREFIX) :]
+
+    def train_config(self, method: str, *, model: str, expert_data: str, output_dir: str, warm_start: str | None = None) -> TrainConfig:
+        """The trainer's config for `method`: `train` with this run's paths, so both methods share every budget knob.
+
+        The SFT run also saves its checkpoint at ``controller.warmup_steps``, where AMFT's warm-up ends.
         """
-        return TrainConfig(
+        train = self.train
+        return dataclasses.replace(
+            train,
             method=method,
             model=model,
-            device="cpu",
-            env_kwargs=dict(TRAIN_ENV),
-            validation_env_kwargs=dict(VALIDATION_ENV),
             expert_data=expert_data,
-            steps=self.steps,
-            episodes_per_step=self.episodes_per_step,
-            group_size=self.group_size,
-            sft_batch_size=self.sft_batch_size,
-            num_envs=self.num_envs,
-            max_new_tokens=self.max_new_tokens,
-            learning_rate=self.learning_rate,
-            lr_schedule="cosine",
-            controller=ControllerConfig(
-                mu_init=self.mu_init,
-                eta_h=self.eta_h,
-                eta_mu=self.eta_mu,
-                warmup_steps=self.warmup_steps,
-                meta_interval=self.meta_interval,
-                validation_states=self.validation_states,
-                validation_samples=self.validation_samples,
-            ),
             output_dir=output_dir,
-            save_every=self.warmup_steps if method == "sft" else self.steps,
-            seed=seed,
+            save_every=train.controller.warmup_steps if method == "sft" else train.steps,
             warm_start=warm_start,
         ).validate()
 
 
-FULL = DemoSettings()
-"""The settings of ``amft-vlm demo``."""
+def load_demo_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *, quick: bool = False, steps: int | None = None
+) -> DemoConfig:
+    """Read a demo config (`DEFAULT_CONFIG` unless `path`) with ``key=value`` overrides, and check it.
 
-QUICK = DemoSettings(
-    expert_episodes=32,
-    steps=4,
-    sft_batch_size=8,
-    warmup_steps=2,
-    episodes_per_step=2,
-    group_size=2,
-    meta_interval=1,
-    validation_states=2,
-    validation_samples=2,
-    max_new_tokens=16,
-    num_envs=4,
-    eval_envs=4,
-    eval_episodes=3,
-)
-"""A few steps and episodes: checks that every part runs (``--quick``; the test suite)."""
+    Args:
+        path: a YAML file: a `TrainConfig` (AMFT's run, without `SET_PER_RUN`) plus a ``demo:`` section.
+        overrides: ``key=value`` as for ``amft-vlm train`` (``steps=200``, ``controller.eta_h=0.02``,
+            ``demo.eval_episodes=20``), applied after `quick`'s.
+        quick: apply `QUICK` first.
+        steps: optimiser steps of each method instead of the config's; AMFT's warm-up keeps its share.
+    """
+    path = DEFAULT_CONFIG if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"demo config {path} not found; pass --config FILE (the repository ships configs/demo.yaml)")
+    values = load_values(path, [*(QUICK if quick else ()), *overrides])
+    section = values.pop("demo", None)
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: a demo config has a demo: section (the tiny model's sizes, eval_envs, eval_episodes); see {DEFAULT_CONFIG.name}")
+    per_run = [name for name in SET_PER_RUN if name in values]
+    if per_run:
+        raise ValueError(f"{per_run[0]}: the demo sets it for each run (sft and amft); leave it out of the demo config")
+    train = dataclass_from_dict(TrainConfig, values)
+    if not train.model.startswith(TINY_PREFIX) or train.model[len(TINY_PREFIX) :] not in ARCHITECTURES:
+        raise ValueError(f"model: the demo builds a tiny model, {' or '.join(TINY_PREFIX + arch for arch in ARCHITECTURES)}; got {train.model!r}")
+    if steps is not None:
+        if steps < 2:
+            raise ValueError(f"steps must be at least 2 (AMFT needs a warm-up step and a controller step); got {steps}")
+        warmup = train.controller.warmup_steps
+        warmup = min(steps - 1, max(1, round(warmup * steps / train.steps)))  # keeps the controller's share of the steps
+        train = dataclasses.replace(train, steps=steps, controller=dataclasses.replace(train.controller, warmup_steps=warmup))
+    return DemoConfig(train.validate(), dataclass_from_dict(DemoSettings, section, prefix="demo.").validate())
 
 
 @dataclass(frozen=True)
@@ -211,7 +201,7 @@ class DemoResult:
 
     out_dir: Path
     table: str
-    """The markdown table it printed (also in ``OUT/demo.md``)."""
+    """The markdown tables (also in ``OUT/demo.md``)."""
     records: dict[str, dict[str, EvalRecord]]
     """Evaluation records by row (``expert``, ``random``, ``sft``, ``amft``) and evaluation name."""
     report: Path
@@ -273,7 +263,7 @@ def _prepare(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _evaluate_all(who: str, label: str, *, model: str | None, settings: DemoSettings, eval_dir: Path, file_prefix: str, progress: bool) -> dict[str, EvalRecord]:
+def _evaluate_all(who: str, label: str, *, model: str | None, config: DemoConfig, eval_dir: Path, file_prefix: str, progress: bool) -> dict[str, EvalRecord]:
     """Play the evaluations with a model (all) or the agent `who` (the greedy ones); write each to ``eval_dir/PREFIXNAME.json``."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     records = {}
@@ -283,13 +273,13 @@ def _evaluate_all(who: str, label: str, *, model: str | None, settings: DemoSett
         record = evaluate(
             setting=evaluation.setting,
             split=evaluation.split,
-            episodes=settings.eval_episodes,
+            episodes=config.demo.eval_episodes,
             model=model,
             agent=baseline_agent(who, seed=0) if model is None else None,
-            num_envs=settings.eval_envs,
-            max_new_tokens=settings.max_new_tokens,
+            num_envs=config.demo.eval_envs,
+            max_new_tokens=config.train.max_new_tokens,
             temperature=evaluation.temperature,
-            device="cpu",
+            device=config.train.device,
             progress=progress,
         )
         record = dataclasses.replace(record, model=label)
@@ -319,7 +309,7 @@ BUDGET = (
 def demo_table(
     records: dict[str, dict[str, EvalRecord]],
     train_seconds: dict[str, float],
-    settings: DemoSettings,
+    config: DemoConfig,
     budgets: dict[str, dict[str, int]] | None = None,
     shared_seconds: float | None = None,
 ) -> str:
@@ -347,115 +337,108 @@ def demo_table(
     if budgets:
         lines += ["", "Budget each run consumed (counted by the trainer; validation episodes are AMFT's meta-gradient).", ""]
         lines += _markdown(["", *(title for _, title in BUDGET)], [[row, *(f"{budget.get(key, 0):,}" for key, _ in BUDGET)] for row, budget in budgets.items()])
-    lines += [
-        "",
-        f"{settings.eval_episodes} episodes per column (seeds 0..{settings.eval_episodes - 1}; the papers use 234); ± is the standard "
-        f"error; — where it does not apply (an agent does not sample; no episode failed its first answer). Both methods: "
-        f"{settings.steps} steps, {settings.sft_batch_size} expert dialogues per step, AdamW lr {settings.learning_rate:g} with cosine "
-        f"decay; AMFT: the first {settings.warmup_steps} steps are SFT's, then {settings.episodes_per_step}x{settings.group_size} RL "
-        f"rollouts per step and a meta-gradient every {settings.meta_interval} steps on {settings.validation_states}x"
-        f"{settings.validation_samples} validation episodes (split val).",
-    ]
+    lines += ["", settings_note(config)]
     return "\n".join(lines)
+
+
+def settings_note(config: DemoConfig) -> str:
+    """The line under the demo's tables that says what each column played and each run's budget."""
+    train, controller, episodes = config.train, config.train.controller, config.demo.eval_episodes
+    return (
+        f"{episodes} episodes per column (seeds 0..{episodes - 1}; the papers use 234); ± is the standard "
+        f"error; — where it does not apply (an agent does not sample; no episode failed its first answer). Both methods: "
+        f"{train.steps} steps, {train.sft_batch_size} expert dialogues per step, AdamW lr {train.learning_rate:g} "
+        f"{'with cosine decay' if train.lr_schedule == 'cosine' else 'constant'}; AMFT: the first {controller.warmup_steps} steps are SFT's, then {train.episodes_per_step}x"
+        f"{train.group_size} RL rollouts per step and a meta-gradient every {controller.meta_interval} steps on "
+        f"{controller.validation_states}x{controller.validation_samples} validation episodes (split "
+        f"{train.validation_env_kwargs.get('split', 'all')})."
+    )
 
 
 def run_demo(
     out_dir: str | os.PathLike = "runs/demo",
+    config: DemoConfig | None = None,
     *,
-    steps: int | None = None,
     threads: int | None = None,
-    quick: bool = False,
     force: bool = False,
     progress: bool = True,
-    seed: int = 0,
 ) -> DemoResult:
-    """Run the demo (see the module docstring) into `out_dir`, print its table and where the files are.
+    """Run the demo (see the module docstring) into `out_dir`, logging each stage; the table is in the result.
 
     Args:
         out_dir: output directory; must be empty or absent unless `force`.
-        steps: optimiser steps of each method instead of the settings' (the AMFT warm-up keeps its
-            share of the steps).
+        config: what to run (`load_demo_config`); None: the shipped `DEFAULT_CONFIG`.
         threads: torch threads; None uses the cores other processes leave free (`choose_threads`).
-        quick: a few steps and episodes (`QUICK`): checks that everything runs, learns nothing.
         force: replace the demo's own files in a non-empty `out_dir`.
         progress: show progress bars.
-        seed: seed of the model's weights and of training.
     """
-    settings = QUICK if quick else FULL
-    if steps is not None:
-        if steps < 2:
-            raise ValueError(f"steps must be at least 2 (AMFT needs a warm-up step and a controller step); got {steps}")
-        warmup = min(steps - 1, max(1, round(settings.warmup_steps * steps / settings.steps)))  # keeps the last quarter for the controller
-        settings = dataclasses.replace(settings, steps=steps, warmup_steps=warmup)
+    config = load_demo_config() if config is None else config
+    train, settings = config.train, config.demo
+    warmup = train.controller.warmup_steps
     thread_count = choose_threads(threads)
     out = Path(out_dir)
     _prepare(out, force)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(thread_count)
-    print(f"amft-vlm demo: {thread_count} torch thread(s) on {os.cpu_count()} cores; output in {out}", flush=True)
+    log.info("amft-vlm demo: %d torch thread(s) on %d cores; output in %s", thread_count, os.cpu_count(), out)
     started = time.perf_counter()
     try:
-        print("1/5 building the tiny Qwen2-VL and its tokenizer", flush=True)
+        log.info("1/5 building the tiny %s and its tokenizer", config.arch)
         model = build_tiny_model(
-            "qwen2-vl",
+            config.arch,
             out / "initial-model",
-            seed=seed,
+            seed=train.seed,
             hidden_size=settings.hidden_size,
             num_layers=settings.num_layers,
             intermediate_size=settings.intermediate_size,
             vocab_size=settings.vocab_size,
             rope_theta=settings.rope_theta,
         )
-        print(f"2/5 collecting {settings.expert_episodes} expert episodes on GeneralPoints (language, split=train)", flush=True)
-        collect("GeneralPoints-v0", dict(TRAIN_ENV), ExpertAgent(), episodes=settings.expert_episodes, seed=seed, out_dir=out / "expert", progress=progress)
+        log.info("2/5 collecting %d expert episodes on %s %s", train.expert_episodes, train.env_id, train.env_kwargs)
+        collect(train.env_id, dict(train.env_kwargs), ExpertAgent(), episodes=train.expert_episodes, seed=train.seed, out_dir=out / "expert", progress=progress)
 
         from amft_vlm.trainer import Trainer  # loads accelerate: only once the cheap steps have run
 
         records: dict[str, dict[str, EvalRecord]] = {}
         train_seconds: dict[str, float] = {}
-        warm_start = out / "sft" / "checkpoints" / f"step-{settings.warmup_steps:06d}"
+        warm_start = out / "sft" / "checkpoints" / f"step-{warmup:06d}"
         for method in METHODS:
-            own = settings.steps - (settings.warmup_steps if method == "amft" else 0)
-            print(f"3/5 training {method}: {own} steps" + (f" after sft's first {settings.warmup_steps}" if method == "amft" else ""), flush=True)
-            config = settings.train_config(
+            own = train.steps - (warmup if method == "amft" else 0)
+            log.info("3/5 training %s: %d steps%s", method, own, f" after sft's first {warmup}" if method == "amft" else "")
+            run_config = config.train_config(
                 method,
                 model=str(model),
                 expert_data=str(out / "expert"),
                 output_dir=str(out / method),
-                seed=seed,
                 warm_start=str(warm_start) if method == "amft" else None,
             )
             method_started = time.perf_counter()
-            Trainer(config, progress=progress).train()
+            Trainer(run_config, progress=progress).train()
             train_seconds[method] = time.perf_counter() - method_started
-        shared_seconds = sum(m["step_time"] for m in load_run(out / "sft").records if m["step"] <= settings.warmup_steps)
-        modes = "greedy and sampled (T=1)"
-        print(f"4/5 evaluating: {settings.eval_episodes} episodes per setting, {modes}", flush=True)
+        shared_seconds = sum(m["step_time"] for m in load_run(out / "sft").records if m["step"] <= warmup)
+        log.info("4/5 evaluating: %d episodes per setting, greedy and sampled (T=1)", settings.eval_episodes)
         for who in ("expert", "random"):
             eval_dir = out / "baselines" / "eval"
-            records[who] = _evaluate_all(who, who, model=None, settings=settings, eval_dir=eval_dir, file_prefix=f"{who}-", progress=progress)
+            records[who] = _evaluate_all(who, who, model=None, config=config, eval_dir=eval_dir, file_prefix=f"{who}-", progress=progress)
         budgets = {}
         for method in METHODS:
             checkpoint = latest_checkpoint(out / method / "checkpoints")
             if checkpoint is None:
                 raise RuntimeError(f"training {method} wrote no checkpoint under {out / method / 'checkpoints'}")
-            label = f"{method} (step {settings.steps})"
-            records[method] = _evaluate_all(method, label, model=str(checkpoint / "policy"), settings=settings, eval_dir=out / method / "eval", file_prefix="", progress=progress)
+            label = f"{method} (step {train.steps})"
+            records[method] = _evaluate_all(method, label, model=str(checkpoint / "policy"), config=config, eval_dir=out / method / "eval", file_prefix="", progress=progress)
             last = load_run(out / method).records[-1]
             budgets[method] = {key: int(last.get(key) or 0) for key, _ in BUDGET}
 
-        print("5/5 writing the report", flush=True)
+        log.info("5/5 writing the report")
         baseline_records = sorted((out / "baselines" / "eval").glob("*.json"))
         report = write_report([out / method for method in METHODS], out / "report", eval_files=baseline_records)
-        table = demo_table(records, train_seconds, settings, budgets, shared_seconds)
+        table = demo_table(records, train_seconds, config, budgets, shared_seconds)
         (out / "demo.md").write_text("# amft-vlm demo\n\n" + table + "\n")
     finally:
         torch.set_num_threads(previous_threads)
     wall = time.perf_counter() - started
     plots = [report.parent / f"{figure.name}.png" for figure in FIGURES if (report.parent / f"{figure.name}.png").is_file()]
-    print()
-    print(table)
-    print()
-    print(f"Done in {wall / 60:.1f} min. Table: {out / 'demo.md'}; report: {report}; plots: {', '.join(str(p) for p in plots)}")
-    print(f"Runs (metrics.jsonl, checkpoints, eval records): {', '.join(str(out / m) for m in METHODS)}")
+    log.info("done in %.1f min. Table: %s; report: %s; plots: %s", wall / 60, out / "demo.md", report, ", ".join(str(p) for p in plots))
+    log.info("runs (metrics.jsonl, checkpoints, eval records): %s", ", ".join(str(out / m) for m in METHODS))
     return DemoResult(out, table, records, report, train_seconds, wall, thread_count)

@@ -6,18 +6,15 @@ split, seeds, decoding), package versions, the date, and the metrics. `write_rec
 `load_record` reads it back, `EvalRecord.to_markdown` renders it and `comparison_table` puts several
 records side by side, one row each.
 
-Who plays:
-
-- a model (``model=`` a checkpoint directory (a LoRA checkpoint's ``lora/`` too), a Hub id, or ``tiny:qwen2-vl`` / ``tiny:qwen2.5-vl`` for a
-  tiny random model built on the fly) plays through the batched `amft_vlm.rollout.RolloutEngine`,
-  greedy by default, sampling when a ``temperature`` is given (seeded with ``seed``);
-- a model-free agent (``agent=`` e.g. `agents.baselines.ExpertAgent`) plays episode by episode through
-  `amft_vlm.expert_data.play_dialogues`, with no model at all. The expert and random agents give the
-  sanity rows of every table (100% and 0%).
-
-Both paths wrap every environment in `VerdictRecorder`, which keeps each answer's ``info["verdict"]``
-and the episode's ``info["success"]``; the metrics are computed from those records only, so a model
-and an agent are measured by exactly the same code.
+Who plays: a model (``model=`` a checkpoint directory (a LoRA checkpoint's ``lora/`` too), a Hub id, or
+``tiny:qwen2-vl`` / ``tiny:qwen2.5-vl`` for a tiny random model built on the fly), greedy by default,
+sampling when a ``temperature`` is given (seeded with ``seed``); or a model-free agent (``agent=`` e.g.
+`agents.baselines.ExpertAgent`), with no model at all, one environment, episode after episode. The
+expert and random agents give the sanity rows of every table (100% and 0%). Both play through
+`amft_vlm.rollout.RolloutEngine` (an agent through an engine without a policy), which records each
+answer's ``info["verdict"]`` and reward and the episode's ``info["success"]``; the metrics are
+computed from those records only (`amft_vlm.episode_metrics.compute_metrics`), so a model and an
+agent are measured by exactly the same code.
 
 Settings and defaults (the papers' protocol, Chu et al. 2025):
 
@@ -32,33 +29,9 @@ Settings and defaults (the papers' protocol, Chu et al. 2025):
   papers' protocol, ``"val"`` the tuning tasks kept apart from ``"test"``. An environment that has no
   ``split`` argument (or not that split) refuses it rather than ignoring it.
 
-Metrics, each a `Metric` with its standard error (``sqrt(p (1 - p) / n)`` for a proportion over ``n``
-items, ``std / sqrt(n)`` for a mean):
-
-- ``success_rate``: episodes solved within the attempt budget (for V-IRL: route success).
-- ``first_attempt_success``: episodes solved without a single wrong answer (GeneralPoints: the first
-  answer is correct; V-IRL: every point right at its first attempt).
-- ``retry_success``: among the episodes with at least one answer that is not ``correct``, the share
-  solved in the end; its count is those episodes. GeneralPoints: episodes whose first answer failed
-  (a correct answer ends the episode) that a later attempt solved; V-IRL: routes with a failed
-  attempt at some point that were still walked to the end. It shows whether a model uses the
-  feedback. Absent when no episode had a failed answer (there is nothing to measure).
-- ``recognition_accuracy`` (GeneralPoints vision): 1 - answers with wrongly reported cards / verified
-  answers.
-- ``valid_formula_rate`` (GeneralPoints): among verified answers other than ``wrong_cards``, the share
-  whose formula the verifier read and checked against the cards: verdict ``correct``, ``partial``,
-  ``no_solution`` or ``wrong_numbers``. ``grammar_error``, ``illegal_formula`` and ``missing_formula``
-  (and any verdict the environment does not list) count as invalid. ``wrong_cards`` answers are left
-  out of both counts: the card check comes first and nothing else is checked, so whether their
-  formula was valid is unknown. Absent when no answer is left to count.
-- ``step_accuracy`` (V-IRL): correct answers / verified answers, retries included: the papers' headline.
-- ``mean_turns``: answers per episode.
-- ``verdict_shares``: the share of each verdict (``correct``, ``wrong_numbers``, ``wrong_cards``,
-  ``missing_formula``, ..., see each environment's ``VERDICTS``) among all answers.
-
-"Verified" answers are all but ``out_of_attempts`` (the answer after the budget, which is not read).
-The standard errors treat episodes, or answers, as independent draws; answers within one episode are
-not, so the per-answer errors are somewhat optimistic.
+Metrics (``success_rate``, ``first_attempt_success``, ``retry_success``, ``recognition_accuracy``,
+``valid_formula_rate``, ``step_accuracy``, ``mean_turns``, ``mean_return`` and the verdict shares),
+each with its standard error, are defined in `amft_vlm.episode_metrics`.
 """
 
 from __future__ import annotations
@@ -67,7 +40,6 @@ import importlib.metadata
 import inspect
 import json
 import logging
-import math
 import os
 import platform
 import tempfile
@@ -80,15 +52,13 @@ from typing import Any
 
 import gymnasium as gym
 from gymnasium.envs.registration import load_env_creator
-from tqdm import tqdm
 
 import environments  # noqa: F401  (registers the environments)
 from agents.base import Agent
-from amft_vlm.expert_data import play_dialogues
+from amft_vlm.episode_metrics import EpisodeOutcome, Metric, compute_metrics
+from amft_vlm.rollout import RolloutEngine
 from environments.general_points import settings as general_points_settings
-from environments.general_points.verifier import VERDICTS as GENERAL_POINTS_VERDICTS
 from environments.virl import settings as virl_settings
-from environments.virl.verifier import VERDICTS as VIRL_VERDICTS
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +77,6 @@ SPLITS = ("train", "val", "test", "all")
 TINY_MODEL_SEED = 0
 """Weight seed of a ``tiny:ARCH`` model built for evaluation (the same as the default training config's)."""
 
-OUT_OF_ATTEMPTS = "out_of_attempts"
-"""The verdict of an answer after the attempt budget: it is not read, so it is not a verified answer."""
-
-VALID_FORMULA_VERDICTS = frozenset({"correct", "partial", "no_solution", "wrong_numbers"})
-"""GeneralPoints verdicts of an answer whose formula the verifier read and checked against the cards."""
-
-UNCHECKED_FORMULA_VERDICTS = frozenset({"wrong_cards", OUT_OF_ATTEMPTS})
-"""GeneralPoints verdicts given before the formula is looked at: left out of ``valid_formula_rate``."""
-
-
 @dataclass(frozen=True)
 class _Benchmark:
     """How one environment names its paper settings and how many episodes the papers evaluate."""
@@ -124,93 +84,18 @@ class _Benchmark:
     prefix: str
     paper_settings: dict[str, dict[str, str]]
     paper_episodes: dict[str, int]
-    verdicts: tuple[str, ...]
 
 
 BENCHMARKS: dict[str, _Benchmark] = {
     "GeneralPoints-v0": _Benchmark(
-        "GP",
-        general_points_settings.PAPER_SETTINGS,
-        dict.fromkeys(SETTINGS, general_points_settings.PAPER_EPISODES),
-        GENERAL_POINTS_VERDICTS,
+        "GP", general_points_settings.PAPER_SETTINGS, dict.fromkeys(SETTINGS, general_points_settings.PAPER_EPISODES)
     ),
-    "VIRL-v0": _Benchmark("V-IRL", virl_settings.PAPER_SETTINGS, virl_settings.PAPER_EPISODES, VIRL_VERDICTS),
+    "VIRL-v0": _Benchmark("V-IRL", virl_settings.PAPER_SETTINGS, virl_settings.PAPER_EPISODES),
 }
 """The environments `evaluate` knows, by id."""
 
 ENV_IDS = tuple(BENCHMARKS)
 """Environment ids `evaluate` takes."""
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One measured number with its standard error.
-
-    Attributes:
-        value: the estimate (a fraction for rates and shares, a count for ``mean_turns``).
-        stderr: its standard error.
-        count: the number of items it is measured over (episodes or answers).
-    """
-
-    value: float
-    stderr: float
-    count: int
-
-    @classmethod
-    def proportion(cls, hits: int, count: int) -> Metric:
-        """``hits / count`` with the binomial standard error ``sqrt(p (1 - p) / count)``."""
-        if count < 1:
-            raise ValueError(f"a proportion needs at least one item; got count={count}")
-        p = hits / count
-        return cls(p, math.sqrt(p * (1 - p) / count), count)
-
-    @classmethod
-    def mean(cls, values: Sequence[float]) -> Metric:
-        """The mean of `values` with the standard error ``std / sqrt(n)`` (sample std; 0 for one value)."""
-        if not values:
-            raise ValueError("a mean needs at least one value")
-        count = len(values)
-        mean = sum(values) / count
-        variance = sum((v - mean) ** 2 for v in values) / (count - 1) if count > 1 else 0.0
-        return cls(mean, math.sqrt(variance / count), count)
-
-
-@dataclass(frozen=True)
-class EpisodeOutcome:
-    """What one episode produced for the metrics: the verdict of each answer and whether it was solved."""
-
-    seed: int
-    verdicts: tuple[str, ...]
-    success: bool
-
-
-class VerdictRecorder(gym.Wrapper):
-    """Records each answer's ``info["verdict"]`` and the episode's ``info["success"]``, per reset seed.
-
-    Several recorders (one per environment of a rollout engine) may share one `outcomes` dict; an
-    episode is keyed by its ``reset`` seed, so every episode must have its own seed.
-    """
-
-    def __init__(self, env: gym.Env, outcomes: dict[int, EpisodeOutcome]) -> None:
-        super().__init__(env)
-        self.outcomes = outcomes
-        self._seed: int | None = None
-        self._verdicts: list[str] = []
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
-        """Reset the environment and start recording the episode of `seed`."""
-        if seed is None or seed in self.outcomes:
-            raise ValueError(f"every evaluated episode needs its own reset seed; seed {seed!r} is missing or was already played")
-        self._seed, self._verdicts = seed, []
-        return super().reset(seed=seed, options=options)
-
-    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
-        """Step the environment and record the answer's verdict (and the outcome at the episode's end)."""
-        observation, reward, terminated, truncated, info = super().step(action)
-        self._verdicts.append(str(info["verdict"]))
-        if terminated or truncated:
-            self.outcomes[self._seed] = EpisodeOutcome(self._seed, tuple(self._verdicts), bool(info["success"]))
-        return observation, reward, terminated, truncated, info
 
 
 @dataclass(frozen=True)
@@ -232,8 +117,9 @@ class EvalRecord:
         date: when the evaluation finished (ISO 8601, UTC).
         wall_seconds: how long it took.
         metrics: ``success_rate``, ``first_attempt_success``, ``retry_success`` (when an episode had
-            a failed answer), ``mean_turns``, ``valid_formula_rate`` (GeneralPoints), and
-            ``recognition_accuracy`` (GeneralPoints vision) or ``step_accuracy`` (V-IRL).
+            a failed answer), ``mean_turns``, ``mean_return``, ``valid_formula_rate`` (GeneralPoints), and
+            ``recognition_accuracy`` (GeneralPoints vision) or ``step_accuracy`` (V-IRL); see
+            `amft_vlm.episode_metrics` (records written before ``mean_return`` existed lack it).
         verdict_shares: every verdict of the environment (zeros included) -> its share of all answers.
     """
 
@@ -360,6 +246,24 @@ def comparison_table(records: Sequence[EvalRecord], *, verdict_shares: bool = Fa
     return "\n".join(lines)
 
 
+def summary_table(records: Sequence[EvalRecord]) -> str:
+    """A short markdown table, one row per record: setting, who played, success rate, mean return, answers per episode.
+
+    The table of ``amft-vlm play``; a record without ``mean_return`` (written before it existed) shows ``—``.
+    """
+    lines = [
+        "| setting | agent | episodes | success rate | mean return | answers per episode |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for record in records:
+        mean_return = record.metrics.get("mean_return")
+        lines.append(
+            f"| {record.setting} | {record.model} | {record.episodes} | {100 * record.metrics['success_rate'].value:.1f}% | "
+            f"{'—' if mean_return is None else f'{mean_return.value:+.2f}'} | {record.metrics['mean_turns'].value:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def write_record(record: EvalRecord, path: str | os.PathLike) -> None:
     """Write `record` as JSON to `path`, atomically (a temporary file renamed into place)."""
     target = Path(path)
@@ -397,6 +301,16 @@ def paper_setting(env_id: str, setting: str, modality: str) -> tuple[str, dict[s
     return name, dict(benchmark.paper_settings[name])
 
 
+def paper_settings(env_id: str) -> dict[str, tuple[str, str]]:
+    """Every paper setting of `env_id` by name -> its ``setting`` and ``modality``, e.g. ``"GP-VL id": ("id", "vision")``."""
+    return {
+        paper_setting(env_id, setting, modality)[0]: (setting, modality)
+        for modality in MODALITIES
+        for setting in SETTINGS
+        if not (setting == "ood-visual" and modality == "language")
+    }
+
+
 def _accepts_keyword(env_id: str, keyword: str) -> bool:
     """Whether the registered environment's constructor takes `keyword`."""
     creator = load_env_creator(gym.spec(env_id).entry_point)
@@ -412,67 +326,6 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     return versions
-
-
-def retry_success(outcomes: Sequence[EpisodeOutcome]) -> Metric | None:
-    """Among the episodes with at least one answer that is not ``correct``, the share solved in the end.
-
-    GeneralPoints: a correct answer ends the episode, so these are the episodes whose first answer
-    failed, solved by a later attempt. V-IRL: routes with a failed attempt at some point, walked to
-    the end all the same. The count is the episodes with a failed answer; None when there are none.
-    """
-    retried = [outcome for outcome in outcomes if any(verdict != "correct" for verdict in outcome.verdicts)]
-    if not retried:
-        return None
-    return Metric.proportion(sum(outcome.success for outcome in retried), len(retried))
-
-
-def valid_formula_rate(verdicts: Sequence[str]) -> Metric | None:
-    """The share of GeneralPoints answers whose formula the verifier read and checked against the cards.
-
-    Valid: ``correct``, ``partial``, ``no_solution`` and ``wrong_numbers``. Invalid: ``grammar_error``,
-    ``illegal_formula``, ``missing_formula`` and any other verdict. Not counted at all: ``out_of_attempts``
-    (not read) and ``wrong_cards`` (the card check comes first and ends the judging, so the formula's
-    validity is unknown). None when no answer is left to count.
-    """
-    checked = [verdict for verdict in verdicts if verdict not in UNCHECKED_FORMULA_VERDICTS]
-    if not checked:
-        return None
-    return Metric.proportion(sum(verdict in VALID_FORMULA_VERDICTS for verdict in checked), len(checked))
-
-
-def compute_metrics(outcomes: Sequence[EpisodeOutcome], env_id: str, modality: str) -> tuple[dict[str, Metric], dict[str, Metric]]:
-    """The metrics and verdict shares of `outcomes` (see the module docstring for the definitions).
-
-    A conditional metric whose condition no episode or answer meets (``retry_success``,
-    ``valid_formula_rate``) is left out of the metrics rather than reported as 0.
-    """
-    if not outcomes:
-        raise ValueError("no episodes to measure")
-    answers = [verdict for outcome in outcomes for verdict in outcome.verdicts]
-    verified = [verdict for verdict in answers if verdict != OUT_OF_ATTEMPTS]
-    metrics = {
-        "success_rate": Metric.proportion(sum(outcome.success for outcome in outcomes), len(outcomes)),
-        "first_attempt_success": Metric.proportion(
-            sum(outcome.success and all(v == "correct" for v in outcome.verdicts) for outcome in outcomes), len(outcomes)
-        ),
-    }
-    retried = retry_success(outcomes)
-    if retried is not None:
-        metrics["retry_success"] = retried
-    if env_id == "GeneralPoints-v0" and modality == "vision":
-        metrics["recognition_accuracy"] = Metric.proportion(sum(v != "wrong_cards" for v in verified), len(verified))
-    if env_id == "GeneralPoints-v0":
-        valid = valid_formula_rate(answers)
-        if valid is not None:
-            metrics["valid_formula_rate"] = valid
-    if env_id == "VIRL-v0":
-        metrics["step_accuracy"] = Metric.proportion(verified.count("correct"), len(verified))
-    metrics["mean_turns"] = Metric.mean([len(outcome.verdicts) for outcome in outcomes])
-    names = list(BENCHMARKS[env_id].verdicts)
-    names += sorted(set(answers) - set(names))  # a verdict the table does not know still counts
-    shares = {name: Metric.proportion(answers.count(name), len(answers)) for name in names}
-    return metrics, shares
 
 
 def evaluate(
@@ -543,12 +396,14 @@ def evaluate(
 
     probe = gym.make(env_id, **kwargs)  # checks the arguments before any model is loaded
     env_split = getattr(probe.unwrapped, "split", None)
+    probe.close()
     start = time.perf_counter()
     if agent is not None:
-        outcomes = _play_agent(VerdictRecorder(probe, {}), agent, seeds, progress=progress)
+        # One environment, episode after episode: an agent drawing from its own generator answers in that order.
+        with RolloutEngine(None, env_id, env_kwargs=kwargs) as engine:
+            outcomes, _ = engine.play(seeds, responder=agent, progress=progress)
         decoding = None
     else:
-        probe.close()
         decoding = {
             "greedy": temperature is None,
             "temperature": temperature,
@@ -578,15 +433,6 @@ def evaluate(
     )
 
 
-def _play_agent(env: VerdictRecorder, agent: Agent, seeds: Sequence[int], *, progress: bool) -> list[EpisodeOutcome]:
-    """Play one episode per seed with a model-free agent, one after the other."""
-    for seed in tqdm(seeds, desc=f"eval {env.spec.id if env.spec else ''} / {agent.name}", disable=not progress):
-        for _ in play_dialogues(env, agent, seed=seed):
-            pass  # the recorder keeps what the metrics need
-    env.close()
-    return [env.outcomes[seed] for seed in seeds]
-
-
 def _play_model(
     model: str, env_id: str, env_kwargs: dict[str, Any], seeds: Sequence[int], decoding: dict[str, Any], *, progress: bool
 ) -> list[EpisodeOutcome]:
@@ -596,7 +442,6 @@ def _play_model(
 
     from agents.tiny import resolve_model_spec
     from amft_vlm.lora import load_policy
-    from amft_vlm.rollout import RolloutEngine
 
     if decoding["device"] == "auto":
         decoding["device"] = "cuda" if torch.cuda.is_available() else "cpu"
@@ -608,20 +453,16 @@ def _play_model(
             raise ValueError(
                 f"could not load model {model!r} ({error}); give a checkpoint directory, a Hub id, or tiny:qwen2-vl / tiny:qwen2.5-vl"
             ) from error
-    outcomes: dict[int, EpisodeOutcome] = {}
     engine = RolloutEngine(
         policy,
-        lambda: VerdictRecorder(gym.make(env_id, **env_kwargs), outcomes),
+        env_id,
+        env_kwargs=env_kwargs,
         num_envs=decoding["num_envs"],
         temperature=decoding["temperature"] or 1.0,
         max_new_tokens=decoding["max_new_tokens"],
         greedy=decoding["greedy"],
     )
     with engine:
-        trajectories, stats = engine.collect(seeds, sampling_seed=decoding["sampling_seed"], progress=progress)
-    for trajectory in trajectories:
-        outcome = outcomes[trajectory.seed]
-        if len(outcome.verdicts) != trajectory.num_turns or outcome.success != trajectory.success:
-            raise RuntimeError(f"episode {trajectory.seed}: the recorded verdicts disagree with the trajectory")
+        outcomes, stats = engine.play(seeds, sampling_seed=decoding["sampling_seed"], progress=progress)
     logger.info("eval %s (%s): %s", env_id, model, stats.summary())
-    return [outcomes[seed] for seed in seeds]
+    return outcomes

@@ -12,6 +12,9 @@ text, user and assistant alternating, ending with the agent's last answer), ``im
 relative to the dataset, or null), ``rewards`` (one per assistant turn) and ``success`` (whether
 the episode was solved). Files are written to temporary names and renamed when complete, so an
 interrupted collection never leaves a dataset that looks whole.
+
+The agent plays through `amft_vlm.rollout.RolloutEngine` without a policy (no model is loaded), in
+one environment, episode after episode; each episode is written as soon as it ends.
 """
 
 from __future__ import annotations
@@ -19,18 +22,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from agents.base import Agent
 from agents.chat import ChatTurn, Dialogue
+from amft_vlm.rollout import Episode, RolloutEngine, RolloutStats
 
 MANIFEST = "manifest.json"
 DIALOGUES = "dialogues.jsonl"
@@ -50,47 +51,6 @@ class ExpertDialogue:
     success: bool
 
 
-@dataclass
-class CollectionStats:
-    """What a collection produced."""
-
-    episodes: int = 0
-    successes: int = 0
-    dialogues: int = 0
-    answers: int = 0
-    total_return: float = 0.0
-    verdicts: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def success_rate(self) -> float:
-        """Fraction of episodes solved."""
-        return self.successes / self.episodes if self.episodes else 0.0
-
-
-def play_dialogues(env: gym.Env, agent: Agent, *, seed: int) -> Iterator[tuple[Dialogue, list[float], dict]]:
-    """Play one episode and yield each dialogue with its rewards and the info after its last answer.
-
-    A dialogue closes when the episode ends or when the environment says the next text starts a
-    fresh dialogue (``info["new_dialogue"]``).
-    """
-    observation, info = env.reset(seed=seed)
-    dialogue = Dialogue.start(observation["text"], image=observation.get("image"))
-    rewards: list[float] = []
-    while True:
-        answer = agent.act(observation, env)
-        observation, reward, terminated, truncated, info = env.step(answer)
-        dialogue = dialogue.with_assistant(answer)
-        rewards.append(float(reward))
-        if terminated or truncated:
-            yield dialogue, rewards, info
-            return
-        if info.get("new_dialogue", False):
-            yield dialogue, rewards, info
-            dialogue, rewards = Dialogue.start(observation["text"], image=observation.get("image")), []
-        else:
-            dialogue = dialogue.with_user(observation["text"])
-
-
 def collect(
     env_id: str,
     env_kwargs: dict[str, Any],
@@ -100,11 +60,11 @@ def collect(
     seed: int,
     out_dir: str | os.PathLike,
     progress: bool = True,
-) -> CollectionStats:
+) -> RolloutStats:
     """Play ``episodes`` episodes (seeds ``seed``, ``seed + 1``, ...) and write the dataset to ``out_dir``.
 
     ``out_dir`` must not exist yet or be empty; it is built under a temporary name and renamed
-    when complete.
+    when complete. Returns the collection's statistics (the dialogue count is in the manifest).
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -112,37 +72,32 @@ def collect(
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / IMAGES).mkdir(parents=True)
-    env = gym.make(env_id, **env_kwargs)
-    stats = CollectionStats()
+    dialogues = 0
+
     with open(staging / DIALOGUES, "w") as records:
-        for episode in tqdm(range(episodes), desc=f"collect {env_id} / {agent.name}", disable=not progress):
-            episode_records = []
-            for index, (dialogue, rewards, info) in enumerate(play_dialogues(env, agent, seed=seed + episode)):
+
+        def write(episode: Episode) -> None:
+            nonlocal dialogues
+            for index, recorded in enumerate(episode.dialogues):
                 image_path = None
-                if dialogue.image is not None:
-                    image_path = f"{IMAGES}/e{episode:06d}_d{index:03d}.png"
-                    Image.fromarray(np.asarray(dialogue.image)).save(staging / image_path, compress_level=1)
-                episode_records.append(
-                    {
-                        "episode": episode,
-                        "seed": seed + episode,
-                        "dialogue": index,
-                        "turns": [{"role": turn.role, "text": turn.text} for turn in dialogue.turns],
-                        "image": image_path,
-                        "rewards": rewards,
-                    }
-                )
-                stats.dialogues += 1
-                stats.answers += len(rewards)
-                stats.total_return += sum(rewards)
-                verdict = str(info.get("verdict", ""))
-                stats.verdicts[verdict] = stats.verdicts.get(verdict, 0) + 1
-            success = bool(info.get("success", False))
-            for record in episode_records:
-                records.write(json.dumps({**record, "success": success}) + "\n")
-            stats.episodes += 1
-            stats.successes += success
-    env.close()
+                if recorded.dialogue.image is not None:
+                    image_path = f"{IMAGES}/e{episode.index:06d}_d{index:03d}.png"
+                    Image.fromarray(np.asarray(recorded.dialogue.image)).save(staging / image_path, compress_level=1)
+                record = {
+                    "episode": episode.index,
+                    "seed": episode.outcome.seed,
+                    "dialogue": index,
+                    "turns": [{"role": turn.role, "text": turn.text} for turn in recorded.dialogue.turns],
+                    "image": image_path,
+                    "rewards": list(recorded.rewards),
+                    "success": episode.outcome.success,
+                }
+                records.write(json.dumps(record) + "\n")
+            dialogues += len(episode.dialogues)
+
+        # One environment, episode after episode: an agent drawing from its own generator answers in that order.
+        with RolloutEngine(None, env_id, env_kwargs=env_kwargs) as engine:
+            _, stats = engine.play(range(seed, seed + episodes), responder=agent, progress=progress, on_episode=write)
     manifest = {
         "format_version": FORMAT_VERSION,
         "env_id": env_id,
@@ -150,7 +105,7 @@ def collect(
         "agent": agent.name,
         "episodes": episodes,
         "seed": seed,
-        "dialogues": stats.dialogues,
+        "dialogues": dialogues,
         "success_rate": stats.success_rate,
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

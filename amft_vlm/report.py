@@ -14,7 +14,6 @@ figure with no data at all is not drawn, and missing, null and NaN values are sk
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from amft_vlm.checkpoint import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -135,19 +136,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     metrics_path = path / "metrics.jsonl"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no metrics.jsonl; pass directories written by `amft-vlm train`")
-    lines = [(number, line) for number, line in enumerate(metrics_path.read_text().splitlines(), 1) if line.strip()]
-    records = []
-    for index, (number, line) in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if index == len(lines) - 1:
-                log.warning("%s:%d is cut short (run stopped while writing?); skipped", metrics_path, number)
-                continue
-            raise ValueError(f"{metrics_path}:{number} is not a JSON object ({error}); fix or remove that line") from error
-        if not isinstance(record, dict) or not _is_finite(record.get("step")):
-            raise ValueError(f"{metrics_path}:{number} has no numeric 'step'; is this a metrics.jsonl from `amft-vlm train`?")
-        records.append(record)
+    records = read_metrics(metrics_path)
     if not records:
         raise ValueError(f"{metrics_path} has no steps yet; train for at least one step first")
     records.sort(key=lambda record: record["step"])

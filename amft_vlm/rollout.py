@@ -1,29 +1,48 @@
-"""The rollout engine: N environments played together by one VLM policy, as token-in/token-out trajectories.
+"""The rollout engine: the one loop that plays episodes, for the VLM policy and for model-free agents.
 
-`RolloutEngine` keeps ``num_envs`` environments (slots) and a queue of episodes. Each round it makes
-one batched, left-padded `VLMPolicy.generate` call over the prompts of all active slots, decodes
-each response, steps each slot's environment with it, and appends the environment's reply as tokens
-(`amft_vlm.trajectory.TrajectoryBuilder`). A slot whose episode ends is given the next queued episode
-(``reset``) before the next round, so every generated response belongs to a live episode and no
-batch row is spent on a finished one. Episodes run multi-turn until the environment ends them (its
-attempt budget); when the environment restarts the dialogue (VIRL, ``info["new_dialogue"]``), the
-trajectory starts a new segment with the fresh prompt and image.
+`RolloutEngine` keeps ``num_envs`` environments (slots) and a queue of episodes. Each round every
+active slot gets an answer, its environment is stepped with it, and what happened is recorded. A slot
+whose episode ends is given the next queued episode (``reset``) before the next round, so every
+answer belongs to a live episode and no batch row is spent on a finished one. Episodes run multi-turn
+until the environment ends them (its attempt budget); when the environment restarts the dialogue
+(VIRL, ``info["new_dialogue"]``), the record starts a new dialogue with the fresh prompt and image.
+Training rollouts, the trainer's expert data, evaluation, ``amft-vlm play`` and ``amft-vlm collect``
+all play through this loop.
 
-Episodes and groups. ``collect(seeds, group_size=G)`` plays G episodes per seed, all reset with that
-seed (the same start state) and sharing a group id (the seed's position in `seeds`), as GRPO needs.
-Trajectories come back in queue order (seed by seed, G each) whatever slot played them.
+Who answers. With a `VLMPolicy` and no responder, one batched, left-padded ``generate`` call over the
+prompts of all active slots per round. With a responder (a model-free `agents.base.Agent`, e.g. the
+oracle `ExpertAgent`), its ``act`` for each active slot, in slot order; no model is called.
 
-Randomness. Environments draw only from their ``reset`` seed and the responses. With
-``collect(..., sampling_seed=s)`` each episode draws its tokens from its own generator, seeded by
+What is recorded. An engine with a policy records token trajectories
+(`amft_vlm.trajectory.TrajectoryBuilder`: the policy's generated ids as they came out, an agent's
+answers tokenised as expert SFT examples are, the environment's replies as chat-template tokens). An
+engine without one, ``RolloutEngine(None, env)``, needs no model, tokenizer or transformers at all
+(``amft-vlm play``, ``collect`` and ``eval --agent`` stay fast) and records each episode as text
+dialogues (`RecordedDialogue`: the `Dialogue` and the reward of each answer). Either way every
+episode also yields an `EpisodeOutcome` (each answer's ``info["verdict"]`` and reward, and
+``info["success"]``), from which `RolloutStats` and every metric are computed
+(`amft_vlm.episode_metrics.compute_metrics`).
+
+Why ``policy=None`` and not a second class: the two modes differ only in who answers and in the
+recorder; the queue, the slots, the seeds, the ``new_dialogue`` rule and the outcome records are one
+piece of code, and ``None`` says exactly what is missing. A policy-free engine answers only through a
+responder and records only text; ``collect`` (token trajectories) needs a policy.
+
+Episodes and groups. ``play(seeds, group_size=G)`` (and ``collect``) plays G episodes per seed, all
+reset with that seed (the same start state) and sharing a group id (the seed's position in `seeds`),
+as GRPO needs. Outcomes and trajectories come back in queue order (seed by seed, G each) whatever
+slot played them; ``on_episode`` sees each episode as it ends.
+
+Randomness. Environments draw only from their ``reset`` seed and the answers. With
+``sampling_seed=s`` each policy episode draws its tokens from its own generator, seeded by
 ``(s, reset seed, place in its group)``: a collection is then reproducible for the same policy and
 seeds whatever ``num_envs``, batch neighbours or process split plays it (up to float differences
 between batch shapes, which move a token only when a draw falls within rounding of a boundary).
 The G episodes of a group have different places, so they differ when sampling (and are identical
-when greedy). Without a sampling seed, tokens come from torch's global generator.
-
-Model-free agents. ``collect(..., responder=ExpertAgent())`` takes every answer from the agent instead
-of the policy (no ``generate`` call); the answers are tokenised as expert SFT examples are
-(`amft_vlm.sft_data`). The policy is then only the tokenizer and image processor.
+when greedy). Without a sampling seed, tokens come from torch's global generator. A model-free
+agent that draws from its own generator (the random baselines) is asked in slot order, so its
+episodes depend on ``num_envs``; ``collect``, ``play`` and ``eval`` play agents with one environment,
+episode after episode.
 """
 
 from __future__ import annotations
@@ -32,8 +51,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -41,8 +60,13 @@ import torch
 from tqdm import tqdm
 
 from agents.base import Agent
-from agents.vlm_policy import Generation, KVPrefix, VLMPolicy
-from amft_vlm.trajectory import Trajectory, TrajectoryBuilder
+from agents.chat import Dialogue
+from amft_vlm.episode_metrics import EpisodeOutcome, compute_metrics
+
+if TYPE_CHECKING:
+    from agents.vision_inputs import ImageLike
+    from agents.vlm_policy import Generation, KVPrefix, VLMPolicy
+    from amft_vlm.trajectory import Trajectory, TrajectoryBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +84,33 @@ class EpisodeSpec:
 
 
 @dataclass(frozen=True)
+class RecordedDialogue:
+    """One dialogue of an episode played without a policy: its text turns (and image), and each answer's reward."""
+
+    dialogue: Dialogue
+    rewards: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One finished episode, as `RolloutEngine.play` hands it to ``on_episode``.
+
+    Attributes:
+        index: its place in the queue (group ``index // group_size``, member ``index % group_size``).
+        group: its group id (the position of its seed in the seeds played).
+        outcome: each answer's verdict and reward, and success: what the metrics are computed from.
+        trajectory: the episode as tokens, from an engine with a policy; None without one.
+        dialogues: the episode as text dialogues, from an engine without a policy; empty with one.
+    """
+
+    index: int
+    group: int
+    outcome: EpisodeOutcome
+    trajectory: Trajectory | None = None
+    dialogues: tuple[RecordedDialogue, ...] = ()
+
+
+@dataclass(frozen=True)
 class RolloutStats:
     """Episode statistics of one collection and how long it took.
 
@@ -69,8 +120,9 @@ class RolloutStats:
         mean_return: mean episode return.
         mean_turns: mean responses per episode.
         response_tokens: trainable tokens produced (generated by the policy, or the agent's
-            response tokens).
-        total_tokens: all tokens of all segments (prompts and environment messages included).
+            response tokens); 0 for an engine without a policy (it has no tokens).
+        total_tokens: all tokens of all segments (prompts and environment messages included); 0
+            without a policy.
         wall_seconds: wall time of the collection.
         generate_seconds: time spent inside `VLMPolicy.generate` (0 with a model-free agent).
         generate_calls: number of batched ``generate`` calls.
@@ -87,23 +139,25 @@ class RolloutStats:
     generate_calls: int
 
     @classmethod
-    def from_trajectories(
+    def from_outcomes(
         cls,
-        trajectories: Sequence[Trajectory],
+        outcomes: Sequence[EpisodeOutcome],
         *,
+        response_tokens: int = 0,
+        total_tokens: int = 0,
         wall_seconds: float,
         generate_seconds: float = 0.0,
         generate_calls: int = 0,
     ) -> RolloutStats:
-        """Statistics of `trajectories` with the given timings."""
-        count = len(trajectories)
+        """The statistics of `outcomes` (from `compute_metrics`) with the given token counts and timings."""
+        metrics = compute_metrics(outcomes)[0] if outcomes else {}
         return cls(
-            episodes=count,
-            successes=sum(trajectory.success for trajectory in trajectories),
-            mean_return=sum(t.episode_return for t in trajectories) / count if count else 0.0,
-            mean_turns=sum(t.num_turns for t in trajectories) / count if count else 0.0,
-            response_tokens=sum(t.num_response_tokens for t in trajectories),
-            total_tokens=sum(t.num_tokens for t in trajectories),
+            episodes=len(outcomes),
+            successes=sum(outcome.success for outcome in outcomes),
+            mean_return=metrics["mean_return"].value if outcomes else 0.0,
+            mean_turns=metrics["mean_turns"].value if outcomes else 0.0,
+            response_tokens=response_tokens,
+            total_tokens=total_tokens,
             wall_seconds=wall_seconds,
             generate_seconds=generate_seconds,
             generate_calls=generate_calls,
@@ -125,7 +179,12 @@ class RolloutStats:
         return self.response_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     def summary(self) -> str:
-        """One line for a log."""
+        """One line for a log (token counts only when the episodes were recorded as tokens)."""
+        if not self.total_tokens:
+            return (
+                f"{self.episodes} episodes: success rate {100 * self.success_rate:.1f}%, mean return "
+                f"{self.mean_return:+.2f}, {self.mean_turns:.2f} turns per episode; {self.episodes_per_second:.2f} episodes/s"
+            )
         return (
             f"{self.episodes} episodes: success rate {100 * self.success_rate:.1f}%, mean return "
             f"{self.mean_return:+.2f}, {self.mean_turns:.2f} turns and {self.response_tokens / max(self.episodes, 1):.1f} "
@@ -134,24 +193,65 @@ class RolloutStats:
         )
 
 
+class _DialogueRecorder:
+    """Records an episode as text dialogues, with each answer's reward: the record of an engine without a policy.
+
+    It has the methods of `TrajectoryBuilder` that a model-free answer needs, so the engine's loop
+    drives both the same way.
+    """
+
+    def __init__(self) -> None:
+        self._finished: list[RecordedDialogue] = []
+        self._dialogue: Dialogue | None = None
+        self._rewards: list[float] = []
+
+    def start_dialogue(self, text: str, *, image: ImageLike | None = None) -> None:
+        """Close the current dialogue (if any) and start one whose first user message is `text`."""
+        self._close()
+        self._dialogue, self._rewards = Dialogue.start(text, image=image), []
+
+    def add_text_response(self, text: str, reward: float) -> None:
+        """Append an answer and its reward."""
+        self._dialogue = self._dialogue.with_assistant(text)
+        self._rewards.append(reward)
+
+    def add_user_message(self, text: str) -> None:
+        """Append the environment's next message."""
+        self._dialogue = self._dialogue.with_user(text)
+
+    def finish(self) -> tuple[RecordedDialogue, ...]:
+        """Close the last dialogue and return all of them."""
+        self._close()
+        return tuple(self._finished)
+
+    def _close(self) -> None:
+        if self._dialogue is not None:
+            self._finished.append(RecordedDialogue(self._dialogue, tuple(self._rewards)))
+            self._dialogue = None
+
+
 @dataclass
 class _Episode:
     """An episode in progress in one slot."""
 
     index: int
     spec: EpisodeSpec
-    builder: TrajectoryBuilder
+    recorder: TrajectoryBuilder | _DialogueRecorder
     observation: dict[str, Any]
+    verdicts: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
     cache: KVPrefix | None = None
     generator: torch.Generator | None = None
     """Where its tokens are drawn from (with a sampling seed), whatever else shares the batch."""
 
 
 class RolloutEngine:
-    """Plays batches of episodes of ``num_envs`` environments with a `VLMPolicy`.
+    """Plays batches of episodes of ``num_envs`` environments, answered by a `VLMPolicy` or a model-free agent.
 
     Args:
-        policy: the policy that answers (and whose tokenizer and image processor build the tokens).
+        policy: the policy that answers (and whose tokenizer and image processor build the tokens);
+            None for an engine that only plays model-free agents and records text (see the module
+            docstring).
         env: an environment id for ``gym.make`` (e.g. ``"GeneralPoints-v0"``) or a function returning a
             new environment.
         env_kwargs: ``gym.make`` keyword arguments when `env` is an id, e.g. ``{"modality": "language"}``.
@@ -167,11 +267,12 @@ class RolloutEngine:
     Example:
         >>> engine = RolloutEngine(policy, "GeneralPoints-v0", env_kwargs={"modality": "language"}, num_envs=16)
         >>> trajectories, stats = engine.collect(range(64), group_size=4, sampling_seed=0)
+        >>> outcomes, stats = RolloutEngine(None, "VIRL-v0").play(range(8), responder=ExpertAgent())
     """
 
     def __init__(
         self,
-        policy: VLMPolicy,
+        policy: VLMPolicy | None,
         env: str | Callable[[], gym.Env],
         *,
         env_kwargs: dict[str, Any] | None = None,
@@ -190,8 +291,9 @@ class RolloutEngine:
             raise ValueError("env_kwargs only apply to an environment id; bind them in your env function")
         else:
             self._make_env = env
-        # Validate the settings now rather than at the first generate call.
-        policy.check_sampling(temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy)
+        if policy is not None:
+            # Validate the settings now rather than at the first generate call.
+            policy.check_sampling(temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy)
         self.policy = policy
         self.reuse_cache = reuse_cache
         self.num_envs = num_envs
@@ -203,6 +305,54 @@ class RolloutEngine:
         """The temperature of the sampling distribution (1.0 for greedy decoding)."""
         return 1.0 if self.greedy else self.temperature
 
+    def play(
+        self,
+        seeds: Sequence[int],
+        *,
+        group_size: int = 1,
+        responder: Agent | None = None,
+        sampling_seed: int | None = None,
+        progress: bool = True,
+        on_episode: Callable[[Episode], None] | None = None,
+    ) -> tuple[list[EpisodeOutcome], RolloutStats]:
+        """Play `group_size` episodes per seed; return each episode's outcome and the statistics.
+
+        Args:
+            seeds: ``reset`` seeds; seed ``seeds[i]`` gives group ``i``.
+            group_size: episodes per seed (G of GRPO).
+            responder: a model-free agent answering instead of the policy (e.g. `ExpertAgent`);
+                required by an engine without a policy.
+            sampling_seed: seeds torch's generator for this collection (the caller's state is
+                restored afterwards); None samples from the current state. Only for a policy.
+            progress: show a progress bar over episodes.
+            on_episode: called with every `Episode` (outcome and record) as it ends, in the order
+                episodes end (queue order with one environment); the engine keeps no record itself,
+                so a long collection can be written out episode by episode.
+
+        Returns:
+            The outcomes in queue order (``seeds[0]`` x `group_size`, then ``seeds[1]``, ...) and the
+            collection's statistics.
+        """
+        if group_size < 1:
+            raise ValueError(f"group_size must be at least 1; got {group_size}")
+        if self.policy is None and responder is None:
+            raise ValueError("an engine without a policy needs a responder: a model-free agent to answer")
+        if self.policy is None and sampling_seed is not None:
+            raise ValueError("sampling_seed seeds the policy's sampling; an engine without a policy samples nothing")
+        specs = [
+            EpisodeSpec(seed=int(seed), group=group, member=member)
+            for group, seed in enumerate(seeds)
+            for member in range(group_size)
+        ]
+        if self.policy is None:
+            return self._run(specs, responder=responder, progress=progress, on_episode=on_episode)
+        device = self.policy.device
+        fork_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices, enabled=sampling_seed is not None):
+            if sampling_seed is not None:
+                torch.manual_seed(sampling_seed)
+            return self._run(specs, responder=responder, progress=progress, on_episode=on_episode, sampling_seed=sampling_seed)
+
     def collect(
         self,
         seeds: Sequence[int],
@@ -212,7 +362,7 @@ class RolloutEngine:
         sampling_seed: int | None = None,
         progress: bool = True,
     ) -> tuple[list[Trajectory], RolloutStats]:
-        """Play `group_size` episodes per seed and return their trajectories and statistics.
+        """Play `group_size` episodes per seed and return their token trajectories and statistics.
 
         Args:
             seeds: ``reset`` seeds; seed ``seeds[i]`` gives group ``i``.
@@ -226,19 +376,14 @@ class RolloutEngine:
             The trajectories in queue order (``seeds[0]`` x `group_size`, then ``seeds[1]``, ...) and
             the collection's statistics.
         """
-        if group_size < 1:
-            raise ValueError(f"group_size must be at least 1; got {group_size}")
-        specs = [
-            EpisodeSpec(seed=int(seed), group=group, member=member)
-            for group, seed in enumerate(seeds)
-            for member in range(group_size)
-        ]
-        device = self.policy.device
-        fork_devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices, enabled=sampling_seed is not None):
-            if sampling_seed is not None:
-                torch.manual_seed(sampling_seed)
-            return self._run(specs, responder=responder, progress=progress, sampling_seed=sampling_seed)
+        if self.policy is None:
+            raise ValueError("collect returns token trajectories and needs a policy; play model-free agents with play()")
+        episodes: list[Episode] = []
+        _, stats = self.play(
+            seeds, group_size=group_size, responder=responder, sampling_seed=sampling_seed, progress=progress, on_episode=episodes.append
+        )
+        episodes.sort(key=lambda episode: episode.index)
+        return [episode.trajectory for episode in episodes], stats
 
     def close(self) -> None:
         """Close the environments."""
@@ -253,22 +398,29 @@ class RolloutEngine:
         self.close()
 
     def _run(
-        self, specs: list[EpisodeSpec], *, responder: Agent | None, progress: bool, sampling_seed: int | None = None
-    ) -> tuple[list[Trajectory], RolloutStats]:
+        self,
+        specs: list[EpisodeSpec],
+        *,
+        responder: Agent | None,
+        progress: bool,
+        on_episode: Callable[[Episode], None] | None,
+        sampling_seed: int | None = None,
+    ) -> tuple[list[EpisodeOutcome], RolloutStats]:
         start_time = time.perf_counter()
         while len(self.envs) < min(self.num_envs, len(specs)):
             self.envs.append(self._make_env())
         queue = deque(enumerate(specs))
-        results: list[Trajectory | None] = [None] * len(specs)
+        outcomes: list[EpisodeOutcome | None] = [None] * len(specs)
         slots: list[_Episode | None] = [None] * min(len(self.envs), len(specs))
         source = POLICY_SOURCE if responder is None else responder.name
         env_id = self._env_id(0) if self.envs else ""
         generate_seconds, generate_calls, finished, successes = 0.0, 0, 0, 0
+        response_tokens, total_tokens = 0, 0
 
         def refill(slot: int) -> None:
             slots[slot] = self._start_episode(slot, *queue.popleft(), source, responder, sampling_seed) if queue else None
 
-        with tqdm(total=len(specs), desc=f"rollout {env_id}", unit="episode", disable=not progress) as bar:
+        with tqdm(total=len(specs), desc=f"rollout {env_id} / {source}", unit="episode", disable=not progress) as bar:
             for slot in range(len(slots)):
                 refill(slot)
             while active := [slot for slot, episode in enumerate(slots) if episode is not None]:
@@ -277,7 +429,7 @@ class RolloutEngine:
                     generate_start = time.perf_counter()
                     generations: list[Generation | None] = list(
                         self.policy.generate(
-                            [slots[slot].builder.prompt() for slot in active],
+                            [slots[slot].recorder.prompt() for slot in active],
                             temperature=self.temperature,
                             max_new_tokens=self.max_new_tokens,
                             greedy=self.greedy,
@@ -292,24 +444,31 @@ class RolloutEngine:
                     generations = [None] * len(active)
                 # Step every environment; a finished slot starts its next episode before the next round.
                 for slot, generation in zip(active, generations, strict=True):
-                    trajectory = self._step(slot, slots[slot], generation, responder)
-                    if trajectory is None:
+                    episode = self._step(slot, slots[slot], generation, responder)
+                    if episode is None:
                         continue
-                    results[slots[slot].index] = trajectory
+                    outcomes[episode.index] = episode.outcome
+                    if episode.trajectory is not None:
+                        response_tokens += episode.trajectory.num_response_tokens
+                        total_tokens += episode.trajectory.num_tokens
+                    if on_episode is not None:
+                        on_episode(episode)
                     finished += 1
-                    successes += trajectory.success
+                    successes += episode.outcome.success
                     bar.set_postfix(success=f"{successes / finished:.0%}", refresh=False)
                     bar.update(1)
                     refill(slot)
-        trajectories = [trajectory for trajectory in results if trajectory is not None]
-        stats = RolloutStats.from_trajectories(
-            trajectories,
+        played = [outcome for outcome in outcomes if outcome is not None]
+        stats = RolloutStats.from_outcomes(
+            played,
+            response_tokens=response_tokens,
+            total_tokens=total_tokens,
             wall_seconds=time.perf_counter() - start_time,
             generate_seconds=generate_seconds,
             generate_calls=generate_calls,
         )
         logger.info("rollout %s (%s): %s", env_id, source, stats.summary())
-        return trajectories, stats
+        return played, stats
 
     def _env_id(self, slot: int) -> str:
         env = self.envs[slot]
@@ -319,40 +478,55 @@ class RolloutEngine:
         self, slot: int, index: int, spec: EpisodeSpec, source: str, responder: Agent | None, sampling_seed: int | None = None
     ) -> _Episode:
         observation, _ = self.envs[slot].reset(seed=spec.seed)
-        builder = TrajectoryBuilder(
-            self.policy,
-            seed=spec.seed,
-            group=spec.group,
-            env_id=self._env_id(slot),
-            source=source,
-            sampling_temperature=self.sampling_temperature if responder is None else None,
-        )
-        builder.start_dialogue(observation["text"], image=observation.get("image"))
         generator = None
-        if sampling_seed is not None:
-            # Seeded by (sampling seed, reset seed, place in group) alone: the same draws whichever slot,
-            # batch, num_envs or process plays the episode.
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([sampling_seed, spec.seed, spec.member]).generate_state(1)[0]))
-        return _Episode(index=index, spec=spec, builder=builder, observation=observation, generator=generator)
+        if self.policy is None:
+            recorder: TrajectoryBuilder | _DialogueRecorder = _DialogueRecorder()
+        else:
+            # Imported here: it loads transformers, which only an engine with a policy needs.
+            from amft_vlm.trajectory import TrajectoryBuilder
 
-    def _step(
-        self, slot: int, episode: _Episode, generation: Generation | None, responder: Agent | None
-    ) -> Trajectory | None:
-        """Answer in `slot`'s environment; the finished trajectory if the episode ended, else None."""
+            recorder = TrajectoryBuilder(
+                self.policy,
+                seed=spec.seed,
+                group=spec.group,
+                env_id=self._env_id(slot),
+                source=source,
+                sampling_temperature=self.sampling_temperature if responder is None else None,
+            )
+            if sampling_seed is not None:
+                # Seeded by (sampling seed, reset seed, place in group) alone: the same draws whichever slot,
+                # batch, num_envs or process plays the episode.
+                state = np.random.SeedSequence([sampling_seed, spec.seed, spec.member]).generate_state(1)[0]
+                generator = torch.Generator().manual_seed(int(state))
+        recorder.start_dialogue(observation["text"], image=observation.get("image"))
+        return _Episode(index=index, spec=spec, recorder=recorder, observation=observation, generator=generator)
+
+    def _step(self, slot: int, episode: _Episode, generation: Generation | None, responder: Agent | None) -> Episode | None:
+        """Answer in `slot`'s environment; the finished `Episode` if the episode ended, else None."""
         env = self.envs[slot]
         text = responder.act(episode.observation, env) if generation is None else generation.text
         observation, reward, terminated, truncated, info = env.step(text)
+        episode.verdicts.append(str(info.get("verdict", "")))
+        episode.rewards.append(float(reward))
         if generation is None:
-            episode.builder.add_text_response(text, float(reward))
+            episode.recorder.add_text_response(text, float(reward))
         else:
-            episode.builder.add_generation(generation, float(reward))
+            episode.recorder.add_generation(generation, float(reward))
         if terminated or truncated:
-            return episode.builder.finish(success=bool(info.get("success", False)))
+            return self._finish(episode, success=bool(info.get("success", False)))
         episode.cache = None if generation is None else generation.cache
         if info.get("new_dialogue", False):
+            # VIRL after a correct action: the next message is a fresh prompt (and image), not a reply.
             episode.cache = None
-            episode.builder.start_dialogue(observation["text"], image=observation.get("image"))
+            episode.recorder.start_dialogue(observation["text"], image=observation.get("image"))
         else:
-            episode.builder.add_user_message(observation["text"])
+            episode.recorder.add_user_message(observation["text"])
         episode.observation = observation
         return None
+
+    def _finish(self, episode: _Episode, *, success: bool) -> Episode:
+        outcome = EpisodeOutcome(episode.spec.seed, tuple(episode.verdicts), tuple(episode.rewards), success)
+        if isinstance(episode.recorder, _DialogueRecorder):
+            return Episode(episode.index, episode.spec.group, outcome, dialogues=episode.recorder.finish())
+        return Episode(episode.index, episode.spec.group, outcome, trajectory=episode.recorder.finish(success=success))
+

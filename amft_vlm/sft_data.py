@@ -4,36 +4,40 @@ An expert dataset (``amft-vlm collect --agent expert``, `amft_vlm.expert_data`) 
 text. `sft_trajectories` turns each episode's dialogues into one `amft_vlm.trajectory.Trajectory`
 with the same token layout a rollout has: one segment per dialogue, the chat template's prompt
 tokens, each expert answer tokenised and closed with ``<|im_end|>`` (loss mask 1), each environment
-message as `VLMPolicy.encode_follow_up` tokens (loss mask 0). The tokens come from the same
+message as `ChatEncoder.encode_follow_up` tokens (loss mask 0). The tokens come from the same
 `amft_vlm.trajectory.TrajectoryBuilder` the rollout engine uses when a model-free agent answers, so
 ``RolloutEngine.collect(seeds, responder=ExpertAgent())`` and ``collect -> load_sft_trajectories``
 give identical trajectories for the same seeds. Expert examples carry no sampling log-probs
-(``Trajectory.sampling_temperature is None``; ``sampling_logprobs`` are all 0).
+(``Trajectory.sampling_temperature is None``; ``response_logprobs`` are all 0). Only a `ChatEncoder` is
+needed: the data is tokenised without loading a model.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from agents.vlm_policy import VLMPolicy
 from amft_vlm.expert_data import ExpertDialogue, load_dialogues, read_manifest
 from amft_vlm.trajectory import Trajectory, TrajectoryBuilder
+
+if TYPE_CHECKING:
+    from agents.policy import ChatEncoder
 
 
 def sft_trajectories(
     dialogues: Sequence[ExpertDialogue],
-    policy: VLMPolicy,
+    encoder: ChatEncoder,
     *,
     env_id: str = "",
     source: str = "expert",
 ) -> list[Trajectory]:
-    """One trajectory per episode of `dialogues`, tokenised with `policy`'s chat template.
+    """One trajectory per episode of `dialogues`, tokenised with `encoder`'s chat template (no model needed).
 
     Args:
         dialogues: recorded dialogues (e.g. from `amft_vlm.expert_data.load_dialogues`); an episode's
             dialogues must all be present, in any order.
-        policy: gives the tokenizer, chat template and image processing.
+        encoder: the tokenizer, chat template and image processing (a `ChatEncoder`, or a `VLMPolicy`'s).
         env_id: `Trajectory.env_id` of the examples (the dataset manifest's ``env_id``).
         source: `Trajectory.source` of the examples (the dataset manifest's ``agent``).
 
@@ -52,7 +56,7 @@ def sft_trajectories(
                 "(load the whole dataset, or filter whole episodes)"
             )
         builder = TrajectoryBuilder(
-            policy,
+            encoder,
             seed=parts[0].seed,
             group=episode,
             env_id=env_id,
@@ -66,18 +70,18 @@ def sft_trajectories(
 
 
 def load_sft_trajectories(
-    dataset_dir: str | os.PathLike, policy: VLMPolicy, *, successful_only: bool = True
+    dataset_dir: str | os.PathLike, encoder: ChatEncoder, *, successful_only: bool = True
 ) -> list[Trajectory]:
     """Load an expert dataset directory and turn it into SFT trajectories (see `sft_trajectories`).
 
     Args:
         dataset_dir: a directory written by ``amft-vlm collect``.
-        policy: gives the tokenizer, chat template and image processing.
+        encoder: the tokenizer, chat template and image processing (a `ChatEncoder`, or a `VLMPolicy`'s).
         successful_only: keep only the episodes the agent solved.
     """
     manifest = read_manifest(dataset_dir)
     dialogues = load_dialogues(dataset_dir, successful_only=successful_only)
-    return sft_trajectories(dialogues, policy, env_id=manifest["env_id"], source=manifest["agent"])
+    return sft_trajectories(dialogues, encoder, env_id=manifest["env_id"], source=manifest["agent"])
 
 
 def _add_dialogue(builder: TrajectoryBuilder, item: ExpertDialogue) -> None:

@@ -8,18 +8,20 @@ as the oracle expert), kept as the exact token ids the model saw and produced:
   next message, as concatenated token ids. GeneralPoints episodes are one dialogue; VIRL restarts the
   dialogue with a fresh prompt after every correct action, so its episodes hold one segment per
   decision point.
-- ``loss_mask`` is 1 exactly on response tokens: the tokens the policy generated (including the stop
-  token that ended a response, when the policy generated one). Prompt tokens, image placeholders,
-  the environment's messages and a closing ``<|im_end|>`` the rollout appended itself (after a
-  response cut off at ``max_new_tokens``, or ended by another stop token) are 0.
-- ``sampling_logprobs`` holds each response token's log-prob under the distribution it was drawn
+- ``turn_spans`` are the token ranges of the responses: the tokens the policy generated (including
+  the stop token that ended a response, when the policy generated one). Prompt tokens, image
+  placeholders, the environment's messages and a closing ``<|im_end|>`` the rollout appended itself
+  (after a response cut off at ``max_new_tokens``, or ended by another stop token) lie outside them.
+  The loss mask and the trainable positions are read from the spans, which are stored once.
+- ``response_logprobs`` holds each response token's log-prob under the distribution it was drawn
   from (``log_softmax(logits / temperature)``, temperature 1 for greedy decoding), as recorded by
-  `agents.vlm_policy.VLMPolicy.generate`; it is 0 wherever the mask is 0.
-- Images are uint8 arrays stored once per trajectory; a segment names the one it shows by index.
+  `VLMPolicy.generate`, one per response token.
+- Images are uint8 arrays stored once per trajectory, with their vision-tower inputs prepared once
+  when the dialogue started (`Trajectory.image_inputs`); a segment names the one it shows by index.
 
 Decoded text is never tokenised again to rebuild a trajectory: the policy's generated ids go in as
-they came out, and the environment's messages are added with `VLMPolicy.encode_follow_up`, whose
-tokens are the chat template's own. The responses of a model-free agent (the expert) have no
+they came out, and the environment's messages are added with the encoder's follow-up tokens, whose
+tokens are the chat template's own (`ChatEncoder.encode_follow_up`). The responses of a model-free agent (the expert) have no
 sampled tokens; they are its text tokenised, followed by ``<|im_end|>``, all with loss mask 1 and no
 sampling log-probs (``sampling_temperature is None``). Expert SFT examples are exactly such
 trajectories (`amft_vlm.sft_data`).
@@ -32,68 +34,60 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from agents.chat import Dialogue
 from agents.vision_inputs import ImageInputs, ImageLike
-from agents.vlm_policy import Generation, TokenSequence, VLMPolicy
+from agents.vlm_policy import Generation, TokenSequence
+
+if TYPE_CHECKING:
+    from agents.policy import ChatEncoder
 
 
 @dataclass(frozen=True, eq=False)
 class Segment:
-    """One dialogue of an episode as token ids, with what is trainable and how it was sampled.
+    """One dialogue of an episode as token ids, with its response turns and how they were sampled.
+
+    The turns are stored once, as `turn_spans`; the loss mask and the trainable positions are read
+    from them.
 
     Attributes:
-        token_ids: ``(length,)`` int64 tensor, the prompt, responses and environment messages.
-        loss_mask: ``(length,)`` bool tensor, True exactly on response tokens (the spans in
-            `turn_spans`).
-        sampling_logprobs: ``(length,)`` float32 tensor, each response token's log-prob under the
-            sampling distribution; 0 where `loss_mask` is False, and 0 everywhere for responses
-            not sampled from the policy (see `Trajectory.sampling_temperature`).
+        token_ids: the prompt, responses and environment messages (the ids `TokenSequence` takes as they are).
         turn_spans: ``(start, end)`` token index range of each response, in order.
+        response_logprobs: ``(response tokens,)`` float32 tensor, each response token's log-prob under the
+            sampling distribution, in order; 0 for responses not sampled from the policy (see
+            `Trajectory.sampling_temperature`).
         image_index: index into `Trajectory.images` of the image this dialogue shows, or None.
     """
 
-    token_ids: torch.Tensor
-    loss_mask: torch.Tensor
-    sampling_logprobs: torch.Tensor
+    token_ids: tuple[int, ...]
     turn_spans: tuple[tuple[int, int], ...]
+    response_logprobs: torch.Tensor
     image_index: int | None = None
 
     def __post_init__(self) -> None:
-        length = self.token_ids.shape[0]
-        checks = (
-            ("token_ids", self.token_ids, torch.int64),
-            ("loss_mask", self.loss_mask, torch.bool),
-            ("sampling_logprobs", self.sampling_logprobs, torch.float32),
-        )
-        for name, tensor, dtype in checks:
-            if tensor.dtype != dtype or tensor.shape != (length,):
-                raise ValueError(
-                    f"{name} must be a ({length},) {dtype} tensor; got {tuple(tensor.shape)} {tensor.dtype}"
-                )
+        length = len(self.token_ids)
         if not self.turn_spans:
             raise ValueError("a segment needs at least one response turn")
-        expected_mask = torch.zeros(length, dtype=torch.bool)
         previous_end = 1  # a response never starts at token 0: a prompt comes first
         for start, end in self.turn_spans:
             if not previous_end <= start < end <= length:
-                raise ValueError(
-                    f"turn spans must be non-empty, ordered and inside 1..{length}; got {self.turn_spans}"
-                )
-            expected_mask[start:end] = True
+                raise ValueError(f"turn spans must be non-empty, ordered and inside 1..{length}; got {self.turn_spans}")
             previous_end = end
-        if not torch.equal(self.loss_mask, expected_mask):
-            raise ValueError("loss_mask must be True exactly on the turn spans")
-        if not torch.isfinite(self.sampling_logprobs).all():
-            raise ValueError("sampling_logprobs must be finite")
-        if self.sampling_logprobs[~self.loss_mask].any():
-            raise ValueError("sampling_logprobs must be 0 where loss_mask is False")
+        tokens = sum(end - start for start, end in self.turn_spans)
+        if self.response_logprobs.dtype != torch.float32 or self.response_logprobs.shape != (tokens,):
+            raise ValueError(
+                f"response_logprobs must be a ({tokens},) float32 tensor (one per response token); got "
+                f"{tuple(self.response_logprobs.shape)} {self.response_logprobs.dtype}"
+            )
+        if not torch.isfinite(self.response_logprobs).all():
+            raise ValueError("response_logprobs must be finite")
 
     def __len__(self) -> int:
-        return int(self.token_ids.shape[0])
+        return len(self.token_ids)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Segment):
@@ -101,12 +95,26 @@ class Segment:
         return (
             self.turn_spans == other.turn_spans
             and self.image_index == other.image_index
-            and torch.equal(self.token_ids, other.token_ids)
-            and torch.equal(self.loss_mask, other.loss_mask)
-            and torch.equal(self.sampling_logprobs, other.sampling_logprobs)
+            and self.token_ids == other.token_ids
+            and torch.equal(self.response_logprobs, other.response_logprobs)
         )
 
-    __hash__ = None  # type: ignore[assignment]  # mutable tensors inside; equality is by value
+    __hash__ = None  # type: ignore[assignment]  # a tensor inside; equality is by value
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """``(len(self),)`` bool tensor, True exactly on response tokens."""
+        mask = torch.zeros(len(self.token_ids), dtype=torch.bool)
+        for start, end in self.turn_spans:
+            mask[start:end] = True
+        return mask
+
+    @property
+    def sampling_logprobs(self) -> torch.Tensor:
+        """`response_logprobs` laid out over all ``(len(self),)`` tokens, 0 off the responses."""
+        full = torch.zeros(len(self.token_ids), dtype=torch.float32)
+        full[self.loss_mask] = self.response_logprobs
+        return full
 
     @property
     def num_turns(self) -> int:
@@ -121,7 +129,7 @@ class Segment:
     @property
     def num_response_tokens(self) -> int:
         """Number of trainable (response) tokens."""
-        return int(self.loss_mask.sum())
+        return int(self.response_logprobs.shape[0])
 
     @property
     def trainable_positions(self) -> list[int]:
@@ -131,7 +139,7 @@ class Segment:
     def response_token_ids(self, turn: int) -> list[int]:
         """Token ids of the `turn`-th response of this dialogue."""
         start, end = self.turn_spans[turn]
-        return self.token_ids[start:end].tolist()
+        return list(self.token_ids[start:end])
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,6 +151,9 @@ class Trajectory:
             for VIRL).
         images: the observation images the segments show, uint8 ``H x W x 3`` arrays (read-only),
             each stored once.
+        image_inputs: each image prepared for the vision tower (the same order as `images`), kept from
+            when the trajectory was built so that scoring never processes an image again; empty when
+            not prepared (then `token_sequences` prepares them with the encoder it is given).
         turn_rewards: the reward of each response, in order across segments.
         success: whether the episode was solved.
         seed: the ``reset`` seed of the episode.
@@ -164,6 +175,7 @@ class Trajectory:
     env_id: str
     source: str
     sampling_temperature: float | None
+    image_inputs: tuple[ImageInputs, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.segments:
@@ -179,6 +191,8 @@ class Trajectory:
         for image in self.images:
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"images must be uint8 HxWx3 arrays; got {image.dtype} {image.shape}")
+        if self.image_inputs and len(self.image_inputs) != len(self.images):
+            raise ValueError(f"{len(self.image_inputs)} prepared image inputs for {len(self.images)} images")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Trajectory):
@@ -231,21 +245,29 @@ class Trajectory:
         """Number of trainable tokens: generated by the policy, or the expert's response tokens."""
         return sum(segment.num_response_tokens for segment in self.segments)
 
-    def token_sequences(self, policy: VLMPolicy) -> list[TokenSequence]:
-        """One `TokenSequence` per segment, with its image prepared by `policy`, for teacher forcing.
+    @property
+    def turn_lengths(self) -> list[int]:
+        """Trainable tokens of each response turn, in order across segments."""
+        return [end - start for segment in self.segments for start, end in segment.turn_spans]
+
+    def token_sequences(self, encoder: ChatEncoder | None = None) -> list[TokenSequence]:
+        """One `TokenSequence` per segment, with its prepared image, for teacher forcing.
 
         Pair them with ``[segment.trainable_positions for segment in trajectory.segments]`` in
-        `VLMPolicy.token_logprobs`. Each image is prepared once even if several segments show it.
+        `VLMPolicy.token_logprobs`. The images come from `image_inputs`; only a trajectory built without
+        them needs an `encoder` (a `ChatEncoder` or `VLMPolicy`), which then prepares each image once per call.
         """
-        prepared: dict[int, ImageInputs] = {}
+        prepared = dict(enumerate(self.image_inputs))
         sequences = []
         for segment in self.segments:
             images = None
             if segment.image_index is not None:
                 if segment.image_index not in prepared:
-                    prepared[segment.image_index] = policy.prepare_images([self.images[segment.image_index]])
+                    if encoder is None:
+                        raise ValueError("this trajectory keeps no prepared images: pass the encoder that prepares them")
+                    prepared[segment.image_index] = encoder.prepare_images([self.images[segment.image_index]])
                 images = prepared[segment.image_index]
-            sequences.append(TokenSequence(token_ids=tuple(segment.token_ids.tolist()), images=images))
+            sequences.append(TokenSequence(token_ids=segment.token_ids, images=images))
         return sequences
 
 
@@ -263,10 +285,12 @@ class TrajectoryBuilder:
     for each answer `add_generation` (the policy's sample) or `add_text_response` (a model-free
     agent's text), then `add_user_message` with the environment's reply if the dialogue goes on, and
     `finish` at the end of the episode. `prompt` is the token sequence to generate the next response
-    from; it reuses the segment's prepared image, so the image is processed once per dialogue.
+    from. Each image is prepared once, when its dialogue starts, and the trajectory keeps it
+    (`Trajectory.image_inputs`).
 
     Args:
-        policy: gives the chat template, tokenizer and image processing.
+        encoder: the chat template, tokenizer and image processing (a `ChatEncoder`; a `VLMPolicy`,
+            which holds one, works too). No model is needed.
         seed: the episode's ``reset`` seed.
         group: the episode's group id.
         env_id: the environment id.
@@ -277,7 +301,7 @@ class TrajectoryBuilder:
 
     def __init__(
         self,
-        policy: VLMPolicy,
+        encoder: ChatEncoder,
         *,
         seed: int,
         group: int,
@@ -285,37 +309,38 @@ class TrajectoryBuilder:
         source: str,
         sampling_temperature: float | None,
     ) -> None:
-        self.policy = policy
+        self.encoder = encoder
         self.seed, self.group, self.env_id, self.source = seed, group, env_id, source
         self.sampling_temperature = sampling_temperature
         self._segments: list[Segment] = []
         self._images: list[np.ndarray] = []
+        self._image_inputs: list[ImageInputs] = []
         self._rewards: list[float] = []
         self._token_ids: list[int] = []
         self._logprob_chunks: list[torch.Tensor] = []
         self._spans: list[tuple[int, int]] = []
         self._image_index: int | None = None
-        self._image_inputs: ImageInputs | None = None
         self._open = False
 
     def start_dialogue(self, text: str, *, image: ImageLike | None = None, system: str | None = None) -> None:
         """Close the current dialogue (if any) and start one whose first user message is `text`."""
         self._close_segment()
-        prompt = self.policy.encode_dialogue(Dialogue.start(text, image=image, system=system))
+        prompt = self.encoder.encode_dialogue(Dialogue.start(text, image=image, system=system))
         self._image_index = None
         if image is not None:
             self._images.append(_frozen_uint8_copy(image))
+            self._image_inputs.append(prompt.images)
             self._image_index = len(self._images) - 1
-        self._image_inputs = prompt.images
         self._token_ids = list(prompt.token_ids)
-        self._logprob_chunks = [torch.zeros(len(self._token_ids), dtype=torch.float32)]
+        self._logprob_chunks = []
         self._spans = []
         self._open = True
 
     def prompt(self) -> TokenSequence:
         """The current dialogue's tokens so far, with its image: the prompt for the next response."""
         self._require_open()
-        return TokenSequence(token_ids=tuple(self._token_ids), images=self._image_inputs)
+        images = self._image_inputs[self._image_index] if self._image_index is not None else None
+        return TokenSequence(token_ids=tuple(self._token_ids), images=images)
 
     def add_generation(self, generation: Generation, reward: float) -> None:
         """Append the policy's generated tokens with their sampling log-probs, and their reward."""
@@ -332,7 +357,7 @@ class TrajectoryBuilder:
         These tokens are what the chat template writes for an assistant turn with this text, so a
         policy trained on them learns to close its turn.
         """
-        token_ids = [*self.policy.tokenize(text), self.policy.end_of_turn_token_id]
+        token_ids = [*self.encoder.tokenize(text), self.encoder.end_of_turn_token_id]
         self._add_response(token_ids, torch.zeros(len(token_ids), dtype=torch.float32), reward)
 
     def add_user_message(self, text: str) -> None:
@@ -344,10 +369,8 @@ class TrajectoryBuilder:
         self._require_open()
         if not self._spans:
             raise RuntimeError("add_user_message before any response in this dialogue")
-        closed = self._token_ids[-1] == self.policy.end_of_turn_token_id
-        follow_up = self.policy.encode_follow_up(text, close_assistant_turn=not closed)
-        self._token_ids.extend(follow_up)
-        self._logprob_chunks.append(torch.zeros(len(follow_up), dtype=torch.float32))
+        closed = self._token_ids[-1] == self.encoder.end_of_turn_token_id
+        self._token_ids.extend(self.encoder.encode_follow_up(text, close_assistant_turn=not closed))
 
     def finish(self, *, success: bool) -> Trajectory:
         """Close the last dialogue and return the trajectory."""
@@ -362,6 +385,7 @@ class TrajectoryBuilder:
             env_id=self.env_id,
             source=self.source,
             sampling_temperature=self.sampling_temperature,
+            image_inputs=tuple(self._image_inputs),
         )
 
     @property
@@ -386,18 +410,12 @@ class TrajectoryBuilder:
     def _close_segment(self) -> None:
         if not self._open:
             return
-        length = len(self._token_ids)
-        loss_mask = torch.zeros(length, dtype=torch.bool)
-        for start, end in self._spans:
-            loss_mask[start:end] = True
         self._segments.append(
             Segment(
-                token_ids=torch.tensor(self._token_ids, dtype=torch.int64),
-                loss_mask=loss_mask,
-                sampling_logprobs=torch.cat(self._logprob_chunks),
+                token_ids=tuple(self._token_ids),
                 turn_spans=tuple(self._spans),
+                response_logprobs=torch.cat(self._logprob_chunks) if self._logprob_chunks else torch.zeros(0),
                 image_index=self._image_index,
             )
         )
         self._open = False
-        self._image_inputs = None

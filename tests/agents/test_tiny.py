@@ -21,14 +21,9 @@ MODEL_CLASSES = {
 }
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return {arch: build_tiny_model(arch, tmp_path_factory.mktemp(arch), seed=0) for arch in ARCHITECTURES}
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_checkpoint_loads_back_through_auto_classes(checkpoints, arch):
-    path = checkpoints[arch]
+def test_checkpoint_loads_back_through_auto_classes(tiny_checkpoints, arch):
+    path = tiny_checkpoints[arch]
     model, loading_info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
@@ -50,9 +45,9 @@ def test_checkpoint_loads_back_through_auto_classes(checkpoints, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_config_special_token_ids_match_tokenizer(checkpoints, arch):
-    model = AutoModelForImageTextToText.from_pretrained(checkpoints[arch])
-    tokenizer = AutoTokenizer.from_pretrained(checkpoints[arch])
+def test_config_special_token_ids_match_tokenizer(tiny_checkpoints, arch):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints[arch])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints[arch])
     config = model.config
 
     assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -93,8 +88,8 @@ def test_build_does_not_touch_the_global_torch_seed(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_tokenizer_round_trips_special_tokens_and_task_text(checkpoints):
-    tokenizer = AutoTokenizer.from_pretrained(checkpoints["qwen2-vl"])
+def test_tokenizer_round_trips_special_tokens_and_task_text(tiny_checkpoints):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["qwen2-vl"])
     special_ids = [tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS]
     # Qwen's layout: special tokens right after the BPE vocabulary, in Qwen's order.
     assert special_ids == list(range(special_ids[0], special_ids[0] + len(QWEN_SPECIAL_TOKENS)))
@@ -108,8 +103,8 @@ def test_tokenizer_round_trips_special_tokens_and_task_text(checkpoints):
     assert tokenizer.tokenize("2024") == ["2", "0", "2", "4"]
 
 
-def test_chat_template_renders_qwen_chatml(checkpoints):
-    tokenizer = AutoTokenizer.from_pretrained(checkpoints["qwen2.5-vl"])
+def test_chat_template_renders_qwen_chatml(tiny_checkpoints):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["qwen2.5-vl"])
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many cards?"}]},
         {"role": "assistant", "content": "4"},

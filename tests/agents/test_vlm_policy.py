@@ -1,28 +1,18 @@
-"""VLMPolicy on tiny Qwen2-VL / Qwen2.5-VL checkpoints: encoding, generation and log-prob consistency."""
+"""VLMPolicy on tiny Qwen2-VL / Qwen2.5-VL checkpoints: generation, caches and log-prob consistency.
+
+Encoding alone (no model) is tested in ``test_encoder.py``.
+"""
 
 import numpy as np
 import pytest
 import torch
 
 from agents.chat import ChatTurn, Dialogue
-from agents.tiny import ARCHITECTURES, build_tiny_model
-from agents.vision_inputs import image_token_count
-from agents.vlm_policy import KVPrefix, TokenSequence, VLMPolicy, choose_tokens
+from agents.policy import DialogueCache, GenerationBackend, TokenSequence, VLMPolicy, choose_tokens
+from agents.policy.scoring import shared_prefix_length
+from agents.tiny import ARCHITECTURES
+from tests.conftest import MAX_PIXELS
 from tests.model_hooks import LogitBias
-
-MAX_PIXELS = 28 * 28 * 16
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return {arch: build_tiny_model(arch, tmp_path_factory.mktemp(arch), seed=0) for arch in ARCHITECTURES}
-
-
-@pytest.fixture(scope="module")
-def policies(checkpoints):
-    return {
-        arch: VLMPolicy.from_pretrained(path, max_pixels=MAX_PIXELS) for arch, path in checkpoints.items()
-    }
 
 
 def _image(height, width, seed=0):
@@ -40,83 +30,8 @@ def _prompts(policy):
     ]
 
 
-def test_encode_dialogue_expands_the_image_placeholder(policies):
-    policy = policies["qwen2-vl"]
-    image = _image(1200, 900)
-    sequence = policy.encode_dialogue(Dialogue.start("Describe.", image=image))
-    expected_tokens = image_token_count(1200, 900, min_pixels=policy.min_pixels, max_pixels=MAX_PIXELS)
-
-    assert sequence.images.num_image_tokens == [expected_tokens]
-    assert sequence.token_ids.count(policy.image_token_id) == expected_tokens
-    # The template's single placeholder became a contiguous run between vision_start and vision_end.
-    vision_start = policy.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    start = sequence.token_ids.index(vision_start)
-    run = sequence.token_ids[start + 1 : start + 1 + expected_tokens]
-    assert set(run) == {policy.image_token_id}
-    assert sequence.token_ids[start + 1 + expected_tokens] == policy.tokenizer.convert_tokens_to_ids(
-        "<|vision_end|>"
-    )
-    # Same as expanding in text before tokenising, as Hugging Face processors do.
-    text = policy.render(Dialogue.start("Describe.", image=image), add_generation_prompt=True)
-    assert list(sequence.token_ids) == policy.tokenize(
-        text.replace("<|image_pad|>", "<|image_pad|>" * expected_tokens)
-    )
-    assert policy.decode(sequence.token_ids).endswith("Describe.<|im_end|>\n<|im_start|>assistant\n")
-
-
-@pytest.mark.parametrize("max_pixels", [28 * 28 * 4, 28 * 28 * 64, 28 * 28 * 256])
-def test_max_pixels_sets_the_image_token_count(checkpoints, max_pixels):
-    policy = VLMPolicy.from_pretrained(checkpoints["qwen2.5-vl"], min_pixels=28 * 28, max_pixels=max_pixels)
-    sequence = policy.encode_dialogue(Dialogue.start("Look.", image=_image(1200, 1200)))
-    expected = image_token_count(1200, 1200, min_pixels=28 * 28, max_pixels=max_pixels)
-    assert sequence.token_ids.count(policy.image_token_id) == expected
-    assert expected <= max_pixels // (28 * 28)
-
-
-def test_min_pixels_sets_the_image_token_count(checkpoints):
-    small = _image(40, 60)
-    counts = []
-    for min_pixels in (28 * 28 * 4, 28 * 28 * 36):
-        policy = VLMPolicy.from_pretrained(
-            checkpoints["qwen2-vl"], min_pixels=min_pixels, max_pixels=28 * 28 * 256
-        )
-        sequence = policy.encode_dialogue(Dialogue.start("Look.", image=small))
-        counts.append(sequence.token_ids.count(policy.image_token_id))
-        assert counts[-1] == image_token_count(40, 60, min_pixels=min_pixels, max_pixels=28 * 28 * 256)
-        assert counts[-1] >= min_pixels // (28 * 28)
-    assert counts[0] < counts[1]
-
-
-def test_multi_turn_token_concatenation_equals_the_chat_template(policies):
-    policy = policies["qwen2.5-vl"]
-    responses = [
-        '{"cards": ["10", "J", "2", "K"], "formula": "(10+2)*2"}',
-        "turn_direction(left)",
-        "Sorry, 23.",
-    ]
-    feedback = ["You recognized the wrong cards.", "The formula does not evaluate to 24!", "Try again."]
-    dialogue = Dialogue.start("Make 24 from the four cards.", image=_image(600, 800))
-    trajectory = policy.encode_dialogue(dialogue)
-    for response, message in zip(responses, feedback, strict=True):
-        # Canonical response tokens stand in for generated ones (a trained model emits these).
-        trajectory = trajectory.extended([*policy.tokenize(response), policy.end_of_turn_token_id])
-        trajectory = trajectory.extended(policy.encode_follow_up(message))
-        dialogue = dialogue.with_assistant(response).with_user(message)
-
-    assert trajectory.token_ids == policy.encode_dialogue(dialogue, add_generation_prompt=True).token_ids
-    # Ending after the third response: the template only adds its newline after the final <|im_end|>.
-    closed = policy.encode_dialogue(
-        Dialogue(turns=dialogue.turns[:-1], image=dialogue.image), add_generation_prompt=False
-    )
-    without_last_follow_up = trajectory.token_ids[
-        : len(trajectory) - len(policy.encode_follow_up(feedback[-1]))
-    ]
-    assert closed.token_ids[: len(without_last_follow_up)] == without_last_follow_up
-    assert policy.decode(closed.token_ids[len(without_last_follow_up) :]) == "\n"
-
-
-def test_generated_multi_turn_trajectory_decodes_to_the_rendered_dialogue(policies):
-    policy = policies["qwen2-vl"]
+def test_generated_multi_turn_trajectory_decodes_to_the_rendered_dialogue(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
     dialogue = Dialogue.start("Reach 24.", image=_image(200, 300))
     trajectory = policy.encode_dialogue(dialogue)
     torch.manual_seed(0)
@@ -134,8 +49,12 @@ def test_generated_multi_turn_trajectory_decodes_to_the_rendered_dialogue(polici
     assert policy.decode(trajectory.token_ids) == expected_text
 
 
-def test_greedy_generation_is_deterministic_and_picks_the_arg_max(policies):
-    policy = policies["qwen2-vl"]
+def test_the_policy_is_a_generation_backend(tiny_policies):
+    assert isinstance(tiny_policies["qwen2-vl"], GenerationBackend)
+
+
+def test_greedy_generation_is_deterministic_and_picks_the_arg_max(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
     prompts = _prompts(policy)
     first = policy.generate(prompts, max_new_tokens=8, greedy=True)
     second = policy.generate(prompts, max_new_tokens=8, greedy=True)
@@ -157,8 +76,8 @@ def test_greedy_generation_is_deterministic_and_picks_the_arg_max(policies):
         assert predicted.tolist() == generation.token_ids
 
 
-def test_sampling_is_reproducible_with_the_torch_seed(policies):
-    policy = policies["qwen2.5-vl"]
+def test_sampling_is_reproducible_with_the_torch_seed(tiny_policies):
+    policy = tiny_policies["qwen2.5-vl"]
     prompts = _prompts(policy)
     samples = []
     for seed in (11, 11, 12):
@@ -168,8 +87,8 @@ def test_sampling_is_reproducible_with_the_torch_seed(policies):
     assert samples[0] != samples[2]
 
 
-def test_checkpoint_sampling_defaults_do_not_leak_into_generate(policies):
-    policy = policies["qwen2-vl"]
+def test_checkpoint_sampling_defaults_do_not_leak_into_generate(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
     # The tiny checkpoint ships Qwen-Instruct-like near-greedy defaults on purpose; top_k=1 would make
     # every sample the arg-max.
     assert policy.checkpoint_generation_config.top_k == 1
@@ -209,8 +128,8 @@ def _next_turn(policy, prompt, generation, message):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_cached_turns_match_turns_encoded_from_scratch(policies, arch):
-    policy = policies[arch]
+def test_cached_turns_match_turns_encoded_from_scratch(tiny_policies, arch):
+    policy = tiny_policies[arch]
     prompts = _prompts(policy)
     with LogitBias(policy, bias=3.0):
         first = policy.generate(prompts, max_new_tokens=10, greedy=True, keep_cache=True)
@@ -239,8 +158,8 @@ def test_cached_turns_match_turns_encoded_from_scratch(policies, arch):
         assert (with_cache.logprobs - teacher_forced).abs().max().item() < 1e-4
 
 
-def test_sampled_cached_turns_reproduce_teacher_forced_logprobs(policies):
-    policy = policies["qwen2-vl"]
+def test_sampled_cached_turns_reproduce_teacher_forced_logprobs(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
     prompts = _prompts(policy)
     torch.manual_seed(5)
     with LogitBias(policy, bias=2.0):
@@ -266,8 +185,8 @@ def test_sampled_cached_turns_reproduce_teacher_forced_logprobs(policies):
         assert (generation.logprobs - logprobs).abs().max().item() < 1e-4
 
 
-def test_a_cache_that_is_not_a_prefix_is_ignored(policies):
-    policy = policies["qwen2-vl"]
+def test_a_cache_that_is_not_a_prefix_is_ignored(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
     prompts = _prompts(policy)
     first = policy.generate(prompts, max_new_tokens=4, greedy=True, keep_cache=True)
     # Row 0 gets row 2's cache (other tokens and image), row 1 its own cache but with other images,
@@ -279,10 +198,10 @@ def test_a_cache_that_is_not_a_prefix_is_ignored(policies):
         ).images,
     )
     stale = [first[2].cache, first[0].cache, first[2].cache]
-    assert not first[2].cache.is_prefix_of(prompts[0])
-    assert not first[0].cache.is_prefix_of(other_image.extended(first[0].token_ids))
-    same_length = KVPrefix(prompts[2].token_ids, prompts[2].images, first[2].cache.layers, 0)
-    assert not same_length.is_prefix_of(prompts[2])
+    assert not first[2].cache.is_continued_by(prompts[0])
+    assert not first[0].cache.is_continued_by(other_image.extended(first[0].token_ids))
+    same_length = DialogueCache(prompts[2].token_ids, prompts[2].images, first[2].cache.layers, 0)
+    assert not same_length.is_continued_by(prompts[2])
     inputs = [prompts[0], other_image.extended(first[0].token_ids), prompts[2]]
     with_stale = policy.generate(inputs, max_new_tokens=6, greedy=True, caches=stale)
     without = policy.generate(inputs, max_new_tokens=6, greedy=True)
@@ -293,8 +212,8 @@ def test_a_cache_that_is_not_a_prefix_is_ignored(policies):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize(("greedy", "temperature"), [(False, 0.8), (True, 1.0)])
-def test_teacher_forced_logprobs_reproduce_sampling_logprobs(policies, arch, greedy, temperature):
-    policy = policies[arch]
+def test_teacher_forced_logprobs_reproduce_sampling_logprobs(tiny_policies, arch, greedy, temperature):
+    policy = tiny_policies[arch]
     prompts = _prompts(policy)
     assert len({len(prompt) for prompt in prompts}) == len(prompts)  # really padded
     mixed_lengths = False
@@ -318,8 +237,8 @@ def test_teacher_forced_logprobs_reproduce_sampling_logprobs(policies, arch, gre
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_generate_and_teacher_forcing_use_the_same_rope_positions(policies, arch):
-    policy = policies[arch]
+def test_generate_and_teacher_forcing_use_the_same_rope_positions(tiny_policies, arch):
+    policy = tiny_policies[arch]
     prompts = _prompts(policy)
     seen = []
 
@@ -351,10 +270,10 @@ def test_generate_and_teacher_forcing_use_the_same_rope_positions(policies, arch
     assert not torch.equal(image_positions[1], image_positions[2])
 
 
-def test_text_only_batches_and_eager_attention_agree(checkpoints, policies):
-    sdpa = policies["qwen2-vl"]
+def test_text_only_batches_and_eager_attention_agree(tiny_checkpoints, tiny_policies):
+    sdpa = tiny_policies["qwen2-vl"]
     eager = VLMPolicy.from_pretrained(
-        checkpoints["qwen2-vl"], attn_implementation="eager", max_pixels=MAX_PIXELS
+        tiny_checkpoints["qwen2-vl"], attn_implementation="eager", max_pixels=MAX_PIXELS
     )
     prompts = [
         sdpa.encode_dialogue(Dialogue.start("Go north.")),
@@ -371,8 +290,8 @@ def test_text_only_batches_and_eager_attention_agree(checkpoints, policies):
                 assert (logprobs - generation.logprobs).abs().max().item() < 1e-4
 
 
-def test_bfloat16_policy_generates_and_scores(checkpoints):
-    policy = VLMPolicy.from_pretrained(checkpoints["qwen2.5-vl"], dtype="bfloat16", max_pixels=MAX_PIXELS)
+def test_bfloat16_policy_generates_and_scores(tiny_checkpoints):
+    policy = VLMPolicy.from_pretrained(tiny_checkpoints["qwen2.5-vl"], dtype="bfloat16", max_pixels=MAX_PIXELS)
     assert policy.dtype == torch.bfloat16
     prompts = _prompts(policy)[:2]
     generations = policy.generate(prompts, temperature=1.0, max_new_tokens=4)
@@ -387,8 +306,8 @@ def test_bfloat16_policy_generates_and_scores(checkpoints):
         assert (logprobs - generation.logprobs).abs().max().item() < 0.25
 
 
-def test_token_logprobs_carry_gradients(policies):
-    policy = policies["qwen2-vl"]
+def test_token_logprobs_carry_gradients(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
     sequence = policy.encode_dialogue(Dialogue.start("Hi", image=_image(100, 100))).extended(
         policy.tokenize("ok")
     )
@@ -400,9 +319,9 @@ def test_token_logprobs_carry_gradients(policies):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_shared_prefix_gives_the_padded_pass_logprobs_and_gradients(policies, arch):
+def test_shared_prefix_gives_the_padded_pass_logprobs_and_gradients(tiny_policies, arch):
     """A batch that shares its first tokens runs them once: same log-probs, entropies and gradients."""
-    policy = policies[arch]
+    policy = tiny_policies[arch]
     shared = "Rules of the game, the same for every row, long enough to be worth sharing. "
     answers = ["{'a': 1}", "{'formula': '(10+2)*2=24'} with a longer tail", "ok"]
     sequences, targets = [], []
@@ -411,7 +330,7 @@ def test_shared_prefix_gives_the_padded_pass_logprobs_and_gradients(policies, ar
         sequence = prompt.extended(policy.tokenize(answer) + [policy.end_of_turn_token_id])
         sequences.append(sequence)
         targets.append(list(range(len(prompt), len(sequence))))
-    assert policy._shared_prefix_length(sequences, targets) >= 16
+    assert shared_prefix_length(sequences, targets) >= 16
     results = {}
     for share in (False, True):
         policy.model.zero_grad(set_to_none=True)
@@ -427,20 +346,20 @@ def test_shared_prefix_gives_the_padded_pass_logprobs_and_gradients(policies, ar
         torch.testing.assert_close(results[True][2][name], gradient, atol=1e-4, rtol=1e-3, msg=name)
 
 
-def test_prefix_is_not_shared_with_images_a_single_row_or_a_target_inside_it(policies):
-    policy = policies["qwen2-vl"]
+def test_prefix_is_not_shared_with_images_a_single_row_or_a_target_inside_it(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
     text = "A long common opening that would be shared if nothing else stopped it. "
     rows = [policy.encode_dialogue(Dialogue.start(text + tail)) for tail in ("one", "two")]
     late = [[len(row) - 1] for row in rows]
-    assert policy._shared_prefix_length(rows, late) >= 16
-    assert policy._shared_prefix_length(rows[:1], late[:1]) == 0
-    assert policy._shared_prefix_length(rows, [[3], late[1]]) == 0  # a target needs the logit at position 2
+    assert shared_prefix_length(rows, late) >= 16
+    assert shared_prefix_length(rows[:1], late[:1]) == 0
+    assert shared_prefix_length(rows, [[3], late[1]]) == 0  # a target needs the logit at position 2
     with_image = policy.encode_dialogue(Dialogue.start(text + "one", image=_image(56, 56)))
-    assert policy._shared_prefix_length([with_image, rows[1]], [[len(with_image) - 1], late[1]]) == 0
+    assert shared_prefix_length([with_image, rows[1]], [[len(with_image) - 1], late[1]]) == 0
 
 
-def test_generation_stops_at_end_of_turn(policies):
-    policy = policies["qwen2.5-vl"]
+def test_generation_stops_at_end_of_turn(tiny_policies):
+    policy = tiny_policies["qwen2.5-vl"]
     with LogitBias(policy, bias=100.0):
         (generation,) = policy.generate(_prompts(policy)[:1], max_new_tokens=8, greedy=True)
     assert generation.finished
@@ -448,8 +367,8 @@ def test_generation_stops_at_end_of_turn(policies):
     assert generation.text == ""
 
 
-def test_vision_placeholders_are_never_generated(policies):
-    policy = policies["qwen2-vl"]
+def test_vision_placeholders_are_never_generated(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
     prompts = _prompts(policy)
     torch.manual_seed(0)
     with LogitBias(policy, bias=100.0, token_id=policy.image_token_id):
@@ -464,8 +383,8 @@ def test_vision_placeholders_are_never_generated(policies):
         assert (logprobs - generation.logprobs).abs().max().item() < 1e-4
 
 
-def test_invalid_inputs_are_rejected_with_a_clear_message(policies):
-    policy = policies["qwen2-vl"]
+def test_invalid_inputs_are_rejected_with_a_clear_message(tiny_policies):
+    policy = tiny_policies["qwen2-vl"]
     prompt = policy.encode_dialogue(Dialogue.start("Look.", image=_image(100, 100)))
     with pytest.raises(ValueError, match="image_pad"):
         policy.generate([TokenSequence(prompt.token_ids, images=None)], max_new_tokens=2)
@@ -479,16 +398,16 @@ def test_invalid_inputs_are_rejected_with_a_clear_message(policies):
         VLMPolicy.from_pretrained("unused", dtype="float64")
 
 
-def test_chunked_logprobs_and_entropies_equal_one_chunk_with_gradients(policies, monkeypatch):
+def test_chunked_logprobs_and_entropies_equal_one_chunk_with_gradients(tiny_policies, monkeypatch):
     """Log-probs are computed in chunks recomputed in the backward pass; entropies without a graph."""
-    import agents.vlm_policy as vlm_policy
+    from agents.policy import scoring
 
-    policy = policies["qwen2-vl"]
+    policy = tiny_policies["qwen2-vl"]
     sequences = [prompt.extended(policy.tokenize("10*3-6*1=24 then more words")) for prompt in _prompts(policy)]
     targets = [range(len(s) - 12, len(s)) for s in sequences]
     results = {}
-    for chunk in (vlm_policy.SCORE_CHUNK, 5):
-        monkeypatch.setattr(vlm_policy, "SCORE_CHUNK", chunk)
+    for chunk in (scoring.SCORE_CHUNK, 5):
+        monkeypatch.setattr(scoring, "SCORE_CHUNK", chunk)
         logprobs, entropies = policy.token_logprobs(sequences, targets, with_entropy=True, temperature=0.7)
         assert all(not e.requires_grad for e in entropies)
         sum(lp.sum() for lp in logprobs).backward()
@@ -500,8 +419,8 @@ def test_chunked_logprobs_and_entropies_equal_one_chunk_with_gradients(policies,
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
 
 
-def test_bf16_autocast_keeps_the_key_value_cache_in_bf16_and_scores_close_to_float32(checkpoints):
-    policy = VLMPolicy.from_pretrained(checkpoints["qwen2.5-vl"], max_pixels=MAX_PIXELS)
+def test_bf16_autocast_keeps_the_key_value_cache_in_bf16_and_scores_close_to_float32(tiny_checkpoints):
+    policy = VLMPolicy.from_pretrained(tiny_checkpoints["qwen2.5-vl"], max_pixels=MAX_PIXELS)
     prompts = _prompts(policy)[:2]
     torch.manual_seed(0)
     reference = policy.generate(prompts, greedy=True, max_new_tokens=4, keep_cache=True)

@@ -1,37 +1,6 @@
-"""Shared fixtures of the amft_vlm tests: tiny Qwen2-VL / Qwen2.5-VL checkpoints and policies."""
+"""The amft_vlm tests use the suite's fixtures in ``tests/conftest.py``; `MAX_PIXELS` is re-exported for
+the tests that import it from here."""
 
-import pytest
-import torch
+from tests.conftest import MAX_PIXELS
 
-from agents.tiny import ARCHITECTURES, build_tiny_model
-from agents.vlm_policy import VLMPolicy
-
-MAX_PIXELS = 28 * 28 * 16
-"""At most 16 image tokens per image, so vision tests stay fast."""
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory):
-    """Checkpoint directory of each tiny architecture, built once per test session."""
-    return {arch: build_tiny_model(arch, tmp_path_factory.mktemp(arch), seed=0) for arch in ARCHITECTURES}
-
-
-@pytest.fixture(scope="session")
-def tiny_policies(tiny_checkpoints):
-    """A float32 CPU `VLMPolicy` per tiny architecture (images capped at `MAX_PIXELS`)."""
-    return {
-        arch: VLMPolicy.from_pretrained(path, max_pixels=MAX_PIXELS)
-        for arch, path in tiny_checkpoints.items()
-    }
-
-
-@pytest.fixture
-def one_torch_thread():
-    """Run torch on one thread for the test: the tiny models are faster so on a shared machine, and steadier.
-
-    Use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+__all__ = ["MAX_PIXELS"]

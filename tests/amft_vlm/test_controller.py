@@ -16,6 +16,7 @@ from amft_vlm.controller import (
     leave_one_out_advantages,
     mixed_adamw_step,
 )
+from amft_vlm.methods import ControllerUse
 
 DIM = 40
 
@@ -211,11 +212,11 @@ def test_non_finite_signals_are_skipped_never_applied(bad):
 
 
 def test_switched_off_terms_are_exactly_zero():
-    no_entropy = MuController(ControllerConfig(mu_init=0.5, warmup_steps=0, eta_h=1.0), use_entropy=False)
+    no_entropy = MuController(ControllerConfig(mu_init=0.5, warmup_steps=0, eta_h=1.0), ControllerUse(entropy=False))
     no_entropy.set_target_entropy(5.0)
     no_entropy.update(entropy=0.0, meta_signal=1.0)
     assert no_entropy.state.last_entropy_term == 0.0 and no_entropy.state.last_meta_term != 0.0
-    no_meta = MuController(ControllerConfig(mu_init=0.5, warmup_steps=0, eta_h=1.0), use_meta=False)
+    no_meta = MuController(ControllerConfig(mu_init=0.5, warmup_steps=0, eta_h=1.0), ControllerUse(meta=False))
     assert not any(no_meta.wants_meta_gradient(step) for step in range(50))
     no_meta.set_target_entropy(1.0)
     no_meta.update(entropy=0.0, meta_signal=1.0)
@@ -239,7 +240,9 @@ def test_warmup_schedule_meta_interval_and_target_entropy():
     controller.observe_target_entropy(7.0)
     assert controller.state.target_entropy == pytest.approx(4.0)  # the mean of the 3 finite values
     assert not controller.needs_target_entropy(6)
-    assert MuController(ControllerConfig(), warmup_steps=0).mu_for_step(0) == 0.5  # the no-warmup ablation
+    no_warmup = MuController(ControllerConfig(warmup_steps=50), ControllerUse(warmup=False))
+    assert no_warmup.warmup_steps == 0 and no_warmup.mu_for_step(0) == 0.5  # the controller from step 0
+    assert no_warmup.wants_meta_gradient(0) and no_warmup.needs_target_entropy(0)
 
 
 def test_state_round_trip():

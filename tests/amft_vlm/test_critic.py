@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from agents.baselines import RandomTextAgent
-from amft_vlm.critic import ValueHead, credited_rewards, decision_states, gae_turn_advantages
+from amft_vlm.advantages import gae_turn_advantages
+from amft_vlm.critic import ValueHead, credited_rewards, decision_states
 from amft_vlm.rollout import RolloutEngine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

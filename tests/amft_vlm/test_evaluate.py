@@ -1,4 +1,5 @@
-"""Evaluation: sanity rows (expert 100%, random 0%) on every setting, standard errors, records, the CLI."""
+"""Evaluation: sanity rows (expert 100%, random 0%) on every setting, the metrics, records, the CLI, and the
+agents' records of the per-episode loop the rollout engine replaced."""
 
 import json
 import math
@@ -8,16 +9,9 @@ import pytest
 from agents.baselines import ExpertAgent, GeneralPointsFormatAgent, RandomTextAgent
 from amft_vlm import evaluate as evaluation
 from amft_vlm.cli import main
-from amft_vlm.evaluate import (
-    EpisodeOutcome,
-    Metric,
-    comparison_table,
-    compute_metrics,
-    evaluate,
-    load_record,
-    paper_setting,
-    write_record,
-)
+from amft_vlm.episode_metrics import EpisodeOutcome, Metric, compute_metrics
+from amft_vlm.evaluate import comparison_table, evaluate, load_record, paper_setting, write_record
+from tests.amft_vlm.model_free import AGENTS, ORACLE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,6 +46,11 @@ def _assert_shares_sum_to_one(record):
     assert math.isclose(sum(metric.value for metric in record.verdict_shares.values()), 1.0)
 
 
+def _episode(seed, verdicts, success):
+    """A hand-made outcome whose answers earn +1 when correct and -1 otherwise."""
+    return EpisodeOutcome(seed, verdicts, tuple(1.0 if verdict == "correct" else -1.0 for verdict in verdicts), success)
+
+
 @pytest.mark.parametrize(("env_id", "setting", "modality"), ALL_SETTINGS)
 def test_expert_solves_everything_and_random_nothing(env_id, setting, modality):
     expert = _evaluate_agent(ExpertAgent(), env_id, setting, modality)
@@ -60,7 +59,7 @@ def test_expert_solves_everything_and_random_nothing(env_id, setting, modality):
     assert expert.setting == random.setting == name
     assert expert.episodes == random.episodes == SMALL[env_id]
     for key, metric in expert.metrics.items():
-        if key != "mean_turns":
+        if key not in ("mean_turns", "mean_return"):
             assert (metric.value, metric.stderr) == (1.0, 0.0), key
     assert expert.verdict_shares["correct"].value == 1.0
     assert random.metrics["success_rate"].value == random.metrics["first_attempt_success"].value == 0.0
@@ -73,6 +72,7 @@ def test_expert_solves_everything_and_random_nothing(env_id, setting, modality):
     assert random.metrics["retry_success"] == Metric.proportion(0, SMALL[env_id])
     if env_id == "GeneralPoints-v0":
         assert expert.metrics["mean_turns"].value == 1.0
+        assert expert.metrics["mean_return"] == Metric(5.0, 0.0, SMALL[env_id])  # one correct answer, +5
         assert random.metrics["mean_turns"].value == 6.0  # 5 verified attempts and the unread 6th
     else:
         assert random.metrics["step_accuracy"].value == 0.0
@@ -94,12 +94,14 @@ def test_standard_errors():
 
 def test_metrics_of_hand_made_episodes():
     outcomes = [
-        EpisodeOutcome(0, ("correct",), True),
-        EpisodeOutcome(1, ("wrong_cards", "wrong_numbers", "correct"), True),
-        EpisodeOutcome(2, ("wrong_cards",) * 5 + ("out_of_attempts",), False),
-        EpisodeOutcome(3, ("missing_formula",) * 5 + ("out_of_attempts",), False),
+        _episode(0, ("correct",), True),
+        _episode(1, ("wrong_cards", "wrong_numbers", "correct"), True),
+        _episode(2, ("wrong_cards",) * 5 + ("out_of_attempts",), False),
+        _episode(3, ("missing_formula",) * 5 + ("out_of_attempts",), False),
     ]
     metrics, shares = compute_metrics(outcomes, "GeneralPoints-v0", "vision")
+    assert metrics["mean_return"] == Metric.mean([1.0, -1.0, -6.0, -6.0])
+    assert (metrics["mean_return"].value, metrics["mean_return"].stderr) == (-3.0, pytest.approx(math.sqrt(38 / 3 / 4)))
     assert metrics["success_rate"].value == 0.5
     assert metrics["success_rate"].stderr == pytest.approx(math.sqrt(0.25 / 4))
     assert metrics["first_attempt_success"].value == 0.25
@@ -117,9 +119,9 @@ def test_metrics_of_hand_made_episodes():
 
 def test_retry_success_and_valid_formula_rate():
     outcomes = [
-        EpisodeOutcome(0, ("correct",), True),
-        EpisodeOutcome(1, ("grammar_error", "wrong_numbers", "correct"), True),
-        EpisodeOutcome(
+        _episode(0, ("correct",), True),
+        _episode(1, ("grammar_error", "wrong_numbers", "correct"), True),
+        _episode(
             2, ("missing_formula", "illegal_formula", "no_solution", "partial", "wrong_numbers", "out_of_attempts"), False
         ),
     ]
@@ -138,10 +140,10 @@ def test_retry_success_and_valid_formula_rate():
 
 
 def test_conditional_metrics_are_absent_without_items():
-    solved, _ = compute_metrics([EpisodeOutcome(seed, ("correct",), True) for seed in range(3)], "GeneralPoints-v0", "language")
+    solved, _ = compute_metrics([_episode(seed, ("correct",), True) for seed in range(3)], "GeneralPoints-v0", "language")
     assert "retry_success" not in solved
     assert solved["valid_formula_rate"] == Metric.proportion(3, 3)
-    blind = [EpisodeOutcome(0, ("wrong_cards",) * 5 + ("out_of_attempts",), False)]
+    blind = [_episode(0, ("wrong_cards",) * 5 + ("out_of_attempts",), False)]
     metrics, _ = compute_metrics(blind, "GeneralPoints-v0", "vision")
     assert "valid_formula_rate" not in metrics  # no answer's formula was checked
     assert metrics["retry_success"] == Metric.proportion(0, 1)
@@ -150,10 +152,10 @@ def test_conditional_metrics_are_absent_without_items():
 
 def test_virl_retry_success():
     outcomes = [
-        EpisodeOutcome(0, ("correct", "correct", "correct"), True),
-        EpisodeOutcome(1, ("wrong_action", "correct", "correct"), True),
-        EpisodeOutcome(2, ("correct", "no_action", "wrong_observation", "out_of_attempts"), False),
-        EpisodeOutcome(3, ("correct", "correct", "wrong_action", "correct"), True),
+        _episode(0, ("correct", "correct", "correct"), True),
+        _episode(1, ("wrong_action", "correct", "correct"), True),
+        _episode(2, ("correct", "no_action", "wrong_observation", "out_of_attempts"), False),
+        _episode(3, ("correct", "correct", "wrong_action", "correct"), True),
     ]
     metrics, _ = compute_metrics(outcomes, "VIRL-v0", "language")
     # Episodes 1, 2 and 3 failed an attempt somewhere; 1 and 3 still reached the destination.
@@ -259,19 +261,48 @@ def test_tiny_model_through_the_rollout_engine(tmp_path, capsys):
     assert "| tiny:qwen2-vl | GP-L id | all | greedy | 4 |" in capsys.readouterr().out
 
 
-def test_engine_and_agent_paths_record_the_same_outcomes(tiny_policies):
-    import gymnasium as gym
+def test_metrics_of_an_environment_without_its_own():
+    outcomes = [EpisodeOutcome(0, ("", ""), (0.25, 0.5), False), EpisodeOutcome(1, ("",), (1.0,), True)]
+    metrics, shares = compute_metrics(outcomes)
+    assert list(metrics) == ["success_rate", "first_attempt_success", "retry_success", "mean_turns", "mean_return"]
+    assert metrics["mean_return"].value == 0.875 and metrics["mean_turns"].value == 1.5
+    assert shares == {"": Metric.proportion(3, 3)}
+    with pytest.raises(ValueError, match="one verdict per reward"):
+        EpisodeOutcome(0, ("correct",), (), True)
+    with pytest.raises(ValueError, match="no episodes"):
+        compute_metrics([])
 
-    from amft_vlm.rollout import RolloutEngine
 
-    seeds = list(range(6))
-    kwargs = {"modality": "language"}
-    by_agent = evaluation._play_agent(
-        evaluation.VerdictRecorder(gym.make("GeneralPoints-v0", **kwargs), {}), GeneralPointsFormatAgent(seed=0), seeds, progress=False
+@pytest.mark.parametrize("case", ORACLE["evaluations"], ids=lambda case: "-".join(map(str, case["args"][:4])))
+def test_agent_evaluations_reproduce_the_records_of_the_replaced_loop(case):
+    env_id, setting, modality, agent, seed, episodes = case["args"]
+    record = evaluate(
+        env_id=env_id, setting=setting, modality=modality, episodes=episodes, seed=seed, agent=AGENTS[agent](),
+        env_kwargs={"resolution": 64} if modality == "vision" else None, progress=False,
+    ).to_dict()
+    expected = case["record"]
+    assert {key: record[key] for key in expected if key != "metrics"} == {key: value for key, value in expected.items() if key != "metrics"}
+    # The same metrics, and the mean return the records did not have yet.
+    assert {name: value for name, value in record["metrics"].items() if name != "mean_return"} == expected["metrics"]
+
+
+@pytest.mark.parametrize("result", ORACLE["play"], ids=lambda result: f"{result['setting']}-{result['agent']}")
+def test_play_reproduces_the_replaced_loop(result):
+    setting, modality = evaluation.paper_settings("GeneralPoints-v0")[result["setting"]]
+    record = evaluate(
+        setting=setting, modality=modality, split="all", episodes=result["episodes"], seed=2, agent=AGENTS[result["agent"]](),
+        env_kwargs={"resolution": 64}, progress=False,
     )
-    recorded: dict[int, EpisodeOutcome] = {}
-    engine = RolloutEngine(tiny_policies["qwen2-vl"], lambda: evaluation.VerdictRecorder(gym.make("GeneralPoints-v0", **kwargs), recorded))
-    with engine:
-        trajectories, _ = engine.collect(seeds, responder=GeneralPointsFormatAgent(seed=0), progress=False)
-    assert [recorded[seed] for seed in seeds] == by_agent
-    assert [len(recorded[t.seed].verdicts) for t in trajectories] == [t.num_turns for t in trajectories]
+    successes = record.metrics["success_rate"].value * record.episodes
+    assert (successes, record.metrics["mean_return"].value, record.metrics["mean_turns"].value) == (
+        result["successes"], result["mean_return"], result["mean_answers"]
+    )
+
+
+def test_play_command_line(capsys):
+    argv = ["play", "--setting", "GP-L id", "--agent", "expert", "random", "--episodes", "3", "--resolution", "64"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| setting | agent | episodes | success rate | mean return | answers per episode |"
+    # Random text is a missing formula (-3) five times, then the unread sixth answer (-1).
+    assert lines[2:] == ["| GP-L id | expert | 3 | 100.0% | +5.00 | 1.00 |", "| GP-L id | random | 3 | 0.0% | -16.00 | 6.00 |"]

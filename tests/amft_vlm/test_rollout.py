@@ -1,4 +1,5 @@
-"""The rollout engine on tiny Qwen-VL policies: token layout, log-prob consistency, grouping, batching."""
+"""The rollout engine: token layout, log-prob consistency, grouping and batching on tiny Qwen-VL policies;
+model-free agents without a policy, checked against the per-episode loop it replaced; the statistics."""
 
 import gymnasium as gym
 import pytest
@@ -9,7 +10,9 @@ import environments  # noqa: F401  (registers the environments)
 from agents.baselines import ExpertAgent
 from agents.chat import ChatTurn, Dialogue
 from agents.tiny import ARCHITECTURES
+from amft_vlm.episode_metrics import EpisodeOutcome
 from amft_vlm.rollout import RolloutEngine, RolloutStats
+from tests.amft_vlm.model_free import AGENTS, ORACLE, episode_summary
 from tests.model_hooks import LogitBias
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -83,7 +86,7 @@ def _summary(trajectory):
     """Everything of a trajectory but the float log-probs, as plain values."""
     return (
         [
-            (s.token_ids.tolist(), s.loss_mask.tolist(), s.turn_spans, s.image_index)
+            (list(map(int, s.token_ids)), s.loss_mask.tolist(), s.turn_spans, s.image_index)
             for s in trajectory.segments
         ],
         trajectory.turn_rewards,
@@ -106,7 +109,7 @@ def test_loss_mask_covers_exactly_the_generated_tokens(tiny_policies, env_name):
     for trajectory, dialogues in zip(trajectories, recorder.episodes, strict=True):
         assert len(trajectory.segments) == len(dialogues)
         for segment, dialogue in zip(trajectory.segments, dialogues, strict=True):
-            tokens, mask = segment.token_ids, segment.loss_mask
+            tokens, mask = torch.as_tensor(segment.token_ids), segment.loss_mask
             assert not mask[: segment.prompt_length].any()
             assert not mask[tokens == policy.image_token_id].any()
             answers = [turn.text for turn in dialogue.turns if turn.role == "assistant"]
@@ -175,12 +178,12 @@ def test_group_sampling_shares_the_start_state_and_not_the_samples(tiny_policies
 
     assert [(t.seed, t.group) for t in trajectories] == [(11, 0)] * 3 + [(12, 1)] * 3
     for group in (trajectories[:3], trajectories[3:]):
-        prompts = {tuple(t.segments[0].token_ids[: t.segments[0].prompt_length].tolist()) for t in group}
+        prompts = {tuple(map(int, t.segments[0].token_ids[: t.segments[0].prompt_length])) for t in group}
         assert len(prompts) == 1  # same seed, same hand
         first_answers = {tuple(t.segments[0].response_token_ids(0)) for t in group}
         assert len(first_answers) == 3  # distinct sampling randomness
     first, other = (t.segments[0] for t in (trajectories[0], trajectories[3]))
-    assert first.token_ids[: first.prompt_length].tolist() != other.token_ids[: other.prompt_length].tolist()
+    assert list(map(int, first.token_ids[: first.prompt_length])) != list(map(int, other.token_ids[: other.prompt_length]))
 
     again, _ = engine.collect([11, 12], group_size=3, sampling_seed=5, progress=False)
     assert again == trajectories
@@ -196,7 +199,7 @@ def test_sampled_episodes_do_not_depend_on_batch_neighbours_or_how_the_seeds_are
     def collect(seeds, num_envs):
         engine = RolloutEngine(policy, "GeneralPoints-v0", env_kwargs={"modality": "language"}, num_envs=num_envs, max_new_tokens=10)
         trajectories, _ = engine.collect(seeds, group_size=2, sampling_seed=7, progress=False)
-        return [(t.seed, [s.token_ids.tolist() for s in t.segments]) for t in trajectories]
+        return [(t.seed, [list(map(int, s.token_ids)) for s in t.segments]) for t in trajectories]
 
     together = collect([21, 22, 23], num_envs=6)
     assert collect([21, 22, 23], num_envs=1) == together
@@ -325,30 +328,123 @@ def test_the_expert_solves_every_episode_through_the_engine(tiny_policies, env_i
         if env_id == "VIRL-v0":
             assert len(trajectory.segments) == trajectory.num_turns > 1  # one correct answer per dialogue
         for segment in trajectory.segments:
-            assert not segment.loss_mask[segment.token_ids == policy.image_token_id].any()
+            assert not segment.loss_mask[torch.as_tensor(segment.token_ids) == policy.image_token_id].any()
             for turn in range(segment.num_turns):
                 assert segment.response_token_ids(turn)[-1] == policy.end_of_turn_token_id
 
 
-def test_stats_summarise_the_collection(tiny_policies):
+def test_stats_are_computed_from_the_outcomes():
+    outcomes = [
+        EpisodeOutcome(0, ("wrong_numbers", "correct"), (-1.0, 5.0), True),
+        EpisodeOutcome(1, ("missing_formula",) * 5 + ("out_of_attempts",), (-3.0,) * 5 + (-1.0,), False),
+        EpisodeOutcome(2, ("correct",), (5.0,), True),
+    ]
+    stats = RolloutStats.from_outcomes(outcomes, response_tokens=90, total_tokens=600, wall_seconds=2.0, generate_seconds=1.5, generate_calls=6)
+    # Returns 4, -16 and 5; 2, 6 and 1 answers.
+    assert stats == RolloutStats(
+        episodes=3, successes=2, mean_return=-7 / 3, mean_turns=3.0, response_tokens=90, total_tokens=600,
+        wall_seconds=2.0, generate_seconds=1.5, generate_calls=6,
+    )
+    assert (stats.success_rate, stats.episodes_per_second, stats.response_tokens_per_second) == (2 / 3, 1.5, 45.0)
+    assert stats.summary() == (
+        "3 episodes: success rate 66.7%, mean return -2.33, 3.00 turns and 30.0 response tokens per episode; "
+        "1.50 episodes/s, 45 response tokens/s"
+    )
+    text_only = RolloutStats.from_outcomes(outcomes[2:], wall_seconds=0.5)
+    assert text_only.summary() == "1 episodes: success rate 100.0%, mean return +5.00, 1.00 turns per episode; 2.00 episodes/s"
+    assert RolloutStats.from_outcomes([], wall_seconds=0.0).episodes == 0
+
+
+class ScriptedAnswers(gym.Wrapper):
+    """Whatever it is told, answers ``"no idea"`` the first ``wrong[seed]`` times of an episode, then the expert's answer."""
+
+    def __init__(self, env, wrong):
+        super().__init__(env)
+        self.wrong = wrong
+
+    def reset(self, *, seed=None, options=None):
+        self.wrong_left = self.wrong[seed]
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        action = "no idea" if self.wrong_left > 0 else self.env.unwrapped.expert_response()
+        self.wrong_left -= 1
+        return self.env.step(action)
+
+
+def test_stats_of_a_collection_with_known_answers(tiny_policies):
     policy = tiny_policies["qwen2-vl"]
-    engine = RolloutEngine(
-        policy, "GeneralPoints-v0", env_kwargs={"modality": "language"}, num_envs=2, max_new_tokens=4
-    )
-    trajectories, stats = engine.collect(range(3), sampling_seed=0, progress=True)
-    expected = RolloutStats.from_trajectories(
-        trajectories,
-        wall_seconds=stats.wall_seconds,
-        generate_seconds=stats.generate_seconds,
-        generate_calls=stats.generate_calls,
-    )
-    assert stats == expected
-    assert stats.episodes == 3 and stats.success_rate == 0.0
-    assert stats.mean_turns == 6.0  # a random model uses the whole attempt budget
-    assert stats.mean_return == pytest.approx(sum(t.episode_return for t in trajectories) / 3)
-    assert stats.response_tokens == sum(t.num_response_tokens for t in trajectories) <= 3 * 6 * 4
+    # GeneralPoints: "no idea" is missing_formula (-3), a correct answer +5 ends the episode, the answer
+    # after 5 failures is out_of_attempts (-1) and ends it unsolved.
+    wrong = {10: 0, 11: 2, 12: 5}
+    env = lambda: ScriptedAnswers(gym.make("GeneralPoints-v0", modality="language"), wrong)  # noqa: E731
+    engine = RolloutEngine(policy, env, num_envs=3, max_new_tokens=4)
+    trajectories, stats = engine.collect([10, 11, 12], sampling_seed=0, progress=False)
+
+    assert (stats.episodes, stats.successes, stats.generate_calls) == (3, 2, 6)  # 6 rounds: the longest episode
+    assert stats.mean_return == pytest.approx((5 + (-3 - 3 + 5) + (-15 - 1)) / 3)
+    assert stats.mean_turns == pytest.approx((1 + 3 + 6) / 3)
+    assert 10 <= stats.response_tokens <= 10 * 4  # 10 answers of 1 to 4 generated tokens
     assert 0 < stats.generate_seconds <= stats.wall_seconds
-    assert "success rate 0.0%" in stats.summary()
+    assert "success rate 66.7%, mean return -4.00, 3.33 turns" in stats.summary()
+    assert [t.turn_rewards for t in trajectories] == [(5.0,), (-3.0, -3.0, 5.0), (-3.0,) * 5 + (-1.0,)]
+
+    outcomes, again = engine.play([10, 11, 12], sampling_seed=0, progress=False)
+    assert [outcome.verdicts for outcome in outcomes] == [
+        ("correct",), ("missing_formula", "missing_formula", "correct"), ("missing_formula",) * 5 + ("out_of_attempts",)
+    ]
+    assert (again.episodes, again.successes, again.mean_return, again.response_tokens) == (3, 2, stats.mean_return, stats.response_tokens)
+    engine.close()
+
+
+@pytest.mark.parametrize("case", ORACLE["episodes"], ids=lambda case: f"{case['env_id']}-{case['env_kwargs']['modality']}-{case['agent']}")
+def test_model_free_agents_play_as_the_per_episode_loop_did(case):
+    """Dialogues, images, rewards, verdicts and success of every episode equal those the replaced loop recorded."""
+    played = []
+    seeds = [episode["seed"] for episode in case["episodes"]]
+    with RolloutEngine(None, case["env_id"], env_kwargs=case["env_kwargs"]) as engine:
+        outcomes, stats = engine.play(seeds, responder=AGENTS[case["agent"]](), progress=False, on_episode=played.append)
+
+    assert [episode_summary(episode) for episode in played] == case["episodes"]
+    assert [outcome.seed for outcome in outcomes] == seeds
+    assert stats.successes == sum(episode["success"] for episode in case["episodes"])
+    assert (stats.response_tokens, stats.generate_calls) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("env_id", "env_kwargs", "agent"),
+    [("GeneralPoints-v0", {"modality": "language"}, "format-only"), ("VIRL-v0", {"modality": "vision", "resolution": RESOLUTION}, "once-wrong")],
+)
+def test_an_agent_plays_the_same_episodes_with_and_without_a_policy(tiny_policies, env_id, env_kwargs, agent):
+    policy = tiny_policies["qwen2-vl"]
+    seeds = [3, 4, 5]
+    as_text, as_tokens = [], []
+    with RolloutEngine(None, env_id, env_kwargs=env_kwargs) as engine:
+        text_outcomes, _ = engine.play(seeds, responder=AGENTS[agent](), progress=False, on_episode=as_text.append)
+    with RolloutEngine(policy, env_id, env_kwargs=env_kwargs) as engine:
+        token_outcomes, _ = engine.play(seeds, responder=AGENTS[agent](), progress=False, on_episode=as_tokens.append)
+
+    assert token_outcomes == text_outcomes
+    for text, tokens in zip(as_text, as_tokens, strict=True):
+        trajectory = tokens.trajectory
+        assert text.trajectory is None and tokens.dialogues == ()
+        assert trajectory.turn_rewards == tuple(reward for recorded in text.dialogues for reward in recorded.rewards)
+        assert [segment.num_turns for segment in trajectory.segments] == [len(recorded.rewards) for recorded in text.dialogues]
+        for segment, recorded in zip(trajectory.segments, text.dialogues, strict=True):
+            answers = [turn.text for turn in recorded.dialogue.turns if turn.role == "assistant"]
+            assert [policy.decode(segment.response_token_ids(turn)[:-1]) for turn in range(segment.num_turns)] == answers
+
+
+def test_an_engine_without_a_policy_needs_an_agent_and_samples_nothing():
+    engine = RolloutEngine(None, "GeneralPoints-v0")
+    with pytest.raises(ValueError, match="needs a responder"):
+        engine.play([0], progress=False)
+    with pytest.raises(ValueError, match="samples nothing"):
+        engine.play([0], responder=ExpertAgent(), sampling_seed=0, progress=False)
+    with pytest.raises(ValueError, match="needs a policy"):
+        engine.collect([0], responder=ExpertAgent(), progress=False)
+    outcomes, stats = engine.play([0, 1], group_size=2, responder=ExpertAgent(), progress=False)
+    assert [outcome.seed for outcome in outcomes] == [0, 0, 1, 1] and stats.success_rate == 1.0
     engine.close()
 
 

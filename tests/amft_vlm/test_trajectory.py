@@ -1,5 +1,7 @@
 """Trajectory data types and the builder that turns dialogues into tokens."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -21,17 +23,9 @@ def _builder(policy, **kwargs):
 
 
 def _segment(length=6, spans=((3, 5),), logprobs=None):
-    mask = torch.zeros(length, dtype=torch.bool)
-    for start, end in spans:
-        mask[start:end] = True
     if logprobs is None:
-        logprobs = torch.where(mask, torch.tensor(-0.5), torch.tensor(0.0))
-    return Segment(
-        token_ids=torch.arange(length, dtype=torch.int64),
-        loss_mask=mask,
-        sampling_logprobs=logprobs,
-        turn_spans=spans,
-    )
+        logprobs = torch.full((sum(end - start for start, end in spans),), -0.5)
+    return Segment(token_ids=tuple(range(length)), turn_spans=spans, response_logprobs=logprobs)
 
 
 def test_text_responses_and_follow_ups_give_the_chat_template_tokens(tiny_policies):
@@ -53,12 +47,12 @@ def test_text_responses_and_follow_ups_give_the_chat_template_tokens(tiny_polici
     (segment,) = trajectory.segments
     rendered = policy.encode_dialogue(dialogue, add_generation_prompt=False).token_ids
     # The template writes a newline after the last <|im_end|>; the trajectory ends at the answer.
-    assert tuple(segment.token_ids.tolist()) == rendered[:-1]
+    assert segment.token_ids == rendered[:-1]
     assert policy.decode(rendered[-1:]) == "\n"
     for turn, answer in enumerate(answers):
         assert policy.decode(segment.response_token_ids(turn)) == answer + "<|im_end|>"
     assert segment.loss_mask.sum() == sum(end - start for start, end in segment.turn_spans)
-    assert not segment.loss_mask[segment.token_ids == policy.image_token_id].any()
+    assert not segment.loss_mask[torch.tensor(segment.token_ids) == policy.image_token_id].any()
     assert not segment.sampling_logprobs.any()
     assert trajectory.turn_rewards == (-1.0, -2.0, -3.0)
     assert trajectory.episode_return == -6.0 and trajectory.num_turns == 3
@@ -103,9 +97,9 @@ def test_generated_responses_keep_their_tokens_and_close_only_when_needed(tiny_p
     follow_up = policy.encode_follow_up("Again.")
     for turn, generation in enumerate(generations):
         start, end = segment.turn_spans[turn]
-        assert segment.token_ids[start:end].tolist() == generation.token_ids
+        assert list(segment.token_ids[start:end]) == generation.token_ids
         assert torch.equal(segment.sampling_logprobs[start:end], generation.logprobs)
-        after = segment.token_ids[end:].tolist()
+        after = list(segment.token_ids[end:])
         if generation.token_ids[-1] == end_of_turn:
             assert after[: len(follow_up)] == follow_up
         else:
@@ -137,9 +131,18 @@ def test_dialogue_restarts_make_segments_with_their_own_images(tiny_policies):
     assert trajectory.turn_rewards == (1.0, -1.0, 1.0)
     assert np.array_equal(trajectory.images[1], _image(1))
     assert not trajectory.images[1].flags.writeable
-    sequences = trajectory.token_sequences(policy)
+    # The images were prepared once, when their dialogues started, and scoring reuses them.
+    assert [inputs is None for inputs in trajectory.image_inputs] == [False, False]
+    sequences = trajectory.token_sequences()
+    assert sequences[1].images is trajectory.image_inputs[1] and sequences[1].images is first_prompt.images
     expected = policy.encode_dialogue(Dialogue.start("Point two.", image=_image(1)))
     assert torch.equal(sequences[1].images.pixel_values, expected.images.pixel_values)
+    # A trajectory without them prepares them from its uint8 images with the encoder it is given.
+    bare = dataclasses.replace(trajectory, image_inputs=())
+    with pytest.raises(ValueError, match="no prepared images"):
+        bare.token_sequences()
+    assert torch.equal(bare.token_sequences(policy)[1].images.pixel_values, expected.images.pixel_values)
+    assert bare == trajectory  # prepared inputs are derived data, not part of the value
     assert sequences[1].token_ids[: len(expected)] == expected.token_ids
 
 
@@ -158,26 +161,16 @@ def test_trajectories_compare_by_value(tiny_policies):
 
 def test_invalid_segments_and_trajectories_are_rejected():
     _segment()  # valid
-    with pytest.raises(ValueError, match="exactly on the turn spans"):
-        Segment(
-            token_ids=torch.arange(6),
-            loss_mask=torch.ones(6, dtype=torch.bool),
-            sampling_logprobs=torch.zeros(6),
-            turn_spans=((3, 5),),
-        )
-    with pytest.raises(ValueError, match="0 where loss_mask is False"):
+    assert _segment().loss_mask.tolist() == [False, False, False, True, True, False]
+    assert _segment().sampling_logprobs.tolist() == [0, 0, 0, -0.5, -0.5, 0]
+    with pytest.raises(ValueError, match=r"\(2,\) float32 tensor"):
         _segment(logprobs=torch.full((6,), -1.0))
     with pytest.raises(ValueError, match="finite"):
-        _segment(logprobs=torch.tensor([0, 0, 0, float("nan"), -1, 0]))
+        _segment(logprobs=torch.tensor([0, float("nan")]))
     with pytest.raises(ValueError, match="turn spans"):
         _segment(spans=((0, 2),))
-    with pytest.raises(ValueError, match="int64"):
-        Segment(
-            token_ids=torch.arange(6, dtype=torch.int32),
-            loss_mask=torch.zeros(6, dtype=torch.bool),
-            sampling_logprobs=torch.zeros(6),
-            turn_spans=((3, 5),),
-        )
+    with pytest.raises(ValueError, match="turn spans"):
+        _segment(spans=((3, 5), (4, 6)))
     with pytest.raises(ValueError, match="turn rewards"):
         Trajectory(
             segments=(_segment(),),

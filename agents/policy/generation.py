@@ -1,0 +1,315 @@
+"""Batched decoding with explicit sampling, and the boundary a generation backend fills.
+
+`generate` draws each token from ``softmax(logits / T)`` and nothing else (`choose_tokens`), returns
+each response's tokens with their log-probs under that distribution (`Generation`), and can keep each
+dialogue's key-value cache (`DialogueCache`) so its next turn prefills only the new tokens.
+`GenerationBackend` is that contract as a protocol: `VLMPolicy` fills it with the Hugging Face model
+in this process; a vLLM or SGLang server would plug in behind the same call.
+
+Why our own decoding loop rather than ``model.generate``: resuming each dialogue from its own cache
+puts padding between a row's cached keys and its new tokens, which ``generate``'s position bookkeeping
+for Qwen-VL (one rope offset per row, from the first prompt) cannot express. The loop is short: one
+prefill, then one forward per token over the rows still generating (finished rows leave the batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from agents.policy import batching
+from agents.policy.encoder import TokenSequence
+from agents.policy.kv_cache import DialogueCache, new_batch_cache
+from agents.vision_inputs import ImageInputs
+
+if TYPE_CHECKING:
+    from agents.policy.policy import VLMPolicy
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated response.
+
+    Attributes:
+        token_ids: generated token ids; ends with the stop token (``<|im_end|>`` or eos) when
+            `finished`, otherwise it is ``max_new_tokens`` long.
+        logprobs: ``(len(token_ids),)`` float32 tensor, log-prob of each token under the distribution
+            it was drawn from: ``log_softmax(logits / temperature)``, with temperature 1 for greedy.
+        text: decoded response without the final stop token (special tokens inside are kept).
+        finished: whether generation stopped at a stop token rather than at ``max_new_tokens``.
+        cache: with ``generate(..., keep_cache=True)``, the keys and values of the prompt and the
+            response, to continue this dialogue in the next call; otherwise None.
+    """
+
+    token_ids: list[int]
+    logprobs: torch.Tensor
+    text: str
+    finished: bool
+    cache: DialogueCache | None = None
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """Generates responses to token prompts, with each token's log-prob under its sampling distribution.
+
+    The contract, whatever runs the model: tokens come from ``softmax(logits / temperature)`` exactly
+    (greedy: the arg-max, log-probs at temperature 1), the vision placeholders never come out, a
+    response ends at a stop token or after `max_new_tokens`, and teacher forcing the returned tokens
+    reproduces the returned log-probs. `caches` / `keep_cache` let a backend that keeps dialogue caches
+    skip recomputing earlier turns; one that does not ignores `caches` and returns ``cache=None``.
+    `generators` (one CPU generator per prompt) make a row's draws independent of its batch.
+    `VLMPolicy` is one; see its ``generate`` for the arguments.
+    """
+
+    def generate(
+        self,
+        prompts: Sequence[TokenSequence],
+        *,
+        temperature: float = 1.0,
+        max_new_tokens: int = 256,
+        greedy: bool = False,
+        caches: Sequence[DialogueCache | None] | None = None,
+        keep_cache: bool = False,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> list[Generation]:
+        """One `Generation` per prompt, in order."""
+        ...
+
+
+def check_sampling(*, temperature: float, max_new_tokens: int, greedy: bool) -> None:
+    """Raise ValueError for sampling settings `generate` cannot use."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling; got {temperature} (use greedy=True)")
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    suppressed: torch.Tensor,
+    *,
+    temperature: float,
+    greedy: bool,
+    generators: Sequence[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from ``softmax(logits / temperature)`` with `suppressed` ids at probability 0.
+
+    Returns the chosen ids ``(batch,)`` and their log-probs under that distribution (float32); greedy
+    takes the arg-max, whose log-prob is then read at the given temperature. With `generators` (one CPU
+    generator per row) each row's uniform draw comes from its own generator.
+    """
+    scaled = logits.float() / temperature
+    log_distribution = torch.log_softmax(scaled.index_fill(-1, suppressed, float("-inf")), dim=-1)
+    if greedy:
+        chosen = log_distribution.argmax(dim=-1)
+    else:
+        # Inverse CDF: the first token whose cumulative probability exceeds u ~ U(0, total). A token of
+        # probability 0 never exceeds the one before it, so it is never drawn. Same law as
+        # ``torch.multinomial``, at a sixth of its cost per call on CPU; float64 keeps the sums exact
+        # enough for a 150k vocabulary.
+        cumulative = log_distribution.double().exp().cumsum(dim=-1)
+        if generators is None:
+            uniform = torch.rand_like(cumulative[:, :1])
+        else:
+            draws = [torch.rand((1,), generator=generator, dtype=torch.float64) for generator in generators]
+            uniform = torch.stack(draws).to(cumulative.device)
+        threshold = uniform * cumulative[:, -1:]
+        chosen = torch.searchsorted(cumulative, threshold, right=True).squeeze(1)
+    return chosen, log_distribution.gather(1, chosen[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def generate(
+    policy: VLMPolicy,
+    prompts: Sequence[TokenSequence],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    greedy: bool,
+    caches: Sequence[DialogueCache | None] | None,
+    keep_cache: bool,
+    generators: Sequence[torch.Generator] | None,
+) -> list[Generation]:
+    """`VLMPolicy.generate` (documented there): check the arguments, then run the decoding loop."""
+    check_sampling(temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy)
+    if not prompts:
+        raise ValueError("need at least one prompt")
+    for row, prompt in enumerate(prompts):
+        batching.check_image_tokens(row, prompt, policy.encoder.image_token_id)
+    if caches is None:
+        caches = [None] * len(prompts)
+    elif len(caches) != len(prompts):
+        raise ValueError(f"got {len(caches)} caches for {len(prompts)} prompts")
+    if generators is not None and len(generators) != len(prompts):
+        raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts")
+    reusable_caches = [
+        cache if cache is not None and cache.is_continued_by(prompt) else None
+        for prompt, cache in zip(prompts, caches, strict=True)
+    ]
+    # One autocast context for the whole call: autocast keeps its half-precision copy of each weight
+    # until the outermost context exits, instead of re-casting every weight at every token.
+    with policy.autocast():
+        return _decode(
+            policy,
+            prompts,
+            reusable_caches,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            greedy=greedy,
+            keep_cache=keep_cache,
+            generators=generators,
+        )
+
+
+def _decode(
+    policy: VLMPolicy,
+    prompts: Sequence[TokenSequence],
+    reusable_caches: Sequence[DialogueCache | None],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    greedy: bool,
+    keep_cache: bool,
+    generators: Sequence[torch.Generator] | None,
+) -> list[Generation]:
+    """The decoding loop of `generate`: prefill, then one forward per token over the unfinished rows."""
+    logits, batch_cache, attention_mask, next_positions = _prefill(
+        policy, prompts, reusable_caches, extra=max_new_tokens
+    )
+    temperature = 1.0 if greedy else temperature
+    suppressed = torch.tensor(policy.encoder.suppressed_token_ids, dtype=torch.long, device=policy.device)
+    stop_tokens = set(policy.encoder.stop_token_ids)
+
+    rows = list(range(len(prompts)))  # the prompt of each batch row still generating
+    tokens: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
+    kept: list[DialogueCache | None] = [None] * len(prompts)
+    for step in range(max_new_tokens):
+        chosen, chosen_logprobs = choose_tokens(
+            logits,
+            suppressed,
+            temperature=temperature,
+            greedy=greedy,
+            generators=None if generators is None else [generators[row] for row in rows],
+        )
+        going_on = []
+        for batch_row, (row, token, logprob) in enumerate(
+            zip(rows, chosen.tolist(), chosen_logprobs.tolist(), strict=True)
+        ):
+            tokens[row].append(token)
+            logprobs[row].append(logprob)
+            if token not in stop_tokens and step + 1 < max_new_tokens:
+                going_on.append(batch_row)
+            elif keep_cache:
+                kept[row] = DialogueCache.from_batch_row(
+                    batch_cache,
+                    attention_mask[batch_row],
+                    batch_row,
+                    prompts[row],
+                    tokens[row][:-1],
+                    int(next_positions[batch_row]),
+                )
+        if not going_on:
+            break
+        if len(going_on) < len(rows):
+            index = torch.tensor(going_on, dtype=torch.long, device=policy.device)
+            batch_cache.batch_select_indices(index)
+            attention_mask, next_positions, chosen = (
+                attention_mask[index],
+                next_positions[index],
+                chosen[index],
+            )
+            rows = [rows[batch_row] for batch_row in going_on]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
+        outputs = policy.forward(
+            input_ids=chosen[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_positions.view(1, -1, 1).expand(3, -1, 1),
+            past_key_values=batch_cache,
+            use_cache=True,
+        )
+        logits = outputs.logits[:, -1]
+        next_positions = next_positions + 1
+
+    generations = []
+    for row in range(len(prompts)):
+        finished = tokens[row][-1] in stop_tokens
+        generations.append(
+            Generation(
+                token_ids=tokens[row],
+                logprobs=torch.tensor(logprobs[row], dtype=torch.float32),
+                text=policy.encoder.decode(tokens[row][:-1] if finished else tokens[row]),
+                finished=finished,
+                cache=kept[row],
+            )
+        )
+    return generations
+
+
+def _prefill(
+    policy: VLMPolicy,
+    prompts: Sequence[TokenSequence],
+    reusable_caches: Sequence[DialogueCache | None],
+    *,
+    extra: int,
+) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+    """Run the model over each prompt's uncached tokens, in a batch cache with room for `extra` more.
+
+    Each prompt's new tokens are left-padded; a prompt continuing a cache starts from its keys and
+    values, so padding sits between a row's cached keys and its new tokens: the attention mask hides
+    it and the rope positions skip it.
+
+    Returns the next-token logits ``(batch, vocab)``, the batch's key-value cache, its attention
+    mask ``(batch, cache length)`` and each row's next rope position ``(batch,)``.
+    """
+    cached = [0 if cache is None else len(cache) for cache in reusable_caches]
+    new_tokens = [prompt.token_ids[length:] for prompt, length in zip(prompts, cached, strict=True)]
+    cached_length, new_length = max(cached), max(len(tokens) for tokens in new_tokens)
+    batch = len(prompts)
+    input_ids = torch.full((batch, new_length), policy.encoder.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, cached_length + new_length), dtype=torch.long)
+    position_ids = torch.zeros((3, batch, new_length), dtype=torch.long)
+    next_positions, images = [], []
+    for row, (prompt, cache, tokens) in enumerate(zip(prompts, reusable_caches, new_tokens, strict=True)):
+        start = new_length - len(tokens)
+        input_ids[row, start:] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, cached_length - cached[row] : cached_length] = 1
+        attention_mask[row, cached_length + start :] = 1
+        if cache is not None:
+            positions = cache.next_position + torch.arange(len(tokens))
+        else:
+            positions = batching.prompt_position_ids(policy.model, prompt, policy.encoder.image_token_id)
+            if prompt.images is not None:
+                images.append(prompt.images)
+        position_ids[:, row, start:] = positions
+        next_positions.append(int(positions.max()) + 1)
+
+    batch_cache = new_batch_cache(
+        reusable_caches,
+        cached_length,
+        num_layers=policy.model.config.get_text_config().num_hidden_layers,
+        capacity=cached_length + new_length + extra,
+    )
+    inputs: dict[str, Any] = {
+        "input_ids": input_ids.to(policy.device),
+        "attention_mask": attention_mask.to(policy.device),
+        "position_ids": position_ids.to(policy.device),
+        "past_key_values": batch_cache,
+        "use_cache": True,
+        "logits_to_keep": 1,
+    }
+    if images:
+        merged = ImageInputs.concatenate(images)
+        inputs["pixel_values"] = merged.pixel_values.to(policy.device, policy.dtype)
+        inputs["image_grid_thw"] = merged.image_grid_thw.to(policy.device)
+    outputs = policy.forward(**inputs)
+    return (
+        outputs.logits[:, -1],
+        outputs.past_key_values,
+        inputs["attention_mask"],
+        torch.tensor(next_positions, dtype=torch.long, device=policy.device),
+    )

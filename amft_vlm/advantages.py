@@ -1,0 +1,156 @@
+"""Advantage estimators: pure functions from episode rewards to one advantage per turn.
+
+Every estimator returns one tensor per episode with one advantage per response turn; the scorer
+(`amft_vlm.batch`) spreads a turn's advantage over that turn's tokens. Which one a run uses is a row
+of `GROUP_ADVANTAGES` (chosen by the config's ``credit``) unless a critic estimates them:
+
+| ``advantage`` | ``credit`` | estimator | baseline |
+|---|---|---|---|
+| ``grpo`` | ``episode`` | `grpo_episode_advantages` | the group's mean return, scaled by its std (GRPO) |
+| ``grpo`` | ``turn`` | `grpo_turn_advantages` | the same turn of the group's other episodes |
+| ``ppo`` | either | `gae_turn_advantages` | a learned value per turn (`amft_vlm.critic`) |
+
+A group is the set of episodes started from one start state (`Trajectory.group`). `leave_one_out_advantages`
+is the meta-gradient's baseline (AMFT's validation episodes), kept here with the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def group_advantages(returns: torch.Tensor, groups: Sequence[int], *, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages: each return minus its group's mean, divided by the group's std.
+
+    Episodes of a group start from the same state (same seed). A group whose returns are all equal
+    carries no signal: its advantages are exactly 0 (not 0/0). ``scale_by_std=False`` keeps only the
+    mean baseline (Dr. GRPO).
+    """
+    returns = returns.to(torch.float32)
+    advantages = torch.zeros_like(returns)
+    group_ids = torch.as_tensor(list(groups))
+    if group_ids.shape != returns.shape:
+        raise ValueError(f"need one group id per return; got {tuple(group_ids.shape)} ids for {tuple(returns.shape)} returns")
+    for group in group_ids.unique():
+        members = group_ids == group
+        values = returns[members]
+        centred = values - values.mean()
+        if scale_by_std and values.numel() > 1:
+            std = values.std(unbiased=False)
+            centred = centred / (std + eps) if std > eps else torch.zeros_like(centred)
+        advantages[members] = centred
+    return advantages
+
+
+def grpo_episode_advantages(turn_rewards: Sequence[Sequence[float]], groups: Sequence[int]) -> list[torch.Tensor]:
+    """Episode credit: every turn of an episode gets the episode's GRPO advantage (`group_advantages` of the returns)."""
+    returns = torch.tensor([float(sum(rewards)) for rewards in turn_rewards], dtype=torch.float32)
+    per_episode = group_advantages(returns, groups)
+    return [per_episode[i].expand(len(rewards)).clone() for i, rewards in enumerate(turn_rewards)]
+
+
+def grpo_turn_advantages(turn_rewards: Sequence[Sequence[float]], groups: Sequence[int], *, eps: float = 1e-6) -> list[torch.Tensor]:
+    """Turn credit: each turn's reward-to-go against the same turn of the other episodes of its group.
+
+    Turn t of an episode is compared with turn t of the episodes from the same start state that reached
+    it: its advantage is its reward-to-go minus their mean reward-to-go at turn t, divided by the std
+    of all these centred values in the group. Comparing across turn positions instead (pooling every
+    turn of the group) would credit a turn for where it sits: a failing 6-turn GeneralPoints episode
+    has rewards-to-go -6, -5, ..., -1, so its later failed attempts would look better than its first
+    one by position alone. A turn that no other episode of its group reached gets 0 (nothing to compare
+    it with), as does every turn of a group without spread.
+    """
+    to_go = [torch.flip(torch.cumsum(torch.flip(torch.tensor(r, dtype=torch.float32), [0]), 0), [0]) for r in turn_rewards]
+    advantages = [torch.zeros_like(values) for values in to_go]
+    by_group: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        by_group.setdefault(int(group), []).append(index)
+    for members in by_group.values():
+        centred = {i: torch.zeros_like(to_go[i]) for i in members}
+        for turn in range(max(to_go[i].numel() for i in members)):
+            reached = [i for i in members if to_go[i].numel() > turn]
+            baseline = sum(float(to_go[i][turn]) for i in reached) / len(reached)
+            for i in reached:
+                centred[i][turn] = to_go[i][turn] - baseline
+        std = torch.cat(list(centred.values())).std(unbiased=False)
+        if std > eps:
+            for i in members:
+                advantages[i] = centred[i] / std
+    return advantages
+
+
+def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over one episode's turns: ``(advantages, returns)``, both shaped like ``rewards``.
+
+    ``rewards[t]`` is the reward of turn t and ``values[t]`` the value estimate before it; the
+    episode ends after the last turn (value 0 beyond it). ``returns = advantages + values`` are the
+    value head's regression targets.
+    """
+    advantages = torch.zeros_like(rewards, dtype=torch.float32)
+    running = torch.zeros((), dtype=torch.float32)
+    for t in reversed(range(rewards.shape[0])):
+        next_value = values[t + 1] if t + 1 < values.shape[0] else torch.zeros((), dtype=values.dtype)
+        delta = rewards[t] + gamma * next_value - values[t]
+        running = delta + gamma * lam * running
+        advantages[t] = running
+    return advantages, advantages + values.to(torch.float32)
+
+
+def gae_turn_advantages(
+    rewards: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    *,
+    gamma: float,
+    lam: float,
+    normalize: bool = True,
+    eps: float = 1e-6,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """GAE per episode over its turns: (advantages, value targets), one tensor per episode.
+
+    With `normalize`, advantages are shifted and scaled to mean 0, std 1 over all turns of the batch
+    (left as they are when all are equal); the value targets ``advantages + values`` use the raw GAE.
+    """
+    advantages, targets = [], []
+    for episode_rewards, episode_values in zip(rewards, values, strict=True):
+        advantage, target = generalized_advantages(episode_rewards, episode_values.detach().float(), gamma=gamma, lam=lam)
+        advantages.append(advantage)
+        targets.append(target)
+    if normalize and advantages:
+        pooled = torch.cat(advantages)
+        mean, std = pooled.mean(), pooled.std(unbiased=False)
+        if std > eps:
+            advantages = [(advantage - mean) / std for advantage in advantages]
+    return advantages, targets
+
+
+def leave_one_out_advantages(returns: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+    """Each return minus the mean return of the *other* episodes of its group (0 for a group of one).
+
+    With K episodes from one start state this is ``K / (K - 1) * (R - mean(R))``: an unbiased baseline,
+    since it does not depend on the episode it is subtracted from.
+    """
+    returns = returns.to(torch.float64)
+    group_ids = torch.as_tensor(list(groups))
+    if group_ids.shape != returns.shape:
+        raise ValueError(f"need one group id per return; got {tuple(group_ids.shape)} ids for {tuple(returns.shape)} returns")
+    advantages = torch.zeros_like(returns)
+    for group in group_ids.unique():
+        members = group_ids == group
+        count = int(members.sum())
+        if count > 1:
+            values = returns[members]
+            advantages[members] = (values - values.mean()) * count / (count - 1)
+    return advantages
+
+
+GroupEstimator = Callable[[Sequence[Sequence[float]], Sequence[int]], list[torch.Tensor]]
+"""``(turn rewards per episode, group id per episode) -> one advantage per turn, per episode``."""
+
+GROUP_ADVANTAGES: dict[str, GroupEstimator] = {
+    "episode": grpo_episode_advantages,
+    "turn": grpo_turn_advantages,
+}
+"""``advantage: grpo``'s estimator for each ``credit``. ``advantage: ppo`` takes its advantages from the
+critic instead (`amft_vlm.critic.Critic.advantages`: `gae_turn_advantages` over its values)."""

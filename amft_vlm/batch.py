@@ -1,0 +1,186 @@
+"""What a loss pass consumes: a typed `RolloutBatch`, and trajectories scored into flat token tensors.
+
+The data path from trajectories to a gradient, one shape per stage:
+
+- `RolloutBatch`: an iteration's rollouts with one advantage per turn (and, for ``advantage: ppo``, the
+  critic's inputs and targets per turn);
+- `score_trajectories`: a batch of trajectories -> `TokenScores`, flat over their trainable tokens
+  (teacher-forced log-probs with gradients, entropies, the sampling log-probs, each turn's advantage
+  spread over its tokens);
+- `accumulate_gradient`: the gradient of a token-mean loss over a batch split across processes and
+  micro-batches, exactly the global token mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from agents.vlm_policy import VLMPolicy
+from amft_vlm.distributed import Parallel
+from amft_vlm.trajectory import Trajectory
+
+
+@dataclass(frozen=True)
+class CriticTargets:
+    """``advantage: ppo``: per trajectory, what the value head reads and is regressed on, one row per turn."""
+
+    features: list[torch.Tensor]
+    """The decision states of each trajectory's turns (detached)."""
+    old_values: list[torch.Tensor]
+    """The value head's estimates when the batch was collected (the value clip's anchor)."""
+    returns: list[torch.Tensor]
+    """GAE returns: the regression targets."""
+
+    def select(self, indices: Sequence[int]) -> CriticTargets:
+        """The rows of `indices`, in that order."""
+        return CriticTargets(*([values[i] for i in indices] for values in (self.features, self.old_values, self.returns)))
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """An iteration's rollouts (this process's share) with one advantage per turn."""
+
+    trajectories: list[Trajectory]
+    turn_advantages: list[torch.Tensor]
+    """Per trajectory, ``(num_turns,)``: every token of turn t gets ``turn_advantages[i][t]``."""
+    critic: CriticTargets | None = None
+    """``advantage: ppo`` only."""
+
+    def __post_init__(self) -> None:
+        if len(self.turn_advantages) != len(self.trajectories):
+            raise ValueError(f"{len(self.turn_advantages)} advantage rows for {len(self.trajectories)} trajectories")
+        for index, (trajectory, advantages) in enumerate(zip(self.trajectories, self.turn_advantages, strict=True)):
+            if advantages.shape != (trajectory.num_turns,):
+                raise ValueError(f"trajectory {index} has {trajectory.num_turns} turns but advantages of shape {tuple(advantages.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def select(self, indices: Sequence[int]) -> RolloutBatch:
+        """The trajectories of `indices` with their advantages (and critic rows), in that order."""
+        return RolloutBatch(
+            [self.trajectories[i] for i in indices],
+            [self.turn_advantages[i] for i in indices],
+            self.critic.select(indices) if self.critic is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Teacher-forced scores of a batch of trajectories, flat over their trainable tokens (in order)."""
+
+    logprobs: torch.Tensor
+    """Log-probs at the scoring temperature, with gradients when scored with grad enabled."""
+    entropy: torch.Tensor
+    """Entropy of the same distributions (no graph)."""
+    old_logprobs: torch.Tensor
+    """The sampling log-probs recorded at collection (0 for expert tokens)."""
+    advantages: torch.Tensor
+    """Each token's turn advantage (0 when scored without advantages)."""
+    episode_lengths: list[int]
+    """Trainable tokens of each trajectory: split `logprobs` by these for per-episode sums."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Trainable tokens in the batch."""
+        return int(self.logprobs.numel())
+
+    def episode_logprobs(self) -> torch.Tensor:
+        """``(trajectories,)``: the sum of each trajectory's token log-probs (log p of its responses)."""
+        return torch.stack([part.sum() for part in self.logprobs.split(self.episode_lengths)])
+
+
+def score_trajectories(
+    policy: VLMPolicy,
+    trajectories: Sequence[Trajectory],
+    *,
+    temperature: float,
+    turn_advantages: Sequence[torch.Tensor] | None = None,
+) -> TokenScores:
+    """Log-probs and entropies of every trainable token of `trajectories` (one forward pass over all
+    their dialogues), with the sampling log-probs and each turn's advantage alongside.
+
+    Every trajectory's images come prepared (`Trajectory.token_sequences`): nothing is re-processed here.
+    """
+    sequences, positions = [], []
+    old, advantages, lengths = [], [], []
+    for index, trajectory in enumerate(trajectories):
+        for segment, sequence in zip(trajectory.segments, trajectory.token_sequences(policy), strict=True):
+            sequences.append(sequence)
+            positions.append(segment.trainable_positions)
+            old.append(segment.response_logprobs)
+        lengths.append(trajectory.num_response_tokens)
+        if turn_advantages is not None:
+            advantages.append(torch.repeat_interleave(turn_advantages[index].float().cpu(), torch.tensor(trajectory.turn_lengths)))
+    logprobs, entropies = policy.token_logprobs(sequences, positions, temperature=temperature, with_entropy=True)
+    flat = torch.cat(logprobs) if logprobs else torch.zeros(0)
+    return TokenScores(
+        logprobs=flat,
+        entropy=torch.cat(entropies) if entropies else torch.zeros(0),
+        old_logprobs=torch.cat(old).to(flat.device) if old else torch.zeros(0),
+        advantages=torch.cat(advantages).to(flat.device) if advantages else torch.zeros_like(flat.detach()),
+        episode_lengths=lengths,
+    )
+
+
+LossOf = Callable[[Sequence[int]], tuple[torch.Tensor, TokenScores, dict[str, float]]]
+"""``indices -> (token-mean loss of those trajectories, their scores, extra metrics)``."""
+
+
+def micro_batches(count: int, parts: int) -> list[list[int]]:
+    """Indices of `parts` near-equal micro-batches of ``range(count)`` (empty ones dropped)."""
+    return [part.tolist() for part in np.array_split(np.arange(count), parts) if len(part)]
+
+
+def accumulate_gradient(
+    parallel: Parallel,
+    parameters: Sequence[torch.Tensor],
+    trajectories: Sequence[Trajectory],
+    loss_of: LossOf,
+    *,
+    micro_batch_count: int,
+    extra_keys: Sequence[str] = (),
+) -> tuple[list[torch.Tensor | None], dict[str, float]]:
+    """Gradient of the token-mean loss over all trajectories of every process, one micro-batch at a time.
+
+    Each micro-batch's loss is weighted by its share of the global trainable tokens and its backward pass
+    adds into the parameters' ``.grad`` (summed over processes by the distributed strategy), so the result
+    is exactly the global token mean. The gradients are then taken out of ``.grad`` (None for a parameter
+    no token reached): no copies, no zero lists. Returns them with the pass's global ``loss``,
+    ``entropy_sum``, ``tokens``, ``examples`` and the token-weighted `extra_keys`.
+    """
+    check_images_everywhere(parallel, trajectories)
+    (total_tokens,) = parallel.sums([sum(t.num_response_tokens for t in trajectories)])
+    sums = dict.fromkeys(("loss", "entropy_sum", *extra_keys), 0.0)
+    for indices in micro_batches(len(trajectories), micro_batch_count):
+        loss, scores, extra = loss_of(indices)
+        weight = scores.num_tokens / max(total_tokens, 1)
+        (loss * weight).backward()
+        sums["loss"] += float(loss.detach()) * weight
+        sums["entropy_sum"] += float(scores.entropy.sum())
+        for key in extra_keys:
+            sums[key] += extra[key] * weight
+    gradients = take_gradients(parameters)
+    *values, examples = parallel.sums([*sums.values(), len(trajectories)])
+    totals = dict(zip(sums, values, strict=True))
+    totals["tokens"], totals["examples"] = int(total_tokens), int(examples)
+    return gradients, totals
+
+
+def check_images_everywhere(parallel: Parallel, trajectories: Sequence[Trajectory]) -> None:
+    """Sharded runs: images in a pass on every process or on none (the vision tower's collectives must pair up)."""
+    if parallel.sharded:
+        has_images = any(t.images for t in trajectories)
+        parallel.check_same(float(has_images), what="whether a pass has images (mix image and text-only data per run, not per process)")
+
+
+def take_gradients(parameters: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The parameters' ``.grad`` tensors, which are then cleared (the next backward starts from none)."""
+    gradients = [parameter.grad for parameter in parameters]
+    for parameter in parameters:
+        parameter.grad = None
+    return gradients

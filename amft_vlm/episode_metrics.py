@@ -1,0 +1,191 @@
+"""Every episode metric, computed in one place (`compute_metrics`) from one record per episode (`EpisodeOutcome`).
+
+The rollout engine (`amft_vlm.rollout.RolloutEngine`) produces an `EpisodeOutcome` for every episode
+it plays, whoever answers (the policy or a model-free agent), and everything that reports on episodes
+reads its numbers from `compute_metrics` over those records: the engine's `RolloutStats` (training
+logs, benchmarks), evaluation records (`amft_vlm.evaluate`), ``amft-vlm play`` and ``amft-vlm
+collect``. So a trained model, the oracle expert and the trainer's rollouts are measured by exactly
+the same code. This module sits below both the engine and evaluation (it needs neither torch nor a
+model), which is why it is not part of `amft_vlm.evaluate`: the engine's statistics depend on it, and
+evaluation depends on the engine.
+
+Metrics, each a `Metric` with its standard error (``sqrt(p (1 - p) / n)`` for a proportion over ``n``
+items, ``std / sqrt(n)`` for a mean):
+
+- ``success_rate``: episodes solved within the attempt budget (for V-IRL: route success).
+- ``first_attempt_success``: episodes solved without a single wrong answer (GeneralPoints: the first
+  answer is correct; V-IRL: every point right at its first attempt).
+- ``retry_success``: among the episodes with at least one answer that is not ``correct``, the share
+  solved in the end; its count is those episodes. GeneralPoints: episodes whose first answer failed
+  (a correct answer ends the episode) that a later attempt solved; V-IRL: routes with a failed
+  attempt at some point that were still walked to the end. It shows whether a model uses the
+  feedback. Absent when no episode had a failed answer (there is nothing to measure).
+- ``recognition_accuracy`` (GeneralPoints vision): 1 - answers with wrongly reported cards / verified
+  answers.
+- ``valid_formula_rate`` (GeneralPoints): among verified answers other than ``wrong_cards``, the share
+  whose formula the verifier read and checked against the cards: verdict ``correct``, ``partial``,
+  ``no_solution`` or ``wrong_numbers``. ``grammar_error``, ``illegal_formula`` and ``missing_formula``
+  (and any verdict the environment does not list) count as invalid. ``wrong_cards`` answers are left
+  out of both counts: the card check comes first and nothing else is checked, so whether their
+  formula was valid is unknown. Absent when no answer is left to count.
+- ``step_accuracy`` (V-IRL): correct answers / verified answers, retries included: the papers' headline.
+- ``mean_turns``: answers per episode.
+- ``mean_return``: the sum of an episode's rewards, averaged over episodes.
+- verdict shares: the share of each verdict (``correct``, ``wrong_numbers``, ``wrong_cards``,
+  ``missing_formula``, ..., see each environment's ``VERDICTS``) among all answers.
+
+"Verified" answers are all but ``out_of_attempts`` (the answer after the budget, which is not read).
+The standard errors treat episodes, or answers, as independent draws; answers within one episode are
+not, so the per-answer errors are somewhat optimistic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from environments.general_points.verifier import VERDICTS as GENERAL_POINTS_VERDICTS
+from environments.virl.verifier import VERDICTS as VIRL_VERDICTS
+
+OUT_OF_ATTEMPTS = "out_of_attempts"
+"""The verdict of an answer after the attempt budget: it is not read, so it is not a verified answer."""
+
+VALID_FORMULA_VERDICTS = frozenset({"correct", "partial", "no_solution", "wrong_numbers"})
+"""GeneralPoints verdicts of an answer whose formula the verifier read and checked against the cards."""
+
+UNCHECKED_FORMULA_VERDICTS = frozenset({"wrong_cards", OUT_OF_ATTEMPTS})
+"""GeneralPoints verdicts given before the formula is looked at: left out of ``valid_formula_rate``."""
+
+ENV_VERDICTS: dict[str, tuple[str, ...]] = {"GeneralPoints-v0": GENERAL_POINTS_VERDICTS, "VIRL-v0": VIRL_VERDICTS}
+"""Every verdict each known environment gives, best first: the verdict shares list all of them (zeros included)."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measured number with its standard error.
+
+    Attributes:
+        value: the estimate (a fraction for rates and shares, a count for ``mean_turns``).
+        stderr: its standard error.
+        count: the number of items it is measured over (episodes or answers).
+    """
+
+    value: float
+    stderr: float
+    count: int
+
+    @classmethod
+    def proportion(cls, hits: int, count: int) -> Metric:
+        """``hits / count`` with the binomial standard error ``sqrt(p (1 - p) / count)``."""
+        if count < 1:
+            raise ValueError(f"a proportion needs at least one item; got count={count}")
+        p = hits / count
+        return cls(p, math.sqrt(p * (1 - p) / count), count)
+
+    @classmethod
+    def mean(cls, values: Sequence[float]) -> Metric:
+        """The mean of `values` with the standard error ``std / sqrt(n)`` (sample std; 0 for one value)."""
+        if not values:
+            raise ValueError("a mean needs at least one value")
+        count = len(values)
+        mean = sum(values) / count
+        variance = sum((v - mean) ** 2 for v in values) / (count - 1) if count > 1 else 0.0
+        return cls(mean, math.sqrt(variance / count), count)
+
+
+@dataclass(frozen=True)
+class EpisodeOutcome:
+    """What one episode produced for the metrics: each answer's verdict and reward, and whether it was solved.
+
+    Attributes:
+        seed: the episode's ``reset`` seed.
+        verdicts: ``info["verdict"]`` after each answer, in order (``""`` from an environment that gives none).
+        rewards: the reward of each answer, in order.
+        success: ``info["success"]`` after the last answer.
+    """
+
+    seed: int
+    verdicts: tuple[str, ...]
+    rewards: tuple[float, ...]
+    success: bool
+
+    def __post_init__(self) -> None:
+        if len(self.verdicts) != len(self.rewards):
+            raise ValueError(f"one verdict per reward: got {len(self.verdicts)} verdicts and {len(self.rewards)} rewards")
+
+    @property
+    def episode_return(self) -> float:
+        """Sum of the rewards."""
+        return float(sum(self.rewards))
+
+
+def retry_success(outcomes: Sequence[EpisodeOutcome]) -> Metric | None:
+    """Among the episodes with at least one answer that is not ``correct``, the share solved in the end.
+
+    GeneralPoints: a correct answer ends the episode, so these are the episodes whose first answer
+    failed, solved by a later attempt. V-IRL: routes with a failed attempt at some point, walked to
+    the end all the same. The count is the episodes with a failed answer; None when there are none.
+    """
+    retried = [outcome for outcome in outcomes if any(verdict != "correct" for verdict in outcome.verdicts)]
+    if not retried:
+        return None
+    return Metric.proportion(sum(outcome.success for outcome in retried), len(retried))
+
+
+def valid_formula_rate(verdicts: Sequence[str]) -> Metric | None:
+    """The share of GeneralPoints answers whose formula the verifier read and checked against the cards.
+
+    Valid: ``correct``, ``partial``, ``no_solution`` and ``wrong_numbers``. Invalid: ``grammar_error``,
+    ``illegal_formula``, ``missing_formula`` and any other verdict. Not counted at all: ``out_of_attempts``
+    (not read) and ``wrong_cards`` (the card check comes first and ends the judging, so the formula's
+    validity is unknown). None when no answer is left to count.
+    """
+    checked = [verdict for verdict in verdicts if verdict not in UNCHECKED_FORMULA_VERDICTS]
+    if not checked:
+        return None
+    return Metric.proportion(sum(verdict in VALID_FORMULA_VERDICTS for verdict in checked), len(checked))
+
+
+def compute_metrics(
+    outcomes: Sequence[EpisodeOutcome], env_id: str = "", modality: str | None = None
+) -> tuple[dict[str, Metric], dict[str, Metric]]:
+    """The metrics and verdict shares of `outcomes` (see the module docstring for the definitions).
+
+    Args:
+        outcomes: one record per episode.
+        env_id: the environment played; its own metrics (``valid_formula_rate`` for GeneralPoints-v0,
+            ``step_accuracy`` for VIRL-v0) and its full verdict list need it. Any other id gets the
+            metrics every environment has, and shares of the verdicts seen.
+        modality: ``"vision"`` adds ``recognition_accuracy`` for GeneralPoints-v0.
+
+    A conditional metric whose condition no episode or answer meets (``retry_success``,
+    ``valid_formula_rate``) is left out of the metrics rather than reported as 0.
+    """
+    if not outcomes:
+        raise ValueError("no episodes to measure")
+    answers = [verdict for outcome in outcomes for verdict in outcome.verdicts]
+    verified = [verdict for verdict in answers if verdict != OUT_OF_ATTEMPTS]
+    metrics = {
+        "success_rate": Metric.proportion(sum(outcome.success for outcome in outcomes), len(outcomes)),
+        "first_attempt_success": Metric.proportion(
+            sum(outcome.success and all(v == "correct" for v in outcome.verdicts) for outcome in outcomes), len(outcomes)
+        ),
+    }
+    retried = retry_success(outcomes)
+    if retried is not None:
+        metrics["retry_success"] = retried
+    if env_id == "GeneralPoints-v0" and modality == "vision":
+        metrics["recognition_accuracy"] = Metric.proportion(sum(v != "wrong_cards" for v in verified), len(verified))
+    if env_id == "GeneralPoints-v0":
+        valid = valid_formula_rate(answers)
+        if valid is not None:
+            metrics["valid_formula_rate"] = valid
+    if env_id == "VIRL-v0":
+        metrics["step_accuracy"] = Metric.proportion(verified.count("correct"), len(verified))
+    metrics["mean_turns"] = Metric.mean([len(outcome.verdicts) for outcome in outcomes])
+    metrics["mean_return"] = Metric.mean([outcome.episode_return for outcome in outcomes])
+    names = list(ENV_VERDICTS.get(env_id, ()))
+    names += sorted(set(answers) - set(names))  # a verdict the table does not know still counts
+    shares = {name: Metric.proportion(answers.count(name), len(answers)) for name in names}
+    return metrics, shares

@@ -1,0 +1,116 @@
+"""Vision-modality loss passes with and without repeated image preparation (tiny Qwen2-VL on CPU)
+
+A trajectory keeps each image's vision-tower inputs from when its dialogue started
+(`Trajectory.image_inputs`), so scoring it (every SFT draw, every RL update, the critic) never
+processes an image again. Before that change every scoring prepared each image anew from its uint8
+array: resize, rescale, normalise and cut into patches. This benchmark times the loss passes of one
+training step both ways in the same run:
+
+- **SFT pass**: 8 oracle-expert episodes (`ExpertAgent`), teacher-forced at T=1, ``L_SFT`` and its
+  backward pass;
+- **RL pass**: 8 rollouts of the tiny policy (2 start states x 4, up to 16 new tokens per answer),
+  scored at the sampling temperature with their GRPO advantages, the clipped ``L_RL`` and its backward.
+
+on GeneralPoints-v0 (vision, the 1200 px card table, one image per episode) and VIRL-v0 (vision, the
+built-in city, 901 px street-view grids, one image per decision point). "Images re-prepared" runs the
+same trajectories with their prepared inputs dropped (``image_inputs=()``), which makes
+`Trajectory.token_sequences` prepare every image on each call exactly as the code did before. The
+tiny checkpoint's pixel budget (at most 64 image tokens per image) keeps the vision tower cheap, as
+the preparation cost does not depend on it much: it is dominated by resizing the full-size image.
+Each figure is the median of 5 timed passes after one untimed one; torch runs on one thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import tempfile
+import time
+
+import torch
+
+from agents.baselines import ExpertAgent
+from agents.tiny import build_tiny_model
+from agents.vlm_policy import VLMPolicy
+from amft_vlm.advantages import grpo_episode_advantages
+from amft_vlm.batch import score_trajectories
+from amft_vlm.losses import clipped_policy_loss, sft_loss
+from amft_vlm.rollout import RolloutEngine
+from benchmarks.common import Measurement
+
+log = logging.getLogger(__name__)
+
+ENVIRONMENTS = {
+    "GeneralPoints-v0": {"modality": "vision", "split": "train"},
+    "VIRL-v0": {"modality": "vision", "split": "train"},
+}
+REPEATS = 5
+
+
+def _median_seconds(work, repeats: int = REPEATS) -> float:
+    work()  # untimed: first calls allocate
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _sft_pass(policy: VLMPolicy, trajectories) -> None:
+    scores = score_trajectories(policy, trajectories, temperature=1.0)
+    sft_loss(scores.logprobs).backward()
+    policy.model.zero_grad(set_to_none=True)
+
+
+def _rl_pass(policy: VLMPolicy, trajectories, advantages) -> None:
+    scores = score_trajectories(policy, trajectories, temperature=1.0, turn_advantages=advantages)
+    loss, _ = clipped_policy_loss(scores.logprobs, scores.old_logprobs, scores.advantages)
+    loss.backward()
+    policy.model.zero_grad(set_to_none=True)
+
+
+def _without_prepared_images(trajectories):
+    return [dataclasses.replace(trajectory, image_inputs=()) for trajectory in trajectories]
+
+
+def run() -> list[Measurement]:
+    """Seconds per SFT and RL loss pass with images prepared once vs at every scoring, per environment."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    measurements = []
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            policy = VLMPolicy.from_pretrained(build_tiny_model("qwen2-vl", directory, seed=0))
+            for env_id, env_kwargs in ENVIRONMENTS.items():
+                engine = RolloutEngine(policy, env_id, env_kwargs=env_kwargs, num_envs=8, max_new_tokens=16)
+                expert, _ = engine.collect(range(8), responder=ExpertAgent(), progress=False)
+                rollouts, _ = engine.collect(range(2), group_size=4, sampling_seed=0, progress=False)
+                engine.close()
+                advantages = grpo_episode_advantages([t.turn_rewards for t in rollouts], [t.group for t in rollouts])
+                images = sum(len(t.images) for t in expert), sum(len(t.images) for t in rollouts)
+                log.info("%s: %d expert images, %d rollout images", env_id, *images)
+                passes = {
+                    "SFT": (lambda batch: _sft_pass(policy, batch), expert),
+                    "RL": (lambda batch: _rl_pass(policy, batch, advantages), rollouts),
+                }
+                for kind, (work, batch) in passes.items():
+                    cached = _median_seconds(lambda work=work, batch=batch: work(batch))
+                    bare = _without_prepared_images(batch)
+                    repeated = _median_seconds(lambda work=work, bare=bare: work(bare))
+                    count = sum(len(t.images) for t in batch)
+                    log.info("%s %s pass: %.3f s (images prepared once) vs %.3f s (re-prepared)", env_id, kind, cached, repeated)
+                    measurements.append(
+                        Measurement(
+                            name=f"{env_id} vision, {kind} pass over {len(batch)} episodes ({count} images)",
+                            value=cached,
+                            unit="s/pass",
+                            baseline_name="images re-prepared at every scoring (before)",
+                            baseline_value=repeated,
+                            lower_is_better=True,
+                        )
+                    )
+    finally:
+        torch.set_num_threads(threads)
+    return measurements

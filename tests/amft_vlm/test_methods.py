@@ -1,0 +1,96 @@
+"""The methods table: every row validates, each schedule gives the mu written out by hand, and each row's
+data needs (expert trajectories, rollouts) agree with the mu it can take."""
+
+import itertools
+import math
+
+import pytest
+
+from amft_vlm.config import ControllerConfig, TrainConfig, load_config
+from amft_vlm.methods import METHODS, ControllerUse, build_controller, get_method, method_mu
+
+STEPS = 8
+
+
+def mus(method, **settings):
+    config = TrainConfig(method=method, steps=STEPS, **settings).validate()
+    controller = build_controller(config)
+    return [method_mu(config, step, controller) for step in range(STEPS)]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_validates_and_names_its_row(name):
+    assert load_config(overrides=[f"method={name}"]).method == name
+    method = get_method(name)
+    assert method.name == name and method.description
+    assert (method.schedule is None) != (method.controller is None)  # a schedule or the controller, never both
+
+
+def test_an_unknown_method_lists_the_choices():
+    with pytest.raises(ValueError, match="method must be one of sft, rl, sft-then-rl, .*no-entropy; got 'ppo2'"):
+        get_method("ppo2")
+
+
+def test_schedules_by_hand():
+    assert mus("sft") == [1.0] * 8
+    assert mus("rl") == [0.0] * 8
+    assert mus("sft-then-rl", sft_then_rl_switch=0.5) == [1.0] * 4 + [0.0] * 4
+    assert mus("sft-then-rl", sft_then_rl_switch=0.3) == [1.0] * 2 + [0.0] * 6  # round(0.3 x 8) = 2
+    assert mus("fixed-mix", fixed_mu=0.3) == [0.3] * 8
+    # 0.1 + 0.8 x (1 + cos(pi step / 4)) / 2 over schedule_steps = 4, then flat at the end value.
+    quarter = 0.1 + 0.4 * (1 + math.sqrt(0.5))
+    expected = [0.9, quarter, 0.5, 1.0 - quarter, 0.1, 0.1, 0.1, 0.1]
+    assert mus("scheduled-mix", schedule_mu_start=0.9, schedule_mu_end=0.1, schedule_steps=4) == pytest.approx(expected)
+    whole = mus("scheduled-mix", schedule_mu_start=0.9, schedule_mu_end=0.1)  # schedule_steps None: all steps
+    assert whole[0] == 0.9 and whole[4] == pytest.approx(0.5) and all(a > b for a, b in itertools.pairwise(whole))
+
+
+def test_controller_methods_take_mu_from_the_controller_with_their_parts():
+    controller = ControllerConfig(warmup_steps=3, mu_init=0.7)
+    for name in ("amft", "no-meta-gradient", "no-entropy"):
+        assert mus(name, controller=controller) == [1.0] * 3 + [0.7] * 5, name
+    assert mus("no-warmup", controller=controller) == [0.7] * 8
+    parts = {name: build_controller(TrainConfig(method=name)) for name in ("amft", "no-warmup", "no-meta-gradient", "no-entropy")}
+    assert [(c.warmup_steps, c.use_meta, c.use_entropy) for c in parts.values()] == [(50, True, True), (0, True, True), (50, False, True), (50, True, False)]
+    assert get_method("amft").controller == ControllerUse()
+    with pytest.raises(ValueError, match="build_controller"):
+        method_mu(TrainConfig(method="amft"), 0, None)
+
+
+def test_schedules_have_no_controller():
+    for name, method in METHODS.items():
+        if method.schedule is not None:
+            assert build_controller(TrainConfig(method=name)) is None, name
+
+
+def test_data_needs_are_right():
+    needs = {name: (method.uses_expert_data, method.collects_rollouts) for name, method in METHODS.items()}
+    assert needs["sft"] == (True, False)
+    assert needs["rl"] == (False, True)
+    assert all(need == (True, True) for name, need in needs.items() if name not in ("sft", "rl"))
+
+
+def test_data_needs_agree_with_the_mu_a_schedule_can_take():
+    """uses_expert_data: mu > 0 at some step for some valid config; collects_rollouts: mu < 1 likewise."""
+    ends = (0.0, 0.5, 1.0)
+    grid = [
+        {"fixed_mu": fixed, "sft_then_rl_switch": switch, "schedule_mu_start": start, "schedule_mu_end": end}
+        for fixed, switch, start, end in itertools.product(ends, ends, ends, ends)
+    ]
+    for name, method in METHODS.items():
+        if method.schedule is None:
+            continue
+        seen = [mu for settings in grid for mu in mus(name, **settings)]
+        assert method.uses_expert_data == any(mu > 0 for mu in seen), name
+        assert method.collects_rollouts == any(mu < 1 for mu in seen), name
+
+
+def test_config_checks_follow_the_table():
+    # mu_max = 1 would stop the controller's rollouts: refused for controller methods only.
+    assert load_config(overrides=["method=fixed-mix", "controller.mu_max=1.0"]).controller.mu_max == 1.0
+    with pytest.raises(ValueError, match="controller.mu_max must be < 1 for no-warmup"):
+        load_config(overrides=["method=no-warmup", "controller.mu_max=1.0"])
+    # A warm-up as long as the run is refused only where the method warms up.
+    assert load_config(overrides=["method=no-warmup", "steps=10", "controller.warmup_steps=10"]).steps == 10
+    with pytest.raises(ValueError, match="controller.warmup_steps"):
+        load_config(overrides=["method=no-entropy", "steps=10", "controller.warmup_steps=10"])
