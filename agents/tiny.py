@@ -5,7 +5,7 @@
 ``preprocessor_config.json``), so it loads through exactly the code path a real checkpoint uses:
 
     >>> from agents.tiny import build_tiny_model
-    >>> from agents.vlm_policy import VLMPolicy
+    >>> from agents.policy import VLMPolicy
     >>> path = build_tiny_model("qwen2-vl", "runs/tiny-qwen2-vl", seed=0)
     >>> policy = VLMPolicy.from_pretrained(path)
 

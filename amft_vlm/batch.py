@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.vlm_policy import VLMPolicy
+from agents.policy import VLMPolicy
 from amft_vlm.distributed import Parallel
 from amft_vlm.trajectory import Trajectory
 

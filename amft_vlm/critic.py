@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from agents.vlm_policy import VLMPolicy
+from agents.policy import VLMPolicy
 from amft_vlm.advantages import gae_turn_advantages
 from amft_vlm.batch import CriticTargets
 from amft_vlm.distributed import Parallel

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from agents.vlm_policy import VLMPolicy
+    from agents.policy import VLMPolicy
 
 ADAPTER_FILE = "adapter.safetensors"
 """File name of the adapter weights written by `save_lora`."""
@@ -372,7 +372,7 @@ def load_policy(path: str | Path, **kwargs: Any) -> VLMPolicy:
     adapters and merges them, giving a plain policy with the trained weights. Any other path or Hub id
     goes to `VLMPolicy.from_pretrained` unchanged. `kwargs` go to `VLMPolicy.from_pretrained`.
     """
-    from agents.vlm_policy import VLMPolicy
+    from agents.policy import VLMPolicy
 
     if (Path(path) / CONFIG_FILE).is_file():
         settings = read_lora_settings(path)

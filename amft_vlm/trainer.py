@@ -43,16 +43,13 @@ from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from agents.baselines import ExpertAgent
+from agents.policy import VLMPolicy
 from agents.tiny import resolve_model_spec
-from agents.vlm_policy import VLMPolicy
-from amft_vlm.advantages import GROUP_ADVANTAGES, leave_one_out_advantages
+from amft_vlm.advantages import GROUP_ADVANTAGES
 from amft_vlm.batch import (
     RolloutBatch,
     accumulate_gradient,
-    check_images_everywhere,
-    micro_batches,
     score_trajectories,
-    take_gradients,
 )
 from amft_vlm.budget import Budget
 from amft_vlm.checkpoint import (
@@ -65,9 +62,9 @@ from amft_vlm.checkpoint import (
     warm_start_checkpoint,
 )
 from amft_vlm.config import TrainConfig, config_to_dict
-from amft_vlm.controller import MetaEstimate, MuTangent, mixed_adamw_step
+from amft_vlm.controller import MetaEstimate, MuTangent, meta_gradient, mixed_adamw_step
 from amft_vlm.critic import Critic
-from amft_vlm.distributed import Parallel, flat_dot
+from amft_vlm.distributed import Parallel
 from amft_vlm.lora import apply_lora, load_lora, lora_parameters
 from amft_vlm.losses import clipped_policy_loss, mix, sft_loss
 from amft_vlm.methods import build_controller, get_method, method_mu
@@ -356,41 +353,20 @@ class Trainer:
         return entropy_sum / max(tokens, 1)
 
     def _meta_estimate(self, step: int, direction: list[torch.Tensor | None]) -> MetaEstimate | None:
-        """dU/dmu along ``direction`` from validation episodes played by the current (updated) policy.
-
-        Each start state i gives ``s_i = < (1/K) sum_j w_ij grad log p(tau_ij), direction >`` with the
-        leave-one-out advantages ``w``, one backward pass (in micro-batches) per start state. With W
-        processes the states go in rounds of W, one per process: a data-parallel backward pass sums the
-        processes' gradients, so a round gives the mean of its W states' values, and the standard error
-        is taken over rounds (over single states with one process; dU/dmu itself is the same either way).
-        A round whose states all tie gives exactly 0 and is not scored. None when no round has a signal.
-        """
+        """dU/dmu along ``direction`` from validation episodes (this process's start states) of the updated policy."""
         c = self.config.controller
         seeds = [VALIDATION_SEED_BASE + i for i in range(c.validation_states)]
         shard = seeds[self.accelerator.process_index :: self.accelerator.num_processes]
         with self.parallel.full_weights():
             episodes, _ = self.validation_engine.collect(shard, group_size=c.validation_samples, sampling_seed=_mix_seed(self.config.seed, step, 2), progress=False)
         self.budget.validation_episodes += c.validation_states * c.validation_samples
-        weights = leave_one_out_advantages(torch.tensor([t.episode_return for t in episodes]), [t.group for t in episodes])
-        states = [[i for i, trajectory in enumerate(episodes) if trajectory.group == group] for group in range(len(shard))]
-        tied = self.parallel.all_true([not any(weights[i] != 0 for i in members) for members in states])
-        temperature = self.validation_engine.sampling_temperature
-        per_round = []
-        for members, skip in zip(states, tied, strict=True):
-            if skip:
-                per_round.append(0.0)
-                continue
-
-            check_images_everywhere(self.parallel, [episodes[i] for i in members])
-            # Training mode only so that gradient checkpointing acts (transformers checks it); it also turns
-            # LoRA dropout on here.
-            with self._training_mode() if self.config.gradient_checkpointing else contextlib.nullcontext():
-                for indices in micro_batches(len(members), self.config.gradient_accumulation_steps):
-                    chosen = [members[i] for i in indices]
-                    scores = score_trajectories(self.policy, [episodes[i] for i in chosen], temperature=temperature)
-                    ((weights[chosen].to(scores.logprobs) * scores.episode_logprobs()).sum() / len(members)).backward()
-            per_round.append(flat_dot(take_gradients(self.parameters), direction) / self.parallel.world)
-        return MetaEstimate.from_per_state(per_round)
+        return meta_gradient(
+            self.policy, self.parameters, self.parallel, episodes, direction,
+            temperature=self.validation_engine.sampling_temperature,
+            micro_batch_count=self.config.gradient_accumulation_steps,
+            # Training mode only so that gradient checkpointing acts (transformers checks it); LoRA dropout too.
+            training_mode=self._training_mode if self.config.gradient_checkpointing else None,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------
     # Set-up, checkpoints.
@@ -432,7 +408,7 @@ class Trainer:
     def _expert_trajectories(self) -> list[Trajectory]:
         config = self.config
         if config.expert_data is not None:
-            return load_sft_trajectories(config.expert_data, self.policy)
+            return load_sft_trajectories(config.expert_data, self.policy.encoder)
         seeds = [EXPERT_SEED_BASE + i for i in range(config.expert_episodes)]
         trajectories, _ = self.engine.collect(seeds, responder=ExpertAgent(), progress=self.progress)
         return [t for t in trajectories if t.success]

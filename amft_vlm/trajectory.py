@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from agents.chat import Dialogue
+from agents.policy import Generation, TokenSequence
 from agents.vision_inputs import ImageInputs, ImageLike
-from agents.vlm_policy import Generation, TokenSequence
 
 if TYPE_CHECKING:
     from agents.policy import ChatEncoder

@@ -31,8 +31,8 @@ import time
 import torch
 
 from agents.baselines import ExpertAgent
+from agents.policy import VLMPolicy
 from agents.tiny import build_tiny_model
-from agents.vlm_policy import VLMPolicy
 from amft_vlm.advantages import grpo_episode_advantages
 from amft_vlm.batch import score_trajectories
 from amft_vlm.losses import clipped_policy_loss, sft_loss
@@ -93,7 +93,7 @@ def run() -> list[Measurement]:
                 log.info("%s: %d expert images, %d rollout images", env_id, *images)
                 passes = {
                     "SFT": (lambda batch: _sft_pass(policy, batch), expert),
-                    "RL": (lambda batch: _rl_pass(policy, batch, advantages), rollouts),
+                    "RL": (lambda batch, advantages=advantages: _rl_pass(policy, batch, advantages), rollouts),
                 }
                 for kind, (work, batch) in passes.items():
                     cached = _median_seconds(lambda work=work, batch=batch: work(batch))

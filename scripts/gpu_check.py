@@ -51,7 +51,7 @@ def _reset_memory(device: str) -> None:
 def rollout_speed(model_dir: Path, device: str, max_new_tokens: int, *, trainer_precision: bool) -> dict:
     """Generated tokens per second of a batched GeneralPoints-VL collection: bf16 weights, or (`trainer_precision`)
     float32 weights under bf16 autocast as in training."""
-    from agents.vlm_policy import VLMPolicy
+    from agents.policy import VLMPolicy
     from amft_vlm.rollout import RolloutEngine
 
     _reset_memory(device)

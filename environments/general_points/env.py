@@ -192,7 +192,7 @@ class GeneralPointsEnv(gym.Env):
 
     def _build_prompt_template(self) -> str:
         # The hand comes last, so every prompt of a setting shares everything before it: a trainer or a
-        # server can compute that prefix once for a whole batch (`agents.vlm_policy` does).
+        # server can compute that prefix once for a whole batch (`agents.policy.scoring` does).
         if self.modality == "language":
             where = "The cards in your hand are: {cards}."
             cards_field = "the cards you were given, by rank"

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from amft_vlm.advantages import leave_one_out_advantages
 from amft_vlm.config import ControllerConfig
 from amft_vlm.controller import (
     ClipDerivative,
@@ -13,7 +14,6 @@ from amft_vlm.controller import (
     MuController,
     MuTangent,
     flat_dot,
-    leave_one_out_advantages,
     mixed_adamw_step,
 )
 from amft_vlm.methods import ControllerUse

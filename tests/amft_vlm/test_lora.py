@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from agents.chat import Dialogue
+from agents.policy import VLMPolicy
 from agents.tiny import ARCHITECTURES
-from agents.vlm_policy import VLMPolicy
 from amft_vlm.checkpoint import save_policy
 from amft_vlm.lora import (
     ADAPTER_FILE,
@@ -24,7 +24,7 @@ from amft_vlm.lora import (
     read_lora_settings,
     save_lora,
 )
-from tests.amft_vlm.conftest import MAX_PIXELS
+from tests.conftest import MAX_PIXELS
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,6 +1,7 @@
 """The trainer on a tiny model: every method runs, SFT learns, resume is exact, mu moves."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -21,13 +22,55 @@ def run(tmp_path, name, *overrides, resume=False):
     return Trainer(config, resume=resume, progress=False)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("amft",)])
-def test_every_baseline_and_ablation_runs(tmp_path, method):
-    history = run(tmp_path, method, f"method={method}", "steps=3").train()
-    assert [m["step"] for m in history] == [1, 2, 3]
-    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in history)
+def _cosine(step, steps=4, start=0.9, end=0.05):
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+# Per method, over 4 steps (controller warm-up 1 step, meta-gradient every 2 controller steps): the mu of
+# each step, written out by hand, and which parts of the loop must run.
+EXPECTED = {
+    "sft": {"mu": [1, 1, 1, 1], "sft": True, "rl": False, "controller": False},
+    "rl": {"mu": [0, 0, 0, 0], "sft": False, "rl": True, "controller": False},
+    "sft-then-rl": {"mu": [1, 1, 0, 0], "sft": True, "rl": True, "controller": False},
+    "fixed-mix": {"mu": [0.5] * 4, "sft": True, "rl": True, "controller": False},
+    "scheduled-mix": {"mu": [_cosine(s) for s in range(4)], "sft": True, "rl": True, "controller": False},
+    "amft": {"mu0": 1.0, "sft": True, "rl": True, "controller": True, "meta_steps": [2, 4], "entropy": True},
+    "no-warmup": {"mu0": 0.5, "sft": True, "rl": True, "controller": True, "meta_steps": [1, 3], "entropy": True},
+    "no-meta-gradient": {"mu0": 1.0, "sft": True, "rl": True, "controller": True, "meta_steps": [], "entropy": True},
+    "no-entropy": {"mu0": 1.0, "sft": True, "rl": True, "controller": True, "meta_steps": [2, 4], "entropy": False},
+}
+
+
+def test_the_expected_table_covers_every_method():
+    assert set(EXPECTED) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "amft"])
+def test_each_method_sets_mu_and_runs_exactly_its_parts(tmp_path, method):
+    expected = EXPECTED[method]
+    history = run(tmp_path, method, f"method={method}", "controller.eta_h=0.5", "temperature=3.0").train()
+    assert [m["step"] for m in history] == [1, 2, 3, 4]
     lines = (tmp_path / method / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    mus = [m["mu"] for m in history]
+    if "mu" in expected:
+        assert mus == pytest.approx(expected["mu"])
+    else:
+        assert mus[0] == expected["mu0"] and len(set(mus)) > 1  # the controller moved mu after its first step
+    for m in history:
+        assert ("loss_sft" in m) == (m["mu"] > 0) and ("loss_rl" in m) == (m["mu"] < 1)
+        assert math.isfinite(m["loss"])
+    last = history[-1]
+    assert (last["budget_expert_examples"] > 0) == expected["sft"]
+    assert (last["budget_rollout_episodes"] > 0) == expected["rl"]
+    assert ("next_mu" in last) == expected["controller"]
+    if expected["controller"]:
+        assert [m["step"] for m in history if "meta_signal" in m] == expected["meta_steps"]
+        assert last["budget_validation_episodes"] == 4 * len(expected["meta_steps"])  # 2 states x 2 samples each
+        terms = [m["entropy_term"] for m in history]
+        assert any(terms) == expected["entropy"]
+        if not expected["meta_steps"]:
+            assert all(m["meta_term"] == 0 for m in history)
 
 
 def test_sft_loss_falls(tmp_path):

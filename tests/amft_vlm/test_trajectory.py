@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agents.chat import Dialogue
-from agents.vlm_policy import Generation
+from agents.policy import Generation
 from amft_vlm.trajectory import Segment, Trajectory, TrajectoryBuilder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
