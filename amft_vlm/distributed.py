@@ -224,3 +224,34 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     if not blocks:
         raise ValueError(f"found no decoder layers in {type(model).__name__}; fully_shard needs a Qwen-VL-family model")
     return blocks
+
+
+MIN_ROUNDS = 3
+"""Fewest rounds of validation start states (one per process) the standardized meta signal takes its error over."""
+
+
+def check_training_layout(config, parallel: Parallel) -> None:
+    """Batches of `config` (a `TrainConfig`) that split evenly over the processes, and what the sharded
+    strategies do not support yet; a ValueError says what to change."""
+    from amft_vlm.methods import get_method
+
+    if not parallel.sharded:
+        return
+    if config.lora_rank:
+        raise ValueError(
+            f"LoRA trains on one process for now (distributed: {parallel.strategy} was chosen for "
+            f"{parallel.world} processes); launch one process, or train all weights"
+        )
+    use = get_method(config.method).controller
+    counts = {"sft_batch_size": config.sft_batch_size, "episodes_per_step": config.episodes_per_step}
+    if use is not None:
+        counts["controller.validation_states"] = config.controller.validation_states
+    parallel.check_even(**counts)
+    rounds = config.controller.validation_states // parallel.world
+    if use is not None and use.meta and config.controller.meta_signal == "standardized" and rounds < MIN_ROUNDS:
+        raise ValueError(
+            f"controller.validation_states ({config.controller.validation_states}) gives {rounds} round(s) of one start state "
+            f"per process on {parallel.world} processes; the standardized meta signal takes its standard error over "
+            f"rounds and needs at least {MIN_ROUNDS}: set validation_states to {MIN_ROUNDS * parallel.world} or more, "
+            "or controller.meta_signal: raw"
+        )

@@ -64,7 +64,7 @@ from amft_vlm.checkpoint import (
 from amft_vlm.config import TrainConfig, config_to_dict
 from amft_vlm.controller import MetaEstimate, MuTangent, meta_gradient, mixed_adamw_step
 from amft_vlm.critic import Critic
-from amft_vlm.distributed import Parallel
+from amft_vlm.distributed import Parallel, check_training_layout
 from amft_vlm.lora import apply_lora, load_lora, lora_parameters
 from amft_vlm.losses import clipped_policy_loss, mix, sft_loss
 from amft_vlm.methods import build_controller, get_method, method_mu
@@ -76,8 +76,6 @@ log = logging.getLogger(__name__)
 
 UNSUPPORTED_DISTRIBUTED = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 """accelerate set-ups the trainer refuses (FSDP is mapped to its own fully_shard, `amft_vlm.distributed`)."""
-MIN_ROUNDS = 3
-"""Fewest rounds of validation start states (one per process) the standardized meta signal takes its error over."""
 VALIDATION_SEED_BASE = 1 << 30  # validation episodes never share seeds with training rollouts
 EXPERT_SEED_BASE = 1 << 29
 RL_METRICS = ("clip_fraction", "approx_kl", "ratio")
@@ -101,7 +99,7 @@ class Trainer:
                 "support; use an accelerate config for several processes (DDP) or FSDP (configs/accelerate/), or torchrun"
             )
         self.parallel = Parallel(config.distributed, self.accelerator)
-        self._check_parallel_settings()
+        check_training_layout(config, self.parallel)
         set_seed(config.seed)
         self.start_step, self.sft_position, self.budget = 0, 0, Budget()
         checkpoint = latest_checkpoint(self.checkpoints) if resume else None
@@ -412,30 +410,6 @@ class Trainer:
         seeds = [EXPERT_SEED_BASE + i for i in range(config.expert_episodes)]
         trajectories, _ = self.engine.collect(seeds, responder=ExpertAgent(), progress=self.progress)
         return [t for t in trajectories if t.success]
-
-    def _check_parallel_settings(self) -> None:
-        """Batches that split evenly over the processes, and what the sharded strategies do not support yet."""
-        config, parallel = self.config, self.parallel
-        if not parallel.sharded:
-            return
-        if config.lora_rank:
-            raise ValueError(
-                f"LoRA trains on one process for now (distributed: {parallel.strategy} was chosen for "
-                f"{parallel.world} processes); launch one process, or train all weights"
-            )
-        counts = {"sft_batch_size": config.sft_batch_size, "episodes_per_step": config.episodes_per_step}
-        if self.method.controller is not None:
-            counts["controller.validation_states"] = config.controller.validation_states
-        parallel.check_even(**counts)
-        rounds = config.controller.validation_states // parallel.world
-        uses_meta = self.method.controller is not None and self.method.controller.meta
-        if uses_meta and config.controller.meta_signal == "standardized" and rounds < MIN_ROUNDS:
-            raise ValueError(
-                f"controller.validation_states ({config.controller.validation_states}) gives {rounds} round(s) of one start state "
-                f"per process on {parallel.world} processes; the standardized meta signal takes its standard error over "
-                f"rounds and needs at least {MIN_ROUNDS}: set validation_states to {MIN_ROUNDS * parallel.world} or more, "
-                "or controller.meta_signal: raw"
-            )
 
     def _mini_batch_count(self) -> int:
         """Mini-batches per pass: rollouts per iteration / mini_batch_size, rounded up (1 without a size)."""

@@ -134,13 +134,15 @@ def test_too_few_validation_rounds_for_the_standardized_meta_signal_are_refused(
     from types import SimpleNamespace
 
     from amft_vlm.config import load_config
-    from amft_vlm.distributed import Parallel
-    from amft_vlm.trainer import Trainer
+    from amft_vlm.distributed import Parallel, check_training_layout
 
     parallel = Parallel("auto", SimpleNamespace(num_processes=8, process_index=0, distributed_type="MULTI_GPU"))
-    check = Trainer._check_parallel_settings
     with pytest.raises(ValueError, match="gives 1 round.*set validation_states to 24"):
-        check(SimpleNamespace(config=load_config(overrides=["sft_batch_size=8", "controller.validation_states=8"]), parallel=parallel))
-    check(SimpleNamespace(config=load_config(overrides=["sft_batch_size=8", "controller.validation_states=24"]), parallel=parallel))
+        check_training_layout(load_config(overrides=["sft_batch_size=8", "controller.validation_states=8"]), parallel)
+    check_training_layout(load_config(overrides=["sft_batch_size=8", "controller.validation_states=24"]), parallel)
     raw = load_config(overrides=["sft_batch_size=8", "controller.validation_states=8", "controller.meta_signal=raw"])
-    check(SimpleNamespace(config=raw, parallel=parallel))
+    check_training_layout(raw, parallel)
+    # Without the meta-gradient there are no rounds to count; the batches must still split evenly.
+    check_training_layout(load_config(overrides=["sft_batch_size=8", "controller.validation_states=8", "method=no-meta-gradient"]), parallel)
+    with pytest.raises(ValueError, match="sft_batch_size"):
+        check_training_layout(load_config(overrides=["sft_batch_size=12", "controller.validation_states=24"]), parallel)
