@@ -486,7 +486,7 @@ class RolloutEngine:
             from amft_vlm.trajectory import TrajectoryBuilder
 
             recorder = TrajectoryBuilder(
-                self.policy,
+                self.policy.encoder,
                 seed=spec.seed,
                 group=spec.group,
                 env_id=self._env_id(slot),
