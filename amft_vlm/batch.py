@@ -104,18 +104,20 @@ def score_trajectories(
     """Log-probs and entropies of every trainable token of `trajectories` (one forward pass over all
     their dialogues), with the sampling log-probs and each turn's advantage alongside.
 
-    Every trajectory's images come prepared (`Trajectory.token_sequences`): nothing is re-processed here.
+    Every trajectory's images come prepared (`Trajectory.image_inputs`): nothing is re-processed here, and a
+    trajectory without its prepared images is an error (`Trajectory.with_image_inputs` attaches them).
     """
     sequences, positions = [], []
     old, advantages, lengths = [], [], []
     for index, trajectory in enumerate(trajectories):
-        for segment, sequence in zip(trajectory.segments, trajectory.token_sequences(policy), strict=True):
+        for segment, sequence in zip(trajectory.segments, trajectory.token_sequences(), strict=True):
             sequences.append(sequence)
             positions.append(segment.trainable_positions)
             old.append(segment.response_logprobs)
         lengths.append(trajectory.num_response_tokens)
         if turn_advantages is not None:
-            advantages.append(torch.repeat_interleave(turn_advantages[index].float().cpu(), torch.tensor(trajectory.turn_lengths)))
+            turn_values = turn_advantages[index].float()
+            advantages.append(torch.repeat_interleave(turn_values, torch.tensor(trajectory.turn_lengths, device=turn_values.device)))
     logprobs, entropies = policy.token_logprobs(sequences, positions, temperature=temperature, with_entropy=True)
     flat = torch.cat(logprobs) if logprobs else torch.zeros(0)
     return TokenScores(

@@ -50,7 +50,7 @@ def decision_states(policy: VLMPolicy, trajectories: Sequence[Trajectory]) -> li
     """For each trajectory, the hidden state ``(num_turns, hidden_size)`` its turns were decided from."""
     sequences, positions, owners = [], [], []
     for index, trajectory in enumerate(trajectories):
-        for segment, sequence in zip(trajectory.segments, trajectory.token_sequences(policy), strict=True):
+        for segment, sequence in zip(trajectory.segments, trajectory.token_sequences(), strict=True):
             sequences.append(sequence)
             positions.append([start - 1 for start, _ in segment.turn_spans])
             owners.append(index)

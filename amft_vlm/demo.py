@@ -186,6 +186,13 @@ def load_demo_config(
     train = dataclass_from_dict(TrainConfig, values)
     if not train.model.startswith(TINY_PREFIX) or train.model[len(TINY_PREFIX) :] not in ARCHITECTURES:
         raise ValueError(f"model: the demo builds a tiny model, {' or '.join(TINY_PREFIX + arch for arch in ARCHITECTURES)}; got {train.model!r}")
+    # The demo's evaluation and its table are GeneralPoints in language (GP-L's paper settings): train on that.
+    for name, kwargs in (("env_kwargs", train.env_kwargs), ("validation_env_kwargs", train.validation_env_kwargs)):
+        if train.env_id != "GeneralPoints-v0" or kwargs.get("modality") != "language":
+            raise ValueError(
+                f"env_id / {name}: the demo trains and evaluates GeneralPoints-v0 in language modality (its table is GP-L's "
+                f"paper settings); got {train.env_id} {kwargs}. Train other tasks with `amft-vlm train`"
+            )
     if steps is not None:
         if steps < 2:
             raise ValueError(f"steps must be at least 2 (AMFT needs a warm-up step and a controller step); got {steps}")

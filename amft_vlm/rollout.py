@@ -64,8 +64,8 @@ from agents.chat import Dialogue
 from amft_vlm.episode_metrics import EpisodeOutcome, RolloutStats
 
 if TYPE_CHECKING:
+    from agents.policy import DialogueCache, Generation, VLMPolicy
     from agents.vision_inputs import ImageLike
-    from agents.vlm_policy import Generation, KVPrefix, VLMPolicy
     from amft_vlm.trajectory import Trajectory, TrajectoryBuilder
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class _Episode:
     observation: dict[str, Any]
     verdicts: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
-    cache: KVPrefix | None = None
+    cache: DialogueCache | None = None
     generator: torch.Generator | None = None
     """Where its tokens are drawn from (with a sampling seed), whatever else shares the batch."""
 

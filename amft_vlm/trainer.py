@@ -40,10 +40,8 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from agents.baselines import ExpertAgent
-from agents.policy import VLMPolicy
 from agents.tiny import resolve_model_spec
 from amft_vlm.advantages import GROUP_ADVANTAGES
 from amft_vlm.batch import (
@@ -62,14 +60,15 @@ from amft_vlm.checkpoint import (
     warm_start_checkpoint,
 )
 from amft_vlm.config import TrainConfig, config_to_dict
-from amft_vlm.controller import MetaEstimate, MuTangent, meta_gradient, mixed_adamw_step
+from amft_vlm.controller import MetaEstimate, MuTangent, mixed_adamw_step
 from amft_vlm.critic import Critic
 from amft_vlm.distributed import Parallel, check_training_layout
-from amft_vlm.lora import apply_lora, load_lora, lora_parameters
 from amft_vlm.losses import clipped_policy_loss, mix, sft_loss
+from amft_vlm.meta import meta_gradient
 from amft_vlm.methods import build_controller, get_method, method_mu
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.sft_data import load_sft_trajectories
+from amft_vlm.training_setup import build_optimizer, load_training_policy
 from amft_vlm.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -109,19 +108,15 @@ class Trainer:
         if warm_start:
             checkpoint = warm_start_checkpoint(config)
 
-        self.policy, self.parameters = self._load_policy(checkpoint)
-        # Updates go through torch's AdamW itself (not accelerate's wrapper): the loss is never scaled, and the
-        # look-ahead differentiates exactly this step. On CUDA the fused kernel (foreach allocates a parameter-sized
-        # temporary). The scheduler is not accelerate's either: its wrapper advances once per process.
-        self.optimizer = torch.optim.AdamW(
-            self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=self.accelerator.device.type == "cuda"
-        )
-        if config.lr_schedule == "cosine":
-            self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps)
-        else:
-            self.scheduler = get_constant_schedule_with_warmup(self.optimizer, num_warmup_steps=config.lr_warmup_steps)
+        with self.accelerator.main_process_first():  # one process builds a tiny model, the others load it
+            self.base_model = resolve_model_spec(config.model, self.output_dir / "initial-model", seed=config.seed)
+        # With LoRA the policy is always the base model plus adapters (fresh, or the checkpoint's).
+        model_path = str(checkpoint / "policy") if checkpoint and not config.lora_rank else self.base_model
+        lora = (checkpoint / "lora") if checkpoint and config.lora_rank else None
+        self.policy, self.parameters = load_training_policy(config, model_path, self.parallel, device=str(self.accelerator.device), lora_checkpoint=lora)
+        self.optimizer, self.scheduler = build_optimizer(config, self.parameters, fused=self.accelerator.device.type == "cuda")
         self.critic = None
-        if config.advantage == "ppo":
+        if config.advantage == "ppo" and self.method.collects_rollouts:
             hidden_size = self.policy.model.config.get_text_config().hidden_size
             self.critic = Critic(
                 hidden_size, learning_rate=config.value_learning_rate, clip_epsilon=config.clip_epsilon,
@@ -134,7 +129,8 @@ class Trainer:
         self.validation_engine = RolloutEngine(self.policy, config.env_id, env_kwargs=config.validation_env_kwargs, **engine_kwargs)
         self.expert = self._expert_trajectories() if self.method.uses_expert_data else []
         # A fixed probe of expert dialogues for entropy_source=expert: the first ones, the same at every step.
-        self.entropy_probe = self.expert[: config.controller.entropy_probe_size] if self.controller else []
+        probe = self.expert[: config.controller.entropy_probe_size] if self.controller else []
+        self.entropy_probe = [t.with_image_inputs(self.policy.encoder) for t in probe]
 
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -230,7 +226,7 @@ class Trainer:
                 orders[epoch] = np.random.default_rng([self.config.seed, epoch]).permutation(count)
             batch.append(self.expert[orders[epoch][offset]])
         self.sft_position += size
-        return batch[self.accelerator.process_index :: self.accelerator.num_processes]
+        return [t.with_image_inputs(self.policy.encoder) for t in batch[self.accelerator.process_index :: self.accelerator.num_processes]]
 
     def _collect_rollouts(self, step: int) -> tuple[RolloutBatch, dict]:
         """This process's share of the iteration's rollouts with one advantage per turn, and the global episode metrics."""
@@ -369,47 +365,23 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # Set-up, checkpoints.
 
-    def _load_policy(self, checkpoint: Path | None) -> tuple[VLMPolicy, list[torch.Tensor]]:
-        """The policy (base model plus adapters with LoRA; the checkpoint's weights otherwise), wrapped for the
-        distributed strategy, and the parameters it trains."""
-        config = self.config
-        with self.accelerator.main_process_first():  # one process builds a tiny model, the others load it
-            self.base_model = resolve_model_spec(config.model, self.output_dir / "initial-model", seed=config.seed)
-        model_path = str(checkpoint / "policy") if checkpoint and not config.lora_rank else self.base_model
-        policy = VLMPolicy.from_pretrained(
-            model_path,
-            dtype=config.dtype,
-            device=str(self.accelerator.device),
-            attn_implementation=config.attn_implementation,
-            min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels,
-        )
-        if config.mixed_precision == "bf16":
-            policy.autocast_dtype = torch.bfloat16
-        if config.lora_rank:
-            if checkpoint:
-                load_lora(policy, checkpoint / "lora")
-            else:
-                apply_lora(policy, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
-        elif config.freeze_vision_tower:
-            for parameter in policy.model.model.visual.parameters():
-                parameter.requires_grad_(False)
-        if config.gradient_checkpointing:
-            policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # The shared-prefix shortcut makes one or two forward calls depending on the batch: off where every
-        # process must make the same calls, and where checkpointing drops the cache it relies on.
-        policy.share_prefix = not (self.parallel.sharded or config.gradient_checkpointing)
-        self.parallel.wrap(policy.model)  # parameters are new objects from here on
-        parameters = lora_parameters(policy) if config.lora_rank else [p for p in policy.model.parameters() if p.requires_grad]
-        return policy, parameters
-
     def _expert_trajectories(self) -> list[Trajectory]:
+        """The expert set, its images kept prepared if they fit in ``image_cache_mb`` (else prepared per draw)."""
         config = self.config
         if config.expert_data is not None:
-            return load_sft_trajectories(config.expert_data, self.policy.encoder)
-        seeds = [EXPERT_SEED_BASE + i for i in range(config.expert_episodes)]
-        trajectories, _ = self.engine.collect(seeds, responder=ExpertAgent(), progress=self.progress)
-        return [t for t in trajectories if t.success]
+            expert = load_sft_trajectories(config.expert_data, self.policy.encoder)
+        else:
+            seeds = [EXPERT_SEED_BASE + i for i in range(config.expert_episodes)]
+            trajectories, _ = self.engine.collect(seeds, responder=ExpertAgent(), progress=self.progress)
+            expert = [t for t in trajectories if t.success]
+        prepared = sum(t.image_input_bytes for t in expert)
+        if prepared > config.image_cache_mb * 2**20:
+            log.warning(
+                "the expert set's prepared images take %.0f MB, more than image_cache_mb=%d: keeping uint8 images "
+                "and preparing each SFT batch's images once per draw", prepared / 2**20, config.image_cache_mb,
+            )  # fmt: skip
+            expert = [t.without_image_inputs() for t in expert]
+        return expert
 
     def _mini_batch_count(self) -> int:
         """Mini-batches per pass: rollouts per iteration / mini_batch_size, rounded up (1 without a size)."""

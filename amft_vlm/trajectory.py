@@ -32,6 +32,7 @@ loader both use it, so the two produce identical trajectories for the same episo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -69,6 +70,8 @@ class Segment:
     image_index: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.token_ids, tuple) or not all(type(token) is int for token in self.token_ids):
+            raise ValueError(f"token_ids must be a tuple of ints (what TokenSequence takes); got {type(self.token_ids).__name__}")
         length = len(self.token_ids)
         if not self.turn_spans:
             raise ValueError("a segment needs at least one response turn")
@@ -249,6 +252,21 @@ class Trajectory:
     def turn_lengths(self) -> list[int]:
         """Trainable tokens of each response turn, in order across segments."""
         return [end - start for segment in self.segments for start, end in segment.turn_spans]
+
+    @property
+    def image_input_bytes(self) -> int:
+        """Bytes held by the prepared image inputs (0 when none are kept)."""
+        return sum(inputs.pixel_values.nbytes + inputs.image_grid_thw.nbytes for inputs in self.image_inputs)
+
+    def with_image_inputs(self, encoder: ChatEncoder) -> Trajectory:
+        """This trajectory with its images' prepared inputs (itself when it has them, or no images)."""
+        if not self.images or self.image_inputs:
+            return self
+        return dataclasses.replace(self, image_inputs=tuple(encoder.prepare_images([image]) for image in self.images))
+
+    def without_image_inputs(self) -> Trajectory:
+        """This trajectory keeping only its uint8 images (a quarter of the prepared inputs' memory at most)."""
+        return dataclasses.replace(self, image_inputs=()) if self.image_inputs else self
 
     def token_sequences(self, encoder: ChatEncoder | None = None) -> list[TokenSequence]:
         """One `TokenSequence` per segment, with its prepared image, for teacher forcing.

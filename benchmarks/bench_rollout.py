@@ -45,11 +45,11 @@ import gymnasium as gym
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 
+from agents.policy import VLMPolicy
 from agents.tiny import build_tiny_model
-from agents.vlm_policy import VLMPolicy
-from amft_vlm.rollout import RolloutEngine, RolloutStats
+from amft_vlm.episode_metrics import OUT_OF_ATTEMPTS, EpisodeOutcome, RolloutStats
+from amft_vlm.rollout import RolloutEngine
 from benchmarks.common import Measurement
-from environments.general_points.verifier import REWARD_OUT_OF_ATTEMPTS
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,6 @@ class ForwardTimer:
 
 
 @dataclass(frozen=True)
-class EpisodeOutcome:
-    """What the validity check needs of one played episode."""
-
-    turns: int
-    success: bool
-    last_reward: float
-
-
-@dataclass(frozen=True)
 class TimedRun:
     """One timed collection: its statistics and the share of its wall time outside model forward passes."""
 
@@ -109,6 +100,26 @@ class TimedRun:
         """Share of the wall time outside ``generate`` calls."""
         return 1.0 - self.stats.generate_seconds / self.stats.wall_seconds
 
+    @property
+    def episodes_per_second(self) -> float:
+        """Episodes per second of wall time."""
+        return self.stats.episodes_per_second
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated (response) tokens per second of wall time."""
+        return self.stats.response_tokens_per_second
+
+    @property
+    def percent_outside_forward(self) -> float:
+        """`outside_forward` in percent."""
+        return 100 * self.outside_forward
+
+    @property
+    def percent_outside_generate(self) -> float:
+        """`outside_generate` in percent."""
+        return 100 * self.outside_generate
+
 
 @dataclass
 class _Dialogue:
@@ -116,6 +127,7 @@ class _Dialogue:
 
     seed: int
     messages: list[dict[str, Any]]
+    verdicts: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     response_tokens: int = 0
 
@@ -139,7 +151,8 @@ class HuggingFaceLoop:
         stop_ids = self.model.generation_config.eos_token_id
         self.stop_ids = frozenset([stop_ids] if isinstance(stop_ids, int) else stop_ids)
         config = self.model.config
-        # Every sampling field set, so none is filled in from the checkpoint's near-greedy defaults.
+        # The engine's law, every sampling field set: generate fills a field left unset from the model's
+        # generation config, which is the checkpoint's near-greedy one until it is replaced below.
         self.sampling = GenerationConfig(
             do_sample=True,
             temperature=TEMPERATURE,
@@ -152,21 +165,21 @@ class HuggingFaceLoop:
             pad_token_id=self.model.generation_config.pad_token_id,
             suppress_tokens=[config.image_token_id, config.video_token_id],
         )
+        self.model.generation_config = self.sampling
         self.envs = [gym.make(ENV_ID, **ENV_KWARGS) for _ in range(num_envs)]
 
-    def collect(self, seeds: Sequence[int], *, sampling_seed: int) -> tuple[RolloutStats, list[EpisodeOutcome]]:
-        """Play one episode per reset seed; their statistics and outcomes, in seed order."""
+    def play(self, seeds: Sequence[int], *, sampling_seed: int) -> tuple[list[EpisodeOutcome], RolloutStats]:
+        """Play one episode per reset seed; their outcomes (in seed order) and statistics, as `RolloutEngine.play`."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sampling_seed)
             return self._run(seeds)
 
-    def _run(self, seeds: Sequence[int]) -> tuple[RolloutStats, list[EpisodeOutcome]]:
+    def _run(self, seeds: Sequence[int]) -> tuple[list[EpisodeOutcome], RolloutStats]:
         start_time = time.perf_counter()
         queue = deque(enumerate(seeds))
         slots: list[tuple[int, _Dialogue] | None] = [None] * min(len(self.envs), len(seeds))
         outcomes: list[EpisodeOutcome | None] = [None] * len(seeds)
         response_tokens = total_tokens = generate_calls = 0
-        returns = []
         generate_seconds = 0.0
 
         def refill(slot: int) -> None:
@@ -197,32 +210,32 @@ class HuggingFaceLoop:
                 # A row that stopped early is padded with the pad id (itself a stop id) after its stop token.
                 length = next((i + 1 for i, token in enumerate(tokens) if token in self.stop_ids), len(tokens))
                 stopped = tokens[length - 1] in self.stop_ids
+                # Special tokens inside the response are kept, as the engine keeps them.
                 text = self.tokenizer.decode(tokens[: length - 1] if stopped else tokens[:length])
                 observation, reward, terminated, truncated, info = self.envs[slot].step(text)
+                episode.verdicts.append(info["verdict"])
                 episode.rewards.append(float(reward))
                 episode.response_tokens += length
                 episode.messages.append({"role": "assistant", "content": text})
                 if not (terminated or truncated):
                     episode.messages.append({"role": "user", "content": observation["text"]})
                     continue
-                outcomes[index] = EpisodeOutcome(len(episode.rewards), bool(info["success"]), episode.rewards[-1])
+                outcomes[index] = EpisodeOutcome(
+                    episode.seed, tuple(episode.verdicts), tuple(episode.rewards), bool(info["success"])
+                )
                 response_tokens += episode.response_tokens
                 total_tokens += prompt_length + length
-                returns.append(sum(episode.rewards))
                 refill(slot)
         finished = [outcome for outcome in outcomes if outcome is not None]
-        stats = RolloutStats(
-            episodes=len(finished),
-            successes=sum(outcome.success for outcome in finished),
-            mean_return=sum(returns) / len(returns) if returns else 0.0,
-            mean_turns=sum(outcome.turns for outcome in finished) / len(finished) if finished else 0.0,
+        stats = RolloutStats.from_outcomes(
+            finished,
             response_tokens=response_tokens,
             total_tokens=total_tokens,
             wall_seconds=time.perf_counter() - start_time,
             generate_seconds=generate_seconds,
             generate_calls=generate_calls,
         )
-        return stats, finished
+        return finished, stats
 
     def close(self) -> None:
         """Close the environments."""
@@ -235,7 +248,7 @@ def _check_episodes(setting: str, outcomes: Sequence[EpisodeOutcome], expected: 
     invalid = [
         outcome
         for outcome in outcomes
-        if outcome.success or outcome.turns != attempts + 1 or outcome.last_reward != REWARD_OUT_OF_ATTEMPTS
+        if outcome.success or len(outcome.verdicts) != attempts + 1 or outcome.verdicts[-1] != OUT_OF_ATTEMPTS
     ]
     if len(outcomes) != expected or invalid:
         raise RuntimeError(
@@ -247,12 +260,11 @@ def _check_episodes(setting: str, outcomes: Sequence[EpisodeOutcome], expected: 
 def _engine_collection(engine: RolloutEngine, timer: ForwardTimer, attempts: int) -> Callable[[], TimedRun]:
     """A function timing one collection of the engine's episodes (checked), after one warm-up collection."""
     episodes = EPISODES[engine.num_envs]
-    engine.collect(range(1000, 1000 + engine.num_envs), sampling_seed=1, progress=False)
+    engine.play(range(1000, 1000 + engine.num_envs), sampling_seed=1, progress=False)
 
     def collect() -> TimedRun:
         timer.seconds = 0.0
-        trajectories, stats = engine.collect(range(episodes), sampling_seed=0, progress=False)
-        outcomes = [EpisodeOutcome(t.num_turns, t.success, t.turn_rewards[-1]) for t in trajectories]
+        outcomes, stats = engine.play(range(episodes), sampling_seed=0, progress=False)
         _check_episodes(f"engine N={engine.num_envs}", outcomes, episodes, attempts)
         return TimedRun(stats, 1.0 - timer.seconds / stats.wall_seconds)
 
@@ -263,19 +275,20 @@ def _hugging_face_collection(loop: HuggingFaceLoop, timer: ForwardTimer, attempt
     """A function timing one collection of the Hugging Face loop (checked), after one warm-up collection."""
     num_envs = len(loop.envs)
     episodes = EPISODES[num_envs]
-    loop.collect(range(1000, 1000 + num_envs), sampling_seed=1)
+    loop.play(range(1000, 1000 + num_envs), sampling_seed=1)
 
     def collect() -> TimedRun:
         timer.seconds = 0.0
-        stats, outcomes = loop.collect(range(episodes), sampling_seed=0)
+        outcomes, stats = loop.play(range(episodes), sampling_seed=0)
         _check_episodes(f"Hugging Face loop N={num_envs}", outcomes, episodes, attempts)
         return TimedRun(stats, 1.0 - timer.seconds / stats.wall_seconds)
 
     return collect
 
 
-def _median(runs: Sequence[TimedRun], figure: Callable[[TimedRun], float]) -> float:
-    return statistics.median(figure(run) for run in runs)
+def _median(runs: Sequence[TimedRun], figure: str) -> float:
+    """The median over `runs` of the `TimedRun` property named `figure`."""
+    return statistics.median(getattr(run, figure) for run in runs)
 
 
 def run() -> list[Measurement]:
@@ -313,8 +326,8 @@ def run() -> list[Measurement]:
                     repeat + 1,
                     name,
                     timed.stats.summary(),
-                    100 * timed.outside_forward,
-                    100 * timed.outside_generate,
+                    timed.percent_outside_forward,
+                    timed.percent_outside_generate,
                 )
     finally:
         engine_timer.remove()
@@ -325,81 +338,68 @@ def run() -> list[Measurement]:
         torch.set_num_threads(threads)
     single, batched = runs["N=1"], runs["N=16"]
     uncached, baseline = runs["N=16 (no cache reuse)"], runs["Hugging Face loop N=16"]
-
-    def episodes_per_second(timed: TimedRun) -> float:
-        return timed.stats.episodes_per_second
-
-    def tokens_per_second(timed: TimedRun) -> float:
-        return timed.stats.response_tokens_per_second
-
-    def percent_outside_forward(timed: TimedRun) -> float:
-        return 100 * timed.outside_forward
-
-    def percent_outside_generate(timed: TimedRun) -> float:
-        return 100 * timed.outside_generate
-
     log.info(
         "engine N=16 / Hugging Face loop N=16 generated tokens/s, per repeat: %s",
-        ", ".join(f"{tokens_per_second(e) / tokens_per_second(h):.2f}x" for e, h in zip(batched, baseline, strict=True)),
+        ", ".join(f"{e.tokens_per_second / h.tokens_per_second:.2f}x" for e, h in zip(batched, baseline, strict=True)),
     )
-    tokens_vs_baseline = _median(batched, tokens_per_second) / _median(baseline, tokens_per_second)
-    speedup = _median(batched, episodes_per_second) / _median(single, episodes_per_second)
-    batched_outside = _median(batched, percent_outside_forward)
+    tokens_vs_baseline = _median(batched, "tokens_per_second") / _median(baseline, "tokens_per_second")
+    speedup = _median(batched, "episodes_per_second") / _median(single, "episodes_per_second")
+    batched_outside = _median(batched, "percent_outside_forward")
     return [
         Measurement(
             name=f"engine, N=16 envs, generated tokens, vs the plain Hugging Face loop ({MAX_NEW_TOKENS} new tokens)",
-            value=_median(batched, tokens_per_second),
+            value=_median(batched, "tokens_per_second"),
             unit="tokens/s",
             baseline_name="chat template + model.generate, N=16",
-            baseline_value=_median(baseline, tokens_per_second),
+            baseline_value=_median(baseline, "tokens_per_second"),
             target=f">= {TARGET_SPEEDUP_OVER_HF:g}x the Hugging Face loop",
             met=tokens_vs_baseline >= TARGET_SPEEDUP_OVER_HF,
         ),
         Measurement(
             name=f"engine, N=16 envs, {MAX_NEW_TOKENS} new tokens",
-            value=_median(batched, episodes_per_second),
+            value=_median(batched, "episodes_per_second"),
             unit="episodes/s",
             baseline_name="N=1",
-            baseline_value=_median(single, episodes_per_second),
+            baseline_value=_median(single, "episodes_per_second"),
             target=f">= {TARGET_SPEEDUP_OVER_N1:g}x N=1",
             met=speedup >= TARGET_SPEEDUP_OVER_N1,
         ),
         Measurement(
             name="engine, N=16 envs, dialogue caches kept between turns",
-            value=_median(batched, episodes_per_second),
+            value=_median(batched, "episodes_per_second"),
             unit="episodes/s",
             baseline_name="every turn re-encoded",
-            baseline_value=_median(uncached, episodes_per_second),
+            baseline_value=_median(uncached, "episodes_per_second"),
         ),
         Measurement(
             name="engine, N=16 envs, generated tokens",
-            value=_median(batched, tokens_per_second),
+            value=_median(batched, "tokens_per_second"),
             unit="tokens/s",
             baseline_name="N=1",
-            baseline_value=_median(single, tokens_per_second),
+            baseline_value=_median(single, "tokens_per_second"),
         ),
         Measurement(
             name="engine, N=16 envs, wall time outside model forward passes",
             value=batched_outside,
             unit="%",
             baseline_name="N=1",
-            baseline_value=_median(single, percent_outside_forward),
+            baseline_value=_median(single, "percent_outside_forward"),
             target="< 15%",
             met=batched_outside < 15,
             lower_is_better=True,
         ),
         Measurement(
             name="Hugging Face loop, N=16 envs, wall time outside model forward passes",
-            value=_median(baseline, percent_outside_forward),
+            value=_median(baseline, "percent_outside_forward"),
             unit="%",
             lower_is_better=True,
         ),
         Measurement(
             name="engine, N=16 envs, wall time outside generate (the engine's own work)",
-            value=_median(batched, percent_outside_generate),
+            value=_median(batched, "percent_outside_generate"),
             unit="%",
             baseline_name="N=1",
-            baseline_value=_median(single, percent_outside_generate),
+            baseline_value=_median(single, "percent_outside_generate"),
             lower_is_better=True,
         ),
     ]

@@ -14,8 +14,8 @@ training step both ways in the same run:
 on GeneralPoints-v0 (vision, the 1200 px card table, one image per episode) and VIRL-v0 (vision, the
 built-in city, 901 px street-view grids, one image per decision point; 4 expert episodes, about 48
 images, in its SFT pass). "Images re-prepared" runs the
-same trajectories with their prepared inputs dropped (``image_inputs=()``), which makes
-`Trajectory.token_sequences` prepare every image on each call exactly as the code did before. Images
+same trajectories with their prepared inputs dropped, each image prepared from its uint8 array when the
+pass scores the batch, exactly as the code did before. Images
 get at most 256 tokens (`MAX_PIXELS`); the time to prepare one image is logged too. What is saved is
 host (CPU) time per scoring, the same on a GPU machine, where the passes themselves are much faster.
 Each figure is the median of 5 timed passes after one untimed one; torch runs on one thread.
@@ -23,7 +23,6 @@ Each figure is the median of 5 timed passes after one untimed one; torch runs on
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import statistics
 import tempfile
@@ -76,8 +75,13 @@ def _rl_pass(policy: VLMPolicy, trajectories, advantages) -> None:
     policy.model.zero_grad(set_to_none=True)
 
 
-def _without_prepared_images(trajectories):
-    return [dataclasses.replace(trajectory, image_inputs=()) for trajectory in trajectories]
+def _prepared_at_scoring(encoder, pass_):
+    """The pass as it ran before: every image prepared from its uint8 array when the batch is scored."""
+
+    def run(batch):
+        pass_([trajectory.with_image_inputs(encoder) for trajectory in batch])
+
+    return run
 
 
 def run() -> list[Measurement]:
@@ -103,8 +107,9 @@ def run() -> list[Measurement]:
                 }
                 for kind, (work, batch) in passes.items():
                     cached = _median_seconds(lambda work=work, batch=batch: work(batch))
-                    bare = _without_prepared_images(batch)
-                    repeated = _median_seconds(lambda work=work, bare=bare: work(bare))
+                    bare = [trajectory.without_image_inputs() for trajectory in batch]
+                    before = _prepared_at_scoring(policy.encoder, work)
+                    repeated = _median_seconds(lambda before=before, bare=bare: before(bare))
                     count = sum(len(t.images) for t in batch)
                     log.info("%s %s pass: %.3f s (images prepared once) vs %.3f s (re-prepared)", env_id, kind, cached, repeated)
                     measurements.append(

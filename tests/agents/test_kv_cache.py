@@ -11,12 +11,11 @@ from transformers.cache_utils import DynamicLayer
 
 from agents.policy.kv_cache import _PreallocatedLayer
 
-tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
-
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def test_installed_transformers_is_in_the_range_pyproject_declares():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
     dependencies = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
     (requirement,) = [Requirement(line) for line in dependencies if Requirement(line).name == "transformers"]
     assert requirement.specifier.contains(transformers.__version__, prereleases=True), (

@@ -4,7 +4,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from agents.baselines import RandomTextAgent
+from agents.baselines import ExpertAgent, RandomTextAgent
 from amft_vlm.advantages import grpo_turn_advantages
 from amft_vlm.batch import RolloutBatch, accumulate_gradient, score_trajectories
 from amft_vlm.distributed import Parallel
@@ -39,20 +39,54 @@ def test_each_turn_advantage_covers_exactly_that_turns_tokens(tiny_policies, epi
     assert scores.old_logprobs.abs().sum() == 0
 
 
-def test_turn_credit_reaches_the_tokens_through_the_batch(tiny_policies):
-    """GRPO turn credit on two hand-made groups, all the way to the per-token advantages."""
+def test_turn_credit_reaches_the_tokens_through_the_batch(tiny_policies, episodes):
+    """GRPO turn credit on hand-made rewards, all the way to the per-token advantages."""
     policy = tiny_policies["qwen2-vl"]
-    engine = RolloutEngine(policy, "GeneralPoints-v0", env_kwargs={"modality": "language"}, num_envs=2)
-    trajectories, _ = engine.collect([3], group_size=2, responder=RandomTextAgent(seed=1), progress=False)
-    # Both failed with equal returns: the group has no spread, so every token's advantage is exactly 0.
-    rewards = [t.turn_rewards for t in trajectories]
-    assert rewards[0] == rewards[1]
-    batch = RolloutBatch(trajectories, grpo_turn_advantages(rewards, [t.group for t in trajectories]))
+    pair = episodes[:2]  # one start state, two 6-turn failures of the random agent
+    assert [t.num_turns for t in pair] == [6, 6]
+    # Rewards-to-go: -6..-1 for the first, 0..5 for the second; each turn's mean is 3 below / above them,
+    # so the centred values are -3 and +3 at every turn, their std 3: advantages -1 and +1 throughout.
+    rewards = [[-1.0] * 6, [-1.0] * 5 + [5.0]]
+    batch = RolloutBatch(pair, grpo_turn_advantages(rewards, [0, 0]))
     with torch.no_grad():
         scores = score_trajectories(policy, batch.trajectories, temperature=1.0, turn_advantages=batch.turn_advantages)
-    assert scores.advantages.abs().sum() == 0
+    first, second = pair[0].num_response_tokens, pair[1].num_response_tokens
+    assert scores.advantages.tolist() == pytest.approx([-1.0] * first + [1.0] * second, abs=1e-5)
     with pytest.raises(ValueError, match="turns but advantages of shape"):
-        RolloutBatch(trajectories, [torch.zeros(1), torch.zeros(1)])
+        RolloutBatch(pair, [torch.zeros(1), torch.zeros(1)])
+
+
+def test_turn_advantages_follow_the_turns_across_dialogues(tiny_policies):
+    """V-IRL restarts the dialogue at every decision point: turn order runs across segments."""
+    policy = tiny_policies["qwen2-vl"]
+    engine = RolloutEngine(policy, "VIRL-v0", env_kwargs={"modality": "language"}, num_envs=1)
+    (trajectory,), _ = engine.collect([0], responder=ExpertAgent(), progress=False)
+    assert len(trajectory.segments) > 1
+    advantages = torch.arange(trajectory.num_turns, dtype=torch.float32)
+    with torch.no_grad():
+        scores = score_trajectories(policy, [trajectory], temperature=1.0, turn_advantages=[advantages])
+    expected, turn = [], 0
+    for segment in trajectory.segments:
+        for start, end in segment.turn_spans:
+            expected += [float(turn)] * (end - start)
+            turn += 1
+    assert scores.advantages.tolist() == expected
+
+
+def test_scoring_a_trajectory_without_its_prepared_images_is_an_error(tiny_policies, monkeypatch):
+    policy = tiny_policies["qwen2-vl"]
+    engine = RolloutEngine(policy, "GeneralPoints-v0", env_kwargs={"modality": "vision"}, num_envs=1)
+    (trajectory,), _ = engine.collect([0], responder=ExpertAgent(), progress=False)
+    assert trajectory.image_inputs and trajectory.image_input_bytes > 0
+    # Scoring reuses the inputs prepared when the dialogue started: no image is processed again.
+    monkeypatch.setattr(type(policy.encoder), "prepare_images", lambda *args, **kwargs: pytest.fail("an image was re-prepared"))
+    with torch.no_grad():
+        score_trajectories(policy, [trajectory], temperature=1.0)
+    with pytest.raises(ValueError, match="no prepared images"):
+        score_trajectories(policy, [trajectory.without_image_inputs()], temperature=1.0)
+    monkeypatch.undo()
+    restored = trajectory.without_image_inputs().with_image_inputs(policy.encoder)
+    assert torch.equal(restored.image_inputs[0].pixel_values, trajectory.image_inputs[0].pixel_values)
 
 
 def test_a_batch_selects_rows_with_their_advantages(episodes):

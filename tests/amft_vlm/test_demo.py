@@ -134,6 +134,8 @@ def test_demo_config_overrides_and_quick(tmp_path):
         (["demo.eval_episodes=0"], "demo.eval_episodes must be a positive integer"),
         (["demo.bogus=1"], "unknown config field 'demo.bogus'"),
         (["steps=100"], "controller.warmup_steps"),
+        (["env_kwargs={modality: vision, split: train}"], "env_id / env_kwargs: the demo trains and evaluates GeneralPoints-v0"),
+        (["env_id=VIRL-v0"], "env_id / env_kwargs: the demo trains and evaluates GeneralPoints-v0"),
     ],
 )
 def test_bad_demo_configs_are_explained(overrides, message):
