@@ -77,6 +77,10 @@ def load_generation_config(path_or_id: str | Path, *, revision: str | None = Non
         )
 
 
+FOLLOW_UP_MEMO = 4096
+"""Environment messages whose follow-up tokens `ChatEncoder` remembers (most feedback texts repeat)."""
+
+
 class ChatEncoder:
     """A Qwen-VL tokenizer and image processor turning dialogues into token sequences; no model.
 
@@ -110,6 +114,7 @@ class ChatEncoder:
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self._follow_ups: dict[str, tuple[int, ...]] = {}
         if min_pixels is None or max_pixels is None:
             default_min, default_max = default_pixel_bounds(image_processor)
             min_pixels = default_min if min_pixels is None else min_pixels
@@ -249,6 +254,15 @@ class ChatEncoder:
             close_assistant_turn: prepend the end-of-turn token, for a response cut off at
                 ``max_new_tokens`` (its tokens do not end with it).
         """
+        follow_up = self._follow_ups.get(text)
+        if follow_up is None:
+            if len(self._follow_ups) >= FOLLOW_UP_MEMO:  # feedback that quotes answers never repeats: stay bounded
+                self._follow_ups.clear()
+            follow_up = self._follow_ups[text] = tuple(self._render_follow_up(text))
+        return [self.end_of_turn_token_id, *follow_up] if close_assistant_turn else list(follow_up)
+
+    def _render_follow_up(self, text: str) -> list[int]:
+        """`encode_follow_up` without the closing token, computed; memoised per text (environments repeat)."""
         dialogue = Dialogue.start("question").with_assistant(_RESPONSE_PLACEHOLDER)
         closed = self.render(dialogue, add_generation_prompt=False)
         continued = self.render(dialogue.with_user(text), add_generation_prompt=True)
@@ -262,5 +276,4 @@ class ChatEncoder:
                 "the chat template does not end an assistant turn with its end-of-turn token and keep "
                 "that text when the next turn follows; token-level turn concatenation needs both"
             )
-        follow_up = self.tokenize(continued[len(through_response) :])
-        return [self.end_of_turn_token_id, *follow_up] if close_assistant_turn else follow_up
+        return self.tokenize(continued[len(through_response) :])

@@ -24,6 +24,7 @@ from transformers.cache_utils import DynamicCache
 from agents.policy import batching
 from agents.policy.encoder import TokenSequence
 from agents.policy.kv_cache import DialogueCache, new_batch_cache
+from agents.policy.scoring import MIN_SHARED_PREFIX
 from agents.vision_inputs import ImageInputs
 
 if TYPE_CHECKING:
@@ -153,6 +154,7 @@ def generate(
     # One autocast context for the whole call: autocast keeps its half-precision copy of each weight
     # until the outermost context exits, instead of re-casting every weight at every token.
     with policy.autocast():
+        reusable_caches = _share_prompt_prefix(policy, prompts, reusable_caches)
         return _decode(
             policy,
             prompts,
@@ -183,6 +185,9 @@ def _decode(
     temperature = 1.0 if greedy else temperature
     suppressed = torch.tensor(policy.encoder.suppressed_token_ids, dtype=torch.long, device=policy.device)
     stop_tokens = set(policy.encoder.stop_token_ids)
+    rope = None
+    if _plain_decoder(policy):
+        rope = _text_rope_table(policy, int(next_positions.max()) + max_new_tokens)
 
     rows = list(range(len(prompts)))  # the prompt of each batch row still generating
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -225,14 +230,16 @@ def _decode(
             )
             rows = [rows[batch_row] for batch_row in going_on]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-        outputs = policy.forward(
-            input_ids=chosen[:, None],
-            attention_mask=attention_mask,
-            position_ids=next_positions.view(1, -1, 1).expand(3, -1, 1),
-            past_key_values=batch_cache,
-            use_cache=True,
-        )
-        logits = outputs.logits[:, -1]
+        if rope is None:
+            logits = policy.forward(
+                input_ids=chosen[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_positions.view(1, -1, 1).expand(3, -1, 1),
+                past_key_values=batch_cache,
+                use_cache=True,
+            ).logits[:, -1]
+        else:
+            logits = _decode_step(policy, chosen, attention_mask, next_positions, batch_cache, rope)
         next_positions = next_positions + 1
 
     generations = []
@@ -248,6 +255,117 @@ def _decode(
             )
         )
     return generations
+
+
+def _plain_decoder(policy: VLMPolicy) -> bool:
+    """Whether every decoder layer attends to the whole cache, so `_decode_step` may run the layers itself."""
+    return set(policy.model.config.get_text_config().layer_types) == {"full_attention"}
+
+
+def _text_rope_table(policy: VLMPolicy, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rope cos and sin ``(length, head_dim)`` of text positions ``0 .. length - 1``.
+
+    A text token's three mrope rows are equal, which is plain rope at its position: the model's own
+    rotary embedding over one row of positions gives the table `_decode_step` reads from.
+    """
+    positions = torch.arange(length, device=policy.device).view(1, 1, -1).expand(3, 1, -1)
+    cos, sin = policy.model.model.language_model.rotary_emb(torch.empty(0, device=policy.device), positions)
+    return cos[0], sin[0]
+
+
+def _decode_step(
+    policy: VLMPolicy,
+    token_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    batch_cache: DynamicCache,
+    rope: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Next-token logits ``(batch, vocab)`` after one more text token per row at rope `positions`.
+
+    The Qwen2 decoder step written out over the model's modules, the projections called as modules
+    (LoRA adapters apply): the model's forward spends more time in its wrappers (image handling, rope
+    index, a 4-D mask rebuilt from the 2-D one, output records) than in the layers at small sizes.
+    Same arithmetic as the forward pass (rope from `_text_rope_table`, attention on the key/value heads
+    with the grouped queries folded as Hugging Face folds them for one token).
+    """
+    text_model = policy.model.model.language_model
+    batch = token_ids.shape[0]
+    hidden = text_model.embed_tokens(token_ids[:, None])
+    cos = rope[0].index_select(0, positions).to(hidden.dtype)[:, None, None, :]
+    sin = rope[1].index_select(0, positions).to(hidden.dtype)[:, None, None, :]
+    mask = attention_mask.bool()[:, None, None, :]
+    for layer, layer_cache in zip(text_model.layers, batch_cache.layers, strict=True):
+        attention, mlp = layer.self_attn, layer.mlp
+        heads, kv_heads, dim = attention.num_heads, attention.num_key_value_heads, attention.head_dim
+        normed = _rms_norm(hidden, layer.input_layernorm)
+        query = attention.q_proj(normed).view(batch, heads, 1, dim)
+        key = attention.k_proj(normed).view(batch, kv_heads, 1, dim)
+        value = attention.v_proj(normed).view(batch, kv_heads, 1, dim)
+        query = query * cos + _rotate_half(query) * sin
+        key = key * cos + _rotate_half(key) * sin
+        keys, values = layer_cache.update(key, value)
+        grouped_query = query.view(batch, kv_heads, heads // kv_heads, dim)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            grouped_query, keys, values, attn_mask=mask, scale=attention.scaling
+        )
+        hidden = hidden + attention.o_proj(attended.reshape(batch, 1, heads * dim))
+        normed = _rms_norm(hidden, layer.post_attention_layernorm)
+        hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+    return policy.model.lm_head(_rms_norm(hidden, text_model.norm)[:, -1])
+
+
+def _rms_norm(hidden: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """Qwen's RMSNorm (statistics in float32) with the weight and epsilon of `norm`."""
+    normed = hidden.float()
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * normed.to(hidden.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _share_prompt_prefix(
+    policy: VLMPolicy, prompts: Sequence[TokenSequence], reusable_caches: Sequence[DialogueCache | None]
+) -> list[DialogueCache | None]:
+    """`reusable_caches`, each uncached text-only prompt given the cache of the tokens all of them begin with.
+
+    Environment prompts share their instructions (a GeneralPoints batch differs only in the hand): that
+    prefix runs once, for one row, instead of once per prompt. Only from two such prompts sharing
+    `MIN_SHARED_PREFIX` tokens; prompts with an image keep their own prefill (rope follows the image).
+    """
+    rows = [
+        row
+        for row, (prompt, cache) in enumerate(zip(prompts, reusable_caches, strict=True))
+        if cache is None and prompt.images is None
+    ]
+    if len(rows) < 2:
+        return list(reusable_caches)
+    first = prompts[rows[0]].token_ids
+    shared = min(len(prompts[row]) for row in rows) - 1  # every row keeps a token to prefill
+    for row in rows[1:]:
+        ids = prompts[row].token_ids
+        shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
+    if shared < MIN_SHARED_PREFIX:
+        return list(reusable_caches)
+    input_ids = torch.tensor([first[:shared]], dtype=torch.long, device=policy.device)
+    prefix_cache = policy.forward(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        position_ids=torch.arange(shared, device=policy.device).view(1, 1, -1).expand(3, 1, -1),
+        use_cache=True,
+        logits_to_keep=1,
+    ).past_key_values
+    cache = DialogueCache(
+        token_ids=tuple(first[:shared]),
+        images=None,
+        layers=tuple((layer.keys[0], layer.values[0]) for layer in prefix_cache.layers),
+        next_position=shared,
+    )
+    sharing = set(rows)
+    return [cache if row in sharing else reusable for row, reusable in enumerate(reusable_caches)]
 
 
 def _prefill(

@@ -78,9 +78,10 @@ class DialogueCache:
             fed_tokens: the generated tokens fed to the model after the prompt.
             next_position: the rope position of the token after them.
         """
-        columns = attention_mask.bool()
+        columns = attention_mask.nonzero().squeeze(1)
         layers = tuple(
-            (layer.keys[batch_row][:, columns], layer.values[batch_row][:, columns]) for layer in batch_cache.layers
+            (layer.keys[batch_row].index_select(1, columns), layer.values[batch_row].index_select(1, columns))
+            for layer in batch_cache.layers
         )
         token_ids = (*prompt.token_ids, *fed_tokens)
         if layers[0][0].shape[1] != len(token_ids):
@@ -141,7 +142,8 @@ class _PreallocatedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
+            self._key_buffer = self._key_buffer.index_select(0, indices)
+            self._value_buffer = self._value_buffer.index_select(0, indices)
             self.keys = self._key_buffer[:, :, : self.length]
             self.values = self._value_buffer[:, :, : self.length]
 

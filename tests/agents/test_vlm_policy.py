@@ -9,6 +9,7 @@ import torch
 
 from agents.chat import ChatTurn, Dialogue
 from agents.policy import DialogueCache, GenerationBackend, TokenSequence, VLMPolicy, choose_tokens
+from agents.policy import generation as decoding
 from agents.policy.scoring import shared_prefix_length
 from agents.tiny import ARCHITECTURES
 from tests.conftest import MAX_PIXELS
@@ -237,7 +238,7 @@ def test_teacher_forced_logprobs_reproduce_sampling_logprobs(tiny_policies, arch
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_generate_and_teacher_forcing_use_the_same_rope_positions(tiny_policies, arch):
+def test_generate_and_teacher_forcing_use_the_same_rope_positions(tiny_policies, arch, monkeypatch):
     policy = tiny_policies[arch]
     prompts = _prompts(policy)
     seen = []
@@ -245,6 +246,13 @@ def test_generate_and_teacher_forcing_use_the_same_rope_positions(tiny_policies,
     def record(module, args, kwargs):
         seen.append(kwargs["position_ids"])
 
+    decode_step = decoding._decode_step
+
+    def record_step(policy, token_ids, attention_mask, positions, batch_cache, rope):
+        seen.append(positions.view(1, -1, 1).expand(3, -1, 1))  # a text token's three rope rows are equal
+        return decode_step(policy, token_ids, attention_mask, positions, batch_cache, rope)
+
+    monkeypatch.setattr(decoding, "_decode_step", record_step)
     handle = policy.model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         generations = policy.generate(prompts, max_new_tokens=5, greedy=True)
@@ -430,3 +438,25 @@ def test_bf16_autocast_keeps_the_key_value_cache_in_bf16_and_scores_close_to_flo
     assert keys.dtype == values.dtype == torch.bfloat16 and policy.dtype == torch.float32  # float32 masters
     for generation, expected in zip(generations, reference, strict=True):
         assert (generation.logprobs - expected.logprobs).abs().max().item() < 0.25  # bf16 compute: coarse agreement
+
+
+def test_uncached_prompts_run_their_shared_prefix_once(tiny_policies, monkeypatch):
+    policy = tiny_policies["qwen2-vl"]
+    rules = "Reach 24 with the four cards, each used once, with + - * / and parentheses. " * 3
+    prompts = [policy.encode_dialogue(Dialogue.start(f"{rules}Your cards: {hand}.")) for hand in ("1 2 3 4", "5 5 5 1", "K Q J A")]
+    shared = next(i for i in range(min(len(p) for p in prompts)) if len({p.token_ids[i] for p in prompts}) > 1)
+    fed = []
+    handle = policy.model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        together = policy.generate(prompts, max_new_tokens=6, greedy=True)
+    finally:
+        handle.remove()
+    assert fed[0] == (1, shared)  # the prefix, once
+    assert fed[1] == (3, max(len(p) for p in prompts) - shared)  # then each prompt's own tokens
+    monkeypatch.setattr(decoding, "_share_prompt_prefix", lambda policy, prompts, caches: list(caches))
+    alone = policy.generate(prompts, max_new_tokens=6, greedy=True)
+    for with_prefix, without in zip(together, alone, strict=True):
+        assert with_prefix.token_ids == without.token_ids
+        assert torch.allclose(with_prefix.logprobs, without.logprobs, atol=1e-5)

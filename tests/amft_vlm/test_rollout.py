@@ -9,6 +9,7 @@ from gymnasium.wrappers import TimeLimit
 import environments  # noqa: F401  (registers the environments)
 from agents.baselines import ExpertAgent
 from agents.chat import ChatTurn, Dialogue
+from agents.policy import generation as decoding
 from agents.tiny import ARCHITECTURES
 from amft_vlm.episode_metrics import EpisodeOutcome
 from amft_vlm.rollout import RolloutEngine, RolloutStats
@@ -240,8 +241,10 @@ def test_vectorised_engine_matches_one_at_a_time_under_greedy_decoding(
                 torch.testing.assert_close(a.sampling_logprobs, b.sampling_logprobs, rtol=0, atol=1e-4)
 
 
-def test_later_turns_feed_only_the_new_tokens_when_the_cache_is_reused(tiny_policies):
+def test_later_turns_feed_only_the_new_tokens_when_the_cache_is_reused(tiny_policies, monkeypatch):
     policy = tiny_policies["qwen2-vl"]
+    # Whole prompts, not a shared prefix run once and the rest (tested in tests/agents/test_vlm_policy.py).
+    monkeypatch.setattr(decoding, "_share_prompt_prefix", lambda policy, prompts, caches: list(caches))
     prefill_lengths = {}
     for reuse_cache in (False, True):
         lengths = prefill_lengths[reuse_cache] = []
