@@ -19,7 +19,8 @@ row up to its stop token and steps that environment with the text. Its generated
 as the engine's response tokens are: up to and including the stop token, or ``max_new_tokens``.
 
 "Outside the model" is the wall time not spent in the model's forward passes (timed with forward
-hooks on the model): environment steps, tokenisation, batching, and ``generate``'s own per-token
+hooks on the model, and around the engine's lean decode step, which runs the model's layers without
+its ``forward``: `agents.policy.generation._decode_step`): environment steps, tokenisation, batching, and ``generate``'s own per-token
 bookkeeping (sampling, stopping checks, cache copies); the engine's own share (wall time outside
 ``generate``) is listed too. The engine keeps each dialogue's key-value cache between its turns; the
 same N=16 collection re-encoding every turn from scratch (``reuse_cache=False``) shows what that
@@ -45,7 +46,7 @@ import gymnasium as gym
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 
-from agents.policy import VLMPolicy
+from agents.policy import VLMPolicy, generation
 from agents.tiny import build_tiny_model
 from amft_vlm.episode_metrics import OUT_OF_ATTEMPTS, EpisodeOutcome, RolloutStats
 from amft_vlm.rollout import RolloutEngine
@@ -82,10 +83,27 @@ class ForwardTimer:
     def _stop(self, module: torch.nn.Module, args: tuple, output: object) -> None:
         self.seconds += time.perf_counter() - self._started
 
+    def time_decode_steps(self) -> None:
+        """Count the engine's lean decode step (`agents.policy.generation._decode_step`, which runs the model's
+        layers without its ``forward``) as forward time too; `remove` undoes it."""
+        step = generation._decode_step
+
+        def timed_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+            started = time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        generation._decode_step = timed_step
+        self._restore_step = step
+
     def remove(self) -> None:
         """Remove the hooks."""
         for handle in self._handles:
             handle.remove()
+        if getattr(self, "_restore_step", None) is not None:
+            generation._decode_step = self._restore_step
 
 
 @dataclass(frozen=True)
@@ -301,6 +319,7 @@ def run() -> list[Measurement]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     engine_timer, hugging_face_timer = ForwardTimer(policy.model), ForwardTimer(hugging_face.model)
+    engine_timer.time_decode_steps()
     engines = {
         name: RolloutEngine(
             policy,

@@ -96,15 +96,17 @@ def choose_tokens(
     temperature: float,
     greedy: bool,
     generators: Sequence[torch.Generator] | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from ``softmax(logits / temperature)`` with `suppressed` ids at probability 0.
 
     Returns the chosen ids ``(batch,)`` and their log-probs under that distribution (float32); greedy
     takes the arg-max, whose log-prob is then read at the given temperature. With `generators` (one CPU
-    generator per row) each row's uniform draw comes from its own generator.
+    generator per row) each row's uniform draw comes from its own generator; `uniform` ``(batch, 1)``
+    float64 gives the draws instead.
     """
-    scaled = logits.float() / temperature
-    log_distribution = torch.log_softmax(scaled.index_fill(-1, suppressed, float("-inf")), dim=-1)
+    scaled = logits.float().index_fill(-1, suppressed, float("-inf"))
+    log_distribution = torch.log_softmax(scaled if temperature == 1.0 else scaled / temperature, dim=-1)
     if greedy:
         chosen = log_distribution.argmax(dim=-1)
     else:
@@ -112,8 +114,10 @@ def choose_tokens(
         # probability 0 never exceeds the one before it, so it is never drawn. Same law as
         # ``torch.multinomial``, at a sixth of its cost per call on CPU; float64 keeps the sums exact
         # enough for a 150k vocabulary.
-        cumulative = log_distribution.double().exp().cumsum(dim=-1)
-        if generators is None:
+        cumulative = log_distribution.double().exp_().cumsum_(dim=-1)
+        if uniform is not None:
+            uniform = uniform.to(cumulative.device)
+        elif generators is None:
             uniform = torch.rand_like(cumulative[:, :1])
         else:
             draws = [torch.rand((1,), generator=generator, dtype=torch.float64) for generator in generators]
@@ -190,6 +194,12 @@ def _decode(
         rope = _text_rope_table(policy, int(next_positions.max()) + max_new_tokens)
 
     rows = list(range(len(prompts)))  # the prompt of each batch row still generating
+    uniforms = None
+    if generators is not None and not greedy:
+        # Every draw a response may need, one call per row: a row's draws still come from its generator only.
+        uniforms = torch.stack(
+            [torch.rand(max_new_tokens, generator=generator, dtype=torch.float64) for generator in generators]
+        )
     tokens: list[list[int]] = [[] for _ in prompts]
     logprobs: list[list[float]] = [[] for _ in prompts]
     kept: list[DialogueCache | None] = [None] * len(prompts)
@@ -199,7 +209,7 @@ def _decode(
             suppressed,
             temperature=temperature,
             greedy=greedy,
-            generators=None if generators is None else [generators[row] for row in rows],
+            uniform=None if uniforms is None else uniforms[:, step : step + 1],
         )
         going_on = []
         for batch_row, (row, token, logprob) in enumerate(
@@ -228,6 +238,7 @@ def _decode(
                 next_positions[index],
                 chosen[index],
             )
+            uniforms = None if uniforms is None else uniforms[index]
             rows = [rows[batch_row] for batch_row in going_on]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
         if rope is None:
@@ -294,7 +305,9 @@ def _decode_step(
     hidden = text_model.embed_tokens(token_ids[:, None])
     cos = rope[0].index_select(0, positions).to(hidden.dtype)[:, None, None, :]
     sin = rope[1].index_select(0, positions).to(hidden.dtype)[:, None, None, :]
-    mask = attention_mask.bool()[:, None, None, :]
+    # One additive mask for all layers: a boolean one is converted to this inside every attention call.
+    mask = torch.zeros(attention_mask.shape, dtype=hidden.dtype, device=hidden.device)
+    mask = mask.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]
     for layer, layer_cache in zip(text_model.layers, batch_cache.layers, strict=True):
         attention, mlp = layer.self_attn, layer.mlp
         heads, kv_heads, dim = attention.num_heads, attention.num_key_value_heads, attention.head_dim
@@ -307,7 +320,7 @@ def _decode_step(
         keys, values = layer_cache.update(key, value)
         grouped_query = query.view(batch, kv_heads, heads // kv_heads, dim)
         attended = torch.nn.functional.scaled_dot_product_attention(
-            grouped_query, keys, values, attn_mask=mask, scale=attention.scaling
+            grouped_query, keys, values, attn_mask=mask.to(query.dtype), scale=attention.scaling
         )
         hidden = hidden + attention.o_proj(attended.reshape(batch, 1, heads * dim))
         normed = _rms_norm(hidden, layer.post_attention_layernorm)
