@@ -74,7 +74,11 @@ def _train_command(args: argparse.Namespace) -> int:
     from amft_vlm.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
-    history = Trainer(config, resume=args.resume).train()
+    trainer = Trainer(config, resume=args.resume)
+    try:
+        history = trainer.train()
+    finally:
+        trainer.close()
     if history:
         last = history[-1]
         log.info("finished step %d: loss %.4f, mu %.3f; metrics in %s/metrics.jsonl", last["step"], last["loss"], last["mu"], config.output_dir)

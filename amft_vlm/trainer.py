@@ -397,6 +397,13 @@ class Trainer:
         finally:
             self.policy.model.eval()
 
+    def close(self) -> None:
+        """End a multi-process run cleanly: every process reaches this point, then the process group is torn
+        down (a process leaving with its collective threads alive can abort at exit)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.accelerator.wait_for_everyone()
+            torch.distributed.destroy_process_group()
+
     def save(self, step: int) -> Path | None:
         """Write checkpoint ``step`` (every process takes part when the model is sharded)."""
         self.accelerator.wait_for_everyone()

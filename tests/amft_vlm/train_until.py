@@ -14,6 +14,7 @@ def main(argv: list[str]) -> None:
     if stop is not None:
         trainer.config.steps = stop  # the schedule keeps the full length; the last step run is checkpointed
     trainer.train()
+    trainer.close()
 
 
 if __name__ == "__main__":
