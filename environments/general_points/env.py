@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from environments.arguments import check_choice
+from environments.arguments import check_choice, reset_options
 from environments.general_points.cards import FACE_CARD_RULES, SUIT_SETS, Card, card_value
 from environments.general_points.renderer import render_table
 from environments.general_points.solver import first_solution, hand_split, is_solvable, solvable_hands
@@ -233,8 +233,8 @@ class GeneralPointsEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
         """Start an episode with a new hand (or the hand in ``options["cards"]``)."""
+        options = reset_options(options, {"cards": 'a list of card codes like ["HA", "S3", "CK", "D6"]'})
         super().reset(seed=seed)
-        options = options or {}
         self._cards = self._hand_from_codes(options["cards"]) if "cards" in options else self._draw_hand()
         self._numbers = [card_value(card.rank, self.face_cards) for card in self._cards]
         self._image = render_table(self._cards, self.resolution) if self.modality == "vision" else None

@@ -12,7 +12,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from environments.arguments import check_choice
+from environments.arguments import check_choice, reset_options
 from environments.splits import SPLITS, split_shares
 from environments.virl.city import CITY_SETS, City, load_city_set
 from environments.virl.geometry import COMPASS_NAMES, RELATIVE_TURNS
@@ -392,8 +392,8 @@ class VIRLEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
         """Start walking a route: ``options["route"]`` or one drawn with ``self.np_random``."""
+        options = reset_options(options, {"route": "a route index into env.unwrapped.routes"})
         super().reset(seed=seed)
-        options = options or {}
         routes = self._routes
         if "route" in options:
             index = options["route"]

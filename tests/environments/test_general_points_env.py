@@ -208,3 +208,4 @@ def test_async_vector_env_without_shared_memory_matches_sync():
     finally:
         async_envs.close()
         sync_envs.close()
+
