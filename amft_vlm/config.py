@@ -123,7 +123,7 @@ class TrainConfig:
     bfloat16 compute); bfloat16 weights suit a frozen LoRA base, and full fine-tuning in them is refused at
     any learning rate below bfloat16's epsilon (7.8e-3), where the norm gains' updates round away."""
     device: str = "auto"
-    """'auto' (accelerate decides), 'cpu' or 'cuda'."""
+    """'auto' (accelerate decides), 'cpu' or 'cuda' (refused when torch sees no CUDA device)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to from_pretrained: sdpa, eager or flash_attention_2."""
     min_pixels: int | None = None
@@ -313,6 +313,24 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)!r}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning); got {self.lora_rank}")
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"device: cuda was asked for, but this torch ({torch.__version__}) sees no CUDA device; use device=cpu or auto")
+        for name in ("lr_warmup_steps",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
         if isinstance(self.image_cache_mb, bool) or not isinstance(self.image_cache_mb, int) or self.image_cache_mb < 0:
             raise ValueError(f"image_cache_mb must be an integer >= 0 (0 keeps no prepared expert images); got {self.image_cache_mb!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:

@@ -63,6 +63,13 @@ def test_overrides_reach_nested_fields_and_are_typed(tmp_path):
         (["mini_batch_size=0"], "mini_batch_size"),
         (["mini_batch_size=1", "episodes_per_step=8", "group_size=8", "sft_batch_size=32"], "sft_batch_size"),
         (["mixed_precision=maybe"], "mixed_precision"),
+        (["lr_warmup_steps=-5"], "lr_warmup_steps"),
+        (["device=tpu"], "device"),
+        (["weight_decay=-0.1"], "weight_decay"),
+        (["max_grad_norm=-1"], "max_grad_norm"),
+        (["min_pixels=0"], "min_pixels"),
+        (["min_pixels=1000000", "max_pixels=50176"], "min_pixels"),
+        (["image_cache_mb=-1"], "image_cache_mb"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
@@ -163,3 +170,13 @@ def test_config_files_read_yaml_1_2_numbers_and_none(tmp_path):
     assert (config.learning_rate, config.steps, config.expert_data, config.model) == (0.001, 100, None, "1e3")
     with pytest.raises(ValueError, match="learning_rate must be a number"):
         load_config(overrides=["learning_rate='1e-3'"])
+
+
+def test_cuda_is_refused_where_torch_sees_no_cuda_device(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device: cuda was asked for"):
+        load_config(overrides=["device=cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_config(overrides=["device=cuda"]).device == "cuda"

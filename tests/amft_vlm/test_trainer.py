@@ -300,3 +300,15 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
     assert layer_calls[True] == 2 * layer_calls[False]  # each loss pass runs the layer (its MLP) again in backward
     for a, b in zip(weights[False], weights[True], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_resume_tolerates_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    first = run(tmp_path, "cut", "method=sft", "steps=4", "save_every=2")
+    first.config.steps = 2  # stop after the step-2 checkpoint
+    first.train()
+    path = tmp_path / "cut" / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 3, "loss": 0.')  # killed while writing step 3's line
+    resumed = run(tmp_path, "cut", "method=sft", "steps=4", "save_every=2", resume=True)
+    assert resumed.start_step == 2
+    resumed.train()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
