@@ -96,13 +96,11 @@ class ControllerConfig:
             raise ValueError(f"controller.meta_clip must be > 0; got {self.meta_clip}")
         for name in ("meta_interval", "entropy_probe_size", "validation_states", "target_entropy_steps"):
             _positive(f"controller.{name}", getattr(self, name))
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"controller.warmup_steps must be an integer >= 0; got {self.warmup_steps!r}")
-        if isinstance(self.validation_samples, bool) or not isinstance(self.validation_samples, int) or self.validation_samples < 2:
-            raise ValueError(
-                f"controller.validation_samples must be an integer >= 2 (each episode's baseline is the mean of the "
-                f"others from its start state); got {self.validation_samples!r}"
-            )
+        _integer_at_least("controller.warmup_steps", self.warmup_steps, 0)
+        _integer_at_least(
+            "controller.validation_samples", self.validation_samples, 2,
+            why="each episode's baseline is the mean of the others from its start state",
+        )  # fmt: skip
         if self.meta_signal == "standardized" and self.validation_states < 2:
             raise ValueError("controller.validation_states must be >= 2 with meta_signal: standardized (its standard error needs two start states)")
         return self
@@ -319,10 +317,7 @@ class TrainConfig:
 
             if not torch.cuda.is_available():
                 raise ValueError(f"device: cuda was asked for, but this torch ({torch.__version__}) sees no CUDA device; use device=cpu or auto")
-        for name in ("lr_warmup_steps",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+        _integer_at_least("lr_warmup_steps", self.lr_warmup_steps, 0)
         for name in ("weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
@@ -331,8 +326,7 @@ class TrainConfig:
                 _positive(name, getattr(self, name))
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
-        if isinstance(self.image_cache_mb, bool) or not isinstance(self.image_cache_mb, int) or self.image_cache_mb < 0:
-            raise ValueError(f"image_cache_mb must be an integer >= 0 (0 keeps no prepared expert images); got {self.image_cache_mb!r}")
+        _integer_at_least("image_cache_mb", self.image_cache_mb, 0, why="0 keeps no prepared expert images")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0 or None (2 x lora_rank); got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -377,6 +371,12 @@ def _choice(name: str, value: object, allowed: tuple) -> None:
 def _positive(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+def _integer_at_least(name: str, value: object, minimum: int, *, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{reason}; got {value!r}")
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

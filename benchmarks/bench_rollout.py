@@ -72,6 +72,7 @@ class ForwardTimer:
     def __init__(self, module: torch.nn.Module) -> None:
         self.seconds = 0.0
         self._started = 0.0
+        self._restore_step = None
         self._handles = [
             module.register_forward_pre_hook(self._start),
             module.register_forward_hook(self._stop),
@@ -102,7 +103,7 @@ class ForwardTimer:
         """Remove the hooks."""
         for handle in self._handles:
             handle.remove()
-        if getattr(self, "_restore_step", None) is not None:
+        if self._restore_step is not None:
             generation._decode_step = self._restore_step
 
 
