@@ -23,6 +23,7 @@ from amft_vlm.evaluate import (
 )
 from amft_vlm.expert_data import collect, read_manifest
 from amft_vlm.methods import METHODS
+from amft_vlm.preflight import check_output_file, writable_directory
 from environments.general_points.settings import PAPER_EPISODES, PAPER_SETTINGS
 
 log = logging.getLogger("amft_vlm")
@@ -88,6 +89,7 @@ def _train_command(args: argparse.Namespace) -> int:
 def _report_command(args: argparse.Namespace) -> int:
     from amft_vlm.report import FIGURES, write_report
 
+    writable_directory(args.out, what="--out")
     report = write_report(args.run_dirs, args.out, eval_files=args.eval)
     print(f"wrote {report}")
     for figure in FIGURES:
@@ -118,6 +120,8 @@ def _positive_int(text: str) -> int:
 
 
 def _eval_command(args: argparse.Namespace) -> int:
+    if args.out:
+        check_output_file(args.out, what="--out")  # before the evaluation, not after it
     record = evaluate(
         env_id=args.env,
         setting=args.setting,
@@ -272,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():  # log lines go above the progress bars, not into them
             return args.handler(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: FileExistsError, PermissionError, a full disk, ...
+        if args.verbose:
+            raise
         parser.exit(2, f"amft-vlm {args.command}: error: {error}\n")
 
 

@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
 import yaml
@@ -313,10 +314,9 @@ class TrainConfig:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning); got {self.lora_rank}")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         if self.device == "cuda":
-            import torch
+            from amft_vlm.preflight import check_device
 
-            if not torch.cuda.is_available():
-                raise ValueError(f"device: cuda was asked for, but this torch ({torch.__version__}) sees no CUDA device; use device=cpu or auto")
+            check_device(self.device)
         _integer_at_least("lr_warmup_steps", self.lr_warmup_steps, 0)
         for name in ("weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
@@ -508,14 +508,31 @@ def load_values(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     """A YAML config file (or nothing) as plain data, with ``key=value`` overrides applied (dotted keys reach sections)."""
     values: dict[str, Any] = {}
     if path is not None:
-        with open(path) as handle:
-            loaded = parse_yaml(handle.read()) or {}
+        loaded = _read_yaml_file(path) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file is a mapping of field: value; got {type(loaded).__name__}")
         values = loaded
     for override in overrides:
         _set_dotted(values, *parse_key_value(override, example="steps=100 or controller.eta_mu=0.1"))
     return values
+
+
+def _read_yaml_file(path: str | os.PathLike) -> Any:
+    """A YAML file's contents; a missing file, a directory or a syntax error is a ``ValueError`` naming the file (and line)."""
+    source = Path(path)
+    if source.is_dir():
+        raise ValueError(f"{source} is a directory; --config takes a YAML file such as configs/gp-l.yaml")
+    try:
+        return parse_yaml(source.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{source} not found; --config takes a YAML file such as configs/gp-l.yaml") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{source} cannot be read ({error})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{source}{where}: not valid YAML ({problem})") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:

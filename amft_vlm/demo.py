@@ -54,6 +54,7 @@ from amft_vlm.checkpoint import latest_checkpoint
 from amft_vlm.config import TrainConfig, dataclass_from_dict, load_values
 from amft_vlm.evaluate import EvalRecord, evaluate, write_record
 from amft_vlm.expert_data import collect
+from amft_vlm.preflight import writable_directory
 from amft_vlm.report import FIGURES, load_run, write_report
 
 log = logging.getLogger(__name__)
@@ -258,16 +259,15 @@ def choose_threads(requested: int | None = None) -> int:
 def _prepare(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; choose a directory for --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(f"{out} is not empty; choose another --out or pass --force to replace the demo's files in it")
-        for name in OUTPUTS:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} is not empty; choose another --out or pass --force to replace the demo's files in it")
+    writable_directory(out, what="--out")
+    for name in OUTPUTS if force else ():
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _evaluate_all(who: str, label: str, *, model: str | None, config: DemoConfig, eval_dir: Path, file_prefix: str, progress: bool) -> dict[str, EvalRecord]:

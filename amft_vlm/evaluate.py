@@ -37,7 +37,6 @@ each with its standard error, are defined in `amft_vlm.episode_metrics`.
 from __future__ import annotations
 
 import importlib.metadata
-import inspect
 import json
 import logging
 import os
@@ -50,12 +49,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
-from gymnasium.envs.registration import load_env_creator
-
 import environments  # noqa: F401  (registers the environments)
 from agents.base import Agent
 from amft_vlm.episode_metrics import EpisodeOutcome, Metric, compute_metrics
+from amft_vlm.preflight import (
+    check_device,
+    check_environment,
+    check_model_source,
+    effective_environment_arguments,
+    environment_arguments,
+)
 from amft_vlm.rollout import RolloutEngine
 from environments.general_points import settings as general_points_settings
 from environments.virl import settings as virl_settings
@@ -269,9 +272,14 @@ def write_record(record: EvalRecord, path: str | os.PathLike) -> None:
     target = Path(path)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"{target.parent} does not exist; create it or choose another --out")
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a directory; give a file name for the record")
     staging = target.with_name(target.name + ".tmp")
-    staging.write_text(record.to_json())
-    os.replace(staging, target)
+    try:
+        staging.write_text(record.to_json())
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def load_record(path: str | os.PathLike) -> EvalRecord:
@@ -309,12 +317,6 @@ def paper_settings(env_id: str) -> dict[str, tuple[str, str]]:
         for setting in SETTINGS
         if not (setting == "ood-visual" and modality == "language")
     }
-
-
-def _accepts_keyword(env_id: str, keyword: str) -> bool:
-    """Whether the registered environment's constructor takes `keyword`."""
-    creator = load_env_creator(gym.spec(env_id).entry_point)
-    return keyword in inspect.signature(creator).parameters
 
 
 def package_versions() -> dict[str, str | None]:
@@ -386,7 +388,7 @@ def evaluate(
     if split is not None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
-        if not _accepts_keyword(env_id, "split"):
+        if "split" not in environment_arguments(env_id):
             raise ValueError(f"{env_id} has no split argument yet; leave out --split (its episodes are the papers' protocol)")
         kwargs["split"] = split
     count = BENCHMARKS[env_id].paper_episodes[setting] if episodes is None else episodes
@@ -394,9 +396,11 @@ def evaluate(
         raise ValueError(f"episodes must be at least 1; got {count}")
     seeds = [seed + index for index in range(count)]
 
-    probe = gym.make(env_id, **kwargs)  # checks the arguments before any model is loaded
-    env_split = getattr(probe.unwrapped, "split", None)
-    probe.close()
+    check_environment(env_id, kwargs, what="env_kwargs (--env-arg)")  # before any model is loaded
+    env_split = effective_environment_arguments(env_id, kwargs).get("split")
+    if model is not None:
+        check_model_source(model)
+        check_device(device)
     start = time.perf_counter()
     if agent is not None:
         # One environment, episode after episode: an agent drawing from its own generator answers in that order.

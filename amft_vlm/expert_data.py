@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from PIL import Image
 
 from agents.base import Agent
 from agents.chat import ChatTurn, Dialogue
+from amft_vlm.preflight import check_environment, writable_directory
 from amft_vlm.rollout import Episode, RolloutEngine, RolloutStats
 
 MANIFEST = "manifest.json"
@@ -67,10 +69,40 @@ def collect(
     when complete. Returns the collection's statistics (the dialogue count is in the manifest).
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; --out is the dataset directory to create")
+    if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose a new --out directory")
+    check_environment(env_id, env_kwargs, what="--env-arg", id_what="--env")
+    writable_directory(out.parent, what="--out")  # the dataset is built beside it
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        stats, dialogues = _record_episodes(env_id, env_kwargs, agent, range(seed, seed + episodes), staging, progress=progress)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "env_id": env_id,
+            "env_kwargs": env_kwargs,
+            "agent": agent.name,
+            "episodes": episodes,
+            "seed": seed,
+            "dialogues": dialogues,
+            "success_rate": stats.success_rate,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted or failed collection leaves nothing behind
+        raise
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    return stats
+
+
+def _record_episodes(
+    env_id: str, env_kwargs: dict[str, Any], agent: Agent, seeds: range, staging: Path, *, progress: bool
+) -> tuple[RolloutStats, int]:
+    """Play one episode per seed, writing its dialogues and images under `staging`; returns the statistics and dialogue count."""
     (staging / IMAGES).mkdir(parents=True)
     dialogues = 0
 
@@ -97,22 +129,12 @@ def collect(
 
         # One environment, episode after episode: an agent drawing from its own generator answers in that order.
         with RolloutEngine(None, env_id, env_kwargs=env_kwargs) as engine:
-            _, stats = engine.play(range(seed, seed + episodes), responder=agent, progress=progress, on_episode=write)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "env_id": env_id,
-        "env_kwargs": env_kwargs,
-        "agent": agent.name,
-        "episodes": episodes,
-        "seed": seed,
-        "dialogues": dialogues,
-        "success_rate": stats.success_rate,
-    }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)
-    return stats
+            _, stats = engine.play(seeds, responder=agent, progress=progress, on_episode=write)
+    return stats, dialogues
+
+
+MANIFEST_FIELDS = {"env_id": str, "env_kwargs": dict, "agent": str}
+"""Manifest entries a dataset needs, with their JSON types."""
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
@@ -120,10 +142,41 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {dataset_dir} is not an expert dataset (made by `amft-vlm collect`)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error}); recollect the dataset with `amft-vlm collect`") from error
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: a manifest is a JSON object; got {type(manifest).__name__}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest.get('format_version')!r} is not the supported {FORMAT_VERSION}")
+    for name, kind in MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(name), kind):
+            raise ValueError(f"{path}: {name} must be a JSON {'object' if kind is dict else 'string'}; got {manifest.get(name)!r}")
     return manifest
+
+
+def _records(root: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each line of the dialogues file; a line that is not a JSON object is an error naming it."""
+    path = root / DIALOGUES
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the dataset {root} is incomplete; collect it again")
+    with open(path) as lines:
+        for line_number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"{path}, line {line_number}: not a dialogue record ({error})") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {line_number}: not a dialogue record (a JSON {type(record).__name__})")
+            yield line_number, record
+
+
+def solved_dialogue_count(dataset_dir: str | os.PathLike) -> int:
+    """How many dialogues of solved episodes the dataset has (what SFT trains on), read without loading images."""
+    root = Path(dataset_dir)
+    read_manifest(root)
+    return sum(record.get("success") is True for _, record in _records(root))
 
 
 def load_dialogues(dataset_dir: str | os.PathLike, *, successful_only: bool = True) -> list[ExpertDialogue]:
@@ -131,22 +184,20 @@ def load_dialogues(dataset_dir: str | os.PathLike, *, successful_only: bool = Tr
     root = Path(dataset_dir)
     read_manifest(root)
     dialogues = []
-    with open(root / DIALOGUES) as records:
-        for line_number, line in enumerate(records, start=1):
-            try:
-                record = json.loads(line)
-                turns = tuple(ChatTurn(turn["role"], turn["text"]) for turn in record["turns"])
-                image = np.asarray(Image.open(root / record["image"]).convert("RGB")) if record["image"] else None
-                item = ExpertDialogue(
-                    dialogue=Dialogue(turns=turns, image=image),
-                    rewards=tuple(float(r) for r in record["rewards"]),
-                    episode=int(record["episode"]),
-                    index=int(record["dialogue"]),
-                    seed=int(record["seed"]),
-                    success=bool(record["success"]),
-                )
-            except (KeyError, TypeError, ValueError, OSError) as error:
-                raise ValueError(f"{root / DIALOGUES}, line {line_number}: not a dialogue record ({error})") from error
-            if item.success or not successful_only:
-                dialogues.append(item)
+    for line_number, record in _records(root):
+        try:
+            turns = tuple(ChatTurn(turn["role"], turn["text"]) for turn in record["turns"])
+            image = np.asarray(Image.open(root / record["image"]).convert("RGB")) if record["image"] else None
+            item = ExpertDialogue(
+                dialogue=Dialogue(turns=turns, image=image),
+                rewards=tuple(float(r) for r in record["rewards"]),
+                episode=int(record["episode"]),
+                index=int(record["dialogue"]),
+                seed=int(record["seed"]),
+                success=bool(record["success"]),
+            )
+        except (KeyError, TypeError, ValueError, OSError) as error:
+            raise ValueError(f"{root / DIALOGUES}, line {line_number}: not a dialogue record ({error})") from error
+        if item.success or not successful_only:
+            dialogues.append(item)
     return dialogues

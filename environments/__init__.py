@@ -11,6 +11,9 @@ _ENVIRONMENTS = {
     "VIRL-v0": "environments.virl.env:VIRLEnv",
 }
 
+ENVIRONMENT_IDS = tuple(_ENVIRONMENTS)
+"""The ids of amft-vlm's environments."""
+
 for _env_id, _entry_point in _ENVIRONMENTS.items():
     if _env_id not in gym.registry:
         gym.register(id=_env_id, entry_point=_entry_point, disable_env_checker=False)

@@ -226,7 +226,7 @@ def test_eval_command_line(tmp_path, capsys):
         (["--agent", "expert", "--temperature", "0.7"], "temperature applies to a model"),
         (["--agent", "expert", "--model", "tiny:qwen2-vl"], "not allowed with"),
         (["--episodes", "3"], "one of the arguments --model --agent is required"),
-        (["--model", "tiny:llama"], "tiny:ARCH"),
+        (["--model", "tiny:llama"], "model: a tiny model spec is tiny:qwen2-vl or tiny:qwen2.5-vl"),
         (["--agent", "expert", "--out", "/nonexistent-dir/record.json"], "does not exist"),
     ],
 )
@@ -238,7 +238,8 @@ def test_eval_command_line_errors(argv, message, capsys):
 
 
 def test_split_is_refused_by_an_environment_without_one(monkeypatch, capsys):
-    monkeypatch.setattr(evaluation, "_accepts_keyword", lambda env_id, keyword: False)
+    arguments = evaluation.environment_arguments
+    monkeypatch.setattr(evaluation, "environment_arguments", lambda env_id: {k: v for k, v in arguments(env_id).items() if k != "split"})
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--agent", "expert", "--env", "VIRL-v0", "--split", "test", "--episodes", "1"])
     assert exit_info.value.code == 2

@@ -1,0 +1,236 @@
+"""Checks of what a command's settings point at, run before any model loads or any work starts.
+
+`amft_vlm.config.TrainConfig.validate` checks values on their own (ranges, choices). The checks here
+look outside the config: whether an environment id is registered and takes the given arguments,
+whether a model path or Hub id can be found, whether an expert dataset suits the run, whether a
+device exists and an output directory can be written. Each raises ``ValueError`` with one line that
+names the setting, the problem and what to do, so a bad run stops in a second instead of after the
+model has loaded (or, for an output directory, after the work is done).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+from gymnasium.envs.registration import load_env_creator
+
+import environments
+
+if TYPE_CHECKING:
+    from amft_vlm.config import TrainConfig
+
+TINY_PREFIX = "tiny:"
+"""Model specs that build a tiny random model (`agents.tiny.resolve_model_spec`)."""
+
+
+def check_run_inputs(config: TrainConfig) -> None:
+    """Everything a training run reads or writes, checked before its model loads (see the module docstring)."""
+    check_environment(config.env_id, config.env_kwargs, what="env_kwargs", id_what="env_id")
+    check_environment(
+        config.env_id, config.validation_env_kwargs, what="validation_env_kwargs", id_what="env_id"
+    )
+    check_model_source(config.model)
+    from amft_vlm.methods import get_method
+
+    if get_method(config.method).uses_expert_data and config.expert_data is not None:
+        check_expert_dataset(config.expert_data, config.env_id, config.env_kwargs)
+    writable_directory(config.output_dir, what="output_dir")
+
+
+def environment_arguments(env_id: str) -> dict[str, inspect.Parameter]:
+    """The keyword arguments the registered environment's constructor takes, by name."""
+    entry_point = gym.spec(env_id).entry_point
+    creator = entry_point if callable(entry_point) else load_env_creator(entry_point)
+    return {
+        name: parameter
+        for name, parameter in inspect.signature(creator).parameters.items()
+        if name != "self" and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def check_environment(
+    env_id: str, env_kwargs: dict[str, Any], *, what: str = "env_kwargs", id_what: str = "env_id"
+) -> None:
+    """Raise ``ValueError`` unless `env_id` is registered and constructs with `env_kwargs` (built once and closed)."""
+    if env_id not in gym.registry:
+        ours = ", ".join(environments.ENVIRONMENT_IDS)
+        raise ValueError(f"{id_what}: no environment {env_id!r} is registered; amft-vlm's are {ours}")
+    known = environment_arguments(env_id)
+    unknown = sorted(set(env_kwargs) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{what}: {env_id} takes no argument {', '.join(map(repr, unknown))}; it takes {', '.join(known)}"
+        )
+    try:
+        env = gym.make(env_id, **env_kwargs)
+    except (TypeError, ValueError, OSError) as error:
+        raise ValueError(f"{what}: {env_id} refuses {env_kwargs}: {_first_line(error)}") from error
+    env.close()
+
+
+def effective_environment_arguments(env_id: str, env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`env_kwargs` with every argument it leaves out at the constructor's default: what the environment is built with."""
+    arguments = {
+        name: parameter.default
+        for name, parameter in environment_arguments(env_id).items()
+        if parameter.default is not parameter.empty
+    }
+    return {**arguments, **env_kwargs}
+
+
+def check_model_source(spec: str, *, what: str = "model") -> None:
+    """Raise ``ValueError`` unless `spec` is a tiny-model spec, a model directory, or a Hub id found locally or online.
+
+    A Hub id is looked up by fetching its ``config.json`` only (from the cache when there), so a mistyped id
+    fails here rather than after the rest of the set-up.
+    """
+    if spec.startswith(TINY_PREFIX):
+        from agents.tiny import ARCHITECTURES
+
+        if spec[len(TINY_PREFIX) :] not in ARCHITECTURES:
+            raise ValueError(
+                f"{what}: a tiny model spec is {' or '.join(TINY_PREFIX + arch for arch in ARCHITECTURES)}; got {spec!r}"
+            )
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(
+                f"{what}: {spec} is a file; give a model directory (with config.json), a Hub id, or a tiny: spec"
+            )
+        if not any((path / name).is_file() for name in ("config.json", "lora_config.json")):
+            hint = (
+                " (a training checkpoint's model is in its policy/ directory)"
+                if (path / "policy").is_dir()
+                else ""
+            )
+            raise ValueError(
+                f"{what}: {spec} has no config.json, so it is not a Hugging Face model directory{hint}"
+            )
+        return
+    if _looks_like_path(spec):
+        raise ValueError(
+            f"{what}: {spec} does not exist; give a model directory, a Hub id (org/name), or tiny:qwen2-vl"
+        )
+    from transformers.utils import cached_file
+
+    try:
+        cached_file(spec, "config.json")
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{what}: {spec!r} is not a local directory, and its config.json could not be fetched from the Hugging Face Hub "
+            f"or found in the cache ({_first_line(error)})"
+        ) from error
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Whether `spec` can only be a file system path (a Hub id is ``name`` or ``org/name``)."""
+    return (
+        spec.startswith(("/", ".", "~"))
+        or spec.count("/") > 1
+        or os.sep != "/"
+        and os.sep in spec
+        or not spec
+    )
+
+
+def check_expert_dataset(dataset_dir: str | os.PathLike, env_id: str, env_kwargs: dict[str, Any]) -> int:
+    """Raise ``ValueError`` unless the dataset was recorded in the run's environment and has a solved dialogue.
+
+    The manifest's ``env_id`` must be the run's, and its ``env_kwargs`` must build the same environment
+    (every argument equal, defaults filled in): a V-IRL dataset cannot train a GeneralPoints run, nor a
+    vision dataset a language one. Returns the number of dialogues of solved episodes (those SFT uses).
+    """
+    from amft_vlm.expert_data import (  # expert_data checks its own inputs with this module
+        read_manifest,
+        solved_dialogue_count,
+    )
+
+    manifest = read_manifest(dataset_dir)
+    where = f"expert_data: {dataset_dir}"
+    if manifest["env_id"] != env_id:
+        raise ValueError(
+            f"{where} was recorded in {manifest['env_id']}, but the run trains on {env_id}; collect a dataset in {env_id}"
+        )
+    if env_id in gym.registry:
+        recorded = effective_environment_arguments(env_id, manifest["env_kwargs"])
+        wanted = effective_environment_arguments(env_id, env_kwargs)
+        differing = [
+            name for name in sorted(set(recorded) | set(wanted)) if recorded.get(name) != wanted.get(name)
+        ]
+        if differing:
+            listed = ", ".join(
+                f"{name}: {recorded.get(name)!r} there, {wanted.get(name)!r} here" for name in differing
+            )
+            raise ValueError(
+                f"{where} was recorded with other environment arguments than the run's env_kwargs ({listed}); "
+                "collect with the run's arguments (amft-vlm collect --env-arg KEY=VALUE) or change env_kwargs"
+            )
+    solved = solved_dialogue_count(dataset_dir)
+    if solved == 0:
+        raise ValueError(
+            f"{where} has no dialogue of a solved episode, so SFT has nothing to imitate; collect with --agent expert"
+        )
+    return solved
+
+
+def writable_directory(path: str | os.PathLike, *, what: str) -> Path:
+    """Create `path` (and its parents) if needed and check that a file can be written in it; returns it."""
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{what}: {directory} is a file; give a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=directory, prefix=".write-check-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(
+            f"{what}: cannot write in {directory} ({error.strerror or error}); choose a writable directory"
+        ) from error
+    return directory
+
+
+def check_output_file(path: str | os.PathLike, *, what: str) -> Path:
+    """Check that a file can be written at `path` (an existing file is replaced): its directory exists and is writable."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{what}: {target} is a directory; give a file name, e.g. {target / 'record.json'}")
+    if not target.parent.is_dir():
+        raise ValueError(f"{what}: {target.parent} does not exist; create it or choose another path")
+    writable_directory(target.parent, what=what)
+    return target
+
+
+def check_device(device: str, *, what: str = "device") -> None:
+    """Raise ``ValueError`` unless `device` is ``auto`` or a device this torch has (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{what}: {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise ValueError(f"{what}: {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{what}: {device} was asked for, but this torch ({torch.__version__}) sees no CUDA device; use cpu or auto"
+        )
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"{what}: {device} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
