@@ -8,7 +8,7 @@ from environments.virl.geometry import (
     compass_name,
     relative_turn,
 )
-from environments.virl.published import PublishedRouteDatabase, load_routes
+from environments.virl.published import PublishedDataError, PublishedRouteDatabase, load_routes
 from environments.virl.routes import (
     Location,
     Milestone,
@@ -32,6 +32,7 @@ __all__ = [
     "CityLayout",
     "Location",
     "Milestone",
+    "PublishedDataError",
     "PublishedRouteDatabase",
     "Rail",
     "RailPoint",

@@ -128,7 +128,7 @@ class _PublishedSource:
         return self.database.has_view(location)
 
     def render_grid(self, route_index: int, location: Location, heading: float, resolution: int) -> np.ndarray:
-        return self.database.render_grid(location, heading, resolution)
+        return self.database.render_grid(location, heading, resolution, route_id=self.routes[route_index].route_id)
 
 
 class VIRLEnv(gym.Env):

@@ -45,6 +45,8 @@ def perspective_view(
     ``panorama`` is an equirectangular image, (H, W, 3) uint8 or (H, W) of packed pixels; the view
     has the same pixel type. ``rotation`` is the panorama's north offset in degrees (see module doc).
     """
+    if not (math.isfinite(heading) and math.isfinite(rotation)):  # NaN would turn every column into one
+        raise ValueError(f"heading and rotation must be finite degrees; got heading={heading!r}, rotation={rotation!r}")
     height, width = panorama.shape[:2]
     column_offset, rows = _sampling_map(height, width, int(resolution), float(fov_deg))
     centre = heading_to_column_fraction(heading, rotation) * width

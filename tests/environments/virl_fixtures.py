@@ -8,6 +8,7 @@ heading :data:`MARKER_HEADING` and a yellow line along the horizon, stored with 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pickle
@@ -155,6 +156,18 @@ def write_published_database(root: Path) -> Path:
     with open(root / "gps_pano_mapping.pkl", "wb") as file:
         pickle.dump(mapping, file)
     return root
+
+
+def jpeg_claiming_size(width: int, height: int) -> bytes:
+    """A 16 x 8 JPEG whose frame header (SOF0) claims ``width`` x ``height`` pixels (a decompression bomb's header)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (90, 90, 90)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    position = 2  # past the start-of-image marker; walk the segments to the baseline frame header
+    while data[position + 1] != 0xC0:
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    data[position + 5 : position + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
 
 
 def _centre(strength: np.ndarray) -> float:
