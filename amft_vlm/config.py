@@ -327,6 +327,10 @@ class TrainConfig:
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
         _integer_at_least("image_cache_mb", self.image_cache_mb, 0, why="0 keeps no prepared expert images")
+        if self.schedule_steps is not None:
+            _positive("schedule_steps", self.schedule_steps)
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in [0, 2**32) (numpy's seed range); got {self.seed!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0 or None (2 x lora_rank); got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -70,6 +70,13 @@ def test_overrides_reach_nested_fields_and_are_typed(tmp_path):
         (["min_pixels=0"], "min_pixels"),
         (["min_pixels=1000000", "max_pixels=50176"], "min_pixels"),
         (["image_cache_mb=-1"], "image_cache_mb"),
+        (["seed=-5"], "seed"),
+        (["seed=4294967296"], "seed"),
+        (["schedule_steps=-3"], "schedule_steps"),
+        (["clip_epsilon=0"], "clip_epsilon"),
+        (["gamma=1.5"], "gamma"),
+        (["lora_dropout=1.0"], "lora_dropout"),
+        (["controller.meta_clip=.inf"], "controller.meta_clip"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
