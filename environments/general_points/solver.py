@@ -2,12 +2,18 @@
 
 All arithmetic is on :class:`fractions.Fraction`, so hands that need fractions (3, 3, 8, 8 ->
 ``8/(3-8/3)``) are found. Results are memoised per multiset of values: after the first call for a
-hand, asking again costs a dictionary look-up, so environments never search during ``reset``.
+hand, asking again costs a dictionary look-up.
+
+Hands of up to 4 cards are small enough to list every solvable multiset (:func:`solvable_hands`) and
+every formula (:func:`solve`). Larger hands are not: the number of formulas grows so fast that
+listing them takes seconds at 5 cards and hours at 8. For those, :func:`find_solution` searches for
+one formula, goal first, and stops after a fixed number of steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cache, lru_cache
 from itertools import combinations, combinations_with_replacement
@@ -15,6 +21,14 @@ from itertools import combinations, combinations_with_replacement
 from environments.splits import split_of_key
 
 _ADD, _MUL, _ATOM = 1, 2, 3  # operator precedence of an expression's top level
+
+SEARCH_STEPS = 20_000
+"""Steps :func:`find_solution` may take on one hand by default: at most about 50 ms of Python on one core.
+
+With target 24 the search finds a formula for every solvable hand of 5 values in 1..13, and for all
+but one of 24,000 random hands of 5 to 8 cards (it usually needs fewer than 500 steps).
+"""
+_LOOKUP_SIZE = 3  # parts of up to this many values are answered from their cached sets of values
 
 
 def _splits(values: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -80,6 +94,8 @@ def _validate(numbers: Iterable[int], target: int) -> tuple[tuple[int, ...], Fra
 def _is_solvable(values: tuple[int, ...], target: Fraction) -> bool:
     if len(values) == 1:
         return values[0] == target
+    if len(values) > 4:
+        return _search(values, target, _SearchState(steps_left=None)) is not None
     # The last operator joins two parts; look up the partner each value of the smaller part needs
     # instead of building every value of the whole hand.
     for left, right in _splits(values):
@@ -93,14 +109,22 @@ def _is_solvable(values: tuple[int, ...], target: Fraction) -> bool:
 
 
 def is_solvable(numbers: Iterable[int], target: int = 24) -> bool:
-    """True if some formula with + - * / and parentheses, each number used once, equals target."""
+    """True if some formula with + - * / and parentheses, each number used once, equals target.
+
+    Exact for any hand, but proving a hand of 6 or more numbers unsolvable can take seconds to
+    minutes; :func:`find_solution` with a step limit is the bounded alternative.
+    """
     values, goal = _validate(numbers, target)
     return _is_solvable(values, goal)
 
 
 @cache
 def solvable_hands(target: int = 24, num_cards: int = 4, max_value: int = 13) -> tuple[tuple[int, ...], ...]:
-    """Every solvable multiset of ``num_cards`` values in 1..max_value, as sorted tuples, in order."""
+    """Every solvable multiset of ``num_cards`` values in 1..max_value, as sorted tuples, in order.
+
+    Meant for hands of up to 4 cards (under a second); it checks every multiset, which takes minutes
+    from 5 cards on.
+    """
     return tuple(
         hand
         for hand in combinations_with_replacement(range(1, max_value + 1), num_cards)
@@ -110,6 +134,18 @@ def solvable_hands(target: int = 24, num_cards: int = 4, max_value: int = 13) ->
 
 def _wrap(text: str, precedence: int, needed: int) -> str:
     return f"({text})" if precedence < needed else text
+
+
+def _compose(operator: str, x: tuple[str, int], y: tuple[str, int]) -> tuple[str, int]:
+    """The formula ``x <operator> y`` (each a (text, top-level precedence)), with minimal parentheses."""
+    (xs, xp), (ys, yp) = x, y
+    if operator == "+":
+        return f"{xs}+{ys}", _ADD
+    if operator == "-":
+        return f"{xs}-{_wrap(ys, yp, _MUL)}", _ADD
+    if operator == "*":
+        return f"{_wrap(xs, xp, _MUL)}*{_wrap(ys, yp, _MUL)}", _MUL
+    return f"{_wrap(xs, xp, _MUL)}/{_wrap(ys, yp, _ATOM)}", _MUL
 
 
 @cache
@@ -123,19 +159,47 @@ def _formulas(values: tuple[int, ...]) -> dict[Fraction, frozenset[tuple[str, in
         for x_table, y_table in ((left_table, right_table), (right_table, left_table)):
             for x, x_texts in x_table.items():
                 for y, y_texts in y_table.items():
-                    for xs, xp in x_texts:
-                        for ys, yp in y_texts:
-                            table.setdefault(x + y, set()).add((f"{xs}+{ys}", _ADD))
-                            table.setdefault(x - y, set()).add((f"{xs}-{_wrap(ys, yp, _MUL)}", _ADD))
-                            table.setdefault(x * y, set()).add((f"{_wrap(xs, xp, _MUL)}*{_wrap(ys, yp, _MUL)}", _MUL))
+                    for x_formula in x_texts:
+                        for y_formula in y_texts:
+                            table.setdefault(x + y, set()).add(_compose("+", x_formula, y_formula))
+                            table.setdefault(x - y, set()).add(_compose("-", x_formula, y_formula))
+                            table.setdefault(x * y, set()).add(_compose("*", x_formula, y_formula))
                             if y:
-                                table.setdefault(x / y, set()).add((f"{_wrap(xs, xp, _MUL)}/{_wrap(ys, yp, _ATOM)}", _MUL))
+                                table.setdefault(x / y, set()).add(_compose("/", x_formula, y_formula))
     return {value: frozenset(texts) for value, texts in table.items()}
+
+
+def _right_operands(x: Fraction, goal: Fraction, y_table: dict[Fraction, object]) -> Iterator[tuple[str, Fraction]]:
+    """Every (operator, y) with y a key of y_table and ``x <operator> y == goal`` (y never 0 after ``/``)."""
+    for operator, y in (("+", goal - x), ("-", x - goal)):
+        if y in y_table:
+            yield operator, y
+    if x:
+        if goal / x in y_table:
+            yield "*", goal / x
+        if goal and x / goal in y_table:
+            yield "/", x / goal
+    elif goal == 0:  # 0 * y and 0 / y are 0 for every y
+        yield from (("*", y) for y in y_table)
+        yield from (("/", y) for y in y_table if y)
 
 
 @lru_cache(maxsize=4096)
 def _solutions(values: tuple[int, ...], target: Fraction) -> tuple[str, ...]:
-    texts = {text for text, _ in _formulas(values).get(target, ())}
+    # Only the target's formulas are built: the parts' tables are shared by every hand, the whole
+    # hand's table (every value it can make, with every formula) would be built once per hand.
+    if len(values) == 1:
+        texts = {str(values[0])} if values[0] == target else set()
+    else:
+        texts = set()
+        for left, right in _splits(values):
+            left_table, right_table = _formulas(left), _formulas(right)
+            for x_table, y_table in ((left_table, right_table), (right_table, left_table)):
+                for x, x_texts in x_table.items():
+                    for operator, y in _right_operands(x, target, y_table):
+                        for x_formula in x_texts:
+                            for y_formula in y_table[y]:
+                                texts.add(_compose(operator, x_formula, y_formula)[0])
     return tuple(sorted(texts, key=lambda text: (len(text), text)))
 
 
@@ -179,15 +243,7 @@ def _witness(values: tuple[int, ...], goal: Fraction) -> tuple[str, int] | None:
                         y = x / goal if goal and x else None
                     if y is None or y not in y_values or _apply(operator, x, y) != goal:
                         continue
-                    xs, xp = _witness(x_part, x)
-                    ys, yp = _witness(y_part, y)
-                    if operator == "+":
-                        return f"{xs}+{ys}", _ADD
-                    if operator == "-":
-                        return f"{xs}-{_wrap(ys, yp, _MUL)}", _ADD
-                    if operator == "*":
-                        return f"{_wrap(xs, xp, _MUL)}*{_wrap(ys, yp, _MUL)}", _MUL
-                    return f"{_wrap(xs, xp, _MUL)}/{_wrap(ys, yp, _ATOM)}", _MUL
+                    return _compose(operator, _witness(x_part, x), _witness(y_part, y))
     return None
 
 
@@ -195,11 +251,121 @@ def first_solution(numbers: Iterable[int], target: int = 24) -> str | None:
     """One formula that uses each number once and equals target, or None; much faster than :func:`solve`.
 
     Found by a guided search over reachable values (no enumeration of all formulas), and the same
-    formula for the same multiset every time.
+    formula for the same multiset every time. Hands of more than 4 numbers go to :func:`find_solution`
+    without a step limit.
     """
     values, goal = _validate(numbers, target)
+    if len(values) > 4:
+        return find_solution(values, target, max_steps=None)
     found = _witness(values, goal)
     return found[0] if found else None
+
+
+class _OutOfSteps(Exception):
+    """The bounded search used up its steps."""
+
+
+@dataclass
+class _SearchState:
+    """Steps left to one search (None: no limit) and the (values, goal) it has shown impossible."""
+
+    steps_left: int | None
+    failed: set[tuple[tuple[int, ...], Fraction]] = field(default_factory=set)
+
+    def take_step(self) -> None:
+        if self.steps_left is not None:
+            if self.steps_left == 0:
+                raise _OutOfSteps
+            self.steps_left -= 1
+
+
+@lru_cache(maxsize=4096)
+def _search_splits(values: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """The (smaller part, rest) cuts of the sorted values, cheapest first.
+
+    Cuts whose rest is small enough to look up come first (then the search below them is one set
+    look-up per candidate), the others by the size of the smaller part.
+    """
+    cuts = [(left, right) if len(left) <= len(right) else (right, left) for left, right in _splits(values)]
+    return tuple(sorted(cuts, key=lambda cut: (len(cut[1]) > _LOOKUP_SIZE, len(cut[0]))))
+
+
+@cache
+def _sorted_reachable(values: tuple[int, ...]) -> tuple[Fraction, ...]:
+    return tuple(sorted(_reachable(values)))
+
+
+def _ordered_values(values: tuple[int, ...]) -> tuple[Fraction, ...]:
+    """Every value the sorted values can make, in increasing order (a fixed order makes the search repeatable)."""
+    if len(values) <= _LOOKUP_SIZE:
+        return _sorted_reachable(values)
+    return tuple(sorted(_reachable.__wrapped__(values)))  # parts of 4+ values are many and large: not kept
+
+
+def _partner_goals(a: Fraction, goal: Fraction) -> Iterator[tuple[str, bool, Fraction]]:
+    """(operator, a comes first, b) for every b such that ``a <operator> b`` or ``b <operator> a`` is goal."""
+    yield "+", True, goal - a
+    yield "-", True, a - goal
+    yield "-", False, a + goal
+    if a:
+        yield "*", True, goal / a
+        yield "/", False, a * goal
+        if goal:
+            yield "/", True, a / goal
+
+
+def _search(values: tuple[int, ...], goal: Fraction, state: _SearchState) -> tuple[str, int] | None:
+    """One (formula, top-level precedence) over the sorted values that equals goal, or None.
+
+    Goal first: the last operator joins a smaller part (at most half the values) and the rest; for each value
+    ``a`` the part can make and each operator, the rest must make the one partner that gives the
+    goal, which is searched for the same way until the rest is small enough to look up. Each call is
+    one step; :class:`_OutOfSteps` ends the search when ``state`` has none left.
+    """
+    state.take_step()
+    if len(values) <= _LOOKUP_SIZE:
+        return _witness(values, goal) if goal in _reachable(values) else None
+    if (values, goal) in state.failed:
+        return None
+    for part, rest in _search_splits(values):
+        for a in _ordered_values(part):
+            if a == 0 and goal == 0:  # 0 * (anything the rest makes)
+                return _compose("*", _witness(part, a), ("+".join(map(str, rest)), _ADD))
+            for operator, part_first, b in _partner_goals(a, goal):
+                found = _search(rest, b, state)
+                if found is not None:
+                    part_formula = _witness(part, a)
+                    if part_first:
+                        return _compose(operator, part_formula, found)
+                    return _compose(operator, found, part_formula)
+    state.failed.add((values, goal))
+    return None
+
+
+@lru_cache(maxsize=65536)
+def _bounded_solution(values: tuple[int, ...], goal: Fraction, max_steps: int | None) -> str | None:
+    try:
+        found = _search(values, goal, _SearchState(steps_left=max_steps))
+    except _OutOfSteps:
+        return None
+    return found[0] if found else None
+
+
+def find_solution(numbers: Iterable[int], target: int = 24, max_steps: int | None = SEARCH_STEPS) -> str | None:
+    """One formula that uses each number once and equals target, found within ``max_steps`` steps, or None.
+
+    A depth-first search from the goal (see :data:`SEARCH_STEPS`); ``max_steps=None`` searches until
+    it finds a formula or has shown there is none, which is exact but can take minutes for an
+    unsolvable hand of 7 or 8 numbers. With a limit, None means the hand cannot make target *or* the
+    search stopped first. Steps are counted, not timed, so the answer is the same on every machine.
+
+    >>> find_solution([1, 2, 3, 4, 5, 6, 7, 8])
+    '1+2+(8-6)*7-(5-3*4)'
+    """
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive integer or None; got {max_steps!r}")
+    values, goal = _validate(numbers, target)
+    return _bounded_solution(values, goal, max_steps)
 
 
 def hand_split(numbers: Iterable[int]) -> str:

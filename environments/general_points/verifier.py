@@ -2,8 +2,10 @@
 
 :func:`parse_response` turns any text into a :class:`ParsedAnswer`; :func:`judge` applies the
 benchmark's checks in order and returns a :class:`Judgement` (reward, verdict, feedback). Neither
-raises on any input: a 1 MB string or 10,000 nested parentheses cost a linear scan and end in a
-penalty. The evaluator is iterative and exact (fractions).
+raises on any input, and the work is bounded: an answer longer than :data:`MAX_ANSWER_CHARS` is not
+read at all (a megabyte of text would cost seconds), and at most :data:`MAX_COUNTED_GRAMMAR_VIOLATIONS`
+grammar violations are penalised, so no answer scores below :data:`LOWEST_REWARD`. Everything else
+is a linear scan of at most that many characters. The evaluator is iterative and exact (fractions).
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ REWARD_GRAMMAR_VIOLATION = -3.0
 REWARD_WRONG_NUMBERS = -2.0
 REWARD_OUT_OF_ATTEMPTS = -1.0
 
+MAX_ANSWER_CHARS = 16_384
+"""Longest answer that is read. A correct answer takes about 100 characters; a longer one is not
+parsed and scores :data:`REWARD_ILLEGAL_FORMULA` (verdict ``illegal_formula``), whatever it holds.
+Equal to the ``max_length`` of GeneralPoints-v0's action space."""
+MAX_COUNTED_GRAMMAR_VIOLATIONS = 10
+"""Grammar violations beyond this many cost nothing more: the reference's -3 each had no floor
+(a 20 MB run of ``+`` scored about -60 million)."""
+LOWEST_REWARD = REWARD_GRAMMAR_VIOLATION * MAX_COUNTED_GRAMMAR_VIOLATIONS + 2 * REWARD_WRONG_NUMBERS
+"""No answer scores below this (-34): the most grammar violations that count, plus both number penalties."""
+
 VERDICTS = (
     "correct",
     "partial",
@@ -43,8 +55,10 @@ VERDICTS = (
 - ``partial`` (+1): it cannot be evaluated yet (open parentheses) but closing them solves the hand.
 - ``no_solution`` (-1): a valid formula over the right numbers that misses the target.
 - ``wrong_numbers`` (-2 or -4): numbers not on the cards, overused, or cards left unused.
-- ``grammar_error`` (-3 per violation, plus any number penalty): misplaced operators or parentheses.
-- ``illegal_formula`` (-3): characters other than digits, ``+ - * / ( )`` before the ``=``.
+- ``grammar_error`` (-3 per violation, at most 10 counted, plus any number penalty): misplaced
+  operators or parentheses.
+- ``illegal_formula`` (-3): characters other than digits, ``+ - * / ( )`` before the ``=``, or an
+  answer longer than :data:`MAX_ANSWER_CHARS` (not read).
 - ``missing_formula`` (-3): no ``"formula"`` string could be read from the answer.
 - ``wrong_cards`` (-1.5, vision only): the reported cards are not the cards in the image.
 - ``out_of_attempts`` (-1): an answer after the attempt budget is spent; it is not read.
@@ -54,15 +68,21 @@ _MAX_NUMBER_DIGITS = 6  # longer digit runs are certainly not card values; never
 _LEGAL_CHARS = frozenset("0123456789+-*/()")
 _OPERATORS = frozenset("+-*/")
 _MAX_QUOTED_FORMULA = 300  # longest stretch of a formula quoted back in feedback
+_PREFIX_HINT_MAX_CARDS = 4  # larger hands have too many solutions to list for the "its start ..." hint
 
 
 @dataclass(frozen=True)
 class ParsedAnswer:
-    """What could be read from a response: each field is None when it was absent or unreadable."""
+    """What could be read from a response: each field is None when it was absent or unreadable.
+
+    ``too_long`` is True when the response had more than :data:`MAX_ANSWER_CHARS` characters and
+    was therefore not read (every field None).
+    """
 
     cards: tuple[object, ...] | None
     numbers: tuple[object, ...] | None
     formula: str | None
+    too_long: bool = False
 
 
 _KEY = r"""["']{key}["']\s*:\s*"""
@@ -95,10 +115,13 @@ def parse_response(text: str) -> ParsedAnswer:
 
     Strict JSON first (the whole text, or the outermost ``{...}`` inside it); otherwise one regular
     expression per key, so a trailing comma or single-quoted card names still parse. The formula
-    must be a double-quoted string in both cases.
+    must be a double-quoted string in both cases. A text longer than :data:`MAX_ANSWER_CHARS` is not
+    read: the result has ``too_long=True``.
     """
     if not isinstance(text, str):
         return ParsedAnswer(None, None, None)
+    if len(text) > MAX_ANSWER_CHARS:
+        return ParsedAnswer(None, None, None, too_long=True)
     obj = json_object(text)
     if obj is not None:
         formula = obj.get("formula")
@@ -260,12 +283,22 @@ def judge(
 ) -> Judgement:
     """Score one parsed answer with the benchmark's checks, in the benchmark's order.
 
+    0. An answer too long to read (``answer.too_long``): -3 as an illegal formula, in either modality.
     1. ``check_cards`` (vision): the reported ranks must be the hand's ranks as a multiset, else -1.5.
     2. The formula before ``=`` may hold only digits and ``+ - * / ( )``, else -3 (no formula: -3).
-    3. Each grammar violation: -3.  4. Numbers: -2 for foreign/overused, -2 for unused.
+    3. Each grammar violation: -3, at most :data:`MAX_COUNTED_GRAMMAR_VIOLATIONS` of them.
+    4. Numbers: -2 for foreign/overused, -2 for unused.
     5. With no penalty: +5 if it equals the target exactly; +1 if only closing its open parentheses
-       would make it a solution. 6. Otherwise -1, naming the longest start that leads to a solution.
+       would make it a solution. 6. Otherwise -1, naming the longest start that leads to a solution
+       (hands of up to 4 cards; larger hands have too many solutions to list).
     """
+    if answer.too_long:
+        return Judgement(
+            REWARD_ILLEGAL_FORMULA,
+            "illegal_formula",
+            f"The answer is longer than {MAX_ANSWER_CHARS:,} characters, so it was not read. "
+            "Reply with the JSON object alone.",
+        )
     if check_cards and not _card_ranks_match(answer.cards, card_ranks):
         return Judgement(REWARD_WRONG_CARDS, "wrong_cards", "The cards you reported are not the cards in the image. Look again and read each card's rank.")
     if answer.formula is None:
@@ -284,7 +317,7 @@ def judge(
     tokens = _tokens(expression)
     grammar_violations = _grammar_violations(tokens)
     number_penalty, number_reasons = _number_penalty(tokens, card_values)
-    penalty = REWARD_GRAMMAR_VIOLATION * grammar_violations + number_penalty
+    penalty = REWARD_GRAMMAR_VIOLATION * min(grammar_violations, MAX_COUNTED_GRAMMAR_VIOLATIONS) + number_penalty
     if penalty:
         reasons = list(number_reasons)
         if grammar_violations:
@@ -302,9 +335,12 @@ def judge(
                 "partial",
                 f"The formula {_quote(expression)} is unfinished, but it is the start of a solution. Finish it.",
             )
-    prefix = _longest_solution_prefix(expression, solve(card_values, target))
     result = f"it equals {_format_fraction(value)}" if value is not None else "it cannot be evaluated"
-    hint = f" Its start {prefix} can still lead to a solution." if prefix else " No solution starts like it."
+    if len(card_values) > _PREFIX_HINT_MAX_CARDS:
+        hint = ""
+    else:
+        prefix = _longest_solution_prefix(expression, solve(card_values, target))
+        hint = f" Its start {prefix} can still lead to a solution." if prefix else " No solution starts like it."
     return Judgement(REWARD_NO_SOLUTION, "no_solution", f"The formula {_quote(expression)} does not make {target}: {result}.{hint}")
 
 

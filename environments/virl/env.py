@@ -211,7 +211,7 @@ class VIRLEnv(gym.Env):
     | the expected action (exact match after normalising spaces and quotes) | +1, move on (or finish at the destination) | ``correct`` |
     | wrong or missing action, and the "current observation" claims an intersection where there is none or denies one where there is one | -1.5 | ``wrong_observation`` |
     | a wrong action | -1 | ``wrong_action`` |
-    | no action could be read (not JSON and no ``"action": ...`` found) | -1 | ``no_action`` |
+    | no action could be read (not JSON and no ``"action": ...`` found), or the answer is longer than 16,384 characters (not read) | -1 | ``no_action`` |
     | an answer after ``max_attempts`` failed attempts at one point (not read) | -1, the route fails | ``out_of_attempts`` |
 
     The intersection claim is read from the "current observation" text: it claims an intersection

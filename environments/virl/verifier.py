@@ -32,6 +32,9 @@ VERDICTS = ("correct", "wrong_action", "no_action", "wrong_observation", "out_of
 RESPONSE_KEYS = ("current observation", "current instruction", "action")
 """The JSON keys the model is asked for."""
 
+MAX_RESPONSE_CHARS = 16_384
+"""Longest answer that is read (the action space's ``max_length``); a longer one is not parsed at all and
+scores as ``no_action`` (-1), so any input costs a bounded amount of work."""
 MAX_FIELD_CHARS = 2000
 """Longest field value the fallback reader takes; longer values are cut there."""
 _MAX_ACTION_CHARS = 200  # an action is a few dozen characters; anything longer is wrong anyway
@@ -50,6 +53,8 @@ class ParsedResponse:
     observation: str | None
     instruction: str | None
     action: str | None
+    too_long: bool = False
+    """The answer had more than `MAX_RESPONSE_CHARS` characters and was not read."""
 
 
 def _field_pattern(key: str) -> re.Pattern[str]:
@@ -82,6 +87,8 @@ def parse_response(text: object) -> ParsedResponse:
     """
     if not isinstance(text, str):
         return ParsedResponse(None, None, None)
+    if len(text) > MAX_RESPONSE_CHARS:
+        return ParsedResponse(None, None, None, too_long=True)
     obj = json_object(text)
     if obj is not None:
         fields = {_normalized_key(key): value for key, value in obj.items()}
@@ -156,6 +163,9 @@ def judge(response: ParsedResponse, *, expected_action: str, at_intersection: bo
         else:
             reason = "You are not at an intersection, but your current observation says you are."
         return Judgement(REWARD_WRONG_OBSERVATION, "wrong_observation", f"{reason} The action was also not right. {_ANSWER_AGAIN}")
+    if response.too_long:
+        reason = f"Your answer is longer than {MAX_RESPONSE_CHARS:,} characters, so it was not read."
+        return Judgement(REWARD_WRONG_ACTION, "no_action", f"{reason} {_ANSWER_AGAIN}")
     if action is None:
         return Judgement(REWARD_WRONG_ACTION, "no_action", f"No action could be read from your answer. {_ANSWER_AGAIN}")
     return Judgement(

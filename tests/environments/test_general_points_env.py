@@ -8,7 +8,8 @@ from gymnasium.vector import AsyncVectorEnv
 
 import environments  # noqa: F401
 from environments.general_points.cards import Card, card_value
-from environments.general_points.solver import hand_split, is_solvable
+from environments.general_points.solver import find_solution, hand_split, is_solvable
+from environments.general_points.verifier import MAX_ANSWER_CHARS
 
 SMALL = 96  # image side used where the resolution does not matter
 
@@ -209,3 +210,83 @@ def test_async_vector_env_without_shared_memory_matches_sync():
         async_envs.close()
         sync_envs.close()
 
+
+
+# The hands the environment dealt for these seeds before hands of 5+ cards were searched for at reset:
+# hands of up to 4 cards must never change.
+PINNED_DEALS = {
+    "10 all": {0: ["CQ", "S9", "S7", "S4"], 1: ["C4", "D5", "CQ", "C6"], 2: ["CJ", "D4", "C2", "S4"], 3: ["SJ", "D2", "D3", "H4"]},
+    "11-12-13 test": {0: ["SJ", "S9", "S7", "D4"], 1: ["D2", "SQ", "HK", "C2"], 2: ["H5", "HJ", "HA", "D3"], 3: ["CA", "C2", "HK", "H6"]},
+}
+PINNED_EXPERT = {
+    "10 all": '{"cards": ["J", "2", "3", "4"], "number": [10, 2, 3, 4], "formula": "2+3*4+10=24"}',
+    "11-12-13 test": '{"cards": ["A", "2", "K", "6"], "number": [1, 2, 13, 6], "formula": "2*6+13-1=24"}',
+}
+
+
+@pytest.mark.parametrize("setting", PINNED_DEALS)
+def test_four_card_deals_and_expert_answers_are_unchanged(setting):
+    face_cards, split = setting.split()
+    env = make(modality="language", suits="mixed", face_cards=face_cards, split=split)
+    assert {seed: env.reset(seed=seed)[1]["cards"] for seed in PINNED_DEALS[setting]} == PINNED_DEALS[setting]
+    assert env.unwrapped.expert_response() == PINNED_EXPERT[setting]
+
+
+def test_action_space_ends_at_the_answer_length_cap():
+    assert make(modality="language").action_space.max_length == MAX_ANSWER_CHARS
+
+
+@pytest.mark.parametrize("num_cards", [5, 6, 7, 8])
+@pytest.mark.parametrize("face_cards", ["10", "11-12-13"])
+def test_large_hands_are_dealt_playable_and_reproducible(num_cards, face_cards):
+    env = make(modality="language", num_cards=num_cards, face_cards=face_cards)
+    again = make(modality="language", num_cards=num_cards, face_cards=face_cards)
+    for seed in range(10):
+        observation, info = env.reset(seed=seed)
+        assert len(info["cards"]) == num_cards and again.reset(seed=seed)[1]["cards"] == info["cards"]
+        assert info["numbers"] == [card_value(Card.from_code(code).rank, face_cards) for code in info["cards"]]
+        assert find_solution(info["numbers"]) is not None
+        if face_cards == "11-12-13":
+            assert any(Card.from_code(code).rank >= 11 for code in info["cards"])
+        _, reward, terminated, _, _ = env.step(env.unwrapped.expert_response())
+        assert (reward, terminated) == (5.0, True)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_large_hands_follow_the_split_of_their_values(split):
+    env = make(modality="language", num_cards=6, split=split)
+    for seed in range(20):
+        assert hand_split(env.reset(seed=seed)[1]["numbers"]) == split
+
+
+def test_check_env_passes_with_eight_cards():
+    check_env(make(modality="vision", num_cards=8, render_mode="rgb_array").unwrapped)
+
+
+def test_large_fixed_hands_must_be_playable():
+    env = make(modality="language", num_cards=8)
+    _, info = env.reset(options={"cards": ["HA", "S2", "C3", "D4", "H5", "S6", "C7", "D8"]})
+    assert info["numbers"] == [1, 2, 3, 4, 5, 6, 7, 8]
+    with pytest.raises(ValueError, match="not playable: no formula making 24 was found within 20,000 search steps"):
+        env.reset(options={"cards": ["HA", "SA", "CA", "DA", "HA", "SA", "CA", "DA"]})  # at most (1+1+1)*(1+1+1)*(1+1)
+
+
+def test_large_hands_refuse_a_target_few_hands_make():
+    with pytest.raises(ValueError, match=r"too few hands can make 1000000000: .* choose a target most hands can make"):
+        make(modality="language", num_cards=5, target=10**9)
+
+
+def test_rule_ood_refuses_a_target_only_hands_without_face_cards_make():
+    # Only 5 makes 5 with one card, and under "11-12-13" every hand holds a J, Q or K: reset used to loop forever.
+    with pytest.raises(ValueError, match="free of J, Q and K"):
+        make(modality="language", num_cards=1, face_cards="11-12-13", target=5)
+
+
+@pytest.mark.parametrize(("face_cards", "target", "rank"), [("10", 6561, 9), ("11-12-13", 28561, 13)])
+def test_a_target_only_one_hand_makes_is_dealt_directly(face_cards, target, rank):
+    # 9*9*9*9 and 13*13*13*13: a draw would be dealable about once in 28,561 (or 6,591) tries.
+    env = make(modality="language", face_cards=face_cards, target=target, suits="mixed")
+    hands = [env.reset(seed=seed)[1]["cards"] for seed in range(20)]
+    assert all(Card.from_code(code).rank == rank for hand in hands for code in hand)
+    assert len({tuple(hand) for hand in hands}) > 1  # the suits still vary
+    assert [make(modality="language", face_cards=face_cards, target=target, suits="mixed").reset(seed=seed)[1]["cards"] for seed in range(3)] == hands[:3]

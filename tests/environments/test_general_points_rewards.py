@@ -15,6 +15,7 @@ import gymnasium as gym
 import pytest
 
 import environments  # noqa: F401  (registers GeneralPoints-v0)
+from environments.general_points.verifier import LOWEST_REWARD, MAX_ANSWER_CHARS
 
 MODALITIES = ("language", "vision")
 HAND = ["HA", "S3", "CK", "D6"]
@@ -113,6 +114,10 @@ FORMULA_CASES = {
     "three violations": (")10*3-6*1", -9.0, {"grammar_error"}),
     "grammar plus an unused card": ("10**3-6", -3.0 - 2.0, {"grammar_error"}),
     "grammar plus both number penalties": ("10**3-6+0", -3.0 - 2.0 - 2.0, {"grammar_error"}),
+    "ten violations": ("+" * 10 + "10*3-6*1", -30.0, {"grammar_error"}),
+    "eleven violations count as ten": ("+" * 11 + "10*3-6*1", -30.0, {"grammar_error"}),
+    # 13 from the ')'s (the first breaks two rules), 1 for the number after ')', then 0 is foreign and every card unused.
+    "the floor: ten violations and both number penalties": (")" * 12 + "0", -34.0, {"grammar_error"}),
     "unclosed ( that closing solves": ("(10*3-6*1", 1.0, {"partial"}),
     "two unclosed ( that closing solves": ("((10*3-6)*1", 1.0, {"partial"}),
     "unclosed ( that closing does not solve": ("(10*3-6+1", -1.0, {"no_solution"}),
@@ -132,6 +137,21 @@ def test_formula_reward_table(modality, case):
         assert (terminated, truncated, info["success"], info["attempts_left"]) == (True, False, True, MAX_ATTEMPTS - 1)
     else:
         assert_failed_first_attempt(terminated, truncated, info)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+@pytest.mark.parametrize("length", [MAX_ANSWER_CHARS + 1, 5_000_000])
+def test_an_answer_over_the_length_cap_is_an_illegal_formula(modality, length):
+    correct = answer("10*3-6*1=24")
+    reward, terminated, truncated, info = first_step(modality, correct + " " * (length - len(correct)))
+    assert (reward, info["verdict"]) == (-3.0, "illegal_formula")
+    assert "not read" in info["feedback"]
+    assert_failed_first_attempt(terminated, truncated, info)
+
+
+def test_no_answer_scores_below_the_floor():
+    assert LOWEST_REWARD == -34.0
+    assert min(reward for _, reward, _ in FORMULA_CASES.values()) == LOWEST_REWARD
 
 
 FRACTION_HAND = ["S3", "C3", "S8", "C8"]
@@ -364,6 +384,19 @@ def test_feedback_names_the_longest_prefix_of_a_solution(modality):
     _, _, _, info = first_step(modality, answer("10*3-6-1"))
     assert info["verdict"] == "no_solution"
     assert "10*3-6" in without(info["feedback"], "10*3-6-1"), info["feedback"]
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_larger_hands_use_the_same_table_and_name_no_solution_start(modality):
+    hand, cards, numbers = ["HA", "S2", "C3", "D4", "H5", "S6"], ["A", "2", "3", "4", "5", "6"], [1, 2, 3, 4, 5, 6]
+    env = make_env(modality, num_cards=6)
+    env.reset(seed=0, options={"cards": hand})
+    reward, _, _, info = step(env, answer("1+2+3+4+5+6", cards=cards, numbers=numbers))
+    assert (reward, info["verdict"]) == (-1.0, "no_solution")
+    assert "start" not in info["feedback"], info["feedback"]
+    assert step(env, answer("1+2+3+4", cards=cards, numbers=numbers))[0] == -2.0
+    reward, terminated, _, info = step(env, answer("1*2*3*4*(6-5)", cards=cards, numbers=numbers))
+    assert (reward, terminated, info["verdict"]) == (5.0, True, "correct")
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
