@@ -34,6 +34,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -428,12 +430,27 @@ def build_tiny_model(
     return output_path
 
 
+TINY_MODEL_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    "preprocessor_config.json",
+)  # fmt: skip
+"""Files of a `build_tiny_model` directory that loading it needs."""
+
+_SAVED_SUFFIXES = (".json", ".jinja", ".safetensors", ".txt", ".tmp")
+"""Suffixes of the files a model save writes (``.tmp``: a file it had not finished), so of a tiny model's directory."""
+
+
 def resolve_model_spec(spec: str, tiny_dir: str | Path, *, seed: int = 0) -> str:
     """The path or Hub id to load for a model spec, building a tiny model first for ``tiny:ARCH``.
 
     A spec that does not start with `TINY_PREFIX` (a checkpoint directory or a Hub id) is returned
     as it is. ``tiny:qwen2-vl`` / ``tiny:qwen2.5-vl`` builds that tiny model with ``seed`` in
-    `tiny_dir` unless a checkpoint is already there, and returns `tiny_dir`.
+    `tiny_dir` unless a complete one is already there, and returns `tiny_dir`.
+
+    The build goes to ``.NAME.tmp`` beside `tiny_dir` and is renamed into place when complete, so a
+    process killed part-way leaves no half-built model, only that directory, removed by the next call.
+    A `tiny_dir` left incomplete by an older version (a file missing, empty or cut short) is built again
+    with a warning; one that also holds files a tiny model does not have is left alone (ValueError).
     """
     if not spec.startswith(TINY_PREFIX):
         return spec
@@ -441,6 +458,45 @@ def resolve_model_spec(spec: str, tiny_dir: str | Path, *, seed: int = 0) -> str
     if arch not in ARCHITECTURES:
         raise ValueError(f"a tiny model spec is tiny:ARCH with ARCH one of {ARCHITECTURES}; got {spec!r}")
     path = Path(tiny_dir)
-    if not (path / "config.json").is_file():
-        build_tiny_model(arch, path, seed=seed)
+    staging = path.with_name(f".{path.name}.tmp")
+    if staging.exists():
+        logger.info("removing %s, left by a tiny-model build that was stopped", staging)
+        shutil.rmtree(staging)
+    if path.is_dir() and any(path.iterdir()):
+        problem = tiny_model_problem(path)
+        if problem is None:
+            return str(path)
+        foreign = sorted(item.name for item in path.iterdir() if not item.is_file() or item.suffix not in _SAVED_SUFFIXES)
+        if foreign:
+            raise ValueError(
+                f"{path} is an incomplete model ({problem}) and also holds {', '.join(foreign)}, which a tiny model "
+                "does not; move those away or delete the directory, and it is built again"
+            )
+        logger.warning("%s is an incomplete tiny model (%s; a build stopped part-way?): building it again", path, problem)
+        shutil.rmtree(path)
+    build_tiny_model(arch, staging, seed=seed)
+    os.replace(staging, path)  # replaces an empty directory too
     return str(path)
+
+
+def tiny_model_problem(path: str | Path) -> str | None:
+    """Why `path` is not a complete tiny model (a file missing, empty or cut short), or None when it is.
+
+    Reads the JSON files and the safetensors header only; no weights are loaded.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for name in TINY_MODEL_FILES:
+        file = Path(path) / name
+        if not file.is_file():
+            return f"{name} is missing"
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text())
+            else:
+                with safe_open(str(file), framework="pt"):
+                    pass
+        except (OSError, ValueError, SafetensorError) as error:  # ValueError: JSON and UTF-8 decoding
+            why = "empty" if file.stat().st_size == 0 else f"damaged ({error})"
+            return f"{name} is {why}"
+    return None

@@ -8,33 +8,82 @@ GPUs resumes on 4 and a one-process SFT run warm-starts a sharded one); a LoRA r
 optimiser state are plain files (``lora/``, ``optimizer.pt``). A checkpoint is written under a
 temporary name and renamed into place (atomic on POSIX), and only then does the
 ``checkpoints/latest`` pointer (itself replaced atomically) name it. A run killed at any moment
-leaves the previous checkpoint intact and at most an ignorable ``.tmp-*`` directory.
+leaves the previous checkpoint intact and at most an ignorable ``.tmp-*`` directory; a write that fails
+(a full disk) removes its temporary directory and raises `CheckpointWriteError`, on every process.
+
+Resuming (`resumable_checkpoint`) starts from the checkpoint ``latest`` names and checks it first, without
+loading any weights (`check_checkpoint`): every file present and whole, the JSON files parse, the trainer
+state's step agrees with the directory's name. A damaged one is skipped with a warning naming the file, for
+the one before it; when none is usable, `CheckpointError` names each. `check_resume_settings` refuses
+settings that a resumed run may not change (`RESUME_MAY_CHANGE`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import functools
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 LATEST = "latest"
 METRICS = "metrics.jsonl"
+STEP_DIRECTORY = re.compile(r"step-(\d{6,})")
+"""Name of a checkpoint directory: ``step-`` and the number of iterations done (six digits, `checkpoint_name`)."""
+
+RESUME_MAY_CHANGE = (
+    "steps", "save_every", "report_to", "output_dir", "warm_start", "device", "distributed", "num_envs",
+    "image_cache_mb", "gradient_checkpointing",
+)  # fmt: skip
+"""Settings a resumed run may change (`check_resume_settings`): where and how the run is carried out and
+recorded, not what it computes. ``steps`` may grow when the iterations already done keep their learning
+rate and mu. Every other setting shaped the iterations already done and must stay as the run's ``config.yaml`` has it."""
 
 log = logging.getLogger(__name__)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file, what is wrong with it and what to do."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, ...): its temporary directory is removed and the
+    previous checkpoint is as it was."""
+
+
+class ResumeSettingsError(ValueError):
+    """Settings a resumed run may not change; the message lists each with the run's value and the new one."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: through a temporary file beside it, renamed into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint after `step` iterations: ``step-000040``."""
+    return f"step-{step:06d}"
+
+
+def _step_of(name: str) -> int | None:
+    """The step a checkpoint directory name stands for (None for any other name)."""
+    match = STEP_DIRECTORY.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def rng_states() -> dict[str, Any]:
@@ -83,7 +132,6 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     lora_base_model: str | None = None,
     is_main: bool = True,
-    barrier=None,
 ) -> Path | None:
     """Write checkpoint ``step`` under ``root`` atomically and point ``latest`` at it; every process calls it.
 
@@ -93,7 +141,46 @@ def save_checkpoint(
     that base model's path or id (`amft_vlm.lora.load_policy` loads it), and the optimiser state to
     ``optimizer.pt`` (LoRA runs on one process). ``extra`` maps names to picklable states (e.g. a critic's
     weights and optimiser), saved as ``NAME.pt``. Returns the path on the main process, None elsewhere.
+
+    Raises:
+        CheckpointWriteError: on every process when any of them could not write its part (a full disk: the
+            message says so, with the space left). The temporary directory is removed; ``latest`` and the
+            checkpoint it names are as they were.
     """
+    name = checkpoint_name(step)
+    final, staging = root / name, root / f".tmp-{name}"
+    failure = _attempt_write(functools.partial(_fresh_directory, staging), root) if is_main else None
+    failure = _first_failure(failure)  # every process waits for the directory before writing into it
+    if failure is None:
+        write = functools.partial(
+            _write_parts, staging, policy=policy, optimizer=optimizer, scheduler=scheduler, extra=extra or {},
+            trainer_state=trainer_state, lora_base_model=lora_base_model, is_main=is_main,
+        )  # fmt: skip
+        failure = _first_failure(_attempt_write(write, staging))
+    if failure is None and is_main:
+        failure = _attempt_write(functools.partial(_publish, staging, final), root)
+    failure = _first_failure(failure)
+    if failure is not None:
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        previous = latest_checkpoint_name(root)
+        kept = f"the previous checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(
+            f"could not write checkpoint {name} under {root}: {failure}; nothing of it is left and {kept}. "
+            "Free some space (or fix the directory) and continue with --resume"
+        )
+    return final if is_main else None
+
+
+def _fresh_directory(path: Path) -> None:
+    """`path` as a new empty directory (its parents created; a leftover of an interrupted write removed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+
+
+def _write_parts(staging: Path, *, policy, optimizer, scheduler, extra, trainer_state, lora_base_model, is_main) -> None:
+    """Every file of a checkpoint into `staging` (see `save_checkpoint`; the optimiser shards from every process)."""
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -101,14 +188,6 @@ def save_checkpoint(
         get_optimizer_state_dict,
     )
 
-    barrier = barrier or (lambda: None)
-    name = f"step-{step:06d}"
-    final, staging = root / name, root / f".tmp-{name}"
-    if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    barrier()
     if lora_base_model is not None:
         if is_main:
             from amft_vlm.lora import save_lora
@@ -126,15 +205,95 @@ def save_checkpoint(
     if is_main:
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save(rng_states(), staging / "rng.pt")
-        for part, state in (extra or {}).items():
+        for part, state in extra.items():
             torch.save(state, staging / f"{part}.pt")
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-        if final.exists():  # a re-run of the same step replaces it whole
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _write_text_atomic(root / LATEST, name + "\n")
-    barrier()
-    return final if is_main else None
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename the finished `staging` to `final` and point ``latest`` at it; on failure neither has moved."""
+    root = final.parent
+    replaced = root / f".old-{final.name}"
+    if final.exists():  # a re-run of the same step replaces it whole; set aside first, so it is gone only for a rename
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(staging, final)
+    try:
+        write_text_atomic(root / LATEST, final.name + "\n")
+    except BaseException:
+        os.replace(final, staging)  # unpublished: removed with the rest of the failed write
+        if replaced.exists():
+            os.replace(replaced, final)
+        (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+        raise
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a write that ran out of space (or permission) raises: OSError from Python, RuntimeError from torch.save's
+    zip writer, SafetensorError from safetensors, CheckpointException from torch.distributed.checkpoint."""
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (OSError, RuntimeError, SafetensorError, CheckpointException)
+
+
+def _attempt_write(write: Callable[[], None], where: Path) -> str | None:
+    """Run `write`; None when it succeeded, else one line saying why not (a full disk named as such)."""
+    try:
+        write()
+    except _write_errors() as error:
+        return _describe_write_failure(error, where)
+    return None
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
+NEARLY_FULL_BYTES = 2**20
+"""Free space below which a failed write is put down to a full disk (torch.save's zip writer reports no errno)."""
+
+
+def _describe_write_failure(error: BaseException, where: Path) -> str:
+    """One line for a failed checkpoint write: what failed, and "the disk is full" with the space left when it is."""
+    causes = [cause for cause, _ in error.failures.values()] if hasattr(error, "failures") else [error]
+    text = "; ".join(_first_line(cause) for cause in causes)
+    full = None
+    for cause in causes:
+        number = getattr(cause, "errno", None)
+        if number in DISK_FULL_ERRNOS:
+            full = DISK_FULL_ERRNOS[number]
+        elif "os error 28" in str(cause) or "No space left" in str(cause):
+            full = DISK_FULL_ERRNOS[errno.ENOSPC]
+    free = _free_bytes(where)
+    if full is None and free is not None and free < NEARLY_FULL_BYTES:
+        full = DISK_FULL_ERRNOS[errno.ENOSPC]
+    space = f", {free / 2**20:.1f} MiB free" if free is not None else ""
+    return f"{full}{space} ({text})" if full else f"{text}{space}"
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (torch and DCP messages run over several lines)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _free_bytes(where: Path) -> int | None:
+    """Bytes free for this user on the disk holding `where` (or its nearest existing parent); None if unknown."""
+    for path in (where, *where.parents):
+        if path.exists():
+            try:
+                return shutil.disk_usage(path).free
+            except OSError:
+                return None
+    return None
+
+
+def _first_failure(failure: str | None) -> str | None:
+    """The first process's failure if any process had one (every process calls it: a collective when distributed)."""
+    if _single_process():
+        return failure
+    failures: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(failures, failure)
+    return next((f for f in failures if f is not None), None)
 
 
 def load_optimizer_state(checkpoint: Path, policy, optimizer) -> None:
@@ -147,32 +306,235 @@ def load_optimizer_state(checkpoint: Path, policy, optimizer) -> None:
     if (checkpoint / "optimizer").is_dir():
         from torch.distributed.checkpoint import DefaultLoadPlanner
         from torch.distributed.checkpoint import load as dcp_load
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         state = {"optimizer": get_optimizer_state_dict(policy.model, optimizer)}
         planner = DefaultLoadPlanner(allow_partial_load=True)
-        dcp_load(state, checkpoint_id=str(checkpoint / "optimizer"), planner=planner, no_dist=_single_process())
+        try:
+            dcp_load(state, checkpoint_id=str(checkpoint / "optimizer"), planner=planner, no_dist=_single_process())
+        except (Exception, CheckpointException) as error:  # every process gets the same CheckpointException
+            causes = [cause for cause, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]
+            raise CheckpointError(
+                f"{checkpoint / 'optimizer'} does not load ({'; '.join(map(_first_line, causes))}); delete {checkpoint} "
+                "to resume from the checkpoint before it"
+            ) from None
         set_optimizer_state_dict(policy.model, optimizer, optim_state_dict=state["optimizer"])
     elif _sharded(policy.model):
         raise ValueError(f"{checkpoint} holds a LoRA run's optimizer.pt, which loads on one process only")
     else:
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+        optimizer.load_state_dict(load_state_file(checkpoint / "optimizer.pt"))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
-    pointer = root / LATEST
-    if not pointer.is_file():
+    """The checkpoint ``root/latest`` names (None without the pointer); see `resumable_checkpoint` to resume."""
+    name = latest_checkpoint_name(root)
+    if name is None:
         return None
-    path = root / pointer.read_text().strip()
+    path = root / name
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing; delete the pointer to start over")
+        raise FileNotFoundError(f"{root / LATEST} names {name}, which is incomplete or missing; --resume falls back to the one before it")
     return path
+
+
+def latest_checkpoint_name(root: Path) -> str | None:
+    """The checkpoint directory name ``root/latest`` holds, or None when it is missing or holds no such name."""
+    try:
+        name = (root / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if _step_of(name) is not None else None
+
+
+def resumable_checkpoint(root: Path) -> Path | None:
+    """The checkpoint under `root` to resume from: the newest usable one, or None when there is none at all.
+
+    It starts from the one ``latest`` names (every ``step-N`` directory, newest first, when the pointer is
+    missing or unreadable) and goes back past any that `check_checkpoint` rejects, with a warning naming
+    the file and what is wrong with it. A checkpoint newer than the one ``latest`` names is never taken:
+    it was not finished, or it belongs to an earlier run in the same directory.
+
+    Raises:
+        CheckpointError: there are checkpoints but none is usable; the message names each one's problem.
+    """
+    problems = []
+    for path in _resume_candidates(root):
+        try:
+            check_checkpoint(path)
+        except CheckpointError as error:
+            log.warning("checkpoint %s cannot be used: %s; trying the one before it", path.name, error)
+            problems.append(f"{path.name}: {error}")
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest usable checkpoint under %s", path.name, root)
+        return path
+    if problems:
+        raise CheckpointError(
+            f"no usable checkpoint under {root} ({'; '.join(problems)}); restore those files, or start over "
+            "without --resume (or in a new output_dir)"
+        )
+    return None
+
+
+def _resume_candidates(root: Path) -> list[Path]:
+    """Checkpoint directories to try, newest first: from the one ``latest`` names down (all without it)."""
+    steps = sorted(
+        ((step, path) for path in root.glob("step-*") if path.is_dir() and (step := _step_of(path.name)) is not None),
+        reverse=True,
+    )
+    named = latest_checkpoint_name(root)
+    if named is None:
+        if (root / LATEST).exists():
+            log.warning("%s does not name a checkpoint; trying every step-N directory under %s, newest first", root / LATEST, root)
+        return [path for _, path in steps]
+    newest = _step_of(named)
+    older = [path for step, path in steps if step < newest]
+    return [root / named, *older]  # the named one even when missing, so that its absence is reported
+
+
+def check_checkpoint(path: Path) -> dict[str, Any]:
+    """Check that checkpoint `path` can be loaded, without loading its weights; returns its trainer state.
+
+    Every file the trainer reads must be there and whole: the JSON files parse; the safetensors headers
+    read and cover their files; torch.save files (``scheduler.pt``, ``rng.pt``, any other ``NAME.pt``) have
+    their zip directory (written last, so a file cut short has none); every optimiser shard of
+    ``optimizer/`` is as long as its metadata says. A LoRA checkpoint (``lora/``) has ``optimizer.pt``
+    instead. The trainer state's ``step`` must be the step in the directory's name and its counters
+    non-negative integers.
+
+    Raises:
+        CheckpointError: naming the first file that is missing or damaged and how.
+    """
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is missing")
+    state = _check_trainer_state(path)
+    lora = (path / "lora").is_dir()
+    for name in ("scheduler.pt", "rng.pt", *(("optimizer.pt",) if lora else ())):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name} is missing")
+    for file in sorted(path.glob("*.pt")):  # the critic's too
+        _check_torch_file(file)
+    if lora:
+        _read_json(path / "lora" / "lora_config.json")
+        _check_safetensors(path / "lora" / "adapter.safetensors")
+    else:
+        _check_model_directory(path / "policy")
+        _check_sharded_state(path / "optimizer")
+    return state
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_trainer_state(path: Path) -> dict[str, Any]:
+    """The checkpoint's ``trainer_state.json``, checked: its step is the directory's, its counters are counts."""
+    from amft_vlm.budget import Budget
+
+    file = path / "trainer_state.json"
+    state = _read_json(file)
+    step, expected = state.get("step"), _step_of(path.name)
+    if not _is_count(step):
+        raise CheckpointError(f"{file}: step must be a non-negative integer; got {step!r}")
+    if expected is not None and step != expected:
+        raise CheckpointError(f"{file} says step {step}, but its directory is {path.name}")
+    if not _is_count(state.get("sft_position")):
+        raise CheckpointError(f"{file}: sft_position must be a non-negative integer; got {state.get('sft_position')!r}")
+    if "controller" not in state or not isinstance(state["controller"], dict | None):
+        raise CheckpointError(f"{file}: controller must be the controller's state or null; got {state.get('controller')!r}")
+    budget, known = state.get("budget", {}), {item.name for item in dataclasses.fields(Budget)}
+    if not isinstance(budget, dict) or not set(budget) <= known or not all(_is_count(v) for v in budget.values()):
+        raise CheckpointError(f"{file}: budget must map {', '.join(sorted(known))} to non-negative integers; got {budget!r}")
+    return state
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """The JSON object in `file`; CheckpointError when it is missing, empty or not a JSON object."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        text = file.read_text()
+        value = json.loads(text)
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        why = "is empty (a write cut short?)" if file.stat().st_size == 0 else f"is not valid JSON ({error})"
+        raise CheckpointError(f"{file} {why}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} is not a JSON object; got {type(value).__name__}")
+    return value
+
+
+def _check_safetensors(file: Path) -> None:
+    """The header of a safetensors file reads and its tensors cover the file exactly (no data is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"{file} is cut short or damaged ({error})") from None
+
+
+def _check_torch_file(file: Path) -> None:
+    """A torch.save file's zip directory reads: it is written last, so a file cut short or garbled has none."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        with zipfile.ZipFile(file) as archive:
+            archive.infolist()
+    except (OSError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{file} is cut short or damaged ({error})") from None
+
+
+def _check_model_directory(directory: Path) -> None:
+    """A saved policy: its config, tokenizer and image processor files parse and its weight files are whole."""
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name} is missing")
+    for file in sorted(directory.glob("*.json")):
+        _read_json(file)
+    index = directory / "model.safetensors.index.json"
+    shards = sorted(set(_read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
+    for shard in shards:
+        _check_safetensors(directory / shard)
+
+
+def _check_sharded_state(directory: Path) -> None:
+    """A torch.distributed.checkpoint directory: its metadata reads and every shard file is as long as it says."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata_file = directory / ".metadata"
+    if not metadata_file.is_file():
+        raise CheckpointError(f"{metadata_file} is missing")
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except Exception as error:  # unpickling a damaged file can raise almost anything
+        raise CheckpointError(f"{metadata_file} is cut short or damaged ({_first_line(error)})") from None
+    lengths: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        lengths[item.relative_path] = max(lengths.get(item.relative_path, 0), item.offset + item.length)
+    for name, length in sorted(lengths.items()):
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if file.stat().st_size < length:
+            raise CheckpointError(f"{file} is cut short ({file.stat().st_size} of {length} bytes)")
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """The trainer's position saved in checkpoint ``path``."""
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_state_file(file: Path) -> Any:
+    """A ``.pt`` state of a checkpoint that passed `check_checkpoint`; CheckpointError if it still does not load."""
+    try:
+        return torch.load(file, weights_only=False)
+    except Exception as error:  # unpickling damaged data can raise almost anything
+        raise CheckpointError(
+            f"{file} does not load ({_first_line(error)}); delete {file.parent} to resume from the checkpoint before it"
+        ) from None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -222,7 +584,7 @@ class MetricsLog:
         if not self.is_main or not path.exists():
             return
         kept = [json.dumps(record) + "\n" for record in read_metrics(path) if record["step"] <= step]
-        _write_text_atomic(self.path, "".join(kept))
+        write_text_atomic(self.path, "".join(kept))
 
 
 def warm_start_checkpoint(config) -> Path:
@@ -236,8 +598,11 @@ def warm_start_checkpoint(config) -> Path:
     source_path = path.parent.parent / "config.yaml"
     if not source_path.is_file():
         raise ValueError(f"warm_start: {str(path)!r} has no {source_path.name} two levels up; give a checkpoint inside its run directory")
+    try:
+        step = check_checkpoint(path)["step"]
+    except CheckpointError as error:
+        raise CheckpointError(f"warm_start: {error}") from None
     source = load_config(source_path)
-    step = int(load_trainer_state(path)["step"])
     differing = [name for name in WARM_START_FIELDS if getattr(source, name) != getattr(config, name)]
     if differing:
         details = "; ".join(f"{name}: {getattr(source, name)!r} there, {getattr(config, name)!r} here" for name in differing)
@@ -250,3 +615,95 @@ def warm_start_checkpoint(config) -> Path:
                 f"an earlier step (an amft run needs controller.warmup_steps >= {step})"
             )
     return path
+
+
+def check_resume_settings(config, run_config: Path, done: int) -> None:
+    """Refuse to continue a run that has done `done` iterations with `config` unless it continues the same run.
+
+    - ``steps`` below `done` is refused (``steps = done`` ends the run where it is).
+    - Any setting outside `RESUME_MAY_CHANGE` that differs from `run_config` (the run's ``config.yaml``) is
+      refused: the checkpoint carries the optimiser, schedule and data position those settings produced, so
+      a new learning rate, method, batch size, seed... would be recorded but not applied, or would
+      splice two different runs into one.
+    - A larger ``steps`` continues the run as if it had been set from the start: refused when that would
+      have changed the learning rate (a cosine schedule decays to 0 at ``steps``) or mu (scheduled-mix over
+      all steps) of an iteration already done. A constant schedule, or a cosine one still in its warm-up,
+      extends; so do the sft, rl, fixed-mix and AMFT methods, whose mu does not depend on ``steps``.
+
+    A missing or unreadable `run_config` is reported as a warning and skips the comparison.
+
+    Raises:
+        ResumeSettingsError: naming each refused setting with the run's value and the new one.
+    """
+    if config.steps < done:
+        raise ResumeSettingsError(
+            f"steps={config.steps} is below the {done} iterations this run has done; resume with steps >= {done} "
+            f"(steps={done} stops where it is)"
+        )
+    saved = _saved_config(run_config)
+    if saved is None:
+        return
+    before, now = _settings(saved), _settings(config)
+    changed = [name for name in now if name not in RESUME_MAY_CHANGE and before.get(name) != now[name]]
+    if changed:
+        details = ", ".join(f"{name}: {before.get(name)!r} -> {now[name]!r}" for name in changed)
+        raise ResumeSettingsError(
+            f"--resume cannot change what shaped the {done} iterations already done ({details}; the run's settings are "
+            f"in {run_config}): resume with those, or start a new run in another output_dir. A resumed run may change "
+            f"only {', '.join(RESUME_MAY_CHANGE)}"
+        )
+    if saved.steps != config.steps:
+        _check_extension(saved, config, done)
+
+
+def _saved_config(path: Path):
+    """The `TrainConfig` of a run's ``config.yaml`` (fields it lacks at their defaults), or None with a warning."""
+    from amft_vlm.config import TrainConfig, dataclass_from_dict
+
+    try:
+        values = yaml.safe_load(path.read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"not a mapping of settings but {type(values).__name__}")
+        return dataclass_from_dict(TrainConfig, values)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        log.warning("%s does not read (%s): the resumed run's settings are not compared with the run's", path, _first_line(error))
+        return None
+
+
+def _settings(config) -> dict[str, Any]:
+    """A config's settings by name, sections' fields dotted (``controller.eta_mu``)."""
+    flat = {}
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            flat.update({f"{item.name}.{name}": inner for name, inner in _settings(value).items()})
+        else:
+            flat[item.name] = value
+    return flat
+
+
+def _check_extension(saved, config, done: int) -> None:
+    """Refuse a new ``steps`` that changes the learning rate or mu of the `done` iterations already run.
+
+    The learning rate is compared up to iteration `done` included: the optimiser in the checkpoint already
+    holds the rate of the next iteration.
+    """
+    from amft_vlm.methods import build_controller, method_mu
+    from amft_vlm.training_setup import learning_rate_factors
+
+    change = f"steps {saved.steps} -> {config.steps}"
+    for step, (before, now) in enumerate(zip(learning_rate_factors(saved, done + 1), learning_rate_factors(config, done + 1), strict=True)):
+        if not math.isclose(before, now, rel_tol=1e-9, abs_tol=1e-12):
+            raise ResumeSettingsError(
+                f"{change} would change the learning rate of iteration {step + 1} ({before:.4g} -> {now:.4g} x learning_rate; "
+                f"lr_schedule: {config.lr_schedule} depends on steps), and the run has done {done}: only a run whose learning "
+                f"rate does not depend on steps (lr_schedule: constant) extends; resume with steps={saved.steps}, or start a new run"
+            )
+    controllers = build_controller(saved), build_controller(config)
+    for step in range(done):
+        before, now = method_mu(saved, step, controllers[0]), method_mu(config, step, controllers[1])
+        if not math.isclose(before, now, rel_tol=1e-9, abs_tol=1e-12):
+            raise ResumeSettingsError(
+                f"{change} would change mu of iteration {step + 1} ({before:.4g} -> {now:.4g}; {config.method}'s mu depends "
+                f"on steps), and the run has done {done}: start a new run, or resume with steps={saved.steps}"
+            )

@@ -10,6 +10,7 @@ model has loaded (or, for an output directory, after the work is done).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import tempfile
@@ -42,9 +43,20 @@ def check_run_inputs(config: TrainConfig) -> None:
     writable_directory(config.output_dir, what="output_dir")
 
 
+def registered_id(env_id: str) -> str | None:
+    """`env_id` as the registry knows it (gym's ``module:Id`` form imports the module first), or None."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return None
+    return name if name in gym.registry else None
+
+
 def environment_arguments(env_id: str) -> dict[str, inspect.Parameter]:
     """The keyword arguments the registered environment's constructor takes, by name."""
-    entry_point = gym.spec(env_id).entry_point
+    entry_point = gym.spec(registered_id(env_id) or env_id).entry_point
     creator = entry_point if callable(entry_point) else load_env_creator(entry_point)
     return {
         name: parameter
@@ -57,7 +69,7 @@ def check_environment(
     env_id: str, env_kwargs: dict[str, Any], *, what: str = "env_kwargs", id_what: str = "env_id"
 ) -> None:
     """Raise ``ValueError`` unless `env_id` is registered and constructs with `env_kwargs` (built once and closed)."""
-    if env_id not in gym.registry:
+    if registered_id(env_id) is None:
         ours = ", ".join(environments.ENVIRONMENT_IDS)
         raise ValueError(f"{id_what}: no environment {env_id!r} is registered; amft-vlm's are {ours}")
     known = environment_arguments(env_id)
@@ -153,11 +165,11 @@ def check_expert_dataset(dataset_dir: str | os.PathLike, env_id: str, env_kwargs
 
     manifest = read_manifest(dataset_dir)
     where = f"expert_data: {dataset_dir}"
-    if manifest["env_id"] != env_id:
+    if (registered_id(manifest["env_id"]) or manifest["env_id"]) != (registered_id(env_id) or env_id):
         raise ValueError(
             f"{where} was recorded in {manifest['env_id']}, but the run trains on {env_id}; collect a dataset in {env_id}"
         )
-    if env_id in gym.registry:
+    if registered_id(env_id) is not None:
         recorded = effective_environment_arguments(env_id, manifest["env_kwargs"])
         wanted = effective_environment_arguments(env_id, env_kwargs)
         differing = [

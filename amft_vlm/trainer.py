@@ -17,7 +17,8 @@ Each training iteration (``steps`` of them):
    derivative of the update with respect to mu.
 5. **Log** to ``metrics.jsonl`` and the trackers, with the budget consumed so far (`amft_vlm.budget`),
    and **checkpoint** atomically every ``save_every`` iterations. The learning-rate schedule advances
-   once per iteration.
+   once per iteration. ``resume=True`` continues from the newest usable checkpoint (a damaged one is
+   skipped with a warning) with settings a resumed run may change (`amft_vlm.checkpoint.RESUME_MAY_CHANGE`).
 
 The model is in training mode during the loss passes (so LoRA dropout acts there) and in eval mode
 for sampling and scoring without gradient. Under ``accelerate launch`` or ``torchrun`` each process
@@ -31,14 +32,16 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from tqdm import tqdm
 
 from agents.baselines import ExpertAgent
@@ -52,12 +55,15 @@ from amft_vlm.batch import (
 from amft_vlm.budget import Budget
 from amft_vlm.checkpoint import (
     MetricsLog,
-    latest_checkpoint,
+    check_resume_settings,
     load_optimizer_state,
+    load_state_file,
     load_trainer_state,
     restore_rng_states,
+    resumable_checkpoint,
     save_checkpoint,
     warm_start_checkpoint,
+    write_text_atomic,
 )
 from amft_vlm.config import TrainConfig, config_to_dict
 from amft_vlm.controller import MetaEstimate, MuTangent, mixed_adamw_step
@@ -66,6 +72,7 @@ from amft_vlm.distributed import Parallel, check_training_layout
 from amft_vlm.losses import clipped_policy_loss, mix, sft_loss
 from amft_vlm.meta import meta_gradient
 from amft_vlm.methods import build_controller, get_method, method_mu
+from amft_vlm.preflight import check_run_inputs
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.sft_data import load_sft_trajectories
 from amft_vlm.training_setup import build_optimizer, load_training_policy
@@ -85,6 +92,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
         self.config = config.validate()
+        check_run_inputs(config)  # environments, model, expert data and output directory, before any model loads
         self.method = get_method(config.method)
         self.progress = progress
         self.output_dir = Path(config.output_dir)
@@ -101,12 +109,8 @@ class Trainer:
         check_training_layout(config, self.parallel)
         set_seed(config.seed)
         self.start_step, self.sft_position, self.budget = 0, 0, Budget()
-        checkpoint = latest_checkpoint(self.checkpoints) if resume else None
-        if resume and checkpoint is None:
-            log.info("no checkpoint under %s; starting from step 0", self.checkpoints)
-        warm_start = checkpoint is None and config.warm_start is not None
-        if warm_start:
-            checkpoint = warm_start_checkpoint(config)
+        # Decided by the main process alone (its warnings once) and sent to the others: all load the same one.
+        checkpoint, warm_start = _decided_by_main_process(self.accelerator, lambda: self._starting_checkpoint(resume))
 
         with self.accelerator.main_process_first():  # one process builds a tiny model, the others load it
             self.base_model = resolve_model_spec(config.model, self.output_dir / "initial-model", seed=config.seed)
@@ -137,7 +141,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_log = MetricsLog(self.output_dir, is_main=self.accelerator.is_main_process)
         if self.accelerator.is_main_process:
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+            write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
         self.metrics_log.keep_until(self.start_step, source=checkpoint.parent.parent if warm_start else self.output_dir)
         self.accelerator.init_trackers("amft-vlm", config=_flat_config(config))
 
@@ -374,6 +378,8 @@ class Trainer:
             seeds = [EXPERT_SEED_BASE + i for i in range(config.expert_episodes)]
             trajectories, _ = self.engine.collect(seeds, responder=ExpertAgent(), progress=self.progress)
             expert = [t for t in trajectories if t.success]
+            if not expert:
+                raise ValueError(f"the expert solved none of {config.expert_episodes} episodes of {config.env_id} {config.env_kwargs}: SFT has nothing to imitate")
         prepared = sum(t.image_input_bytes for t in expert)
         if prepared > config.image_cache_mb * 2**20:
             log.warning(
@@ -423,21 +429,55 @@ class Trainer:
             extra={"critic": self.critic.state_dict()} if self.critic is not None else {},
             lora_base_model=self.base_model if self.config.lora_rank else None,
             is_main=self.accelerator.is_main_process,
-            barrier=self.accelerator.wait_for_everyone,
         )
 
+    def _starting_checkpoint(self, resume: bool) -> tuple[Path | None, bool]:
+        """The checkpoint to start from and whether it is a warm start: with `resume` this run's newest usable
+        one (`resumable_checkpoint`) if its settings may continue it (`check_resume_settings`), else
+        ``warm_start``'s, else none."""
+        config = self.config
+        if resume:
+            checkpoint = resumable_checkpoint(self.checkpoints)
+            if checkpoint is not None:
+                done = load_trainer_state(checkpoint)["step"]
+                check_resume_settings(config, self.output_dir / "config.yaml", done)
+                if done == config.steps:
+                    log.info("%s is at step %d of %d: nothing left to train", checkpoint, done, config.steps)
+                return checkpoint, False
+            log.info("no checkpoint under %s; starting from step 0", self.checkpoints)
+        if config.warm_start is not None:
+            return warm_start_checkpoint(config), True
+        return None, False
+
     def _restore(self, checkpoint: Path) -> None:
+        """Load everything but the weights from `checkpoint` (checked by `amft_vlm.checkpoint.check_checkpoint`)."""
         state = load_trainer_state(checkpoint)
         self.start_step, self.sft_position = state["step"], state["sft_position"]
         self.budget = Budget(**state.get("budget", {}))
         load_optimizer_state(checkpoint, self.policy, self.optimizer)
-        self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        self.scheduler.load_state_dict(load_state_file(checkpoint / "scheduler.pt"))
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])
         if self.critic is not None and (checkpoint / "critic.pt").is_file():  # an SFT run's checkpoint has none
-            self.critic.load_state_dict(torch.load(checkpoint / "critic.pt", weights_only=False))
-        restore_rng_states(torch.load(checkpoint / "rng.pt", weights_only=False))
+            self.critic.load_state_dict(load_state_file(checkpoint / "critic.pt"))
+        restore_rng_states(load_state_file(checkpoint / "rng.pt"))
         log.info("resumed from %s at step %d", checkpoint, self.start_step)
+
+
+def _decided_by_main_process(accelerator: Accelerator, decide: Callable[[], Any]) -> Any:
+    """`decide()` run on the main process only and its result (or the error it raised) sent to every process,
+    so that all go on with the same answer, or all stop with the same message."""
+    outcome: list = [None, None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [decide(), None]
+        except Exception as error:  # sent on, so that no process waits for an answer that never comes
+            outcome = [None, error]
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list(outcome, from_process=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
 
 
 def _mini_batches(count: int, parts: int, *, seed: tuple[int, ...]) -> list[list[int]]:

@@ -60,8 +60,16 @@ def build_optimizer(config: TrainConfig, parameters: Sequence[torch.Tensor], *, 
     which assumes each process adds its own batch; here the global batch is fixed and sharded.
     """
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
+    return optimizer, _learning_rate_schedule(config, optimizer)
+
+
+def _learning_rate_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     if config.lr_schedule == "cosine":
-        schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps)
-    else:
-        schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=config.lr_warmup_steps)
-    return optimizer, schedule
+        return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps)
+    return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=config.lr_warmup_steps)
+
+
+def learning_rate_factors(config: TrainConfig, count: int) -> list[float]:
+    """The schedule's multiple of ``learning_rate`` at iterations 0 .. `count` - 1, as `build_optimizer` sets it up."""
+    schedule = _learning_rate_schedule(config, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    return [schedule.lr_lambdas[0](step) for step in range(count)]

@@ -5,6 +5,7 @@ Tiny Qwen2-VL models on CPU: GeneralPoints for the entropy and ablation checks, 
 helps the validation reward (vowels) or hurts it (a consonant "expert").
 """
 
+import json
 import statistics
 
 import pytest
@@ -41,6 +42,10 @@ def bandit_run(tmp_path, name, expert_text, expert_target, *overrides, method="n
     """AMFT (by default without the entropy term) on the vowel bandit, trained on a constant expert's answers."""
     data = tmp_path / f"expert-{name}"
     collect(bandit.ENV_ID, {"target": expert_target}, bandit.ConstantAgent(expert_text), episodes=8, seed=0, out_dir=data, progress=False)
+    # The run's task is the default (vowels): an expert recorded on consonants is relabelled as one of it, on
+    # purpose, since training checks that a dataset was recorded with the run's environment arguments.
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "env_kwargs": {}}))
     return run(
         tmp_path, name, f"method={method}", f"env_id={bandit.ENV_ID}", "env_kwargs={}", "validation_env_kwargs={}",
         f"expert_data={data}", "steps=9", "episodes_per_step=4", "group_size=4", "num_envs=16", "max_new_tokens=12",
