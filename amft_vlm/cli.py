@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import environments  # noqa: F401  (registers the environments)
 from agents.baselines import BASELINE_AGENTS, baseline_agent
-from amft_vlm.config import parse_key_value
+from amft_vlm.config import TrainConfig, load_values, parse_key_value
 from amft_vlm.evaluate import (
     ENV_IDS,
     MODALITIES,
@@ -70,11 +72,26 @@ def _collect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_config_file(config_file: str | None, overrides: Sequence[str], *, resume: bool) -> str | Path | None:
+    """The config file ``amft-vlm train`` starts from, before its ``key=value`` overrides: ``--config``; or, for
+    ``--resume`` without it, the run's own ``OUTPUT_DIR/config.yaml`` (a whole `TrainConfig`, so a run started
+    from a config file resumes with its settings) when the output directory named by the overrides (or the
+    default one) has it; otherwise None, the built-in defaults."""
+    if config_file is not None or not resume:
+        return config_file
+    output_dir = load_values(None, overrides).get("output_dir", TrainConfig.output_dir)
+    saved = Path(str(output_dir)) / "config.yaml"
+    if not saved.is_file():
+        return None
+    log.info("--resume without --config: starting from the run's settings in %s, the overrides on top", saved)
+    return saved
+
+
 def _train_command(args: argparse.Namespace) -> int:
     from amft_vlm.config import load_config
     from amft_vlm.trainer import Trainer
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(train_config_file(args.config, args.overrides, resume=args.resume), args.overrides)
     trainer = Trainer(config, resume=args.resume)
     try:
         history = trainer.train()
@@ -89,7 +106,7 @@ def _train_command(args: argparse.Namespace) -> int:
 def _report_command(args: argparse.Namespace) -> int:
     from amft_vlm.report import FIGURES, write_report
 
-    writable_directory(args.out, what="--out")
+    writable_directory(args.out, what="--out", create=False)  # made by write_report once the runs are read
     report = write_report(args.run_dirs, args.out, eval_files=args.eval)
     print(f"wrote {report}")
     for figure in FIGURES:
@@ -104,6 +121,22 @@ def _demo_command(args: argparse.Namespace) -> int:
 
     config = load_demo_config(args.config, args.overrides, quick=args.quick, steps=args.steps)
     result = run_demo(args.out, config, threads=args.threads, force=args.force)
+    print(result.table)
+    return 0
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    from amft_vlm.compare import load_compare_config, parse_methods, parse_seeds, run_compare
+
+    config = load_compare_config(
+        args.config,
+        args.overrides,
+        methods=parse_methods(args.methods) if args.methods is not None else None,
+        seeds=parse_seeds(args.seeds) if args.seeds is not None else None,
+        jobs=args.jobs,
+        threads=args.threads,
+    )
+    result = run_compare(config, args.out)
     print(result.table)
     return 0
 
@@ -196,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train_parser.add_argument("--config", help="YAML config file (default: the built-in defaults)")
-    train_parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    train_parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run directory's latest checkpoint; without --config the run's own OUTPUT_DIR/config.yaml "
+        "is the base the overrides apply to",
+    )
     train_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train_parser.set_defaults(handler=_train_command)
 
@@ -260,6 +298,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--quick", action="store_true", help="a few steps and episodes: checks that everything runs, learns nothing")
     demo_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied after --quick's")
     demo_parser.set_defaults(handler=_demo_command)
+
+    compare_parser = commands.add_parser(
+        "compare",
+        help="train methods x seeds under the same budget, evaluate each on the paper settings, table and curves",
+        description="Train every method x seed with the config's shared settings (OUT/runs/METHOD/seed-S), evaluate each\n"
+        "final checkpoint on the paper settings (held-out in distribution, rule OOD, and visual OOD in vision; OUT/eval),\n"
+        "and write OUT/compare.md (mean and 95% interval over seeds, the budget each run consumed, steps-to-threshold),\n"
+        "OUT/curves.png and OUT/summary.json; prints the table. Run it again to resume: finished runs and current\n"
+        "evaluations are kept, unfinished runs continue from their checkpoints. Overrides are key=value as for train:\n"
+        "  amft-vlm compare --config configs/compare-tiny-gp-l.yaml --methods amft,sft --seeds 3 --jobs 2 steps=20",
+        epilog="methods:\n" + "\n".join(f"  {name:<17} {method.description}" for name, method in METHODS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare_parser.add_argument("--config", metavar="FILE", help="compare config (default: the shipped configs/compare-tiny-gp-l.yaml)")
+    compare_parser.add_argument("--methods", metavar="M1,M2", help="methods to compare, comma-separated (default: compare.methods)")
+    compare_parser.add_argument("--seeds", metavar="N|S1,S2", help="seeds: a count from the base seed, or a list (default: compare.seeds)")
+    compare_parser.add_argument("--jobs", type=_positive_int, help="runs at once, each in its own process (default: compare.jobs)")
+    compare_parser.add_argument(
+        "--threads", type=_positive_int, help="torch threads in all, shared by the jobs (default: the cores other processes leave free)"
+    )
+    compare_parser.add_argument("--out", metavar="DIR", help="output directory (default: runs/NAME for config NAME.yaml)")
+    compare_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    compare_parser.set_defaults(handler=_compare_command)
     return parser
 
 

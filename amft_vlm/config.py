@@ -232,6 +232,12 @@ class TrainConfig:
     """scheduled-mix: steps of the decay (None = all steps)."""
     sft_then_rl_switch: float = 0.5
     """sft-then-rl: fraction of steps spent on SFT before switching to RL."""
+    chord_mu: str = "fixed"
+    """chord-phi: ``fixed`` (mu = fixed_mu; CHORD-phi reports 0.1) or ``scheduled`` (scheduled-mix's cosine)."""
+    luffy_shaping_gamma: float = 0.1
+    """luffy: gamma of the policy shaping f(p) = p / (p + gamma) on the expert's tokens (LUFFY's 0.1)."""
+    relift_buffer_size: int = 128
+    """relift: expert trajectories of all-failed start states that trigger one SFT update (ReLIFT's 128)."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     """The AMFT controller (amft and its ablations)."""
 
@@ -287,7 +293,17 @@ class TrainConfig:
             )
         _choice("advantage", self.advantage, ("grpo", "ppo"))
         _choice("credit", self.credit, ("episode", "turn"))
-        for name in ("steps", "episodes_per_step", "group_size", "sft_batch_size", "num_envs", "max_new_tokens", "gradient_accumulation_steps", "save_every", "expert_episodes", "ppo_epochs"):
+        _choice("chord_mu", self.chord_mu, ("fixed", "scheduled"))
+        method = get_method(self.method)
+        if (method.expert_in_group or method.sft_buffer) and self.advantage != "grpo":
+            raise ValueError(f"{self.method} computes group advantages (its expert trajectories have no critic values); set advantage: grpo")
+        if method.rl_objective == "luffy" and self.credit != "episode":
+            raise ValueError("luffy's advantages are its joint group's mean-centred episode returns; set credit: episode")
+        if method.expert_in_group and self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for {self.method}: each group is group_size - 1 rollouts plus one expert trajectory")
+        if not self.luffy_shaping_gamma > 0:
+            raise ValueError(f"luffy_shaping_gamma must be > 0; got {self.luffy_shaping_gamma!r}")
+        for name in ("steps", "episodes_per_step", "group_size", "sft_batch_size", "num_envs", "max_new_tokens", "gradient_accumulation_steps", "save_every", "expert_episodes", "ppo_epochs", "relift_buffer_size"):
             _positive(name, getattr(self, name))
         if self.mini_batch_size is not None:
             _positive("mini_batch_size", self.mini_batch_size)

@@ -37,12 +37,13 @@ from ``/proc/stat``): on a shared machine one busy core makes two threads much s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ from amft_vlm.config import TrainConfig, dataclass_from_dict, load_values
 from amft_vlm.evaluate import EvalRecord, evaluate, write_record
 from amft_vlm.expert_data import collect
 from amft_vlm.preflight import writable_directory
-from amft_vlm.report import FIGURES, load_run, write_report
+from amft_vlm.report import FIGURES, load_run, markdown_table, write_report
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,17 @@ def choose_threads(requested: int | None = None) -> int:
     return max(1, min(cores, round(cores - busy_cores())))
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` torch threads, and give the previous count back after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _prepare(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; choose a directory for --out")
@@ -300,10 +312,6 @@ def _cell(record: EvalRecord | None, metric: str) -> str:
     return "—" if value is None else f"{100 * value.value:.1f} ± {100 * value.stderr:.1f}%"
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1), *("| " + " | ".join(row) + " |" for row in rows)]
-
-
 BUDGET = (
     ("budget_updates", "optimiser updates"),
     ("budget_expert_examples", "expert dialogues"),
@@ -332,7 +340,7 @@ def demo_table(
             time_cell = f"{shared_seconds:.0f} s shared with sft + {seconds:.0f} s"
         rows.append([row, *(_cell(by_name.get(e.name), "success_rate") for e in EVALUATIONS), time_cell])
     lines = ["Success rate: episodes solved within 5 attempts.", ""]
-    lines += _markdown(["", *(e.title for e in EVALUATIONS), "training time"], rows)
+    lines += markdown_table(["", *(e.title for e in EVALUATIONS), "training time"], rows)
 
     changed = [
         [row, *(_cell(by_name.get(name), metric) for metric in ("retry_success", "valid_formula_rate") for name in ("train", "test"))]
@@ -340,10 +348,10 @@ def demo_table(
     ]
     lines += ["", "What the answers look like (greedy): success after a failed first answer, among episodes with one; "
               "answers whose formula the verifier could read and check against the cards, among all answers.", ""]
-    lines += _markdown(["", "retry success, training hands", "retry success, held-out", "valid formula, training hands", "valid formula, held-out"], changed)
+    lines += markdown_table(["", "retry success, training hands", "retry success, held-out", "valid formula, training hands", "valid formula, held-out"], changed)
     if budgets:
         lines += ["", "Budget each run consumed (counted by the trainer; validation episodes are AMFT's meta-gradient).", ""]
-        lines += _markdown(["", *(title for _, title in BUDGET)], [[row, *(f"{budget.get(key, 0):,}" for key, _ in BUDGET)] for row, budget in budgets.items()])
+        lines += markdown_table(["", *(title for _, title in BUDGET)], [[row, *(f"{budget.get(key, 0):,}" for key, _ in BUDGET)] for row, budget in budgets.items()])
     lines += ["", settings_note(config)]
     return "\n".join(lines)
 
@@ -385,11 +393,9 @@ def run_demo(
     thread_count = choose_threads(threads)
     out = Path(out_dir)
     _prepare(out, force)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(thread_count)
-    log.info("amft-vlm demo: %d torch thread(s) on %d cores; output in %s", thread_count, os.cpu_count(), out)
-    started = time.perf_counter()
-    try:
+    with torch_threads(thread_count):
+        log.info("amft-vlm demo: %d torch thread(s) on %d cores; output in %s", thread_count, os.cpu_count(), out)
+        started = time.perf_counter()
         log.info("1/5 building the tiny %s and its tokenizer", config.arch)
         model = build_tiny_model(
             config.arch,
@@ -442,8 +448,6 @@ def run_demo(
         report = write_report([out / method for method in METHODS], out / "report", eval_files=baseline_records)
         table = demo_table(records, train_seconds, config, budgets, shared_seconds)
         (out / "demo.md").write_text("# amft-vlm demo\n\n" + table + "\n")
-    finally:
-        torch.set_num_threads(previous_threads)
     wall = time.perf_counter() - started
     plots = [report.parent / f"{figure.name}.png" for figure in FIGURES if (report.parent / f"{figure.name}.png").is_file()]
     log.info("done in %.1f min. Table: %s; report: %s; plots: %s", wall / 60, out / "demo.md", report, ", ".join(str(p) for p in plots))

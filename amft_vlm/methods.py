@@ -5,9 +5,33 @@ A method either follows a **schedule** (a pure function of the config and the st
 ``sft-then-rl``, ``fixed-mix``, ``scheduled-mix``) or hands mu to the AMFT **controller**
 (`amft_vlm.controller.MuController`), of which the ablations switch one part off (``no-warmup``,
 ``no-meta-gradient``, ``no-entropy``). The trainer, the config's checks and the documentation read
-this table; a method is added by adding a row. Choices that differ between the single-stage peers
-(CHORD-phi, DFT, LUFFY, SRFT, ReLIFT), such as how the SFT loss weights each expert token, become
-fields of `Method` with a default that keeps the rows above as they are.
+this table; a method is added by adding a row.
+
+The single-stage peers (``../shared/spec/peers.md``) differ in what their losses weigh, not in the loop,
+and each difference is a field of `Method` whose default keeps the rows before them as they were:
+
+| method | mu | L_SFT's token weight | L_RL | expert trajectories |
+|---|---|---|---|---|
+| ``chord-phi`` | ``fixed_mu``, or the cosine schedule (``chord_mu: scheduled``) | sg(p(1-p)) | PPO-clip, group advantages | the expert batch |
+| ``dft`` | 1 | sg(p) | none | the expert batch |
+| ``luffy`` | 0 | none | unclipped ratio on rollouts, p/(p+gamma) on the expert's tokens, Dr.GRPO sum / (turns x max_new_tokens) | one joins each group (G-1 rollouts + 1), advantages over the joint group, mean-centred |
+| ``srft`` | 0 | inside L_RL: 0.5 exp(-H) NLL on the demonstration | demonstration as off-policy PG (ratio p / 1), self-RL: 0.1 exp(H) NLL on positive samples, +log p on negative ones | one joins each group (G-1 rollouts + 1), GRPO advantages over the joint group |
+| ``relift`` | 0, but one SFT update whenever the buffer is full | none | PPO-clip, group advantages | start states whose G rollouts all failed, with their expert trajectory, wait in a buffer of ``relift_buffer_size`` |
+
+Multi-turn episodes: an expert trajectory is a whole dialogue (every turn of an episode, V-IRL's restarts
+included) and only the expert's answer tokens are trained; per-token weights (p, p(1-p), the shaping
+p/(p+gamma)) act on each answer token, whichever turn it is in; a group's advantage is per episode
+(LUFFY: the joint group's mean-centred returns, credit: episode only; SRFT: the run's GRPO estimator over the
+joint group, per episode or per turn with ``credit``) and every token of its turn gets it. The demonstrations in
+a group are scored at the sampling temperature like the rollouts (CHORD-phi's, DFT's and ReLIFT's expert batches
+at 1, as SFT's); with ``temperature: 1`` (the papers') the two agree. ``chord-phi`` takes ``fixed_mu``, whose
+default is 0.5; CHORD-phi reports 0.1 (set it, as ``configs/compare-gp-vl.yaml`` does). LUFFY and SRFT count one
+expert example per group and step; ``entropy_rl`` and ``tokens_rl`` of their passes include the demonstration's
+tokens. The methods whose
+groups hold an expert trajectory, and ReLIFT, whose buffer needs one per start state, draw their
+rollouts' start states from the expert set, so each group's demonstration starts where its rollouts do: they
+revisit the expert set's start states (up to ``expert_episodes`` of them), while the other methods play fresh
+training seeds each step; their training success curves are on that set.
 """
 
 from __future__ import annotations
@@ -47,9 +71,20 @@ class Method:
     controller: ControllerUse | None
     """The controller's parts that run; None for a schedule."""
     uses_expert_data: bool
-    """mu > 0 at some step for some valid config: the run needs expert trajectories."""
+    """The run trains on expert trajectories at some step (mu > 0, or inside its RL objective)."""
     collects_rollouts: bool
     """mu < 1 at some step for some valid config: the run plays the policy's own episodes."""
+    sft_weighting: str = "nll"
+    """How ``L_SFT`` weighs each expert token (`amft_vlm.losses.SFT_WEIGHTINGS`): nll (1), chord_phi, dft."""
+    rl_objective: str = "clipped"
+    """``L_RL``: clipped (PPO-clip on group advantages), luffy (`amft_vlm.losses.luffy_policy_loss`) or srft
+    (`amft_vlm.losses.srft_loss`)."""
+    expert_in_group: bool = False
+    """One expert trajectory joins each group of rollouts (which then has group_size - 1 rollouts)."""
+    rollouts_from_expert_states: bool = False
+    """Rollouts start from the expert set's start states, so each group has its demonstration."""
+    sft_buffer: bool = False
+    """ReLIFT: start states whose rollouts all failed buffer their expert trajectory for an SFT update."""
 
 
 def _sft_only(config: TrainConfig, step: int) -> float:
@@ -74,6 +109,11 @@ def _cosine_decay(config: TrainConfig, step: int) -> float:
     horizon = config.schedule_steps or config.steps
     progress = min(step / max(horizon, 1), 1.0)
     return config.schedule_mu_end + (config.schedule_mu_start - config.schedule_mu_end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _chord_mu(config: TrainConfig, step: int) -> float:
+    """CHORD-phi's mu: ``fixed_mu`` (CHORD reports 0.1), or the cosine schedule with ``chord_mu: scheduled``."""
+    return config.fixed_mu if config.chord_mu == "fixed" else _cosine_decay(config, step)
 
 
 METHODS: dict[str, Method] = {
@@ -114,6 +154,29 @@ METHODS: dict[str, Method] = {
         Method(
             "no-entropy", "AMFT without the entropy term: the meta-gradient alone",
             schedule=None, controller=ControllerUse(entropy=False), uses_expert_data=True, collects_rollouts=True,
+        ),
+        Method(
+            "chord-phi", "CHORD-phi: the mix with each expert token weighted by sg(p(1-p)); mu = fixed_mu or scheduled (chord_mu)",
+            schedule=_chord_mu, controller=None, uses_expert_data=True, collects_rollouts=True, sft_weighting="chord_phi",
+        ),
+        Method(
+            "dft", "dynamic fine-tuning: SFT with each expert token weighted by sg(p) (mu = 1)",
+            schedule=_sft_only, controller=None, uses_expert_data=True, collects_rollouts=False, sft_weighting="dft",
+        ),
+        Method(
+            "luffy", "LUFFY: an expert trajectory in each rollout group, joint advantages, policy shaping p/(p+gamma) on its tokens",
+            schedule=_rl_only, controller=None, uses_expert_data=True, collects_rollouts=True,
+            rl_objective="luffy", expert_in_group=True, rollouts_from_expert_states=True,
+        ),
+        Method(
+            "srft", "SRFT: entropy-weighted SFT and off-policy RL on the demonstration in each group, self-RL on the rollouts",
+            schedule=_rl_only, controller=None, uses_expert_data=True, collects_rollouts=True,
+            rl_objective="srft", expert_in_group=True, rollouts_from_expert_states=True,
+        ),
+        Method(
+            "relift", "ReLIFT: GRPO steps; all-failed start states' expert trajectories buffered for interleaved SFT updates",
+            schedule=_rl_only, controller=None, uses_expert_data=True, collects_rollouts=True,
+            rollouts_from_expert_states=True, sft_buffer=True,
         ),
     )
 }

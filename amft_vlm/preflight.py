@@ -191,20 +191,29 @@ def check_expert_dataset(dataset_dir: str | os.PathLike, env_id: str, env_kwargs
     return solved
 
 
-def writable_directory(path: str | os.PathLike, *, what: str) -> Path:
-    """Create `path` (and its parents) if needed and check that a file can be written in it; returns it."""
+def writable_directory(path: str | os.PathLike, *, what: str, create: bool = True) -> Path:
+    """Check that files can be written in directory `path`; returns it.
+
+    With `create` the directory (and its parents) is made if needed; without, nothing is made and the
+    check is on the nearest directory that exists above it (where the command will create it).
+    """
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{what}: {directory} is a file; give a directory")
+    probe_in = directory
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=directory, prefix=".write-check-")
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        else:
+            while not probe_in.exists() and probe_in != probe_in.parent:
+                probe_in = probe_in.parent
+            if not probe_in.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(probe_in))
+        handle, probe = tempfile.mkstemp(dir=probe_in, prefix=".write-check-")
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise ValueError(
-            f"{what}: cannot write in {directory} ({error.strerror or error}); choose a writable directory"
-        ) from error
+        raise ValueError(f"{what}: cannot write in {directory} ({error.strerror or error}); choose a writable directory") from error
     return directory
 
 

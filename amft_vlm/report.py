@@ -20,11 +20,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
-from amft_vlm.checkpoint import read_metrics
+from amft_vlm.checkpoint import read_metrics, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,15 @@ class Run:
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of one metric over the steps that logged a finite number for it."""
-        pairs = [(record["step"], value) for record in self.records if _is_finite(value := record.get(key))]
+        pairs = [(record["step"], value) for record in self.records if is_finite_number(value := record.get(key))]
         if not pairs:
             return np.zeros(0), np.zeros(0)
         steps, values = zip(*pairs, strict=True)
         return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
-def _is_finite(value: object) -> bool:
+def is_finite_number(value: object) -> bool:
+    """Whether a ``metrics.jsonl`` value is a logged number: an int or a finite float, not a bool, None or NaN."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -187,20 +189,45 @@ def _run_styles(count: int) -> list[dict]:
     ]
 
 
+def panel_row(count: int) -> tuple[Any, list[Any]]:
+    """A matplotlib figure of `count` panels side by side (the Agg backend: no display needed) and its axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, count, figsize=(5.2 * count, 4.0), squeeze=False, layout="constrained")
+    return fig, list(axes[0])
+
+
+def finish_step_axis(axis: Any) -> None:
+    """The common look of a panel over training steps: integer steps on the x axis, a light grid, a small legend."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("step")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write `fig` to `path` as a PNG, whole or not at all (through a temporary file beside it), and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _draw_figure(figure: Figure, runs: list[Run], path: Path) -> bool:
     """Draw one figure to ``path`` (atomically); False, and no file, when no run has data for it."""
     panels = [panel for panel in figure.panels if any(run.series(key)[0].size for run in runs for key in panel.keys)]
     if not panels:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False, layout="constrained")
+    fig, axes = panel_row(len(panels))
     smoothed = False
-    for axis, panel in zip(axes[0], panels, strict=True):
+    for axis, panel in zip(axes, panels, strict=True):
         for run, style in zip(runs, _run_styles(len(runs)), strict=True):
             colour, linewidth = style["color"], style["linewidth"]
             for key, line in zip(panel.keys, itertools.cycle(KEY_LINES)):  # several keys: one line style each
@@ -230,16 +257,10 @@ def _draw_figure(figure: Figure, runs: list[Run], path: Path) -> bool:
             axis.set_ylim(*panel.ylim)
         if len(panels) > 1:
             axis.set_title(panel.title, fontsize=10)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_xlabel("step")
         axis.set_ylabel(panel.ylabel)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        finish_step_axis(axis)
     fig.suptitle(f"{figure.title}\n(faint: raw values; solid: running mean)" if smoothed else figure.title)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
     return True
 
 
@@ -271,6 +292,11 @@ BUDGET_COLUMNS = (
     ("budget_trained_tokens", "trained tokens"),
 )
 """The cumulative budget counters the trainer logs, and their column titles in the summary."""
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table: the first column left-aligned (names), the others right-aligned (numbers)."""
+    return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1), *("| " + " | ".join(row) + " |" for row in rows)]
 
 
 def summary_table(runs: Sequence[Run]) -> str:
@@ -306,12 +332,6 @@ def _evaluation_section(eval_files: Sequence[Path]) -> list[str]:
 
     records = [load_record(path) for path in eval_files]
     return [comparison_table(records), "", "Records: " + ", ".join(f"`{path}`" for path in eval_files)]
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_report(
@@ -355,6 +375,6 @@ def write_report(
     lines += [f"### {figure.title}\n\n![{figure.title}]({path.name})\n" for figure, path in drawn]
     lines += ["## Evaluation", "", *evaluation, ""]
     report = out / "report.md"
-    _write_text(report, "\n".join(lines))
+    write_text_atomic(report, "\n".join(lines))
     log.info("report of %d run(s): %s with %d plot(s)", len(runs), report, len(drawn))
     return report

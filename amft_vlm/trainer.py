@@ -69,9 +69,25 @@ from amft_vlm.config import TrainConfig, config_to_dict
 from amft_vlm.controller import MetaEstimate, MuTangent, mixed_adamw_step
 from amft_vlm.critic import Critic
 from amft_vlm.distributed import Parallel, check_training_layout
-from amft_vlm.losses import clipped_policy_loss, mix, sft_loss
+from amft_vlm.losses import (
+    clipped_policy_loss,
+    luffy_policy_loss,
+    mix,
+    srft_loss,
+    srft_token_kinds,
+    weighted_sft_loss,
+)
 from amft_vlm.meta import meta_gradient
 from amft_vlm.methods import build_controller, get_method, method_mu
+from amft_vlm.peers import (
+    ReliftBuffer,
+    expert_start_states,
+    expert_token_mask,
+    joint_group_advantages,
+    luffy_scale,
+    srft_counts,
+    with_demonstrations,
+)
 from amft_vlm.preflight import check_run_inputs
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.sft_data import load_sft_trajectories
@@ -84,7 +100,12 @@ UNSUPPORTED_DISTRIBUTED = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_L
 """accelerate set-ups the trainer refuses (FSDP is mapped to its own fully_shard, `amft_vlm.distributed`)."""
 VALIDATION_SEED_BASE = 1 << 30  # validation episodes never share seeds with training rollouts
 EXPERT_SEED_BASE = 1 << 29
-RL_METRICS = ("clip_fraction", "approx_kl", "ratio")
+RL_METRICS = {
+    "clipped": ("clip_fraction", "approx_kl", "ratio"),
+    "luffy": ("ratio", "shaped_probability", "expert_token_share"),
+    "srft": ("srft_w_sft", "srft_w_rl", "srft_demo_sft", "srft_demo_rl", "srft_self_positive", "srft_self_negative", "srft_entropy"),
+}
+"""The diagnostics each RL objective (`amft_vlm.methods.Method.rl_objective`) logs, token-weighted over its passes."""
 
 
 class Trainer:
@@ -136,6 +157,7 @@ class Trainer:
         probe = self.expert[: config.controller.entropy_probe_size] if self.controller else []
         self.entropy_probe = [t.with_image_inputs(self.policy.encoder) for t in probe]
 
+        self.relift = ReliftBuffer(config.relift_buffer_size) if self.method.sft_buffer else None
         if checkpoint is not None:
             self._restore(checkpoint)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +195,8 @@ class Trainer:
             meta_step = controller is not None and controller.wants_meta_gradient(step)
             update_metrics, direction = self._update(step, mu, sft_batch, rl_batch, lookahead=meta_step)
             metrics.update(update_metrics)
+            if self.relift is not None and self.relift.full:  # ReLIFT: one SFT update on the buffered demonstrations
+                metrics.update(self._relift_update())
 
             # Controller: H* over the first controller steps, the entropy term every step, the meta term every k.
             if controlled:
@@ -234,13 +258,29 @@ class Trainer:
 
     def _collect_rollouts(self, step: int) -> tuple[RolloutBatch, dict]:
         """This process's share of the iteration's rollouts with one advantage per turn, and the global episode metrics."""
-        config = self.config
-        seeds = [config.seed * 1_000_003 + step * config.episodes_per_step + i for i in range(config.episodes_per_step)]
-        shard = seeds[self.accelerator.process_index :: self.accelerator.num_processes]
-        self.budget.rollout_episodes += config.episodes_per_step * config.group_size
+        config, method = self.config, self.method
+        process, processes = self.accelerator.process_index, self.accelerator.num_processes
+        states = expert_start_states(len(self.expert), step, config.episodes_per_step, config.seed) if method.rollouts_from_expert_states else None
+        if states is not None:  # each group starts where its demonstration does
+            seeds = [self.expert[i].seed for i in states]
+        else:
+            seeds = [config.seed * 1_000_003 + step * config.episodes_per_step + i for i in range(config.episodes_per_step)]
+        shard = seeds[process::processes]
+        members = config.group_size - 1 if method.expert_in_group else config.group_size
+        self.budget.rollout_episodes += config.episodes_per_step * members
         with self.parallel.full_weights():
-            rollouts, stats = self.engine.collect(shard, group_size=config.group_size, sampling_seed=_mix_seed(config.seed, step, 1), progress=False)
-        if self.critic is not None:
+            rollouts, stats = self.engine.collect(shard, group_size=members, sampling_seed=_mix_seed(config.seed, step, 1), progress=False)
+        extra: dict = {}
+        if self.relift is not None:
+            failed = [not any(t.success for t in rollouts if t.group == group) for group in range(len(shard))]
+            extra["relift_added"] = self.relift.add_failed(self.parallel, states, failed, process, processes)
+            extra["relift_buffer"] = len(self.relift.items)
+        if method.expert_in_group:  # LUFFY, SRFT: the demonstration joins its group; advantages over the joint group
+            rollouts = with_demonstrations(rollouts, [self.expert[i].with_image_inputs(self.policy.encoder) for i in states[process::processes]])
+            self.budget.expert_examples += config.episodes_per_step
+            advantages = joint_group_advantages(rollouts, credit=config.credit, scale_by_std=method.rl_objective != "luffy")
+            batch = RolloutBatch(rollouts, advantages)
+        elif self.critic is not None:
             with self.parallel.full_weights():
                 advantages, critic_targets = self.critic.advantages(self.policy, rollouts)
             batch = RolloutBatch(rollouts, advantages, critic_targets)
@@ -250,7 +290,7 @@ class Trainer:
         episodes, returns, successes, turns = self.parallel.sums(
             [stats.episodes, stats.mean_return * stats.episodes, stats.successes, stats.mean_turns * stats.episodes]
         )
-        return batch, {"reward": returns / episodes, "success": successes / episodes, "turns": turns / episodes}
+        return batch, {"reward": returns / episodes, "success": successes / episodes, "turns": turns / episodes, **extra}
 
     # ----------------------------------------------------------------------------------------------
     # Updating.
@@ -313,7 +353,7 @@ class Trainer:
 
         def loss_of(indices):
             scores = score_trajectories(self.policy, [batch[i] for i in indices], temperature=1.0)
-            return sft_loss(scores.logprobs), scores, {}
+            return weighted_sft_loss(scores.logprobs, self.method.sft_weighting), scores, {}
 
         gradient, totals = accumulate_gradient(self.parallel, self.parameters, batch, loss_of, micro_batch_count=self.config.gradient_accumulation_steps)
         self.budget.expert_examples += totals["examples"]
@@ -321,20 +361,66 @@ class Trainer:
         return gradient, {"loss_sft": totals["loss"], "entropy_sft": totals["entropy_sum"], "tokens_sft": totals["tokens"]}
 
     def _rl_gradient(self, batch: RolloutBatch) -> tuple[list[torch.Tensor | None], dict]:
-        """g_RL: the gradient of `amft_vlm.losses.clipped_policy_loss` over the rollouts of every process."""
+        """g_RL: the gradient of the method's RL objective over the rollouts (with LUFFY's and SRFT's
+        demonstrations) of every process: `amft_vlm.losses.clipped_policy_loss`, `luffy_policy_loss` or `srft_loss`."""
+        config, objective = self.config, self.method.rl_objective
+        # The global normalisers of LUFFY's and SRFT's terms, known before the pass (see `amft_vlm.peers`).
+        scale = luffy_scale(self.parallel, batch.trajectories, config.max_new_tokens) if objective == "luffy" else 1.0
+        counts, total = srft_counts(self.parallel, batch.trajectories, batch.turn_advantages) if objective == "srft" else ({}, 0)
+        # SRFT's H: the policy's mean token entropy on its own answers of the whole pass, one number for every
+        # micro-batch and process (a no-grad scoring pass), so its weights do not depend on how the pass is split.
+        entropy = self._own_entropy(batch.trajectories) if objective == "srft" else 0.0
 
         def loss_of(indices):
             part = batch.select(indices)
             scores = score_trajectories(self.policy, part.trajectories, temperature=self.engine.sampling_temperature, turn_advantages=part.turn_advantages)
-            loss, stats = clipped_policy_loss(scores.logprobs, scores.old_logprobs, scores.advantages, clip_epsilon=self.config.clip_epsilon)
-            return loss, scores, {"clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl, "ratio": stats.mean_ratio}
+            if objective == "clipped":
+                loss, stats = clipped_policy_loss(scores.logprobs, scores.old_logprobs, scores.advantages, clip_epsilon=config.clip_epsilon)
+                return loss, scores, {"clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl, "ratio": stats.mean_ratio}
+            expert = expert_token_mask(part.trajectories, scores.logprobs.device)
+            if objective == "luffy":
+                loss, shaped = luffy_policy_loss(
+                    scores.logprobs, scores.old_logprobs, scores.advantages, expert, shaping_gamma=config.luffy_shaping_gamma, scale=scale
+                )
+                return loss, scores, {
+                    "ratio": shaped.mean_on_policy_ratio, "shaped_probability": shaped.mean_shaped_probability,
+                    "expert_token_share": shaped.expert_token_share,
+                }  # fmt: skip
+            kinds = srft_token_kinds(scores.advantages, expert)
+            loss, terms = srft_loss(scores.logprobs, scores.advantages, kinds, entropy=entropy, counts=counts, total_tokens=total)
+            return loss, scores, {
+                "srft_w_sft": terms.w_sft, "srft_w_rl": terms.w_rl, "srft_demo_sft": terms.demo_sft, "srft_demo_rl": terms.demo_rl,
+                "srft_self_positive": terms.self_positive, "srft_self_negative": terms.self_negative, "srft_entropy": entropy,
+            }  # fmt: skip
 
+        keys = RL_METRICS[objective]
         gradient, totals = accumulate_gradient(
-            self.parallel, self.parameters, batch.trajectories, loss_of, micro_batch_count=self.config.gradient_accumulation_steps, extra_keys=RL_METRICS
+            self.parallel, self.parameters, batch.trajectories, loss_of, micro_batch_count=config.gradient_accumulation_steps, extra_keys=keys
         )
         self.budget.trained_tokens += totals["tokens"]
         metrics = {"loss_rl": totals["loss"], "entropy_rl": totals["entropy_sum"], "tokens_rl": totals["tokens"]}
-        return gradient, {**metrics, **{key: totals[key] for key in RL_METRICS}}
+        return gradient, {**metrics, **{key: totals[key] for key in keys}}
+
+    def _own_entropy(self, trajectories: list[Trajectory]) -> float:
+        """Mean token entropy of the policy's own answers among `trajectories` (every process's), at the sampling temperature."""
+        own = [t for t in trajectories if t.sampling_temperature is not None]
+        entropy_sum, tokens = 0.0, 0
+        if own:
+            with torch.no_grad(), self.parallel.full_weights():
+                scores = score_trajectories(self.policy, own, temperature=self.engine.sampling_temperature)
+            entropy_sum, tokens = float(scores.entropy.sum()), scores.num_tokens
+        entropy_sum, tokens = self.parallel.sums([entropy_sum, tokens])
+        return entropy_sum / max(tokens, 1)
+
+    def _relift_update(self) -> dict:
+        """ReLIFT: one optimiser update of plain SFT on the buffered demonstrations (this process's share), emptying the buffer."""
+        items = self.relift.drain(self.relift.capacity)
+        share = [self.expert[i].with_image_inputs(self.policy.encoder) for i in items[self.accelerator.process_index :: self.accelerator.num_processes]]
+        with self._training_mode():
+            g_sft, sft_metrics = self._sft_gradient(share)
+        update = mixed_adamw_step(self.parameters, self.optimizer, g_sft, None, mu=1.0, max_grad_norm=self.config.max_grad_norm)
+        self.budget.updates += 1
+        return {"relift_sft_loss": sft_metrics["loss_sft"], "relift_sft_examples": len(items), "relift_grad_norm": update.grad_norm}
 
     # ----------------------------------------------------------------------------------------------
     # The controller's measurements.
@@ -418,6 +504,7 @@ class Trainer:
             "sft_position": self.sft_position,
             "controller": self.controller.state_dict() if self.controller else None,
             "budget": asdict(self.budget),
+            "relift_buffer": list(self.relift.items) if self.relift is not None else None,
         }
         return save_checkpoint(
             self.checkpoints,
@@ -454,6 +541,8 @@ class Trainer:
         state = load_trainer_state(checkpoint)
         self.start_step, self.sft_position = state["step"], state["sft_position"]
         self.budget = Budget(**state.get("budget", {}))
+        if self.relift is not None:
+            self.relift.items = list(state.get("relift_buffer") or [])
         load_optimizer_state(checkpoint, self.policy, self.optimizer)
         self.scheduler.load_state_dict(load_state_file(checkpoint / "scheduler.pt"))
         if self.controller is not None and state["controller"] is not None:

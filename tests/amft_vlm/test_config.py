@@ -12,10 +12,18 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 
 
 def shipped_train_configs():
+    """Every shipped config's training config: a train config, the demo's, or a comparison's base."""
+    from amft_vlm.compare import load_compare_config
     from amft_vlm.demo import load_demo_config
 
     for path in CONFIGS:
-        yield path, load_demo_config(path).train if "demo" in parse_yaml(path.read_text()) else load_config(path)
+        sections = parse_yaml(path.read_text())
+        if "demo" in sections:
+            yield path, load_demo_config(path).train
+        elif "compare" in sections:
+            yield path, load_compare_config(path).train
+        else:
+            yield path, load_config(path)
 
 
 def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):

@@ -27,7 +27,7 @@ def test_every_method_validates_and_names_its_row(name):
 
 
 def test_an_unknown_method_lists_the_choices():
-    with pytest.raises(ValueError, match="method must be one of sft, rl, sft-then-rl, .*no-entropy; got 'ppo2'"):
+    with pytest.raises(ValueError, match="method must be one of sft, rl, sft-then-rl, .*no-entropy, chord-phi, dft, luffy, srft, relift; got 'ppo2'"):
         get_method("ppo2")
 
 
@@ -67,7 +67,10 @@ def test_data_needs_are_right():
     needs = {name: (method.uses_expert_data, method.collects_rollouts) for name, method in METHODS.items()}
     assert needs["sft"] == (True, False)
     assert needs["rl"] == (False, True)
-    assert all(need == (True, True) for name, need in needs.items() if name not in ("sft", "rl"))
+    assert needs["dft"] == (True, False)
+    assert all(need == (True, True) for name, need in needs.items() if name not in ("sft", "rl", "dft"))
+    # The peers that train on the expert inside L_RL (mu = 0) or in ReLIFT's extra updates still need it.
+    assert all(METHODS[name].uses_expert_data and METHODS[name].schedule is not None for name in ("luffy", "srft", "relift"))
 
 
 def test_data_needs_agree_with_the_mu_a_schedule_can_take():
@@ -81,7 +84,8 @@ def test_data_needs_agree_with_the_mu_a_schedule_can_take():
         if method.schedule is None:
             continue
         seen = [mu for settings in grid for mu in mus(name, **settings)]
-        assert method.uses_expert_data == any(mu > 0 for mu in seen), name
+        in_rl = method.expert_in_group or method.sft_buffer  # expert tokens in L_RL, or ReLIFT's SFT updates
+        assert method.uses_expert_data == (in_rl or any(mu > 0 for mu in seen)), name
         assert method.collects_rollouts == any(mu < 1 for mu in seen), name
 
 

@@ -1,0 +1,123 @@
+"""What the single-stage peers add to a training step: expert start states, joint groups, their loss
+passes' global counts, and ReLIFT's buffer (`amft_vlm.methods` says which method uses which).
+
+- LUFFY and SRFT put one expert trajectory into each group of rollouts. Their start states are drawn
+  from the expert set (`expert_start_states`), so the group's demonstration starts where its rollouts
+  do; `with_demonstrations` appends it to the process's rollouts with its group id, and the advantage is
+  computed over the joint group (`joint_group_advantages`).
+- Their losses normalise over global counts that must be known before the pass (`accumulate_gradient`
+  takes a token mean per micro-batch): LUFFY's Dr.GRPO scale (`luffy_scale`) and SRFT's token count per
+  kind (`srft_counts`).
+- ReLIFT buffers the expert trajectories of start states whose rollouts all failed (`ReliftBuffer`) and
+  makes one SFT update when it holds ``relift_buffer_size`` of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from amft_vlm.advantages import GROUP_ADVANTAGES, group_advantages
+from amft_vlm.distributed import Parallel
+from amft_vlm.losses import SrftToken, dr_grpo_scale
+from amft_vlm.trajectory import Trajectory
+
+START_STATE_STREAM = 3
+"""Stream of the step's expert start states in ``default_rng([seed, step, stream])`` (independent of the others)."""
+
+
+def expert_start_states(expert_count: int, step: int, count: int, seed: int) -> list[int]:
+    """Indices into the expert set of the step's `count` start states: a pure function of (seed, step),
+    the same on every process and after a resume; without repeats when the set is large enough."""
+    if expert_count < 1:
+        raise ValueError("the expert set is empty: the method draws its start states from it")
+    rng = np.random.default_rng([seed, step, START_STATE_STREAM])
+    return rng.choice(expert_count, size=count, replace=expert_count < count).tolist()
+
+
+def with_demonstrations(rollouts: list[Trajectory], demonstrations: Sequence[Trajectory]) -> list[Trajectory]:
+    """The rollouts followed by demonstration ``g`` as a member of group ``g`` (this process's groups are
+    numbered in the order of its start states, as `RolloutEngine.collect` numbers them)."""
+    return rollouts + [dataclasses.replace(demo, group=group) for group, demo in enumerate(demonstrations)]
+
+
+def joint_group_advantages(trajectories: Sequence[Trajectory], *, credit: str, scale_by_std: bool) -> list[torch.Tensor]:
+    """One advantage per turn over the joint groups (rollouts and demonstrations together).
+
+    ``scale_by_std=False`` (LUFFY): each episode's return minus its group's mean, on every turn of the
+    episode. Otherwise the run's GRPO estimator for `credit` (SRFT).
+    """
+    rewards = [t.turn_rewards for t in trajectories]
+    groups = [t.group for t in trajectories]
+    if scale_by_std:
+        return GROUP_ADVANTAGES[credit](rewards, groups)
+    returns = torch.tensor([float(sum(r)) for r in rewards], dtype=torch.float32)
+    per_episode = group_advantages(returns, groups, scale_by_std=False)
+    return [per_episode[i].expand(len(r)).clone() for i, r in enumerate(rewards)]
+
+
+def is_demonstration(trajectory: Trajectory) -> bool:
+    """Whether the trajectory's answers came from somewhere other than the policy's sampling (an expert)."""
+    return trajectory.sampling_temperature is None
+
+
+def expert_token_mask(trajectories: Sequence[Trajectory], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per trainable token of `trajectories` (in `score_trajectories`' order): True for a demonstration's tokens."""
+    flags = [torch.full((t.num_response_tokens,), is_demonstration(t), dtype=torch.bool) for t in trajectories]
+    return torch.cat(flags).to(device) if flags else torch.zeros(0, dtype=torch.bool, device=device)
+
+
+def luffy_scale(parallel: Parallel, trajectories: Sequence[Trajectory], max_new_tokens: int) -> float:
+    """Dr.GRPO's normalisation for the whole pass: global tokens / (global answers x max_new_tokens), so the
+    token-mean loss becomes the sum over tokens divided by the answers' fixed maximal length (a multi-turn
+    episode is several answers, each up to max_new_tokens)."""
+    tokens, answers = parallel.sums([sum(t.num_response_tokens for t in trajectories), sum(t.num_turns for t in trajectories)])
+    return dr_grpo_scale(int(tokens), max(int(answers), 1), max_new_tokens)
+
+
+def srft_counts(parallel: Parallel, trajectories: Sequence[Trajectory], turn_advantages: Sequence[torch.Tensor]) -> tuple[dict[int, int], int]:
+    """Global trainable-token count of each `SrftToken` kind over the pass, and the total (the kind of a
+    token: DEMO for a demonstration's, else the sign of its turn's advantage, as `srft_token_kinds`)."""
+    local = dict.fromkeys(SrftToken, 0)
+    for trajectory, advantages in zip(trajectories, turn_advantages, strict=True):
+        for length, advantage in zip(trajectory.turn_lengths, advantages.tolist(), strict=True):
+            if is_demonstration(trajectory):
+                kind = SrftToken.DEMO
+            else:
+                kind = SrftToken.POSITIVE if advantage > 0 else SrftToken.NEGATIVE if advantage < 0 else SrftToken.NEUTRAL
+            local[kind] += length
+    values = parallel.sums([local[kind] for kind in SrftToken])
+    counts = {kind: int(value) for kind, value in zip(SrftToken, values, strict=True)}
+    return counts, sum(counts.values())
+
+
+@dataclasses.dataclass
+class ReliftBuffer:
+    """ReLIFT's buffer: indices into the expert set of start states on which every rollout failed."""
+
+    capacity: int
+    items: list[int] = dataclasses.field(default_factory=list)
+
+    def add_failed(self, parallel: Parallel, states: Sequence[int], shard_failed: Sequence[bool], process: int, processes: int) -> int:
+        """Add the step's start states (`states`, global) whose groups failed on every process's share
+        (`shard_failed`: this process's groups, start states ``states[process::processes]``); returns how many."""
+        flags = [0.0] * len(states)
+        for position, failed in zip(range(process, len(states), processes), shard_failed, strict=True):
+            flags[position] = float(failed)
+        failed_everywhere = parallel.sums(flags)
+        added = [state for state, flag in zip(states, failed_everywhere, strict=True) if flag > 0]
+        self.items.extend(added)
+        return len(added)
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= self.capacity
+
+    def drain(self, count: int) -> list[int]:
+        """The `count` oldest buffered indices, taken out (ReLIFT trains on ``relift_buffer_size`` at a time; the
+        rest wait for the next update)."""
+        items, self.items = self.items[:count], self.items[count:]
+        return items

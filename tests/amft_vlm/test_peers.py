@@ -1,0 +1,81 @@
+"""What the peers add to a step (amft_vlm/peers.py), on stand-in trajectories and processes."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from amft_vlm.losses import SrftToken, srft_token_counts, srft_token_kinds
+from amft_vlm.peers import (
+    ReliftBuffer,
+    expert_start_states,
+    expert_token_mask,
+    joint_group_advantages,
+    luffy_scale,
+    srft_counts,
+)
+
+
+class TwoProcesses:
+    """A `Parallel` stand-in for one of two processes: `sums` adds what the other process contributes."""
+
+    def __init__(self, other):
+        self.other = other
+
+    def sums(self, values):
+        return [float(a) + float(b) for a, b in zip(values, self.other, strict=True)]
+
+
+class OneProcess:
+    def sums(self, values):
+        return [float(v) for v in values]
+
+
+def episode(turn_lengths, *, expert=False, rewards=None, group=0):
+    return SimpleNamespace(
+        turn_lengths=tuple(turn_lengths), num_turns=len(turn_lengths), num_response_tokens=sum(turn_lengths),
+        sampling_temperature=None if expert else 1.0, turn_rewards=tuple(rewards or [0.0] * len(turn_lengths)), group=group,
+    )
+
+
+def test_start_states_are_a_pure_function_of_seed_and_step():
+    assert expert_start_states(10, 3, 4, seed=7) == expert_start_states(10, 3, 4, seed=7)
+    assert expert_start_states(10, 3, 4, seed=7) != expert_start_states(10, 4, 4, seed=7)
+    assert len(set(expert_start_states(10, 0, 10, seed=0))) == 10  # without repeats when the set is large enough
+    with pytest.raises(ValueError, match="expert set is empty"):
+        expert_start_states(0, 0, 2, seed=0)
+
+
+def test_relift_buffer_agrees_across_processes():
+    states = [11, 12, 13, 14]  # process 0 plays 11 and 13, process 1 plays 12 and 14
+    # Process 0's groups: 11 failed, 13 did not; process 1 reports (through the reduction) that 14 failed.
+    buffer = ReliftBuffer(capacity=3)
+    added = buffer.add_failed(TwoProcesses([0.0, 0.0, 0.0, 1.0]), states, [True, False], process=0, processes=2)
+    assert added == 2 and buffer.items == [11, 14] and not buffer.full
+    buffer.add_failed(OneProcess(), [20, 21], [True, True], process=0, processes=1)
+    assert buffer.full and buffer.drain(3) == [11, 14, 20] and buffer.items == [21]
+
+
+def test_srft_counts_agree_with_the_token_kinds():
+    trajectories = [episode([2, 3]), episode([4]), episode([1, 1], expert=True), episode([5])]
+    advantages = [torch.tensor([0.5, -1.0]), torch.tensor([0.0]), torch.tensor([2.0, 2.0]), torch.tensor([-0.2])]
+    counts, total = srft_counts(OneProcess(), trajectories, advantages)
+    per_token = torch.cat([a.repeat_interleave(torch.tensor(t.turn_lengths)) for t, a in zip(trajectories, advantages, strict=True)])
+    kinds = srft_token_kinds(per_token, expert_token_mask(trajectories))
+    assert counts == srft_token_counts(kinds) and total == 16
+    assert counts == {SrftToken.DEMO: 2, SrftToken.POSITIVE: 2, SrftToken.NEGATIVE: 8, SrftToken.NEUTRAL: 4}
+
+
+def test_luffy_scale_divides_by_answers_times_the_longest_answer():
+    trajectories = [episode([10, 20]), episode([30], expert=True)]  # 60 tokens in 3 answers
+    assert luffy_scale(OneProcess(), trajectories, max_new_tokens=40) == pytest.approx(60 / (3 * 40))
+    assert luffy_scale(TwoProcesses([60, 3]), trajectories, max_new_tokens=40) == pytest.approx(120 / (6 * 40))
+
+
+def test_joint_group_advantages_luffy_mean_centres_srft_scales():
+    group = [episode([3], rewards=[0.0]), episode([3], rewards=[0.0]), episode([3], expert=True, rewards=[1.0])]
+    luffy = joint_group_advantages(group, credit="episode", scale_by_std=False)
+    assert [float(a[0]) for a in luffy] == pytest.approx([-1 / 3, -1 / 3, 2 / 3])  # the demonstration carries the signal
+    srft = joint_group_advantages(group, credit="episode", scale_by_std=True)
+    std = torch.tensor([0.0, 0.0, 1.0]).std(unbiased=False).item()
+    assert [float(a[0]) for a in srft] == pytest.approx([-1 / 3 / std, -1 / 3 / std, 2 / 3 / std], rel=1e-4)
