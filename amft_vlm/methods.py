@@ -77,8 +77,8 @@ class Method:
     sft_weighting: str = "nll"
     """How ``L_SFT`` weighs each expert token (`amft_vlm.losses.SFT_WEIGHTINGS`): nll (1), chord_phi, dft."""
     rl_objective: str = "clipped"
-    """``L_RL``: clipped (PPO-clip on group advantages), luffy (`amft_vlm.losses.luffy_policy_loss`) or srft
-    (`amft_vlm.losses.srft_loss`)."""
+    """``L_RL``, a key of `amft_vlm.objectives.RL_OBJECTIVES`: clipped (PPO-clip on group advantages), luffy
+    (`amft_vlm.losses.luffy_policy_loss`) or srft (`amft_vlm.losses.srft_loss`)."""
     expert_in_group: bool = False
     """One expert trajectory joins each group of rollouts (which then has group_size - 1 rollouts)."""
     rollouts_from_expert_states: bool = False

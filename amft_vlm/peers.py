@@ -7,7 +7,7 @@ passes' global counts, and ReLIFT's buffer (`amft_vlm.methods` says which method
   computed over the joint group (`joint_group_advantages`).
 - Their losses normalise over global counts that must be known before the pass (`accumulate_gradient`
   takes a token mean per micro-batch): LUFFY's Dr.GRPO scale (`luffy_scale`) and SRFT's token count per
-  kind (`srft_counts`).
+  kind (`srft_counts`), which their objectives compute once per pass (`amft_vlm.objectives`).
 - ReLIFT buffers the expert trajectories of start states whose rollouts all failed (`ReliftBuffer`) and
   makes one SFT update when it holds ``relift_buffer_size`` of them.
 """

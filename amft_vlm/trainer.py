@@ -6,11 +6,14 @@ Each training iteration (``steps`` of them):
 2. **Collect**: an expert batch for ``L_SFT`` (if mu > 0) and, if mu < 1, fresh rollouts of the policy
    (``episodes_per_step`` start states x ``group_size``) with one advantage per turn: GRPO's
    (`amft_vlm.advantages`) or GAE over turns from a critic (``advantage: ppo``, `amft_vlm.critic`).
+   LUFFY and SRFT put a demonstration into each group, ReLIFT buffers those of all-failed groups
+   (`amft_vlm.peers`).
 3. **Update**: ``ppo_epochs`` passes over the batch in mini-batches (``mini_batch_size`` rollouts and an
-   equal share of the expert batch), one optimiser update each: ``L_SFT`` and ``L_RL``
-   (`amft_vlm.losses`) in separate backward passes (``g_SFT``, ``g_RL``; their cosine is logged), the
-   mix ``(1 - mu) g_RL + mu g_SFT``, gradient-norm clipping and AdamW. With one pass and one mini-batch
-   (the default) the PPO ratio is 1 and the clip never acts; with more, it does.
+   equal share of the expert batch), one optimiser update each: ``L_SFT`` (`amft_vlm.losses`) and the
+   method's ``L_RL`` (`amft_vlm.objectives`) in separate backward passes (``g_SFT``, ``g_RL``; their
+   cosine is logged), the mix ``(1 - mu) g_RL + mu g_SFT``, gradient-norm clipping and AdamW. With one
+   pass and one mini-batch (the default) the PPO ratio is 1 and the clip never acts; with more, it does.
+   ReLIFT adds one SFT update whenever its buffer is full.
 4. **Controller** (AMFT, `amft_vlm.controller`): the entropy term every iteration (H and H* on the same
    tokens at the sampling temperature); every ``meta_interval`` iterations the meta-gradient: grad U on
    validation episodes (the ``val`` split) at the parameters the update landed on, along the exact
@@ -32,10 +35,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -69,25 +72,11 @@ from amft_vlm.config import TrainConfig, config_to_dict
 from amft_vlm.controller import MetaEstimate, MuTangent, mixed_adamw_step
 from amft_vlm.critic import Critic
 from amft_vlm.distributed import Parallel, check_training_layout
-from amft_vlm.losses import (
-    clipped_policy_loss,
-    luffy_policy_loss,
-    mix,
-    srft_loss,
-    srft_token_kinds,
-    weighted_sft_loss,
-)
+from amft_vlm.losses import mix, weighted_sft_loss
 from amft_vlm.meta import meta_gradient
 from amft_vlm.methods import build_controller, get_method, method_mu
-from amft_vlm.peers import (
-    ReliftBuffer,
-    expert_start_states,
-    expert_token_mask,
-    joint_group_advantages,
-    luffy_scale,
-    srft_counts,
-    with_demonstrations,
-)
+from amft_vlm.objectives import RL_OBJECTIVES, RLPass, mean_token_entropy
+from amft_vlm.peers import ReliftBuffer, expert_start_states, joint_group_advantages, with_demonstrations
 from amft_vlm.preflight import check_run_inputs
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.sft_data import load_sft_trajectories
@@ -100,12 +89,7 @@ UNSUPPORTED_DISTRIBUTED = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_L
 """accelerate set-ups the trainer refuses (FSDP is mapped to its own fully_shard, `amft_vlm.distributed`)."""
 VALIDATION_SEED_BASE = 1 << 30  # validation episodes never share seeds with training rollouts
 EXPERT_SEED_BASE = 1 << 29
-RL_METRICS = {
-    "clipped": ("clip_fraction", "approx_kl", "ratio"),
-    "luffy": ("ratio", "shaped_probability", "expert_token_share"),
-    "srft": ("srft_w_sft", "srft_w_rl", "srft_demo_sft", "srft_demo_rl", "srft_self_positive", "srft_self_negative", "srft_entropy"),
-}
-"""The diagnostics each RL objective (`amft_vlm.methods.Method.rl_objective`) logs, token-weighted over its passes."""
+T = TypeVar("T")
 
 
 class Trainer:
@@ -247,36 +231,32 @@ class Trainer:
     def _next_sft_batch(self) -> list[Trajectory]:
         """This process's share of the next ``sft_batch_size`` expert trajectories: epoch-wise permutations seeded by (seed, epoch)."""
         size, count = self.config.sft_batch_size, len(self.expert)
-        batch, orders = [], {}
+        indices, orders = [], {}
         for position in range(self.sft_position, self.sft_position + size):
             epoch, offset = divmod(position, count)
             if epoch not in orders:
                 orders[epoch] = np.random.default_rng([self.config.seed, epoch]).permutation(count)
-            batch.append(self.expert[orders[epoch][offset]])
+            indices.append(orders[epoch][offset])
         self.sft_position += size
-        return [t.with_image_inputs(self.policy.encoder) for t in batch[self.accelerator.process_index :: self.accelerator.num_processes]]
+        return self._expert_share(indices)
 
     def _collect_rollouts(self, step: int) -> tuple[RolloutBatch, dict]:
         """This process's share of the iteration's rollouts with one advantage per turn, and the global episode metrics."""
         config, method = self.config, self.method
-        process, processes = self.accelerator.process_index, self.accelerator.num_processes
-        states = expert_start_states(len(self.expert), step, config.episodes_per_step, config.seed) if method.rollouts_from_expert_states else None
-        if states is not None:  # each group starts where its demonstration does
-            seeds = [self.expert[i].seed for i in states]
-        else:
-            seeds = [config.seed * 1_000_003 + step * config.episodes_per_step + i for i in range(config.episodes_per_step)]
-        shard = seeds[process::processes]
-        members = config.group_size - 1 if method.expert_in_group else config.group_size
+        states, seeds = self._start_states(step)
+        shard = self._share(seeds)
+        members = config.group_size - 1 if method.expert_in_group else config.group_size  # LUFFY, SRFT: G - 1 + the demonstration
         self.budget.rollout_episodes += config.episodes_per_step * members
         with self.parallel.full_weights():
             rollouts, stats = self.engine.collect(shard, group_size=members, sampling_seed=_mix_seed(config.seed, step, 1), progress=False)
         extra: dict = {}
-        if self.relift is not None:
+        if self.relift is not None:  # ReLIFT: start states on which every rollout failed wait in its buffer
             failed = [not any(t.success for t in rollouts if t.group == group) for group in range(len(shard))]
+            process, processes = self.accelerator.process_index, self.accelerator.num_processes
             extra["relift_added"] = self.relift.add_failed(self.parallel, states, failed, process, processes)
             extra["relift_buffer"] = len(self.relift.items)
         if method.expert_in_group:  # LUFFY, SRFT: the demonstration joins its group; advantages over the joint group
-            rollouts = with_demonstrations(rollouts, [self.expert[i].with_image_inputs(self.policy.encoder) for i in states[process::processes]])
+            rollouts = with_demonstrations(rollouts, self._expert_share(states))
             self.budget.expert_examples += config.episodes_per_step
             advantages = joint_group_advantages(rollouts, credit=config.credit, scale_by_std=method.rl_objective != "luffy")
             batch = RolloutBatch(rollouts, advantages)
@@ -291,6 +271,23 @@ class Trainer:
             [stats.episodes, stats.mean_return * stats.episodes, stats.successes, stats.mean_turns * stats.episodes]
         )
         return batch, {"reward": returns / episodes, "success": successes / episodes, "turns": turns / episodes, **extra}
+
+    def _start_states(self, step: int) -> tuple[list[int] | None, list[int]]:
+        """The iteration's start states (every process's): the expert-set indices they come from (None for the
+        methods that play fresh training seeds) and their environment seeds."""
+        config = self.config
+        if not self.method.rollouts_from_expert_states:
+            return None, [config.seed * 1_000_003 + step * config.episodes_per_step + i for i in range(config.episodes_per_step)]
+        states = expert_start_states(len(self.expert), step, config.episodes_per_step, config.seed)
+        return states, [self.expert[i].seed for i in states]  # each group starts where its demonstration does
+
+    def _share(self, items: Sequence[T]) -> Sequence[T]:
+        """This process's share of `items` (which every process holds in full): every num_processes-th, from its index."""
+        return items[self.accelerator.process_index :: self.accelerator.num_processes]
+
+    def _expert_share(self, indices: Sequence[int]) -> list[Trajectory]:
+        """This process's share of the expert trajectories at `indices`, with their images prepared."""
+        return [self.expert[i].with_image_inputs(self.policy.encoder) for i in self._share(indices)]
 
     # ----------------------------------------------------------------------------------------------
     # Updating.
@@ -361,63 +358,24 @@ class Trainer:
         return gradient, {"loss_sft": totals["loss"], "entropy_sft": totals["entropy_sum"], "tokens_sft": totals["tokens"]}
 
     def _rl_gradient(self, batch: RolloutBatch) -> tuple[list[torch.Tensor | None], dict]:
-        """g_RL: the gradient of the method's RL objective over the rollouts (with LUFFY's and SRFT's
-        demonstrations) of every process: `amft_vlm.losses.clipped_policy_loss`, `luffy_policy_loss` or `srft_loss`."""
-        config, objective = self.config, self.method.rl_objective
-        # The global normalisers of LUFFY's and SRFT's terms, known before the pass (see `amft_vlm.peers`).
-        scale = luffy_scale(self.parallel, batch.trajectories, config.max_new_tokens) if objective == "luffy" else 1.0
-        counts, total = srft_counts(self.parallel, batch.trajectories, batch.turn_advantages) if objective == "srft" else ({}, 0)
-        # SRFT's H: the policy's mean token entropy on its own answers of the whole pass, one number for every
-        # micro-batch and process (a no-grad scoring pass), so its weights do not depend on how the pass is split.
-        entropy = self._own_entropy(batch.trajectories) if objective == "srft" else 0.0
-
-        def loss_of(indices):
-            part = batch.select(indices)
-            scores = score_trajectories(self.policy, part.trajectories, temperature=self.engine.sampling_temperature, turn_advantages=part.turn_advantages)
-            if objective == "clipped":
-                loss, stats = clipped_policy_loss(scores.logprobs, scores.old_logprobs, scores.advantages, clip_epsilon=config.clip_epsilon)
-                return loss, scores, {"clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl, "ratio": stats.mean_ratio}
-            expert = expert_token_mask(part.trajectories, scores.logprobs.device)
-            if objective == "luffy":
-                loss, shaped = luffy_policy_loss(
-                    scores.logprobs, scores.old_logprobs, scores.advantages, expert, shaping_gamma=config.luffy_shaping_gamma, scale=scale
-                )
-                return loss, scores, {
-                    "ratio": shaped.mean_on_policy_ratio, "shaped_probability": shaped.mean_shaped_probability,
-                    "expert_token_share": shaped.expert_token_share,
-                }  # fmt: skip
-            kinds = srft_token_kinds(scores.advantages, expert)
-            loss, terms = srft_loss(scores.logprobs, scores.advantages, kinds, entropy=entropy, counts=counts, total_tokens=total)
-            return loss, scores, {
-                "srft_w_sft": terms.w_sft, "srft_w_rl": terms.w_rl, "srft_demo_sft": terms.demo_sft, "srft_demo_rl": terms.demo_rl,
-                "srft_self_positive": terms.self_positive, "srft_self_negative": terms.self_negative, "srft_entropy": entropy,
-            }  # fmt: skip
-
-        keys = RL_METRICS[objective]
+        """g_RL: the gradient of the method's RL objective (`amft_vlm.objectives`) over the rollouts (with
+        LUFFY's and SRFT's demonstrations) of every process."""
+        objective = RL_OBJECTIVES[self.method.rl_objective]
+        run = RLPass(self.policy, self.parallel, self.config, temperature=self.engine.sampling_temperature)
+        loss_of = objective.loss_of(run, batch)
         gradient, totals = accumulate_gradient(
-            self.parallel, self.parameters, batch.trajectories, loss_of, micro_batch_count=config.gradient_accumulation_steps, extra_keys=keys
-        )
+            self.parallel, self.parameters, batch.trajectories, loss_of,
+            micro_batch_count=self.config.gradient_accumulation_steps, extra_keys=objective.metrics,
+        )  # fmt: skip
         self.budget.trained_tokens += totals["tokens"]
         metrics = {"loss_rl": totals["loss"], "entropy_rl": totals["entropy_sum"], "tokens_rl": totals["tokens"]}
-        return gradient, {**metrics, **{key: totals[key] for key in keys}}
-
-    def _own_entropy(self, trajectories: list[Trajectory]) -> float:
-        """Mean token entropy of the policy's own answers among `trajectories` (every process's), at the sampling temperature."""
-        own = [t for t in trajectories if t.sampling_temperature is not None]
-        entropy_sum, tokens = 0.0, 0
-        if own:
-            with torch.no_grad(), self.parallel.full_weights():
-                scores = score_trajectories(self.policy, own, temperature=self.engine.sampling_temperature)
-            entropy_sum, tokens = float(scores.entropy.sum()), scores.num_tokens
-        entropy_sum, tokens = self.parallel.sums([entropy_sum, tokens])
-        return entropy_sum / max(tokens, 1)
+        return gradient, {**metrics, **{key: totals[key] for key in objective.metrics}}
 
     def _relift_update(self) -> dict:
         """ReLIFT: one optimiser update of plain SFT on the buffered demonstrations (this process's share), emptying the buffer."""
         items = self.relift.drain(self.relift.capacity)
-        share = [self.expert[i].with_image_inputs(self.policy.encoder) for i in items[self.accelerator.process_index :: self.accelerator.num_processes]]
         with self._training_mode():
-            g_sft, sft_metrics = self._sft_gradient(share)
+            g_sft, sft_metrics = self._sft_gradient(self._expert_share(items))
         update = mixed_adamw_step(self.parameters, self.optimizer, g_sft, None, mu=1.0, max_grad_norm=self.config.max_grad_norm)
         self.budget.updates += 1
         return {"relift_sft_loss": sft_metrics["loss_sft"], "relift_sft_examples": len(items), "relift_grad_norm": update.grad_norm}
@@ -427,20 +385,13 @@ class Trainer:
 
     def _probe_entropy(self) -> float:
         """Mean token entropy at the sampling temperature on the fixed expert probe (no gradient)."""
-        probe = self.entropy_probe[self.accelerator.process_index :: self.accelerator.num_processes]
-        entropy_sum, tokens = 0.0, 0
-        if probe:
-            with torch.no_grad(), self.parallel.full_weights():
-                scores = score_trajectories(self.policy, probe, temperature=self.engine.sampling_temperature)
-            entropy_sum, tokens = float(scores.entropy.sum()), scores.num_tokens
-        entropy_sum, tokens = self.parallel.sums([entropy_sum, tokens])
-        return entropy_sum / max(tokens, 1)
+        probe = self._share(self.entropy_probe)
+        return mean_token_entropy(self.policy, self.parallel, probe, temperature=self.engine.sampling_temperature)
 
     def _meta_estimate(self, step: int, direction: list[torch.Tensor | None]) -> MetaEstimate | None:
         """dU/dmu along ``direction`` from validation episodes (this process's start states) of the updated policy."""
         c = self.config.controller
-        seeds = [VALIDATION_SEED_BASE + i for i in range(c.validation_states)]
-        shard = seeds[self.accelerator.process_index :: self.accelerator.num_processes]
+        shard = self._share([VALIDATION_SEED_BASE + i for i in range(c.validation_states)])
         with self.parallel.full_weights():
             episodes, _ = self.validation_engine.collect(shard, group_size=c.validation_samples, sampling_seed=_mix_seed(self.config.seed, step, 2), progress=False)
         self.budget.validation_episodes += c.validation_states * c.validation_samples
