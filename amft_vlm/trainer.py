@@ -92,6 +92,10 @@ EXPERT_SEED_BASE = 1 << 29
 T = TypeVar("T")
 
 
+GLOO_RELEASE_SECONDS = 0.2
+"""How long `Trainer.close` leaves the GIL to gloo's worker threads to drop the last collectives' buffers."""
+
+
 class Trainer:
     """Trains a `VLMPolicy` with the configured method; see the module docstring for the loop."""
 
@@ -105,6 +109,7 @@ class Trainer:
         # Mixed precision is the policy's own autocast (`VLMPolicy.autocast_dtype`): the model is not handed
         # to accelerate, whose mixed_precision would only add a grad scaler to an optimiser we step ourselves.
         self.accelerator = Accelerator(mixed_precision="no", log_with=config.report_to or None, project_dir=str(self.output_dir), cpu=config.device == "cpu")
+        self._closed = False
         if self.accelerator.distributed_type in UNSUPPORTED_DISTRIBUTED:
             raise ValueError(
                 f"accelerate is configured for {self.accelerator.distributed_type.value}, which the trainer does not "
@@ -222,7 +227,7 @@ class Trainer:
             bar.set_postfix(mu=f"{mu:.2f}", loss=f"{metrics['loss']:.3f}", reward=_shown(metrics.get("reward")))
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 self.save(step + 1)
-        self.accelerator.end_training()
+        self.close()
         return history
 
     # ----------------------------------------------------------------------------------------------
@@ -441,11 +446,21 @@ class Trainer:
             self.policy.model.eval()
 
     def close(self) -> None:
-        """End a multi-process run cleanly: every process reaches this point, then the process group is torn
-        down (a process leaving with its collective threads alive can abort at exit)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        """End the run (idempotent): finish the trackers and, on several processes, tear the process group down.
+
+        Before that, every process meets at a barrier and then sleeps briefly with the GIL released. Gloo's
+        worker threads drop a finished collective's buffers just after it completes (a barrier keeps the
+        collectives before it until it is dropped), and dropping a tensor Python has seen takes the GIL;
+        one still doing so when the interpreter shuts down aborts the process ("terminate called without an
+        active exception", 1 run in 8 of the two-process tests ended so). The last save ends with a
+        collective, so without this pause a finished run could end in that abort."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()
-            torch.distributed.destroy_process_group()
+            time.sleep(GLOO_RELEASE_SECONDS)
+        self.accelerator.end_training()
 
     def save(self, step: int) -> Path | None:
         """Write checkpoint ``step`` (every process takes part when the model is sharded)."""
