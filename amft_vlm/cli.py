@@ -26,6 +26,14 @@ from amft_vlm.evaluate import (
 from amft_vlm.expert_data import collect, read_manifest
 from amft_vlm.methods import METHODS
 from amft_vlm.preflight import check_output_file, writable_directory
+from amft_vlm.served import (
+    DEFAULT_API_KEY_ENV,
+    QWEN_MAX_PIXELS,
+    QWEN_MIN_PIXELS,
+    RetryPolicy,
+    ServedEndpoint,
+    default_cache_dir,
+)
 from environments.general_points.settings import PAPER_EPISODES, PAPER_SETTINGS
 
 log = logging.getLogger("amft_vlm")
@@ -152,25 +160,103 @@ def _positive_int(text: str) -> int:
     return value
 
 
+SERVED_ONLY_OPTIONS = (
+    "api_key_env", "concurrency", "request_timeout", "max_attempts", "retry_base_delay", "retry_max_delay", "cache_dir", "cache_tag",
+    "no_cache", "min_pixels", "max_pixels",
+)
+"""``eval`` options (argparse names) that apply only with ``--api-base``."""
+
+LOCAL_ONLY_OPTIONS = ("num_envs", "dtype", "device")
+"""``eval`` options that apply only to a local model."""
+
+
+def served_endpoint(args: argparse.Namespace) -> ServedEndpoint | None:
+    """The served model ``eval``'s options describe (None without ``--api-base``); refuses options that do not apply."""
+    if args.api_base is None:
+        given = [name for name in SERVED_ONLY_OPTIONS if getattr(args, name) not in (None, False)]
+        if given:
+            raise ValueError(f"{_option_list(given)} {'applies' if len(given) == 1 else 'apply'} to a served model; add --api-base URL")
+        return None
+    if args.agent is not None:
+        raise ValueError("--api-base serves a model; a model-free agent (--agent) needs none: leave out one of them")
+    given = [name for name in LOCAL_ONLY_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise ValueError(
+            f"{_option_list(given)} {'applies' if len(given) == 1 else 'apply'} to a local model, not a served one; use --concurrency"
+        )
+    cache_dir = None if args.no_cache else args.cache_dir or str(default_cache_dir())
+    return ServedEndpoint(
+        api_base=args.api_base,
+        model=args.model,
+        api_key_env=args.api_key_env or DEFAULT_API_KEY_ENV,
+        concurrency=args.concurrency or 8,
+        request_timeout=args.request_timeout or 120.0,
+        retry=RetryPolicy(
+            max_attempts=args.max_attempts or 6,
+            base_delay=1.0 if args.retry_base_delay is None else args.retry_base_delay,
+            max_delay=60.0 if args.retry_max_delay is None else args.retry_max_delay,
+        ),
+        cache_dir=cache_dir,
+        cache_tag=args.cache_tag,
+        min_pixels=args.min_pixels or QWEN_MIN_PIXELS,
+        max_pixels=args.max_pixels or QWEN_MAX_PIXELS,
+    )
+
+
+def _option_list(names: list[str]) -> str:
+    """Argparse names as the options a user types: ``--cache-dir, --no-cache``."""
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of at least 0; got {text!r}")
+    return value
+
+
 def _eval_command(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(args.out, what="--out")  # before the evaluation, not after it
-    record = evaluate(
-        env_id=args.env,
-        setting=args.setting,
-        modality=args.modality,
-        split=args.split,
-        episodes=args.episodes,
-        seed=args.seed,
-        agent=baseline_agent(args.agent, args.seed) if args.agent else None,
-        model=args.model,
-        env_kwargs=parse_env_args(args.env_arg),
-        num_envs=args.num_envs,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    served = served_endpoint(args)
+    try:
+        record = evaluate(
+            env_id=args.env,
+            setting=args.setting,
+            modality=args.modality,
+            split=args.split,
+            episodes=args.episodes,
+            seed=args.seed,
+            agent=baseline_agent(args.agent, args.seed) if args.agent else None,
+            model=args.model if served is None else None,
+            served=served,
+            env_kwargs=parse_env_args(args.env_arg),
+            num_envs=args.num_envs or 8,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            dtype=args.dtype or "float32",
+            device=args.device or "auto",
+        )
+    except KeyboardInterrupt:
+        if served is None:
+            raise
+        if served.cache_dir is None:
+            log.warning("interrupted; with --no-cache nothing was kept: a rerun asks for every answer again")
+        else:
+            log.warning("interrupted; every answered turn is in the cache %s: rerun the same command to resume", served.cache_dir)
+        return 130
     if args.out:
         write_record(record, args.out)
         log.info("wrote the evaluation record to %s", args.out)
@@ -242,11 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="evaluate a model or a model-free agent on a paper setting; metrics with standard errors",
         description="Play one setting of the papers (234 GeneralPoints episodes; 48 V-IRL routes, 18 for ood-visual, "
-        "unless --episodes) with a model (batched rollouts, greedy unless --temperature) or a model-free agent. "
+        "unless --episodes) with a model (batched rollouts, greedy unless --temperature), a model served behind an "
+        "OpenAI-compatible API (--api-base URL --model NAME: vLLM, SGLang, a hosted API) or a model-free agent. "
         "Episode i is reset with seed S+i. Prints a markdown table; --out writes the JSON record.",
     )
     who = eval_parser.add_mutually_exclusive_group(required=True)
-    who.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint directory, Hub id, or tiny:qwen2-vl / tiny:qwen2.5-vl")
+    who.add_argument(
+        "--model", metavar="PATH_OR_ID", help="checkpoint directory, Hub id, or tiny:qwen2-vl / tiny:qwen2.5-vl; with --api-base the served model's name"
+    )
     who.add_argument("--agent", choices=AGENT_NAMES, help="a model-free agent instead of a model (sanity rows)")
     eval_parser.add_argument("--env", default="GeneralPoints-v0", choices=ENV_IDS, help="environment (default GeneralPoints-v0)")
     eval_parser.add_argument("--setting", default="id", choices=SETTINGS, help="paper setting (default id; ood-visual needs --modality vision)")
@@ -258,11 +347,38 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument(
         "--env-arg", action="append", default=[], metavar="KEY=VALUE", help="more gym.make keywords, e.g. resolution=448 (repeatable)"
     )
-    eval_parser.add_argument("--num-envs", type=int, default=8, help="environments per batched generate call (model only; default 8)")
-    eval_parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (model only; default 256)")
+    eval_parser.add_argument("--num-envs", type=_positive_int, help="environments per batched generate call (local model only; default 8)")
+    eval_parser.add_argument("--max-new-tokens", type=_positive_int, default=256, help="most tokens per answer (model only; default 256)")
     eval_parser.add_argument("--temperature", type=float, help="sample at this temperature (model only; default: greedy)")
-    eval_parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
-    eval_parser.add_argument("--device", default="auto", help="model device: auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    eval_parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="local model dtype (default float32)")
+    eval_parser.add_argument("--device", help="local model device: auto (CUDA when available; the default), cpu, cuda, cuda:1, ...")
+    served = eval_parser.add_argument_group(
+        "served model",
+        "a model behind an OpenAI-compatible chat-completions API (vLLM, SGLang, hosted): the same dialogues, images as PNG "
+        "data URLs sized by --min-pixels/--max-pixels, faults retried with backoff, episodes whose retries run out counted "
+        "apart as transport failures, answers cached on disk so a rerun pays only for unfinished turns",
+    )
+    served.add_argument("--api-base", metavar="URL", help="the API's base URL, e.g. http://localhost:8000/v1 (vLLM) or https://api.openai.com/v1")
+    served.add_argument("--api-key-env", metavar="VAR", help=f"environment variable holding the API key (default {DEFAULT_API_KEY_ENV}; unset: a placeholder, fine for a local server)")
+    served.add_argument("--concurrency", type=_positive_int, metavar="K", help="episodes in flight at once (default 8)")
+    served.add_argument("--request-timeout", type=_positive_float, metavar="S", help="seconds per request before it is retried (default 120)")
+    served.add_argument("--max-attempts", type=_positive_int, metavar="N", help="requests per turn, retries included, before the episode fails by transport (default 6)")
+    served.add_argument("--retry-base-delay", type=_non_negative_float, metavar="S", help="backoff bound of the first retry, doubled each retry, full jitter (default 1)")
+    served.add_argument("--retry-max-delay", type=_non_negative_float, metavar="S", help="most seconds of backoff between attempts (default 60; a server's Retry-After is honoured up to 120)")
+    served.add_argument("--cache-dir", metavar="DIR", help="response cache directory (default $XDG_CACHE_HOME/amft-vlm/served, i.e. ~/.cache/amft-vlm/served)")
+    served.add_argument(
+        "--cache-tag", metavar="TEXT", help="a label in every cache key, e.g. the checkpoint served: keeps apart runs the server cannot tell apart "
+        "(another checkpoint served at the same URL under the same name, by a server whose GET /models does not say which)"
+    )
+    served.add_argument("--no-cache", action="store_true", help="neither read nor write the response cache")
+    served.add_argument(
+        "--min-pixels", type=_positive_int, metavar="N", help=f"smallest image area after smart resize (default {QWEN_MIN_PIXELS}, Qwen2.5-VL's "
+        "image processor's, as a local model; for a checkpoint trained with min_pixels=N, pass the same N)"
+    )
+    served.add_argument(
+        "--max-pixels", type=_positive_int, metavar="N", help=f"largest image area after smart resize (default {QWEN_MAX_PIXELS}, Qwen2.5-VL's "
+        "image processor's, as a local model; for a checkpoint trained with max_pixels=N, pass the same N)"
+    )
     eval_parser.set_defaults(handler=_eval_command)
 
     report_parser = commands.add_parser(
@@ -329,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for name in ("httpx", "httpx2"):  # the openai client's HTTP layer (httpx; httpx2 from openai 3) logs every request at INFO
+            logging.getLogger(name).setLevel(logging.WARNING)
     if args.command is None:
         parser.print_help()
         return 0

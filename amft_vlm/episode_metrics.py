@@ -34,6 +34,10 @@ items, ``std / sqrt(n)`` for a mean):
 - verdict shares: the share of each verdict (``correct``, ``wrong_numbers``, ``wrong_cards``,
   ``missing_formula``, ..., see each environment's ``VERDICTS``) among all answers.
 
+Episodes that a served model's transport failed (`TRANSPORT_FAILURE`, `amft_vlm.served`) are left out
+of every metric and every share above (their denominators included): the model never got to finish
+them. ``transport_failures`` is their share of all episodes, reported only when there is one.
+
 "Verified" answers are all but ``out_of_attempts`` (the answer after the budget, which is not read).
 The standard errors treat episodes, or answers, as independent draws; answers within one episode are
 not, so the per-answer errors are somewhat optimistic.
@@ -56,6 +60,9 @@ VALID_FORMULA_VERDICTS = frozenset({"correct", "partial", "no_solution", "wrong_
 
 UNCHECKED_FORMULA_VERDICTS = frozenset({"wrong_cards", OUT_OF_ATTEMPTS})
 """GeneralPoints verdicts given before the formula is looked at: left out of ``valid_formula_rate``."""
+
+TRANSPORT_FAILURE = "transport_failure"
+"""The last verdict of an episode that a served model's transport failed (retries exhausted): not the model's failure."""
 
 ENV_VERDICTS: dict[str, tuple[str, ...]] = {"GeneralPoints-v0": GENERAL_POINTS_VERDICTS, "VIRL-v0": VIRL_VERDICTS}
 """Every verdict each known environment gives, best first: the verdict shares list all of them (zeros included)."""
@@ -115,6 +122,11 @@ class EpisodeOutcome:
             raise ValueError(f"one verdict per reward: got {len(self.verdicts)} verdicts and {len(self.rewards)} rewards")
 
     @property
+    def transport_failed(self) -> bool:
+        """Whether the episode ended because no answer could be fetched (its last verdict is `TRANSPORT_FAILURE`)."""
+        return bool(self.verdicts) and self.verdicts[-1] == TRANSPORT_FAILURE
+
+    @property
     def episode_return(self) -> float:
         """Sum of the rewards."""
         return float(sum(self.rewards))
@@ -160,10 +172,20 @@ def compute_metrics(
         modality: ``"vision"`` adds ``recognition_accuracy`` for GeneralPoints-v0.
 
     A conditional metric whose condition no episode or answer meets (``retry_success``,
-    ``valid_formula_rate``) is left out of the metrics rather than reported as 0.
+    ``valid_formula_rate``) is left out of the metrics rather than reported as 0. Episodes that failed
+    by transport are left out of everything but ``transport_failures`` (present only when there are
+    some); when every episode failed so, that is the only metric and there are no shares.
     """
     if not outcomes:
         raise ValueError("no episodes to measure")
+    failed = sum(outcome.transport_failed for outcome in outcomes)
+    if failed:
+        transport = {"transport_failures": Metric.proportion(failed, len(outcomes))}
+        measured = [outcome for outcome in outcomes if not outcome.transport_failed]
+        if not measured:
+            return transport, {}
+        metrics, shares = compute_metrics(measured, env_id, modality)
+        return {**metrics, **transport}, shares
     answers = [verdict for outcome in outcomes for verdict in outcome.verdicts]
     verified = [verdict for verdict in answers if verdict != OUT_OF_ATTEMPTS]
     metrics = {

@@ -8,7 +8,10 @@ records side by side, one row each.
 
 Who plays: a model (``model=`` a checkpoint directory (a LoRA checkpoint's ``lora/`` too), a Hub id, or
 ``tiny:qwen2-vl`` / ``tiny:qwen2.5-vl`` for a tiny random model built on the fly), greedy by default,
-sampling when a ``temperature`` is given (seeded with ``seed``); or a model-free agent (``agent=`` e.g.
+sampling when a ``temperature`` is given (seeded with ``seed``); a model served behind an
+OpenAI-compatible API (``served=`` a `amft_vlm.served.ServedEndpoint`: vLLM, SGLang or a hosted API;
+the same dialogues through the ``openai`` client, with retries, a response cache and token usage, see
+`amft_vlm.served`); or a model-free agent (``agent=`` e.g.
 `agents.baselines.ExpertAgent`), with no model at all, one environment, episode after episode. The
 expert and random agents give the sanity rows of every table (100% and 0%). Both play through
 `amft_vlm.rollout.RolloutEngine` (an agent through an engine without a policy), which records each
@@ -31,7 +34,8 @@ Settings and defaults (the papers' protocol, Chu et al. 2025):
 
 Metrics (``success_rate``, ``first_attempt_success``, ``retry_success``, ``recognition_accuracy``,
 ``valid_formula_rate``, ``step_accuracy``, ``mean_turns``, ``mean_return`` and the verdict shares),
-each with its standard error, are defined in `amft_vlm.episode_metrics`.
+each with its standard error, are defined in `amft_vlm.episode_metrics`. A served model's episodes
+that failed by transport (retries exhausted) are left out of them and counted as ``transport_failures``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import os
 import platform
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -60,6 +65,7 @@ from amft_vlm.preflight import (
     environment_arguments,
 )
 from amft_vlm.rollout import RolloutEngine
+from amft_vlm.served import Sampling, ServedEndpoint, play_served
 from environments.general_points import settings as general_points_settings
 from environments.virl import settings as virl_settings
 
@@ -106,8 +112,8 @@ class EvalRecord:
     """One evaluation: what was played, how, and the metrics; saved as JSON by `write_record`.
 
     Attributes:
-        model: the model spec (checkpoint path, Hub id, ``tiny:ARCH``) or the agent's name.
-        model_kind: ``"model"`` or ``"agent"``.
+        model: the model spec (checkpoint path, Hub id, ``tiny:ARCH``), the served model's name, or the agent's name.
+        model_kind: ``"model"``, ``"served"`` or ``"agent"``.
         env_id: ``"GeneralPoints-v0"`` or ``"VIRL-v0"``.
         env_kwargs: the ``gym.make`` keyword arguments the episodes were played with.
         setting: the paper setting's name, e.g. ``"GP-VL ood-visual"``.
@@ -115,8 +121,9 @@ class EvalRecord:
         episodes: number of episodes.
         seeds: the ``reset`` seed of each episode.
         decoding: for a model ``greedy``, ``temperature`` (None when greedy), ``sampling_seed``,
-            ``max_new_tokens``, ``num_envs``, ``dtype`` and ``device``; None for an agent.
-        versions: versions of python, amft-vlm, torch, transformers and gymnasium.
+            ``max_new_tokens``, ``num_envs``, ``dtype`` and ``device`` (a served model: ``greedy``,
+            ``temperature``, ``sampling_seed``, ``max_new_tokens``); None for an agent.
+        versions: versions of python, amft-vlm, torch, transformers and gymnasium (and openai for a served model).
         date: when the evaluation finished (ISO 8601, UTC).
         wall_seconds: how long it took.
         metrics: ``success_rate``, ``first_attempt_success``, ``retry_success`` (when an episode had
@@ -124,6 +131,10 @@ class EvalRecord:
             ``recognition_accuracy`` (GeneralPoints vision) or ``step_accuracy`` (V-IRL); see
             `amft_vlm.episode_metrics` (records written before ``mean_return`` existed lack it).
         verdict_shares: every verdict of the environment (zeros included) -> its share of all answers.
+        served: for a served model, the endpoint settings (`ServedEndpoint.to_record`: the URL without
+            its credentials and the key's variable name, never the key) and what the run did (`ServedRun.summary`:
+            requests, retries, cache hits, refusals, faults, transport failures, the server's identity,
+            tokens spent and replayed from the cache, in all and per episode); None otherwise.
     """
 
     model: str
@@ -140,10 +151,11 @@ class EvalRecord:
     wall_seconds: float
     metrics: dict[str, Metric]
     verdict_shares: dict[str, Metric] = field(default_factory=dict)
+    served: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as plain JSON values (the layout of `write_record`)."""
-        return {
+        """The record as plain JSON values (the layout of `write_record`); ``served`` only for a served model."""
+        data = {
             "format_version": FORMAT_VERSION,
             "model": self.model,
             "model_kind": self.model_kind,
@@ -160,6 +172,9 @@ class EvalRecord:
             "metrics": {name: _metric_dict(metric) for name, metric in self.metrics.items()},
             "verdict_shares": {name: _metric_dict(metric) for name, metric in self.verdict_shares.items()},
         }
+        if self.served is not None:
+            data["served"] = self.served
+        return data
 
     def to_json(self) -> str:
         """The record as indented JSON text."""
@@ -186,6 +201,7 @@ class EvalRecord:
                 wall_seconds=float(data["wall_seconds"]),
                 metrics={name: _metric_from_dict(value) for name, value in data["metrics"].items()},
                 verdict_shares={name: _metric_from_dict(value) for name, value in data["verdict_shares"].items()},
+                served=data.get("served"),
             )
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"not an evaluation record: {error!r} is missing or malformed") from error
@@ -201,7 +217,23 @@ class EvalRecord:
         """The record's row of `comparison_table`, then a table of its verdict shares."""
         lines = [comparison_table([self]), "", "| verdict | share of answers |", "|---|---:|"]
         lines += [f"| {name} | {_percent(metric)} |" for name, metric in self.verdict_shares.items()]
+        if self.served is not None:
+            lines += ["", _served_summary(self.served, self.episodes)]
         return "\n".join(lines)
+
+
+def _served_summary(served: dict[str, Any], episodes: int) -> str:
+    """The sentence under a served model's record: requests, retries, replays, faults, refusals, transport failures and why."""
+    faults = ", ".join(f"{name} x{count}" for name, count in served.get("faults", {}).items()) or "none"
+    reasons = Counter(usage["transport_failure"] for usage in served.get("episode_usage", []) if usage.get("transport_failure"))
+    why = "; ".join(f"{count} x {reason}" for reason, count in reasons.items())
+    return (
+        f"Served by {served['api_base']}: {served.get('requests_sent', 0)} requests sent, {served.get('retries', 0)} retries, "
+        f"{served.get('answers_from_cache', 0)} answers replayed from the cache ({served.get('replayed_prompt_tokens', 0):,} + "
+        f"{served.get('replayed_completion_tokens', 0):,} tokens, not counted as spent); faults: {faults}; refusals (judged "
+        f"as answers): {served.get('refusals', 0)}; episodes failed by transport (left out of the rates): "
+        f"{served.get('transport_failures', 0)} of {episodes}" + (f" ({why})." if why else ".")
+    )
 
 
 def _metric_dict(metric: Metric) -> dict[str, float | int]:
@@ -230,23 +262,40 @@ def comparison_table(records: Sequence[EvalRecord], *, verdict_shares: bool = Fa
     """A markdown table with one row per record, in order: what was played and its metrics.
 
     Rates are percentages with their standard errors (``72.1 ± 2.9``); a metric a setting does not
-    have is ``—``. With `verdict_shares`, one more column per verdict seen in any record.
+    have is ``—``. With `verdict_shares`, one more column per verdict seen in any record. When a
+    record is of a served model, two more columns: the episodes that failed by transport (left out
+    of the rates; ``0/N`` when none) and the tokens the API reported for the requests sent in the run
+    (prompt + completion; answers replayed from the cache are not counted, see the record's ``replayed_*``).
     """
     verdicts: list[str] = []
     if verdict_shares:
         for record in records:
             verdicts += [name for name in record.verdict_shares if name not in verdicts]
     header = ["model", "setting", "split", "decoding", "episodes", *(title for title, _ in _COMPARISON_COLUMNS), "mean turns"]
+    served = any(record.served is not None for record in records)
     header += [f"{name} share" for name in verdicts]
+    if served:
+        header += ["transport failures", "tokens spent (prompt + completion)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * (len(header) - 5)]
     for record in records:
-        turns = record.metrics["mean_turns"]
+        turns = record.metrics.get("mean_turns")
         cells = [record.model, record.setting, record.split or "—", record.decoding_label, str(record.episodes)]
         cells += [_percent(record.metrics.get(key)) for _, key in _COMPARISON_COLUMNS]
-        cells.append(f"{turns.value:.2f} ± {turns.stderr:.2f}")
+        cells.append("—" if turns is None else f"{turns.value:.2f} ± {turns.stderr:.2f}")
         cells += [_percent(record.verdict_shares.get(name)) for name in verdicts]
+        if served:
+            cells += _served_cells(record)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _served_cells(record: EvalRecord) -> list[str]:
+    """The transport-failure and token cells of a record's row (``—`` for a record that is not of a served model)."""
+    if record.served is None:
+        return ["—", "—"]
+    failures = record.served.get("transport_failures", 0)
+    prompt, completion = record.served.get("prompt_tokens", 0), record.served.get("completion_tokens", 0)
+    return [f"{failures}/{record.episodes}", f"{prompt:,} + {completion:,}"]
 
 
 def summary_table(records: Sequence[EvalRecord]) -> str:
@@ -259,10 +308,10 @@ def summary_table(records: Sequence[EvalRecord]) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for record in records:
-        mean_return = record.metrics.get("mean_return")
+        mean_return, success, turns = (record.metrics.get(name) for name in ("mean_return", "success_rate", "mean_turns"))
         lines.append(
-            f"| {record.setting} | {record.model} | {record.episodes} | {100 * record.metrics['success_rate'].value:.1f}% | "
-            f"{'—' if mean_return is None else f'{mean_return.value:+.2f}'} | {record.metrics['mean_turns'].value:.2f} |"
+            f"| {record.setting} | {record.model} | {record.episodes} | {'—' if success is None else f'{100 * success.value:.1f}%'} | "
+            f"{'—' if mean_return is None else f'{mean_return.value:+.2f}'} | {'—' if turns is None else f'{turns.value:.2f}'} |"
         )
     return "\n".join(lines)
 
@@ -319,10 +368,10 @@ def paper_settings(env_id: str) -> dict[str, tuple[str, str]]:
     }
 
 
-def package_versions() -> dict[str, str | None]:
-    """Versions of python and of the packages behind a result (None for one not installed)."""
+def package_versions(*extra: str) -> dict[str, str | None]:
+    """Versions of python and of the packages behind a result, and of the `extra` packages (None for one not installed)."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("amft-vlm", "torch", "transformers", "gymnasium"):
+    for package in ("amft-vlm", "torch", "transformers", "gymnasium", *extra):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -340,6 +389,7 @@ def evaluate(
     seed: int = 0,
     agent: Agent | None = None,
     model: str | None = None,
+    served: ServedEndpoint | None = None,
     env_kwargs: dict[str, Any] | None = None,
     num_envs: int = 8,
     max_new_tokens: int = 256,
@@ -359,8 +409,11 @@ def evaluate(
         episodes: episodes to play; None for the papers' number (234 for GeneralPoints; 48 V-IRL
             routes, 18 for ood-visual).
         seed: episode ``i`` is reset with seed ``seed + i``; also seeds sampling.
-        agent: a model-free agent to play (give either `agent` or `model`).
+        agent: a model-free agent to play (give exactly one of `agent`, `model` and `served`).
         model: a checkpoint directory, a Hub id, or ``tiny:qwen2-vl`` / ``tiny:qwen2.5-vl``.
+        served: a model behind an OpenAI-compatible API (its URL, name, concurrency, retries, cache,
+            pixel budget); `max_new_tokens`, `temperature` and `seed` apply to it, `num_envs`,
+            `dtype` and `device` do not.
         env_kwargs: more ``gym.make`` keyword arguments (e.g. ``{"resolution": 448}``); they may not
             override the setting's own or ``split``.
         num_envs: environments played together by the model (the batch of each ``generate`` call).
@@ -373,8 +426,10 @@ def evaluate(
     Returns:
         The evaluation record.
     """
-    if (agent is None) == (model is None):
-        raise ValueError("give either a model (--model) or a model-free agent (--agent), not both or neither")
+    if sum(who is not None for who in (agent, model, served)) != 1:
+        raise ValueError(
+            "give one of a model (--model), a served model (--api-base with --model) or a model-free agent (--agent)"
+        )
     if agent is not None and temperature is not None:
         raise ValueError("temperature applies to a model; a model-free agent does not sample from one")
     if temperature is not None and not temperature > 0:
@@ -407,6 +462,16 @@ def evaluate(
         with RolloutEngine(None, env_id, env_kwargs=kwargs) as engine:
             outcomes, _ = engine.play(seeds, responder=agent, progress=progress)
         decoding = None
+    elif served is not None:
+        decoding = {
+            "greedy": temperature is None,
+            "temperature": temperature,
+            "sampling_seed": None if temperature is None else seed,
+            "max_new_tokens": max_new_tokens,
+        }
+        sampling = Sampling(temperature=temperature, max_tokens=max_new_tokens, sampling_seed=decoding["sampling_seed"])
+        run = play_served(served, env_id, kwargs, seeds, sampling, progress=progress)
+        outcomes = run.outcomes
     else:
         decoding = {
             "greedy": temperature is None,
@@ -420,8 +485,8 @@ def evaluate(
         outcomes = _play_model(model, env_id, kwargs, seeds, decoding, progress=progress)
     metrics, shares = compute_metrics(outcomes, env_id, modality)
     return EvalRecord(
-        model=agent.name if agent is not None else model,
-        model_kind="agent" if agent is not None else "model",
+        model=agent.name if agent is not None else served.model if served is not None else model,
+        model_kind="agent" if agent is not None else "served" if served is not None else "model",
         env_id=env_id,
         env_kwargs=kwargs,
         setting=setting_name,
@@ -429,11 +494,12 @@ def evaluate(
         episodes=count,
         seeds=tuple(seeds),
         decoding=decoding,
-        versions=package_versions(),
+        versions=package_versions() if served is None else package_versions("openai"),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         wall_seconds=time.perf_counter() - start,
         metrics=metrics,
         verdict_shares=shares,
+        served=None if served is None else {**served.to_record(), **run.summary()},
     )
 
 

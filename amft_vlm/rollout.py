@@ -110,11 +110,12 @@ class Episode:
     dialogues: tuple[RecordedDialogue, ...] = ()
 
 
-class _DialogueRecorder:
+class DialogueRecorder:
     """Records an episode as text dialogues, with each answer's reward: the record of an engine without a policy.
 
     It has the methods of `TrajectoryBuilder` that a model-free answer needs, so the engine's loop
-    drives both the same way.
+    drives both the same way. A served model's episodes (`amft_vlm.served`) keep their dialogue so far
+    with one too.
     """
 
     def __init__(self) -> None:
@@ -136,6 +137,11 @@ class _DialogueRecorder:
         """Append the environment's next message."""
         self._dialogue = self._dialogue.with_user(text)
 
+    @property
+    def dialogue(self) -> Dialogue | None:
+        """The dialogue in progress (None before the first and after `finish`)."""
+        return self._dialogue
+
     def finish(self) -> tuple[RecordedDialogue, ...]:
         """Close the last dialogue and return all of them."""
         self._close()
@@ -147,13 +153,28 @@ class _DialogueRecorder:
             self._dialogue = None
 
 
+def record_environment_message(
+    recorder: TrajectoryBuilder | DialogueRecorder, observation: dict[str, Any], info: dict[str, Any]
+) -> bool:
+    """Record the environment's next message after an answer; returns whether it starts a new dialogue.
+
+    The message is a reply in the same dialogue, unless the environment restarts the dialogue (VIRL after
+    a correct action, ``info["new_dialogue"]``): then it is a fresh prompt (and image).
+    """
+    if info.get("new_dialogue", False):
+        recorder.start_dialogue(observation["text"], image=observation.get("image"))
+        return True
+    recorder.add_user_message(observation["text"])
+    return False
+
+
 @dataclass
 class _Episode:
     """An episode in progress in one slot."""
 
     index: int
     spec: EpisodeSpec
-    recorder: TrajectoryBuilder | _DialogueRecorder
+    recorder: TrajectoryBuilder | DialogueRecorder
     observation: dict[str, Any]
     verdicts: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
@@ -397,7 +418,7 @@ class RolloutEngine:
         observation, _ = self.envs[slot].reset(seed=spec.seed)
         generator = None
         if self.policy is None:
-            recorder: TrajectoryBuilder | _DialogueRecorder = _DialogueRecorder()
+            recorder: TrajectoryBuilder | DialogueRecorder = DialogueRecorder()
         else:
             # Imported here: it loads transformers, which only an engine with a policy needs.
             from amft_vlm.trajectory import TrajectoryBuilder
@@ -431,19 +452,15 @@ class RolloutEngine:
             episode.recorder.add_generation(generation, float(reward))
         if terminated or truncated:
             return self._finish(episode, success=bool(info.get("success", False)))
-        episode.cache = None if generation is None else generation.cache
-        if info.get("new_dialogue", False):
-            # VIRL after a correct action: the next message is a fresh prompt (and image), not a reply.
-            episode.cache = None
-            episode.recorder.start_dialogue(observation["text"], image=observation.get("image"))
-        else:
-            episode.recorder.add_user_message(observation["text"])
+        new_dialogue = record_environment_message(episode.recorder, observation, info)
+        # A new dialogue shares no attention keys and values with the last one.
+        episode.cache = None if generation is None or new_dialogue else generation.cache
         episode.observation = observation
         return None
 
     def _finish(self, episode: _Episode, *, success: bool) -> Episode:
         outcome = EpisodeOutcome(episode.spec.seed, tuple(episode.verdicts), tuple(episode.rewards), success)
-        if isinstance(episode.recorder, _DialogueRecorder):
+        if isinstance(episode.recorder, DialogueRecorder):
             return Episode(episode.index, episode.spec.group, outcome, dialogues=episode.recorder.finish())
         return Episode(episode.index, episode.spec.group, outcome, trajectory=episode.recorder.finish(success=success))
 

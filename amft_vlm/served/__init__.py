@@ -1,0 +1,108 @@
+"""Evaluation of a model served behind an OpenAI-compatible chat-completions API (vLLM, SGLang, hosted APIs).
+
+Each episode is the dialogue the environment gives a local model (`amft_vlm.rollout.RolloutEngine`
+plays it; a `ServedResponder` answers, reading the dialogue the engine's own recorder keeps): the
+first user turn carries the observation image as a ``data:image/png;base64,`` URL, smart-resized to
+the pixel budget a local Qwen-VL model uses (`agents.vision_inputs.resize_image`, ``[min_pixels,
+max_pixels]``, Qwen2.5-VL's defaults unless given: pass a trained checkpoint's own values to match
+it), feedback turns are text, and a V-IRL restart (``info["new_dialogue"]``) starts a new
+conversation. Requests go through the official ``openai`` client, with its own retries off
+(``max_retries=0``) so the policy here is the only one.
+
+Layout: `endpoint` (the settings: `ServedEndpoint`, `RetryPolicy`, `Sampling`), `cache`
+(`ResponseCache`), `client` (`ChatClient`: requests, retries, the circuit breaker), `play` (the
+dialogue and the threads that play the episodes, `play_served`).
+
+Concurrency: ``concurrency`` threads, each with its own environment, play whole episodes; outcomes are
+collected in seed order, so the record is the one a sequential run gives. An interrupt (Ctrl-C) stops
+the run at once: backoff waits end, no request is sent after it, requests in flight are abandoned.
+
+Faults (`ChatClient.complete`):
+
+- HTTP 408, 409, 429 and 5xx, timeouts (``request_timeout`` per request), dropped connections and
+  bodies that are not a completion (not JSON, or an error object) are retried up to ``max_attempts``
+  in all, waiting a random time in ``[0, min(max_delay, base_delay * 2**retry)]`` (exponential
+  backoff with full jitter), and never less than the server's ``Retry-After`` / ``retry-after-ms``
+  (honoured up to ``max_retry_after``, 120 s). After the last attempt the episode ends with the verdict
+  ``transport_failure`` (`amft_vlm.episode_metrics.TRANSPORT_FAILURE`): left out of every metric and
+  counted apart. Other 4xx answers (a request the server will never take, e.g. a dialogue over its
+  context length) fail the episode the same way, with the server's message, without retrying.
+- The circuit breaker stops the run with one error (`EndpointRefused`) when every request would fail
+  alike: a 401, 403 or 404 (a wrong key, no access, a wrong model name or URL); any other 4xx to an
+  episode's first request before the server has answered once; ``concurrency + 1`` episodes failed by transport before it has
+  answered once (a dead server, a wrong port). Finished turns are in the cache, so a rerun loses nothing.
+- A completion is the model's answer whatever its shape (`parse_completion`): empty or null content,
+  no choice, a null message and a refusal (``finish_reason`` ``content_filter``) all go to the
+  environment as ``""``, which judges them like any other answer; content given as a list of text
+  parts is joined; missing token counts are 0.
+
+Cache (`ResponseCache`): one JSON file per request, named by the SHA-256 of a canonical JSON of the
+endpoint (without credentials), the model, what ``GET /models`` says of it (`server_identity`: its
+``root`` checkpoint path, ``owned_by``, ``created``), the ``cache_tag``, the messages (each image as
+the SHA-256 of its data URL) and the sampling settings; written atomically once the response is read,
+before the environment sees it. A write that fails warns once and the run goes on without caching.
+Greedy runs (temperature 0) share answers across runs and episodes whenever the dialogue is the same;
+sampled runs add the sampling seed, the episode's reset seed and the request's index within the
+episode to the key (and send a per-request ``seed`` derived from them), so different samples are never
+conflated. A rerun of an interrupted evaluation replays every finished turn from the cache and sends
+only the rest. Token totals count the requests sent; replayed answers' tokens are counted apart.
+
+Secrets: the API key is read from the environment variable named by ``api_key_env``; neither it nor
+credentials in the URL (``user:pass@host``, ``?key=...``) are written to a record, the cache or a log
+line (`LogRedactor` also cuts base64 images out of ``-v`` logs).
+"""
+
+from amft_vlm.served.cache import Completion, ResponseCache
+from amft_vlm.served.client import (
+    ChatClient,
+    EndpointRefused,
+    TransportFailure,
+    parse_completion,
+    server_identity,
+)
+from amft_vlm.served.endpoint import (
+    DEFAULT_API_KEY_ENV,
+    QWEN_MAX_PIXELS,
+    QWEN_MIN_PIXELS,
+    LogRedactor,
+    RetryPolicy,
+    Sampling,
+    ServedEndpoint,
+    default_cache_dir,
+    redact_url,
+    retry_after_seconds,
+)
+from amft_vlm.served.play import (
+    DialogueTracker,
+    EpisodeUsage,
+    ServedRun,
+    dialogue_messages,
+    play_served,
+    png_data_url,
+)
+
+__all__ = [
+    "DEFAULT_API_KEY_ENV",
+    "QWEN_MAX_PIXELS",
+    "QWEN_MIN_PIXELS",
+    "ChatClient",
+    "Completion",
+    "DialogueTracker",
+    "EndpointRefused",
+    "EpisodeUsage",
+    "LogRedactor",
+    "ResponseCache",
+    "RetryPolicy",
+    "Sampling",
+    "ServedEndpoint",
+    "ServedRun",
+    "TransportFailure",
+    "default_cache_dir",
+    "dialogue_messages",
+    "parse_completion",
+    "play_served",
+    "png_data_url",
+    "redact_url",
+    "retry_after_seconds",
+    "server_identity",
+]

@@ -1,0 +1,238 @@
+"""What a served evaluation talks to and how: the endpoint and its credentials (kept out of records and logs), the retry policy, the sampling."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+
+QWEN_MIN_PIXELS = 56 * 56
+"""Smallest image area of Qwen2-VL / Qwen2.5-VL's image processor (its default, which local evaluation uses)."""
+
+QWEN_MAX_PIXELS = 28 * 28 * 16384
+"""Largest image area of Qwen2-VL / Qwen2.5-VL's image processor (its default, which local evaluation uses)."""
+
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+"""The environment variable the API key is read from unless ``--api-key-env`` names another."""
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0"})
+"""Hosts of a server on this machine: the one URL serves whatever checkpoint was started last."""
+
+_DATA_URL = re.compile(r"(data:[\w/.+-]+;base64,)([A-Za-z0-9+/]{16})[A-Za-z0-9+/=]+")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/amft-vlm/served`` (``~/.cache/amft-vlm/served`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amft-vlm" / "served"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transport faults are retried: exponential backoff with full jitter, ``Retry-After`` honoured.
+
+    Attributes:
+        max_attempts: requests in all for one turn (the first included) before the episode fails by transport.
+        base_delay: the first retry waits up to this many seconds; each further retry doubles the bound.
+        max_delay: the backoff bound never exceeds this.
+        max_retry_after: a server's ``Retry-After`` is honoured up to this many seconds (a rate-limited
+            hosted API may ask for more than `max_delay`; a longer ask is taken as this).
+    """
+
+    max_attempts: int = 6
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+    max_retry_after: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1; got {self.max_attempts}")
+        if not 0 <= self.base_delay <= self.max_delay:
+            raise ValueError(f"retry delays need 0 <= base_delay <= max_delay; got {self.base_delay} and {self.max_delay}")
+        if self.max_retry_after < 0:
+            raise ValueError(f"max_retry_after must be at least 0 seconds; got {self.max_retry_after}")
+
+    def delay(self, retry: int, retry_after: float | None, rng: random.Random) -> float:
+        """Seconds to wait before retry number `retry` (0 for the first): full jitter, at least `retry_after` (capped)."""
+        backoff = rng.uniform(0.0, min(self.max_delay, self.base_delay * 2**retry))
+        return backoff if retry_after is None else max(backoff, min(retry_after, self.max_retry_after))
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """The wait a response asks for: ``retry-after-ms``, or ``Retry-After`` in seconds or as an HTTP date; None if neither."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds is not None:
+        try:
+            return max(0.0, float(milliseconds) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def check_api_base(api_base: str) -> str:
+    """`api_base` without a trailing slash; raises ``ValueError`` unless it is an http(s) URL with a host."""
+    parsed = urlsplit(api_base)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(
+            f"--api-base must be an http(s) URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1; got {redact_url(api_base)!r}"
+        )
+    return urlunsplit(parsed._replace(path=parsed.path.rstrip("/")))
+
+
+def redact_url(url: str) -> str:
+    """`url` with its credentials hidden: the user and password (``***@host``) and every query value (``?key=***``)."""
+    parsed = urlsplit(url)
+    netloc = parsed.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = urlencode([(name, "***") for name, _ in parse_qsl(parsed.query, keep_blank_values=True)], safe="*")
+    return urlunsplit(parsed._replace(netloc=netloc, query=query))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credential strings `url` carries, as they appear in it and in the URLs built from it (``user:pass@``, ``key=value``)."""
+    parsed = urlsplit(url)
+    secrets = [parsed.netloc.rpartition("@")[0] + "@"] if "@" in parsed.netloc else []
+    pairs = parse_qsl(parsed.query, keep_blank_values=True)
+    secrets += [urlencode([pair]) for pair in pairs] + [f"{name}={value}" for name, value in pairs]
+    return list(dict.fromkeys(secret for secret in secrets if secret.partition("=")[2] or secret.endswith("@")))
+
+
+class LogRedactor(logging.Filter):
+    """Hides credentials in log records (the API key, the URL's ``user:pass@`` and query values) and cuts base64 data URLs short.
+
+    `ChatClient` puts it on the root logger's handlers, where the records of the ``openai`` client and
+    its HTTP layer end up (with ``-v``: the request URL, and for some ``openai`` versions the request
+    body with its images).
+    """
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        replacements = {secret: _masked(secret) for secret in secrets if secret}
+        self._replacements = sorted(replacements.items(), key=lambda item: -len(item[0]))
+
+    def redact(self, text: str) -> str:
+        """`text` with every secret masked and every data URL cut to its first characters and its length."""
+        for secret, masked in self._replacements:
+            text = text.replace(secret, masked)
+        return _DATA_URL.sub(lambda match: f"{match[1]}{match[2]}...({len(match[0]) - len(match[1])} chars)", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's message if it shows a secret or a data URL; never drops a record."""
+        message = record.getMessage()
+        redacted = self.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def _masked(secret: str) -> str:
+    if secret.endswith("@"):
+        return "***@"
+    name, equals, _ = secret.partition("=")
+    return f"{name}=***" if equals else "***"
+
+
+@dataclass(frozen=True)
+class ServedEndpoint:
+    """Where the model is served and how to talk to it.
+
+    Attributes:
+        api_base: the API's base URL, e.g. ``http://localhost:8000/v1`` (vLLM) or ``https://api.openai.com/v1``;
+            credentials in it (``user:pass@host``, ``?key=...``) are used but never recorded or logged.
+        model: the model name the API serves, e.g. ``Qwen/Qwen2.5-VL-7B-Instruct``.
+        api_key_env: the environment variable holding the API key (unset: a placeholder is sent).
+        concurrency: episodes in flight at once.
+        request_timeout: seconds one request may take before it is abandoned (and retried).
+        retry: the retry policy for transport faults.
+        cache_dir: the response cache directory; None turns the cache off.
+        cache_tag: a label added to every cache key, to keep apart runs the server cannot tell apart
+            (e.g. two checkpoints served one after the other under one name and URL).
+        min_pixels: smallest image area after smart resize (default Qwen2.5-VL's, as a local model).
+        max_pixels: largest image area after smart resize (default Qwen2.5-VL's; a checkpoint trained
+            with other ``min_pixels`` / ``max_pixels`` is matched by passing the same values).
+    """
+
+    api_base: str
+    model: str
+    api_key_env: str = DEFAULT_API_KEY_ENV
+    concurrency: int = 8
+    request_timeout: float = 120.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
+    cache_tag: str | None = None
+    min_pixels: int = QWEN_MIN_PIXELS
+    max_pixels: int = QWEN_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_base", check_api_base(self.api_base))
+        if not self.model:
+            raise ValueError("a served model needs its name (--model), as the API lists it")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1; got {self.concurrency}")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be positive (seconds); got {self.request_timeout}")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"pixel bounds need 0 < min_pixels <= max_pixels; got {self.min_pixels} and {self.max_pixels}")
+
+    @property
+    def display_url(self) -> str:
+        """`api_base` as it may be shown and recorded: credentials hidden (`redact_url`)."""
+        return redact_url(self.api_base)
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the server runs on this machine (its host is localhost or a loopback address)."""
+        host = urlsplit(self.api_base).hostname or ""
+        return host in LOCAL_HOSTS or host.startswith("127.")
+
+    def to_record(self) -> dict[str, Any]:
+        """The settings as JSON values for the evaluation record: the URL without credentials, the key's variable name."""
+        settings = asdict(self)
+        settings.pop("model")
+        settings["api_base"] = self.display_url
+        return settings
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings sent with every request.
+
+    Attributes:
+        temperature: None for greedy decoding (sent as temperature 0).
+        max_tokens: the most tokens per answer (at least 1).
+        sampling_seed: the run's sampling seed (sampled runs only).
+    """
+
+    temperature: float | None
+    max_tokens: int
+    sampling_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1 for a served model; got {self.max_tokens}")
+
+    def request_arguments(self, episode_seed: int, request_index: int) -> dict[str, Any]:
+        """The request's sampling keywords; a sampled request gets a seed of its own (episode, place in it)."""
+        if self.temperature is None:
+            return {"temperature": 0.0, "top_p": 1.0, "max_tokens": self.max_tokens}
+        seed = int(np.random.SeedSequence([self.sampling_seed or 0, episode_seed, request_index]).generate_state(1)[0] >> 1)
+        return {"temperature": self.temperature, "top_p": 1.0, "max_tokens": self.max_tokens, "seed": seed}

@@ -1,0 +1,278 @@
+"""Playing episodes with a served model: the dialogue each request carries, and the threads that play the episodes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import gymnasium as gym
+from tqdm import tqdm
+
+from agents.chat import Dialogue
+from agents.vision_inputs import ImageLike, resize_image
+from amft_vlm.episode_metrics import TRANSPORT_FAILURE, EpisodeOutcome
+from amft_vlm.rollout import DialogueRecorder, RolloutEngine, record_environment_message
+from amft_vlm.served.client import ChatClient, TransportCounters, TransportFailure
+from amft_vlm.served.endpoint import Sampling, ServedEndpoint
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FACTOR = 28
+"""Image sides are multiples of this (Qwen-VL's ``patch_size * merge_size``), as for a local model."""
+
+
+def png_data_url(image: ImageLike, *, min_pixels: int, max_pixels: int) -> str:
+    """`image` smart-resized into ``[min_pixels, max_pixels]`` as a local Qwen-VL model sees it, as a PNG data URL."""
+    resized = resize_image(image, min_pixels=min_pixels, max_pixels=max_pixels, factor=IMAGE_FACTOR)
+    buffer = io.BytesIO()
+    resized.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def dialogue_messages(dialogue: Dialogue, image_url: str | None) -> list[dict[str, Any]]:
+    """The OpenAI chat messages of `dialogue` (`Dialogue.to_messages`), the image placeholder given as `image_url`."""
+    messages = []
+    for message in dialogue.to_messages():
+        if isinstance(message["content"], list):
+            content = [
+                {"type": "image_url", "image_url": {"url": image_url}} if part["type"] == "image" else part
+                for part in message["content"]
+            ]
+            messages.append({"role": message["role"], "content": content})
+        else:
+            messages.append(message)
+    return messages
+
+
+class DialogueTracker(gym.Wrapper):
+    """Keeps an episode's dialogue so far, recorded as the rollout engine records it, and each answer's verdict and reward.
+
+    The engine hands a responder only the observation and the environment, not its record of the
+    dialogue, so a `ServedResponder` reads the dialogue from this wrapper. It records with the engine's
+    own `DialogueRecorder` and `record_environment_message` (the feedback and V-IRL restart rule), so
+    the dialogue sent is the one the engine records for a local model.
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.recorder = DialogueRecorder()
+        self.verdicts: list[str] = []
+        self.rewards: list[float] = []
+
+    @property
+    def dialogue(self) -> Dialogue | None:
+        """The dialogue in progress."""
+        return self.recorder.dialogue
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        """Reset and start the episode's first dialogue."""
+        observation, info = self.env.reset(**kwargs)
+        self.recorder = DialogueRecorder()
+        self.recorder.start_dialogue(observation["text"], image=observation.get("image"))
+        self.verdicts, self.rewards = [], []
+        return observation, info
+
+    def step(self, action: str) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        """Step and extend the dialogue with the answer and the environment's next message."""
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        self.verdicts.append(str(info.get("verdict", "")))
+        self.rewards.append(float(reward))
+        self.recorder.add_text_response(action, float(reward))
+        if not (terminated or truncated):
+            record_environment_message(self.recorder, observation, info)
+        return observation, reward, terminated, truncated, info
+
+
+@dataclass
+class EpisodeUsage:
+    """What one episode cost: answers, how many replayed from the cache, and tokens.
+
+    ``prompt_tokens`` and ``completion_tokens`` are those the API reported for the requests sent (spent
+    in this run); ``replayed_*`` those of the answers replayed from the cache (spent in an earlier run).
+    """
+
+    seed: int
+    answers: int = 0
+    from_cache: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    replayed_prompt_tokens: int = 0
+    replayed_completion_tokens: int = 0
+    transport_failure: str | None = None
+
+
+class ServedResponder:
+    """An `agents.base.Agent` that asks the served model, with the dialogue so far, for each answer of one episode."""
+
+    def __init__(self, client: ChatClient, usage: EpisodeUsage) -> None:
+        self.name = client.endpoint.model
+        self.client, self.usage = client, usage
+        self._image: ImageLike | None = None
+        self._image_url: str | None = None
+
+    def act(self, observation: dict, env: gym.Env) -> str:
+        """The served model's answer to the dialogue the `DialogueTracker` `env` holds."""
+        dialogue = env.dialogue
+        if dialogue.image is not None and dialogue.image is not self._image:
+            # Encoded once per dialogue: every turn of it resends the same image.
+            endpoint = self.client.endpoint
+            self._image = dialogue.image
+            self._image_url = png_data_url(dialogue.image, min_pixels=endpoint.min_pixels, max_pixels=endpoint.max_pixels)
+        messages = dialogue_messages(dialogue, self._image_url if dialogue.image is not None else None)
+        completion = self.client.complete(messages, episode_seed=self.usage.seed, request_index=self.usage.answers)
+        self.usage.answers += 1
+        if completion.from_cache:
+            self.usage.from_cache += 1
+            self.usage.replayed_prompt_tokens += completion.prompt_tokens
+            self.usage.replayed_completion_tokens += completion.completion_tokens
+        else:
+            self.usage.prompt_tokens += completion.prompt_tokens
+            self.usage.completion_tokens += completion.completion_tokens
+        return completion.text
+
+
+@dataclass(frozen=True)
+class ServedRun:
+    """What `play_served` returns: the outcomes in seed order, each episode's usage, and the client's counters."""
+
+    outcomes: list[EpisodeOutcome]
+    usage: list[EpisodeUsage]
+    counters: TransportCounters
+    server_identity: dict[str, Any] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The run as JSON values for the evaluation record's ``served`` entry (besides the endpoint settings)."""
+        return {
+            "server_identity": self.server_identity,
+            "requests_sent": self.counters.requests,
+            "retries": self.counters.retries,
+            "answers_from_cache": self.counters.cache_hits,
+            "refusals": self.counters.refusals,
+            "faults": dict(sorted(self.counters.faults.items())),
+            "transport_failures": sum(usage.transport_failure is not None for usage in self.usage),
+            **{
+                name: sum(getattr(usage, name) for usage in self.usage)
+                for name in ("prompt_tokens", "completion_tokens", "replayed_prompt_tokens", "replayed_completion_tokens")
+            },
+            "episode_usage": [asdict(usage) for usage in self.usage],
+        }
+
+
+@contextmanager
+def _quiet_engine_summaries() -> Iterator[None]:
+    """Silence the engine's per-`play` INFO summary: here every episode is its own `play` call."""
+    engine_logger = logging.getLogger("amft_vlm.rollout")
+    level = engine_logger.level
+    engine_logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        engine_logger.setLevel(level)
+
+
+def _play_episode(engine: RolloutEngine, client: ChatClient, seed: int) -> tuple[EpisodeOutcome, EpisodeUsage]:
+    """One episode; one whose turn failed by transport ends with the verdict ``transport_failure`` (reward 0)."""
+    usage = EpisodeUsage(seed=seed)
+    try:
+        outcomes, _ = engine.play([seed], responder=ServedResponder(client, usage), progress=False)
+        return outcomes[0], usage
+    except TransportFailure as failure:
+        usage.transport_failure = str(failure)
+        logger.warning("episode with seed %d failed by transport: %s", seed, failure)
+        tracker = engine.envs[0]
+        return EpisodeOutcome(seed, (*tracker.verdicts, TRANSPORT_FAILURE), (*tracker.rewards, 0.0), success=False), usage
+
+
+def play_served(
+    endpoint: ServedEndpoint,
+    env_id: str,
+    env_kwargs: dict[str, Any],
+    seeds: Sequence[int],
+    sampling: Sampling,
+    *,
+    progress: bool = True,
+    on_episode: Callable[[int, EpisodeOutcome, EpisodeUsage], None] | None = None,
+) -> ServedRun:
+    """Play one episode per seed with the served model, ``endpoint.concurrency`` at a time; outcomes in seed order.
+
+    Args:
+        endpoint: the served model.
+        env_id: the environment id.
+        env_kwargs: its ``gym.make`` keyword arguments.
+        seeds: one ``reset`` seed per episode.
+        sampling: the sampling settings.
+        progress: show a progress bar, advanced as each episode ends.
+        on_episode: called with each episode's index in `seeds`, outcome and usage as it ends (in the
+            calling thread, in the order episodes end).
+
+    An episode whose turn failed by transport is recorded with the answers it had and a last verdict
+    ``transport_failure`` (reward 0, unsolved). The first error of an episode (the circuit breaker's
+    `EndpointRefused`), or of `on_episode`, or an interrupt (``KeyboardInterrupt``) stops the run at once:
+    no further request is sent, backoff waits end, and the error is raised without waiting for the
+    requests in flight. Every turn answered so far is in the cache, so a rerun pays only for the rest.
+    """
+    client = ChatClient(endpoint, sampling)
+    queued: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+    for index, seed in enumerate(seeds):
+        queued.put((index, int(seed)))
+    finished: queue.SimpleQueue[tuple[int, tuple[EpisodeOutcome, EpisodeUsage] | BaseException]] = queue.SimpleQueue()
+
+    def work() -> None:
+        engine = RolloutEngine(None, lambda: DialogueTracker(gym.make(env_id, **env_kwargs)))
+        try:
+            while not client.stop.is_set():
+                try:
+                    index, seed = queued.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    finished.put((index, _play_episode(engine, client, seed)))
+                except BaseException as error:  # handed to the calling thread, which stops the run
+                    finished.put((index, error))
+                    return
+        finally:
+            engine.close()
+
+    # Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so an
+    # interrupted run would linger until its requests in flight time out (--request-timeout, 120 s).
+    workers = [threading.Thread(target=work, name=f"served-{n}", daemon=True) for n in range(min(endpoint.concurrency, len(seeds)))]
+    results: list[tuple[EpisodeOutcome, EpisodeUsage] | None] = [None] * len(seeds)
+    try:
+        with (
+            _quiet_engine_summaries(),
+            tqdm(total=len(seeds), desc=f"eval {env_id} / {endpoint.model}", unit="episode", disable=not progress) as bar,
+        ):
+            for worker in workers:
+                worker.start()
+            solved = failed = 0
+            for _ in seeds:
+                index, result = finished.get()
+                if isinstance(result, BaseException):
+                    raise result
+                results[index] = outcome, usage = result
+                solved += outcome.success
+                failed += usage.transport_failure is not None
+                bar.update(1)
+                bar.set_postfix(success=solved, transport_failures=failed, refresh=False)
+                if on_episode is not None:
+                    on_episode(index, outcome, usage)
+    except BaseException:
+        # The client stays open: threads still waiting on a request finish it, see `stop`, and end.
+        client.stop.set()
+        raise
+    for worker in workers:
+        worker.join()  # each is closing its environment: the queue is empty
+    client.close()
+    return ServedRun(
+        outcomes=[result[0] for result in results],
+        usage=[result[1] for result in results],
+        counters=client.counters,
+        server_identity=client.server,
+    )
