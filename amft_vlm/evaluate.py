@@ -65,7 +65,7 @@ from amft_vlm.preflight import (
     environment_arguments,
 )
 from amft_vlm.rollout import RolloutEngine
-from amft_vlm.served import Sampling, ServedEndpoint, play_served
+from amft_vlm.served import Sampling, ServedEndpoint, ServedInfo, play_served
 from environments.general_points import settings as general_points_settings
 from environments.virl import settings as virl_settings
 
@@ -122,7 +122,9 @@ class EvalRecord:
         seeds: the ``reset`` seed of each episode.
         decoding: for a model ``greedy``, ``temperature`` (None when greedy), ``sampling_seed``,
             ``max_new_tokens``, ``num_envs``, ``dtype`` and ``device`` (a served model: ``greedy``,
-            ``temperature``, ``sampling_seed``, ``max_new_tokens``); None for an agent.
+            ``temperature``, ``sampling_seed``, ``max_new_tokens`` and ``extra_body``, the fields every
+            request carried besides those: the local path's decoding for vLLM and SGLang, and
+            ``--extra-body``'s); None for an agent.
         versions: versions of python, amft-vlm, torch, transformers and gymnasium (and openai for a served model).
         date: when the evaluation finished (ISO 8601, UTC).
         wall_seconds: how long it took.
@@ -131,10 +133,10 @@ class EvalRecord:
             ``recognition_accuracy`` (GeneralPoints vision) or ``step_accuracy`` (V-IRL); see
             `amft_vlm.episode_metrics` (records written before ``mean_return`` existed lack it).
         verdict_shares: every verdict of the environment (zeros included) -> its share of all answers.
-        served: for a served model, the endpoint settings (`ServedEndpoint.to_record`: the URL without
-            its credentials and the key's variable name, never the key) and what the run did (`ServedRun.summary`:
-            requests, retries, cache hits, refusals, faults, transport failures, the server's identity,
-            tokens spent and replayed from the cache, in all and per episode); None otherwise.
+        served: for a served model, the endpoint settings (the URL without its credentials and the key's
+            variable name, never the key) and what the run did (requests, retries, cache hits, refusals,
+            faults, transport failures, the server's identity, tokens spent and replayed from the cache,
+            in all and per episode): `amft_vlm.served.ServedInfo`; None otherwise.
     """
 
     model: str
@@ -151,7 +153,7 @@ class EvalRecord:
     wall_seconds: float
     metrics: dict[str, Metric]
     verdict_shares: dict[str, Metric] = field(default_factory=dict)
-    served: dict[str, Any] | None = None
+    served: ServedInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record as plain JSON values (the layout of `write_record`); ``served`` only for a served model."""
@@ -173,7 +175,7 @@ class EvalRecord:
             "verdict_shares": {name: _metric_dict(metric) for name, metric in self.verdict_shares.items()},
         }
         if self.served is not None:
-            data["served"] = self.served
+            data["served"] = self.served.to_dict()
         return data
 
     def to_json(self) -> str:
@@ -201,7 +203,7 @@ class EvalRecord:
                 wall_seconds=float(data["wall_seconds"]),
                 metrics={name: _metric_from_dict(value) for name, value in data["metrics"].items()},
                 verdict_shares={name: _metric_from_dict(value) for name, value in data["verdict_shares"].items()},
-                served=data.get("served"),
+                served=None if data.get("served") is None else ServedInfo.from_dict(data["served"]),
             )
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"not an evaluation record: {error!r} is missing or malformed") from error
@@ -222,17 +224,17 @@ class EvalRecord:
         return "\n".join(lines)
 
 
-def _served_summary(served: dict[str, Any], episodes: int) -> str:
+def _served_summary(served: ServedInfo, episodes: int) -> str:
     """The sentence under a served model's record: requests, retries, replays, faults, refusals, transport failures and why."""
-    faults = ", ".join(f"{name} x{count}" for name, count in served.get("faults", {}).items()) or "none"
-    reasons = Counter(usage["transport_failure"] for usage in served.get("episode_usage", []) if usage.get("transport_failure"))
+    faults = ", ".join(f"{name} x{count}" for name, count in served.faults.items()) or "none"
+    reasons = Counter(usage.transport_failure for usage in served.episode_usage if usage.transport_failure)
     why = "; ".join(f"{count} x {reason}" for reason, count in reasons.items())
     return (
-        f"Served by {served['api_base']}: {served.get('requests_sent', 0)} requests sent, {served.get('retries', 0)} retries, "
-        f"{served.get('answers_from_cache', 0)} answers replayed from the cache ({served.get('replayed_prompt_tokens', 0):,} + "
-        f"{served.get('replayed_completion_tokens', 0):,} tokens, not counted as spent); faults: {faults}; refusals (judged "
-        f"as answers): {served.get('refusals', 0)}; episodes failed by transport (left out of the rates): "
-        f"{served.get('transport_failures', 0)} of {episodes}" + (f" ({why})." if why else ".")
+        f"Served by {served.api_base}: {served.requests_sent} requests sent, {served.retries} retries, "
+        f"{served.answers_from_cache} answers replayed from the cache ({served.replayed_prompt_tokens:,} + "
+        f"{served.replayed_completion_tokens:,} tokens, not counted as spent); faults: {faults}; refusals (judged "
+        f"as answers): {served.refusals}; episodes failed by transport (left out of the rates): "
+        f"{served.transport_failures} of {episodes}" + (f" ({why})." if why else ".")
     )
 
 
@@ -293,9 +295,8 @@ def _served_cells(record: EvalRecord) -> list[str]:
     """The transport-failure and token cells of a record's row (``—`` for a record that is not of a served model)."""
     if record.served is None:
         return ["—", "—"]
-    failures = record.served.get("transport_failures", 0)
-    prompt, completion = record.served.get("prompt_tokens", 0), record.served.get("completion_tokens", 0)
-    return [f"{failures}/{record.episodes}", f"{prompt:,} + {completion:,}"]
+    served = record.served
+    return [f"{served.transport_failures}/{record.episodes}", f"{served.prompt_tokens:,} + {served.completion_tokens:,}"]
 
 
 def summary_table(records: Sequence[EvalRecord]) -> str:
@@ -394,6 +395,7 @@ def evaluate(
     num_envs: int = 8,
     max_new_tokens: int = 256,
     temperature: float | None = None,
+    extra_body: dict[str, Any] | None = None,
     dtype: str = "float32",
     device: str = "auto",
     progress: bool = True,
@@ -419,6 +421,8 @@ def evaluate(
         num_envs: environments played together by the model (the batch of each ``generate`` call).
         max_new_tokens: the most tokens per model answer.
         temperature: sample at this temperature; None decodes greedily.
+        extra_body: a served model only: more fields for every request's JSON body (``--extra-body``), on top
+            of those the client sends to vLLM and SGLang (`amft_vlm.served.Sampling.extra_body`).
         dtype: the model's dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
         progress: show a progress bar.
@@ -434,6 +438,8 @@ def evaluate(
         raise ValueError("temperature applies to a model; a model-free agent does not sample from one")
     if temperature is not None and not temperature > 0:
         raise ValueError(f"temperature must be positive (leave it out for greedy decoding); got {temperature}")
+    if extra_body is not None and served is None:
+        raise ValueError("extra_body (--extra-body) is sent to a served model; add --api-base URL")
     setting_name, kwargs = paper_setting(env_id, setting, modality)
     extra = dict(env_kwargs or {})
     clashes = sorted(set(extra) & {*kwargs, "split"})
@@ -469,8 +475,11 @@ def evaluate(
             "sampling_seed": None if temperature is None else seed,
             "max_new_tokens": max_new_tokens,
         }
-        sampling = Sampling(temperature=temperature, max_tokens=max_new_tokens, sampling_seed=decoding["sampling_seed"])
+        sampling = Sampling(
+            temperature=temperature, max_tokens=max_new_tokens, sampling_seed=decoding["sampling_seed"], extra_body=dict(extra_body or {})
+        )
         run = play_served(served, env_id, kwargs, seeds, sampling, progress=progress)
+        decoding["extra_body"] = run.extra_body
         outcomes = run.outcomes
     else:
         decoding = {
@@ -499,7 +508,7 @@ def evaluate(
         wall_seconds=time.perf_counter() - start,
         metrics=metrics,
         verdict_shares=shares,
-        served=None if served is None else {**served.to_record(), **run.summary()},
+        served=None if served is None else run.info(served),
     )
 
 

@@ -11,11 +11,22 @@ conversation. Requests go through the official ``openai`` client, with its own r
 
 Layout: `endpoint` (the settings: `ServedEndpoint`, `RetryPolicy`, `Sampling`), `cache`
 (`ResponseCache`), `client` (`ChatClient`: requests, retries, the circuit breaker), `play` (the
-dialogue and the threads that play the episodes, `play_served`).
+dialogue and the threads that play the episodes, `play_served`), `record` (`ServedInfo`, the
+evaluation record's ``served`` entry, and `EpisodeUsage`).
 
-Concurrency: ``concurrency`` threads, each with its own environment, play whole episodes; outcomes are
-collected in seed order, so the record is the one a sequential run gives. An interrupt (Ctrl-C) stops
-the run at once: backoff waits end, no request is sent after it, requests in flight are abandoned.
+Decoding: greedy is sent as temperature 0, sampling as the temperature with a per-request seed; top_p
+is 1 in both, as in the local path (`agents.policy.VLMPolicy`, which drops the checkpoint's
+generation defaults). vLLM and SGLang fill every field a request leaves out from the checkpoint's
+``generation_config.json`` unless started otherwise (Qwen2.5-VL's: ``top_k`` 1, ``repetition_penalty``
+1.05), so when ``GET /models`` says the server is one of them (``owned_by``), every request also
+carries ``top_k: -1, repetition_penalty: 1.0, min_p: 0.0`` (`NEUTRAL_SAMPLING_FIELDS`); other servers
+never get them (hosted APIs refuse unknown fields). `Sampling.extra_body` (``--extra-body``) adds
+fields of the user's on top. The fields sent are recorded (``decoding["extra_body"]``) and keyed.
+
+Concurrency: ``concurrency`` threads, each with its own environment (a V-IRL vision environment holds
+about 50 MB, a GeneralPoints vision one about 20 MB), play whole episodes; outcomes are collected in
+seed order, so the record is the one a sequential run gives. An interrupt (Ctrl-C) stops the run at
+once: backoff waits end, no request is sent after it, requests in flight are abandoned.
 
 Faults (`ChatClient.complete`):
 
@@ -28,19 +39,28 @@ Faults (`ChatClient.complete`):
   counted apart. Other 4xx answers (a request the server will never take, e.g. a dialogue over its
   context length) fail the episode the same way, with the server's message, without retrying.
 - The circuit breaker stops the run with one error (`EndpointRefused`) when every request would fail
-  alike: a 401, 403 or 404 (a wrong key, no access, a wrong model name or URL); any other 4xx to an
-  episode's first request before the server has answered once; ``concurrency + 1`` episodes failed by transport before it has
-  answered once (a dead server, a wrong port). Finished turns are in the cache, so a rerun loses nothing.
+  alike: a 401, 403 or 404 (a wrong key, no access, a wrong model name or URL), whenever it comes; or
+  none of the first requests of the first ``max(concurrency, 2)`` episodes (the probes) got a
+  completion, each refused with another 4xx or out of attempts (a dead server, a wrong port, a request
+  form the server never takes). Only the probes' first requests decide, so the decision does not
+  depend on thread timing; an answer replayed from the cache counts as a completion, so a rerun
+  decides as its first run did; one episode refused alone never stops a run of two or more; and no
+  run ends without a completion at all. Finished turns are in the cache, so a rerun loses nothing.
 - A completion is the model's answer whatever its shape (`parse_completion`): empty or null content,
-  no choice, a null message and a refusal (``finish_reason`` ``content_filter``) all go to the
-  environment as ``""``, which judges them like any other answer; content given as a list of text
-  parts is joined; missing token counts are 0.
+  an empty or null ``choices``, a null message and a refusal (``finish_reason`` ``content_filter``)
+  all go to the environment as ``""``, which judges them like any other answer; content given as a
+  list of text parts is joined; missing token counts are 0. A body with no ``choices`` at all, or an
+  error object (``"object": "error"``, which vLLM may send with status 200), is a transport fault.
 
-Cache (`ResponseCache`): one JSON file per request, named by the SHA-256 of a canonical JSON of the
-endpoint (without credentials), the model, what ``GET /models`` says of it (`server_identity`: its
-``root`` checkpoint path, ``owned_by``, ``created``), the ``cache_tag``, the messages (each image as
-the SHA-256 of its data URL) and the sampling settings; written atomically once the response is read,
-before the environment sees it. A write that fails warns once and the run goes on without caching.
+Cache (`ResponseCache`): one JSON file per request (the answer, its token counts and whether it was a
+refusal), named by the SHA-256 of a canonical JSON of the endpoint (without credentials), the model,
+what ``GET /models`` says of it (`server_identity`: its ``id``, ``root`` checkpoint path, ``parent``
+and ``owned_by``; not ``created``, which servers stamp per listing), the ``cache_tag``, the messages
+(each image as the SHA-256 of its data URL) and the sampling fields sent (extra body fields
+included); written atomically once the response is read, before the environment sees it. ``GET
+/models`` is retried like a chat request; if it still fails, the identity is None, the one of a server
+without ``GET /models``, and a warning says that answers cached by runs that read it are not replayed.
+A write that fails warns once and the run goes on without caching.
 Greedy runs (temperature 0) share answers across runs and episodes whenever the dialogue is the same;
 sampled runs add the sampling seed, the episode's reset seed and the request's index within the
 episode to the key (and send a per-request ``seed`` derived from them), so different samples are never
@@ -54,9 +74,11 @@ line (`LogRedactor` also cuts base64 images out of ``-v`` logs).
 
 from amft_vlm.served.cache import Completion, ResponseCache
 from amft_vlm.served.client import (
+    NEUTRAL_SAMPLING_FIELDS,
     ChatClient,
     EndpointRefused,
     TransportFailure,
+    engine_extra_body,
     parse_completion,
     server_identity,
 )
@@ -74,15 +96,16 @@ from amft_vlm.served.endpoint import (
 )
 from amft_vlm.served.play import (
     DialogueTracker,
-    EpisodeUsage,
     ServedRun,
     dialogue_messages,
     play_served,
     png_data_url,
 )
+from amft_vlm.served.record import EpisodeUsage, ServedInfo
 
 __all__ = [
     "DEFAULT_API_KEY_ENV",
+    "NEUTRAL_SAMPLING_FIELDS",
     "QWEN_MAX_PIXELS",
     "QWEN_MIN_PIXELS",
     "ChatClient",
@@ -95,10 +118,12 @@ __all__ = [
     "RetryPolicy",
     "Sampling",
     "ServedEndpoint",
+    "ServedInfo",
     "ServedRun",
     "TransportFailure",
     "default_cache_dir",
     "dialogue_messages",
+    "engine_extra_body",
     "parse_completion",
     "play_served",
     "png_data_url",

@@ -59,9 +59,10 @@ class ResponseCache:
             api_base: the endpoint (without credentials).
             model: the model name.
             messages: the dialogue so far.
-            arguments: the sampling keywords sent.
+            arguments: the sampling fields sent (the keywords and the extra body fields, as the request's JSON has them).
             sample: for a sampled request, where it is in the run (sampling seed, episode, request); None when greedy.
-            server: what ``GET /models`` says of the model (`amft_vlm.served.client.server_identity`), if anything.
+            server: what ``GET /models`` says of the model (`amft_vlm.served.client.server_identity`); None when it
+                says nothing (no such endpoint, or it failed however often it was asked).
             tag: the user's ``--cache-tag``.
         """
         canonical = {
@@ -76,11 +77,20 @@ class ResponseCache:
         return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def get(self, key: str) -> Completion | None:
-        """The cached completion, or None (also for an unreadable file, which is then replaced)."""
+        """The cached completion, or None (also for an unreadable file, which is then replaced).
+
+        An entry written before refusals were stored (no ``refused``) reads as no refusal.
+        """
         path = self.directory / f"{key}.json"
         try:
             data = json.loads(path.read_text())
-            return Completion(str(data["text"]), int(data["prompt_tokens"]), int(data["completion_tokens"]), from_cache=True)
+            return Completion(
+                str(data["text"]),
+                int(data["prompt_tokens"]),
+                int(data["completion_tokens"]),
+                from_cache=True,
+                refused=bool(data.get("refused", False)),
+            )
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):
@@ -91,7 +101,12 @@ class ResponseCache:
         """Store `completion` under `key`, atomically (a temporary file renamed into place); a failure only warns, once."""
         if not self.writable:
             return
-        data = {"text": completion.text, "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
+        data = {
+            "text": completion.text,
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "refused": completion.refused,
+        }
         try:
             handle, staging = mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
             try:

@@ -7,9 +7,9 @@ import logging
 import os
 import random
 import threading
-import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from amft_vlm.served.cache import Completion, ResponseCache
@@ -31,11 +31,24 @@ NO_KEY_PLACEHOLDER = "no-key"
 """Sent as the API key when the variable is unset (a local vLLM or SGLang server needs none)."""
 
 MODELS_TIMEOUT = 10.0
-"""Seconds the ``GET /models`` of `server_identity` may take (a server that does not answer it is still used)."""
+"""Seconds one ``GET /models`` of `server_identity` may take (a server that does not answer it is still used)."""
 
-LISTING_STAMP_SECONDS = 600.0
-"""A listed model's ``created`` this close to now is the listing's own time stamp (vLLM, SGLang and llama.cpp
-stamp every listing), not the model's: it is left out of the server's identity, or no rerun would ever hit the cache."""
+CHECKPOINT_DEFAULT_ENGINES = frozenset({"vllm", "sglang"})
+"""Servers, by the ``owned_by`` ``GET /models`` gives (any case), that fill a request's unset sampling fields from the
+checkpoint's ``generation_config.json`` (vLLM with ``--generation-config auto``, its default; SGLang with
+``--sampling-defaults model``, its default)."""
+
+NEUTRAL_SAMPLING_FIELDS = {"top_k": -1, "repetition_penalty": 1.0, "min_p": 0.0}
+"""Sent to those servers besides temperature and top_p: the local path's decoding (`agents.policy.VLMPolicy` drops the
+checkpoint's defaults: no top-k, no repetition penalty, no min-p), which a Qwen2.5-VL checkpoint's ``top_k`` 1 and
+``repetition_penalty`` 1.05 would otherwise replace (a ``--temperature 0.7`` run would decode greedily). Never sent
+to other servers: hosted APIs refuse fields they do not know."""
+
+MIN_PROBE_EPISODES = 2
+"""`play_served` lets the first ``max(concurrency, MIN_PROBE_EPISODES)`` episodes decide whether the server can answer
+at all (`ChatClient`): one episode the server refuses alone never stops a run of two or more."""
+
+_Answer = TypeVar("_Answer")
 
 
 class TransportFailure(Exception):
@@ -80,15 +93,17 @@ class TransportCounters:
 
 
 def parse_completion(body: Any) -> Completion | None:
-    """The completion in a response body; None when the body is not a completion at all (not an object, or an error).
+    """The completion in a response body; None when the body is not a completion at all (a transport fault, retried).
 
-    Whatever a completion lacks is read leniently, as the model's answer: no choice, a null message or
-    null content give ``""``, content given as a list of parts gives their texts joined, missing or
-    null token counts give 0. A refusal (``finish_reason`` ``content_filter``, or a ``refusal``
-    message) is the model's answer too: its content (usually none, so ``""``) goes to the environment,
-    which judges it like any other answer; it is only counted apart.
+    Not a completion: a body that is not an object, has no ``choices`` key (``{}``, an error object), or says
+    ``"object": "error"`` (vLLM answers some errors with status 200). Whatever a completion lacks besides is
+    read leniently, as the model's answer: an empty or null ``choices``, a null message or null content
+    give ``""``, content given as a list of parts gives their texts joined, missing or null token counts
+    give 0. A refusal (``finish_reason`` ``content_filter``, or a ``refusal`` message) is the model's
+    answer too: its content (usually none, so ``""``) goes to the environment, which judges it like any
+    other answer; it is only counted apart.
     """
-    if not isinstance(body, dict) or ("error" in body and "choices" not in body):
+    if not isinstance(body, dict) or "choices" not in body or body.get("object") == "error":
         return None
     choices = body.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
@@ -121,12 +136,13 @@ def _token_count(value: Any) -> int:
         return 0
 
 
-def server_identity(listing: Any, model: str, *, now: float) -> dict[str, Any] | None:
+def server_identity(listing: Any, model: str) -> dict[str, Any] | None:
     """What a ``GET /models`` body says of `model`, to tell its answers from another model's served alike.
 
-    The listed model's ``id``, ``root`` (vLLM: the checkpoint path), ``parent``, ``owned_by`` and
-    ``created`` (unless it is the listing's own time stamp, `LISTING_STAMP_SECONDS`); when the model
-    is not listed, every listed id. None when the body lists no models.
+    The listed model's ``id``, ``root`` (vLLM: the checkpoint path), ``parent`` and ``owned_by`` (``vllm``,
+    ``sglang``, ...); when the model is not listed, every listed id. None when the body lists no models. The
+    listing's ``created`` is left out: vLLM, SGLang and llama.cpp stamp every listing with its own time, and a
+    hosted API's may change with nothing else, so it would change the cache key by itself.
     """
     entries = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(entries, list):
@@ -135,11 +151,22 @@ def server_identity(listing: Any, model: str, *, now: float) -> dict[str, Any] |
     listed = next((entry for entry in entries if entry.get("id") == model), None)
     if listed is None:
         return {"models": sorted(str(entry.get("id")) for entry in entries)}
-    identity = {name: listed[name] for name in ("id", "root", "parent", "owned_by") if listed.get(name) is not None}
-    created = listed.get("created")
-    if isinstance(created, int | float) and abs(now - created) > LISTING_STAMP_SECONDS:
-        identity["created"] = created
-    return identity
+    return {name: listed[name] for name in ("id", "root", "parent", "owned_by") if listed.get(name) is not None}
+
+
+def engine_extra_body(server: dict[str, Any] | None) -> dict[str, Any]:
+    """`NEUTRAL_SAMPLING_FIELDS` for a server whose identity says vLLM or SGLang (`CHECKPOINT_DEFAULT_ENGINES`), else nothing."""
+    owner = server.get("owned_by") if isinstance(server, dict) else None
+    return dict(NEUTRAL_SAMPLING_FIELDS) if isinstance(owner, str) and owner.lower() in CHECKPOINT_DEFAULT_ENGINES else {}
+
+
+def _not_a_completion(body: Any) -> str:
+    """Why `body` is not a completion, with the message of an error object (vLLM answers some errors with status 200)."""
+    if isinstance(body, dict) and (body.get("object") == "error" or "error" in body):
+        error = body.get("error") if isinstance(body.get("error"), dict) else body
+        message = error.get("message") or body.get("message") or ""
+        return "the body is an error object" + (f": {' '.join(str(message).split())[:200]}" if message else "")
+    return "the body is not a completion (no choices)"
 
 
 def _server_message(error: Any) -> str:
@@ -157,16 +184,32 @@ class ChatClient:
     Args:
         endpoint: where and how to ask.
         sampling: the sampling settings of every request.
+        probe_seeds: the seeds of the episodes whose first requests decide whether the server can answer at all
+            (`play_served` passes the first ``max(concurrency, MIN_PROBE_EPISODES)`` of the run, in seed order).
         jitter_seed: seeds the backoff jitter (it changes only the waits).
 
-    The circuit breaker: a 401, 403 or 404, any other 4xx to an episode's first request before the
-    server has answered once, or
-    ``concurrency + 1`` episodes failed by transport before it has answered once, stop the run
-    (`EndpointRefused`): every request would fail alike. Setting `stop` (the run's interrupt) makes
-    every backoff wait and every next request raise at once.
+    On construction the client asks ``GET /models`` what the server serves (`server`; retried like a chat
+    request) and, when that says vLLM or SGLang, sends `NEUTRAL_SAMPLING_FIELDS` with every request so
+    that the server decodes as the local path does whatever its flags; `Sampling.extra_body` goes on top.
+    Every field sent besides the sampling keywords is in `extra_body`, in the record and in the cache key.
+
+    The circuit breaker stops the run (`EndpointRefused`) when every request would fail alike:
+
+    - a 401, 403 or 404, whenever it comes (a wrong key, no access, a wrong model name or URL);
+    - when the first request of every probe episode got no completion: each was refused with another 4xx
+      (not retried) or ran out of attempts (a dead server, a wrong port, a request form the server never
+      takes). Only those requests decide, not which of the requests in flight comes back first, so the
+      decision is the same whatever the thread timing; an answer replayed from the cache counts as a
+      completion got, so a rerun decides as its first run did. One episode refused alone never stops a
+      run of two or more, and a run never ends without a completion at all (its first episodes are
+      probes). Every other failure fails its episode only (`TransportFailure`).
+
+    Setting `stop` (the run's interrupt) makes every backoff wait and every next request raise at once.
     """
 
-    def __init__(self, endpoint: ServedEndpoint, sampling: Sampling, *, jitter_seed: int | None = None) -> None:
+    def __init__(
+        self, endpoint: ServedEndpoint, sampling: Sampling, *, probe_seeds: Sequence[int] = (), jitter_seed: int | None = None
+    ) -> None:
         # Imported here: only a served evaluation needs the client.
         import openai
 
@@ -176,35 +219,44 @@ class ChatClient:
         if not api_key:
             logger.info("$%s is unset: sending a placeholder API key (enough for a local server)", endpoint.api_key_env)
         self.redactor = LogRedactor([*([api_key] if api_key else []), *url_secrets(endpoint.api_base)])
-        for handler in logging.getLogger().handlers:
+        self._filtered_handlers = list(logging.getLogger().handlers)
+        for handler in self._filtered_handlers:
             handler.addFilter(self.redactor)
-        # Query credentials (?key=...) go as the client's default query: the client appends paths to its base URL.
-        parsed = urlsplit(endpoint.api_base)
-        self._client = openai.OpenAI(
-            base_url=urlunsplit(parsed._replace(query="")),
-            default_query=dict(parse_qsl(parsed.query, keep_blank_values=True)) or None,
-            api_key=api_key or NO_KEY_PLACEHOLDER,
-            max_retries=0,
-            timeout=endpoint.request_timeout,
-        )
         self.cache = ResponseCache(endpoint.cache_dir) if endpoint.cache_dir is not None else None
         self.counters = TransportCounters()
         self.stop = threading.Event()
         self.failure: EndpointRefused | None = None
         """Why the run stopped, once it has: every later request raises it."""
-        self.answered = False
-        """Whether the server has answered a request with a completion yet."""
-        self._failed_unanswered = 0
+        self._probes: dict[int, bool | None] = dict.fromkeys(int(seed) for seed in probe_seeds)
+        """Probe episode's seed -> whether its first request got a completion (None while it is pending)."""
         self._lock = threading.Lock()
         self._rng = random.Random(jitter_seed)
-        self.server = self._identify()
-        """What the server says of the model (`server_identity`), part of every cache key; None if it does not say."""
+        self._client: Any = None
+        try:
+            # Query credentials (?key=...) go as the client's default query: the client appends paths to its base URL.
+            parsed = urlsplit(endpoint.api_base)
+            self._client = openai.OpenAI(
+                base_url=urlunsplit(parsed._replace(query="")),
+                default_query=dict(parse_qsl(parsed.query, keep_blank_values=True)) or None,
+                api_key=api_key or NO_KEY_PLACEHOLDER,
+                max_retries=0,
+                timeout=endpoint.request_timeout,
+            )
+            self.server = self._identify()
+            """What the server says of the model (`server_identity`), part of every cache key; None if it does not say."""
+        except BaseException:
+            self.close()
+            raise
+        self.extra_body = {**engine_extra_body(self.server), **sampling.extra_body}
+        """The fields sent in every request's body besides the sampling keywords (`NEUTRAL_SAMPLING_FIELDS`, ``--extra-body``)."""
 
     def close(self) -> None:
-        """Close the HTTP connections and take the log filter off."""
-        self._client.close()
-        for handler in logging.getLogger().handlers:
+        """Close the HTTP connections and take the log filter off (idempotent)."""
+        if self._client is not None:
+            self._client.close()
+        for handler in self._filtered_handlers:
             handler.removeFilter(self.redactor)
+        self._filtered_handlers = []
 
     def complete(self, messages: list[dict[str, Any]], *, episode_seed: int, request_index: int) -> Completion:
         """The completion of `messages`: from the cache, or asked for with retries.
@@ -215,6 +267,7 @@ class ChatClient:
             RunStopped: the run was stopped (`stop`) while this request waited.
         """
         self._check_running()
+        first = request_index == 0
         arguments = self.sampling.request_arguments(episode_seed, request_index)
         key = None
         if self.cache is not None:
@@ -222,43 +275,52 @@ class ChatClient:
                 "sampling_seed": self.sampling.sampling_seed or 0, "episode_seed": episode_seed, "request": request_index
             }
             key = ResponseCache.key(
-                self.endpoint.display_url, self.endpoint.model, messages, arguments, sample, server=self.server, tag=self.endpoint.cache_tag
+                self.endpoint.display_url, self.endpoint.model, messages, {**arguments, **self.extra_body}, sample,
+                server=self.server, tag=self.endpoint.cache_tag,
             )
             cached = self.cache.get(key)
             if cached is not None:
-                self._count(cache_hits=1)
+                self._answered(cached, episode_seed, first=first)
                 return cached
+        answer = self._with_retries(lambda: self._request(messages, arguments), counted=True, what=f"a request of episode {episode_seed}")
+        if isinstance(answer, Fault):
+            raise self._failed(answer, episode_seed, first=first)
+        self._answered(answer, episode_seed, first=first)
+        if self.cache is not None:
+            self.cache.put(key, answer)
+        return answer
+
+    def _with_retries(self, send: Callable[[], _Answer | Fault], *, counted: bool, what: str) -> _Answer | Fault:
+        """`send` until it gives an answer, a fault not worth retrying, or ``max_attempts`` faults (then the last fault).
+
+        Waits between attempts as the retry policy says; `counted` adds the attempts to `counters`.
+        """
         retry_policy = self.endpoint.retry
         fault: Fault | None = None
         for attempt in range(retry_policy.max_attempts):
             if fault is not None:  # a retry
                 with self._lock:
                     wait_seconds = retry_policy.delay(attempt - 1, fault.retry_after, self._rng)
-                self._count(retries=1)
+                self._count(retries=int(counted))
                 self.stop.wait(wait_seconds)
                 self._check_running()
-            self._count(requests=1)
-            answer = self._request(messages, arguments)
-            if isinstance(answer, Completion):
-                with self._lock:
-                    self.answered = True
-                    self.counters.refusals += answer.refused
-                if self.cache is not None:
-                    self.cache.put(key, answer)
+            self._count(requests=int(counted))
+            answer = send()
+            if not isinstance(answer, Fault):
                 return answer
             fault = answer
-            self._count(fault=fault.kind)
+            if counted:
+                self._count(fault=fault.kind)
             if not fault.retried:
-                raise self._refused(fault, first_turn=request_index == 0)
-            logger.debug("request for episode %d failed (%s), attempt %d", episode_seed, fault, attempt + 1)
-        raise self._exhausted(fault)
+                break
+            logger.debug("%s failed (%s), attempt %d of %d", what, fault, attempt + 1, retry_policy.max_attempts)
+        return fault
 
-    def _request(self, messages: list[dict[str, Any]], arguments: dict[str, Any]) -> Completion | Fault:
-        """One request: the completion (`parse_completion`), or the fault."""
+    def _call(self, send: Callable[[], Any]) -> Any:
+        """The JSON body of the response to `send` (one request through the openai client, raw), or the `Fault`."""
         openai = self._openai
         try:
-            raw = self._client.chat.completions.with_raw_response.create(model=self.endpoint.model, messages=messages, **arguments)
-            body = json.loads(raw.http_response.text)
+            return json.loads(send().http_response.text)
         except openai.APIStatusError as error:
             return Fault(
                 f"HTTP {error.status_code}",
@@ -272,32 +334,53 @@ class ChatClient:
             return Fault("connection error", message=self.redactor.redact(str(error.__cause__ or error)))
         except ValueError:  # the body is not JSON (e.g. a proxy's HTML error page)
             return Fault("malformed response", message="the body is not JSON")
+
+    def _request(self, messages: list[dict[str, Any]], arguments: dict[str, Any]) -> Completion | Fault:
+        """One chat request: the completion (`parse_completion`), or the fault."""
+        body = self._call(
+            lambda: self._client.chat.completions.with_raw_response.create(
+                model=self.endpoint.model, messages=messages, **arguments, extra_body=self.extra_body or None
+            )
+        )
+        if isinstance(body, Fault):
+            return body
         completion = parse_completion(body)
-        return completion if completion is not None else Fault("malformed response", message="the body is not a completion")
+        return completion if completion is not None else Fault("malformed response", message=self.redactor.redact(_not_a_completion(body)))
 
-    def _refused(self, fault: Fault, *, first_turn: bool) -> Exception:
-        """The error for a 4xx that is not retried: the run stops (see the class docstring), or only the episode fails."""
+    def _answered(self, completion: Completion, episode_seed: int, *, first: bool) -> None:
+        """Count a completion (a replayed one too); the first of a probe episode means the server can answer."""
+        with self._lock:
+            self.counters.refusals += completion.refused
+            self.counters.cache_hits += completion.from_cache
+            if first and episode_seed in self._probes:
+                self._probes[episode_seed] = True
+
+    def _failed(self, fault: Fault, episode_seed: int, *, first: bool) -> Exception:
+        """The error for a turn that got no completion: the run stops (see the class docstring), or only the episode fails."""
+        url, model, attempts = self.endpoint.display_url, self.endpoint.model, self.endpoint.retry.max_attempts
         hint = REFUSED_STATUSES.get(fault.status)
+        if hint is not None:
+            return self._stop_run(f"{url} answered {fault.kind} for model {model!r}: {fault.message} ({hint.format(api_base=url)})")
         with self._lock:
-            answered = self.answered
-        # An episode's first request is its shortest: refused before any answer, it is the request's form, not its length.
-        if hint is None and (answered or not first_turn):
-            return TransportFailure(f"{fault.kind} (not retried): {fault.message}")
-        why = hint.format(api_base=self.endpoint.display_url) if hint else "before any request got a completion, so every request would likely fail alike"
-        return self._stop_run(f"{self.endpoint.display_url} answered {fault.kind} for model {self.endpoint.model!r}: {fault.message} ({why})")
-
-    def _exhausted(self, fault: Fault) -> Exception:
-        """The error when a turn's retries run out: the episode fails, or the run stops if the server has never answered."""
-        attempts = self.endpoint.retry.max_attempts
-        with self._lock:
-            self._failed_unanswered += not self.answered
-            trip = not self.answered and self._failed_unanswered >= self.endpoint.concurrency + 1
+            if first and episode_seed in self._probes and self._probes[episode_seed] is None:
+                self._probes[episode_seed] = False
+                trip = all(answered is False for answered in self._probes.values())
+            else:
+                trip = False
+        probes = "the only episode" if len(self._probes) == 1 else f"each of the first {len(self._probes)} episodes"
+        if trip and fault.retried:
+            return self._stop_run(
+                f"no request to {url} has got a completion: the first request of {probes} failed by transport ({attempts} "
+                f"attempts each), the last: {fault}; is the server up and --api-base right?"
+            )
         if trip:
             return self._stop_run(
-                f"no request to {self.endpoint.display_url} has got a completion: {self._failed_unanswered} episodes failed by "
-                f"transport, {attempts} attempts each, the last: {fault}; is the server up and --api-base right?"
+                f"{url} answered {fault.kind} for model {model!r}: {fault.message} (to the first request of {probes}, "
+                "none of which got a completion: every request would likely fail alike)"
             )
-        return TransportFailure(f"no completion after {attempts} attempts; the last: {fault}")
+        if fault.retried:
+            return TransportFailure(f"no completion after {attempts} attempts; the last: {fault}")
+        return TransportFailure(f"{fault.kind} (not retried): {fault.message}")
 
     def _stop_run(self, message: str) -> EndpointRefused:
         with self._lock:
@@ -311,29 +394,38 @@ class ChatClient:
             raise EndpointRefused(str(self.failure)) if self.failure is not None else RunStopped()
 
     def _identify(self) -> dict[str, Any] | None:
-        """`server_identity` from ``GET /models``; on a local server that does not answer it, a warning (see the message)."""
-        openai = self._openai
-        try:
-            raw = self._client.with_options(timeout=min(self.endpoint.request_timeout, MODELS_TIMEOUT)).models.with_raw_response.list()
-            identity, reason = server_identity(json.loads(raw.http_response.text), self.endpoint.model, now=time.time()), "it lists no models"
-        except openai.APIStatusError as error:
-            identity, reason = None, f"HTTP {error.status_code}"
-        except (openai.APIError, ValueError) as error:
-            identity, reason = None, self.redactor.redact(str(error.__cause__ or error))
-        if identity is None and self.cache is not None and self.endpoint.cache_tag is None and self.endpoint.is_local:
-            logger.warning(
-                "GET %s/models failed (%s), so the response cache cannot tell the model served there now from another "
-                "served at the same URL under the same name: a rerun against another checkpoint would replay this one's "
-                "answers. Pass --cache-tag (e.g. the checkpoint's name) or --no-cache",
-                self.endpoint.display_url, reason,
-            )
+        """`server_identity` from ``GET /models``, retried like a chat request; None when it says nothing (see the warnings).
+
+        A listing that fails however often it is asked (a transient fault outlasting the retries) gives None,
+        the identity of a server without ``GET /models``: the cache key never takes a third value, and the
+        warning says that answers cached by runs that read the listing are not replayed by this one.
+        """
+        models = self._client.with_options(timeout=min(self.endpoint.request_timeout, MODELS_TIMEOUT)).models
+        listing = self._with_retries(lambda: self._call(models.with_raw_response.list), counted=False, what="GET /models")
+        identity = None if isinstance(listing, Fault) else server_identity(listing, self.endpoint.model)
+        if identity is None and self.cache is not None:
+            if isinstance(listing, Fault) and listing.retried:
+                logger.warning(
+                    "GET %s/models failed %d times (the last: %s): the response cache keys this run as for a server that "
+                    "does not say which model it serves, so answers cached by runs that could read it are not replayed "
+                    "(rerun when the server answers it to replay them), and a checkpoint served at the same URL under the "
+                    "same name later could replay this run's answers unless --cache-tag tells them apart",
+                    self.endpoint.display_url, self.endpoint.retry.max_attempts, listing,
+                )
+            elif self.endpoint.cache_tag is None and self.endpoint.is_local:
+                reason = listing.kind if isinstance(listing, Fault) else "it lists no models"
+                logger.warning(
+                    "GET %s/models failed (%s), so the response cache cannot tell the model served there now from another "
+                    "served at the same URL under the same name: a rerun against another checkpoint would replay this one's "
+                    "answers. Pass --cache-tag (e.g. the checkpoint's name) or --no-cache",
+                    self.endpoint.display_url, reason,
+                )
         logger.debug("server identity of %s: %s", self.endpoint.model, identity)
         return identity
 
-    def _count(self, *, requests: int = 0, retries: int = 0, cache_hits: int = 0, fault: str | None = None) -> None:
+    def _count(self, *, requests: int = 0, retries: int = 0, fault: str | None = None) -> None:
         with self._lock:
             self.counters.requests += requests
             self.counters.retries += retries
-            self.counters.cache_hits += cache_hits
             if fault is not None:
                 self.counters.faults[fault] = self.counters.faults.get(fault, 0) + 1

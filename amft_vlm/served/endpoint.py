@@ -7,7 +7,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -88,11 +88,19 @@ def retry_after_seconds(headers: Any) -> float | None:
 
 
 def check_api_base(api_base: str) -> str:
-    """`api_base` without a trailing slash; raises ``ValueError`` unless it is an http(s) URL with a host."""
+    """`api_base` without a trailing slash; raises ``ValueError`` unless it is an http(s) URL with a host and a valid port."""
     parsed = urlsplit(api_base)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ValueError(
             f"--api-base must be an http(s) URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1; got {redact_url(api_base)!r}"
+        )
+    try:
+        port = parsed.port  # raises for a port that is not a number or is over 65535
+    except ValueError:
+        port = -1
+    if port is not None and not 0 < port <= 65535:
+        raise ValueError(
+            f"--api-base has no valid port (a number from 1 to 65535, e.g. http://localhost:8000/v1); got {redact_url(api_base)!r}"
         )
     return urlunsplit(parsed._replace(path=parsed.path.rstrip("/")))
 
@@ -137,7 +145,10 @@ class LogRedactor(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record's message if it shows a secret or a data URL; never drops a record."""
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's malformed log call (arguments that do not fit its format): logging reports it, not us
+            return True
         redacted = self.redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
@@ -160,7 +171,8 @@ class ServedEndpoint:
             credentials in it (``user:pass@host``, ``?key=...``) are used but never recorded or logged.
         model: the model name the API serves, e.g. ``Qwen/Qwen2.5-VL-7B-Instruct``.
         api_key_env: the environment variable holding the API key (unset: a placeholder is sent).
-        concurrency: episodes in flight at once.
+        concurrency: episodes in flight at once, each with an environment of its own in memory (V-IRL vision: about
+            50 MB each; GeneralPoints vision: about 20 MB).
         request_timeout: seconds one request may take before it is abandoned (and retried).
         retry: the retry policy for transport faults.
         cache_dir: the response cache directory; None turns the cache off.
@@ -204,12 +216,17 @@ class ServedEndpoint:
         host = urlsplit(self.api_base).hostname or ""
         return host in LOCAL_HOSTS or host.startswith("127.")
 
-    def to_record(self) -> dict[str, Any]:
-        """The settings as JSON values for the evaluation record: the URL without credentials, the key's variable name."""
-        settings = asdict(self)
-        settings.pop("model")
-        settings["api_base"] = self.display_url
-        return settings
+
+RESERVED_BODY_FIELDS = {
+    "model": "--model",
+    "messages": "the environment's dialogue",
+    "stream": "the client (it reads whole responses)",
+    "n": "the client (one answer per request)",
+    "temperature": "--temperature",
+    "max_tokens": "--max-new-tokens",
+    "seed": "--seed (a sampled request's seed is derived from it)",
+}
+"""Request fields ``--extra-body`` may not set, and what sets each instead."""
 
 
 @dataclass(frozen=True)
@@ -220,15 +237,27 @@ class Sampling:
         temperature: None for greedy decoding (sent as temperature 0).
         max_tokens: the most tokens per answer (at least 1).
         sampling_seed: the run's sampling seed (sampled runs only).
+        extra_body: more fields for every request's JSON body (``--extra-body``), e.g. ``{"top_k": -1}`` for a
+            server whose decoding defaults differ from the local path's; sent as given, on top of the fields the
+            client adds for vLLM and SGLang (`amft_vlm.served.client.engine_extra_body`).
     """
 
     temperature: float | None
     max_tokens: int
     sampling_seed: int | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1 for a served model; got {self.max_tokens}")
+        if not isinstance(self.extra_body, dict):
+            raise ValueError(f"--extra-body must be a JSON object, e.g. '{{\"top_k\": -1}}'; got {self.extra_body!r}")
+        reserved = sorted(set(self.extra_body) & set(RESERVED_BODY_FIELDS))
+        if reserved:
+            raise ValueError(
+                f"--extra-body may not set {', '.join(reserved)}: "
+                + "; ".join(f"{name} is set by {RESERVED_BODY_FIELDS[name]}" for name in reserved)
+            )
 
     def request_arguments(self, episode_seed: int, request_index: int) -> dict[str, Any]:
         """The request's sampling keywords; a sampled request gets a seed of its own (episode, place in it)."""

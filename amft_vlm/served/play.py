@@ -9,18 +9,20 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agents.chat import Dialogue
 from agents.vision_inputs import ImageLike, resize_image
 from amft_vlm.episode_metrics import TRANSPORT_FAILURE, EpisodeOutcome
 from amft_vlm.rollout import DialogueRecorder, RolloutEngine, record_environment_message
-from amft_vlm.served.client import ChatClient, TransportCounters, TransportFailure
+from amft_vlm.served.client import MIN_PROBE_EPISODES, ChatClient, TransportCounters, TransportFailure
 from amft_vlm.served.endpoint import Sampling, ServedEndpoint
+from amft_vlm.served.record import EpisodeUsage, ServedInfo
 
 logger = logging.getLogger(__name__)
 
@@ -90,24 +92,6 @@ class DialogueTracker(gym.Wrapper):
         return observation, reward, terminated, truncated, info
 
 
-@dataclass
-class EpisodeUsage:
-    """What one episode cost: answers, how many replayed from the cache, and tokens.
-
-    ``prompt_tokens`` and ``completion_tokens`` are those the API reported for the requests sent (spent
-    in this run); ``replayed_*`` those of the answers replayed from the cache (spent in an earlier run).
-    """
-
-    seed: int
-    answers: int = 0
-    from_cache: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    replayed_prompt_tokens: int = 0
-    replayed_completion_tokens: int = 0
-    transport_failure: str | None = None
-
-
 class ServedResponder:
     """An `agents.base.Agent` that asks the served model, with the dialogue so far, for each answer of one episode."""
 
@@ -140,29 +124,41 @@ class ServedResponder:
 
 @dataclass(frozen=True)
 class ServedRun:
-    """What `play_served` returns: the outcomes in seed order, each episode's usage, and the client's counters."""
+    """What `play_served` returns: the outcomes in seed order, each episode's usage, the client's counters, the
+    server's identity (`server_identity`) and the fields sent in every request's body besides the sampling keywords."""
 
     outcomes: list[EpisodeOutcome]
     usage: list[EpisodeUsage]
     counters: TransportCounters
     server_identity: dict[str, Any] | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)
 
-    def summary(self) -> dict[str, Any]:
-        """The run as JSON values for the evaluation record's ``served`` entry (besides the endpoint settings)."""
-        return {
-            "server_identity": self.server_identity,
-            "requests_sent": self.counters.requests,
-            "retries": self.counters.retries,
-            "answers_from_cache": self.counters.cache_hits,
-            "refusals": self.counters.refusals,
-            "faults": dict(sorted(self.counters.faults.items())),
-            "transport_failures": sum(usage.transport_failure is not None for usage in self.usage),
-            **{
-                name: sum(getattr(usage, name) for usage in self.usage)
-                for name in ("prompt_tokens", "completion_tokens", "replayed_prompt_tokens", "replayed_completion_tokens")
-            },
-            "episode_usage": [asdict(usage) for usage in self.usage],
-        }
+    def info(self, endpoint: ServedEndpoint) -> ServedInfo:
+        """The evaluation record's ``served`` entry: `endpoint`'s settings (its URL without credentials, the key's variable
+        name, never the key) and this run."""
+        return ServedInfo(
+            api_base=endpoint.display_url,
+            api_key_env=endpoint.api_key_env,
+            concurrency=endpoint.concurrency,
+            request_timeout=endpoint.request_timeout,
+            retry=endpoint.retry,
+            cache_dir=endpoint.cache_dir,
+            cache_tag=endpoint.cache_tag,
+            min_pixels=endpoint.min_pixels,
+            max_pixels=endpoint.max_pixels,
+            server_identity=self.server_identity,
+            requests_sent=self.counters.requests,
+            retries=self.counters.retries,
+            answers_from_cache=self.counters.cache_hits,
+            refusals=self.counters.refusals,
+            faults=dict(sorted(self.counters.faults.items())),
+            transport_failures=sum(usage.transport_failure is not None for usage in self.usage),
+            prompt_tokens=sum(usage.prompt_tokens for usage in self.usage),
+            completion_tokens=sum(usage.completion_tokens for usage in self.usage),
+            replayed_prompt_tokens=sum(usage.replayed_prompt_tokens for usage in self.usage),
+            replayed_completion_tokens=sum(usage.replayed_completion_tokens for usage in self.usage),
+            episode_usage=tuple(self.usage),
+        )
 
 
 @contextmanager
@@ -185,7 +181,8 @@ def _play_episode(engine: RolloutEngine, client: ChatClient, seed: int) -> tuple
         return outcomes[0], usage
     except TransportFailure as failure:
         usage.transport_failure = str(failure)
-        logger.warning("episode with seed %d failed by transport: %s", seed, failure)
+        if not client.stop.is_set():  # once the run has stopped, an episode still in flight is no news
+            logger.warning("episode with seed %d failed by transport: %s", seed, failure)
         tracker = engine.envs[0]
         return EpisodeOutcome(seed, (*tracker.verdicts, TRANSPORT_FAILURE), (*tracker.rewards, 0.0), success=False), usage
 
@@ -213,18 +210,22 @@ def play_served(
             calling thread, in the order episodes end).
 
     An episode whose turn failed by transport is recorded with the answers it had and a last verdict
-    ``transport_failure`` (reward 0, unsolved). The first error of an episode (the circuit breaker's
-    `EndpointRefused`), or of `on_episode`, or an interrupt (``KeyboardInterrupt``) stops the run at once:
-    no further request is sent, backoff waits end, and the error is raised without waiting for the
-    requests in flight. Every turn answered so far is in the cache, so a rerun pays only for the rest.
+    ``transport_failure`` (reward 0, unsolved). The first ``max(concurrency, 2)`` episodes are the client's
+    probes (`ChatClient`): if none of their first requests gets a completion, the run stops. The first error
+    of an episode (the circuit breaker's `EndpointRefused`), or of `on_episode`, or an interrupt
+    (``KeyboardInterrupt``) stops the run at once: no further request is sent, backoff waits end, the
+    client is closed and the error is raised without waiting for the requests in flight. Every turn
+    answered so far is in the cache, so a rerun pays only for the rest. Log lines go above the progress
+    bar (``tqdm.contrib.logging.logging_redirect_tqdm``), the client's `LogRedactor` on them.
     """
-    client = ChatClient(endpoint, sampling)
+    seeds = [int(seed) for seed in seeds]
     queued: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
     for index, seed in enumerate(seeds):
-        queued.put((index, int(seed)))
+        queued.put((index, seed))
     finished: queue.SimpleQueue[tuple[int, tuple[EpisodeOutcome, EpisodeUsage] | BaseException]] = queue.SimpleQueue()
+    results: list[tuple[EpisodeOutcome, EpisodeUsage] | None] = [None] * len(seeds)
 
-    def work() -> None:
+    def work(client: ChatClient) -> None:
         engine = RolloutEngine(None, lambda: DialogueTracker(gym.make(env_id, **env_kwargs)))
         try:
             while not client.stop.is_set():
@@ -240,39 +241,43 @@ def play_served(
         finally:
             engine.close()
 
-    # Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so an
-    # interrupted run would linger until its requests in flight time out (--request-timeout, 120 s).
-    workers = [threading.Thread(target=work, name=f"served-{n}", daemon=True) for n in range(min(endpoint.concurrency, len(seeds)))]
-    results: list[tuple[EpisodeOutcome, EpisodeUsage] | None] = [None] * len(seeds)
-    try:
-        with (
-            _quiet_engine_summaries(),
-            tqdm(total=len(seeds), desc=f"eval {env_id} / {endpoint.model}", unit="episode", disable=not progress) as bar,
-        ):
+    # The redirect comes first: the client puts its log filter on the handlers there are when it starts.
+    with logging_redirect_tqdm(), _quiet_engine_summaries():
+        client = ChatClient(endpoint, sampling, probe_seeds=seeds[: max(endpoint.concurrency, MIN_PROBE_EPISODES)])
+        # Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so an
+        # interrupted run would linger until its requests in flight time out (--request-timeout, 120 s).
+        workers = [
+            threading.Thread(target=work, args=(client,), name=f"served-{n}", daemon=True)
+            for n in range(min(endpoint.concurrency, len(seeds)))
+        ]
+        try:
+            with tqdm(total=len(seeds), desc=f"eval {env_id} / {endpoint.model}", unit="episode", disable=not progress) as bar:
+                for worker in workers:
+                    worker.start()
+                solved = failed = 0
+                for _ in seeds:
+                    index, result = finished.get()
+                    if isinstance(result, BaseException):
+                        raise result
+                    results[index] = outcome, usage = result
+                    solved += outcome.success
+                    failed += usage.transport_failure is not None
+                    bar.update(1)
+                    bar.set_postfix(success=solved, transport_failures=failed, refresh=False)
+                    if on_episode is not None:
+                        on_episode(index, outcome, usage)
             for worker in workers:
-                worker.start()
-            solved = failed = 0
-            for _ in seeds:
-                index, result = finished.get()
-                if isinstance(result, BaseException):
-                    raise result
-                results[index] = outcome, usage = result
-                solved += outcome.success
-                failed += usage.transport_failure is not None
-                bar.update(1)
-                bar.set_postfix(success=solved, transport_failures=failed, refresh=False)
-                if on_episode is not None:
-                    on_episode(index, outcome, usage)
-    except BaseException:
-        # The client stays open: threads still waiting on a request finish it, see `stop`, and end.
-        client.stop.set()
-        raise
-    for worker in workers:
-        worker.join()  # each is closing its environment: the queue is empty
-    client.close()
+                worker.join()  # each is closing its environment: the queue is empty
+        except BaseException:
+            # Threads still waiting on a request see `stop` (or their closed connection) and end; nobody waits for them.
+            client.stop.set()
+            raise
+        finally:
+            client.close()
     return ServedRun(
         outcomes=[result[0] for result in results],
         usage=[result[1] for result in results],
         counters=client.counters,
         server_identity=client.server,
+        extra_body=dict(client.extra_body),
     )

@@ -2,18 +2,22 @@
 
 `ChatServer` answers ``POST /v1/chat/completions`` and ``GET /v1/models`` on 127.0.0.1 from a
 background thread: each request's messages go to an ``answer`` function (the dialogue in, the
-completion text out), and every chat request is kept in `ChatServer.requests`. A script of handlings
+completion text out), and every chat request is kept in `ChatServer.requests` (its whole JSON body,
+so the sampling fields sent can be checked, and its headers). A script of handlings
 (`ChatServer.inject`) is consumed one per chat request, in arrival order, before normal answers resume:
 
 - transport faults: ``"400"`` (a context-length error, not retried), ``"401"``, ``"404"``, ``"429"`` (with
   ``Retry-After``), ``"500"``, ``"hang"`` (never answers), ``"drop"`` (closes the connection without a
-  reply), ``"not-json"`` (a 200 whose body is an HTML page);
+  reply), ``"not-json"`` (a 200 whose body is an HTML page), ``"error-200"`` (a 200 whose body is vLLM's
+  error object, ``"object": "error"``), ``"empty-body"`` (a 200 whose body is ``{}``);
 - malformed completions, the model's answer ``""``: ``"no-choices"`` (``[]``), ``"null-choices"``,
   ``"null-message"``, ``"null-content"``, ``"empty-content"``, ``"refusal"`` (``finish_reason``
   ``content_filter``, a ``refusal`` message and no content);
 - odd but complete answers: ``"null-usage"``, ``"null-usage-fields"``, ``"parts-content"`` (the answer
   as two text parts);
 - ``"ok"``: the normal answer (to space faults out in a script).
+
+`ChatServer.inject_listing` scripts ``GET /v1/models`` the same way (``"500"``, ``"429"``, ...).
 
 Run it on its own to evaluate against it from the command line (it answers with the expert's answer
 for what it was sent; Ctrl-C or SIGTERM stops it and prints what it was asked)::
@@ -51,7 +55,10 @@ EMPTY_COMPLETIONS = ("no-choices", "null-choices", "null-message", "null-content
 ODD_COMPLETIONS = ("null-usage", "null-usage-fields", "parts-content")
 """Completions of the right answer in an unusual shape."""
 
-FAULTS = ("400", "401", "404", "429", "500", "hang", "drop", "not-json", *EMPTY_COMPLETIONS, *ODD_COMPLETIONS)
+NOT_COMPLETIONS = ("not-json", "error-200", "empty-body")
+"""Status 200 with a body that is not a completion: a transport fault the client retries."""
+
+FAULTS = ("400", "401", "404", "429", "500", "hang", "drop", *NOT_COMPLETIONS, *EMPTY_COMPLETIONS, *ODD_COMPLETIONS)
 """Faults `ChatServer.inject` accepts (and ``"ok"``)."""
 
 _ERRORS = {
@@ -157,8 +164,9 @@ class ChatServer:
         fault_for: a fault for a request's messages, or None: a request that always fails (e.g. always ``"500"``).
         model: the model ``GET /v1/models`` lists.
         root: the listed model's ``root`` (vLLM lists the checkpoint path there); change it to serve "another checkpoint".
-        created: the listed model's ``created``; None stamps each listing with its own time, as vLLM does.
-        list_models: answer ``GET /v1/models`` (False: 404, as some servers do).
+        owned_by: the listed model's ``owned_by`` (``"vllm"`` or ``"sglang"`` to pose as those servers).
+        list_models: answer ``GET /v1/models`` (False: 404, as some servers do). Each listing's ``created`` is
+            its own time, as vLLM stamps it.
     """
 
     def __init__(
@@ -170,18 +178,19 @@ class ChatServer:
         fault_for: Callable[[list[dict[str, Any]]], str | None] | None = None,
         model: str = "test-model",
         root: str | None = "checkpoints/test-model",
-        created: int | None = None,
+        owned_by: str = "chat-server",
         list_models: bool = True,
     ) -> None:
         self.answer = answer
         self.fault_for = fault_for
         self.retry_after = retry_after
         self.hang_after = hang_after
-        self.model, self.root, self.created, self.list_models = model, root, created, list_models
+        self.model, self.root, self.owned_by, self.list_models = model, root, owned_by, list_models
         self.requests: list[ReceivedRequest] = []
         self.listings = 0
         self._hanging = 0
         self._faults: deque[str] = deque()
+        self._listing_faults: deque[str] = deque()
         self._lock = threading.Lock()
         self._release = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -200,6 +209,14 @@ class ChatServer:
             raise ValueError(f"unknown faults {sorted(unknown)}; choose from {FAULTS} or 'ok'")
         with self._lock:
             self._faults.extend(faults)
+
+    def inject_listing(self, *faults: str) -> None:
+        """Queue error answers (``"500"``, ``"429"``, ...) for the coming ``GET /v1/models``, one each, before listings resume."""
+        unknown = set(faults) - set(_ERRORS)
+        if unknown:
+            raise ValueError(f"unknown listing faults {sorted(unknown)}; choose from {sorted(_ERRORS)}")
+        with self._lock:
+            self._listing_faults.extend(faults)
 
     def resume(self) -> None:
         """Stop hanging (`hang_after`): release the requests held and answer the coming ones."""
@@ -237,12 +254,16 @@ class ChatServer:
             self.requests.append(ReceivedRequest(body, handling, time.monotonic(), path, headers))
         return handling
 
-    def _model_listing(self) -> dict[str, Any]:
+    def _model_listing(self) -> tuple[int, dict[str, Any]]:
+        """The status and body of a ``GET /v1/models``: a scripted error, or the listing."""
         with self._lock:
             self.listings += 1
-        created = int(time.time()) if self.created is None else self.created
-        card = {"id": self.model, "object": "model", "created": created, "owned_by": "chat-server", "root": self.root}
-        return {"object": "list", "data": [card]}
+            fault = self._listing_faults.popleft() if self._listing_faults else None
+        if fault is not None:
+            status, message = _ERRORS[fault]
+            return status, {"error": {"message": message}}
+        card = {"id": self.model, "object": "model", "created": int(time.time()), "owned_by": self.owned_by, "root": self.root}
+        return 200, {"object": "list", "data": [card]}
 
     def _hang(self) -> None:
         with self._lock:
@@ -260,7 +281,8 @@ class ChatServer:
 
             def do_GET(self) -> None:  # noqa: N802  (http.server's name)
                 if server.list_models and urlsplit(self.path).path.rstrip("/").endswith("/models"):
-                    self._send(200, json.dumps(server._model_listing()).encode())
+                    status, listing = server._model_listing()
+                    self._send(status, json.dumps(listing).encode())
                 else:
                     self._send(404, b'{"error": {"message": "not found"}}')
 
@@ -278,6 +300,11 @@ class ChatServer:
                     self._send(status, json.dumps({"error": {"message": message}}).encode(), headers)
                 elif handling == "not-json":
                     self._send(200, b"<html>502 Bad Gateway</html>")
+                elif handling == "error-200":
+                    error = {"object": "error", "message": "the engine is restarting", "type": "InternalServerError", "code": 500}
+                    self._send(200, json.dumps(error).encode())
+                elif handling == "empty-body":
+                    self._send(200, b"{}")
                 else:
                     answer = server.answer(body["messages"]) if handling in ("ok", *ODD_COMPLETIONS) else None
                     self._send(200, json.dumps(_completion(body, answer, handling)).encode())
@@ -321,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model", default="test-model", help="the model name GET /v1/models lists")
+    parser.add_argument("--owned-by", default="chat-server", help="the owned_by GET /v1/models lists (vllm, sglang: pose as those)")
     parser.add_argument("--env", default="GeneralPoints-v0")
     parser.add_argument("--modality", default="language")
     parser.add_argument("--episodes", type=int, default=24)
@@ -343,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         retry_after=args.retry_after,
         fault_for=lambda messages: "500" if first_user_key(messages) == poisoned else None,
         model=args.model,
+        owned_by=args.owned_by,
     ) as server:
         server.inject(*[fault for fault in args.faults.split(",") if fault])
         print(server.url, flush=True)

@@ -1,6 +1,7 @@
 """Evaluation: sanity rows (expert 100%, random 0%) on every setting, the metrics, records, the CLI, and the
 agents' records of the per-episode loop the rollout engine replaced."""
 
+import dataclasses
 import json
 import math
 
@@ -11,6 +12,7 @@ from amft_vlm import evaluate as evaluation
 from amft_vlm.cli import main
 from amft_vlm.episode_metrics import EpisodeOutcome, Metric, compute_metrics
 from amft_vlm.evaluate import comparison_table, evaluate, load_record, paper_setting, write_record
+from amft_vlm.served import EpisodeUsage, RetryPolicy, ServedInfo
 from tests.amft_vlm.model_free import AGENTS, ORACLE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -201,6 +203,71 @@ def test_record_round_trips_and_tables(tmp_path):
     path.write_text("{}")
     with pytest.raises(ValueError, match="format_version"):
         load_record(path)
+
+
+def _as_served(record, served):
+    """`record` as if a served model had played it, with the ``served`` entry `served`."""
+    decoding = {"greedy": True, "temperature": None, "sampling_seed": None, "max_new_tokens": 256, "extra_body": {}}
+    return dataclasses.replace(record, model="served-model", model_kind="served", decoding=decoding, served=served)
+
+
+def test_served_records_round_trip_and_older_ones_read(tmp_path):
+    agent = _evaluate_agent(ExpertAgent(), "GeneralPoints-v0", "id", "language")
+    usage = [EpisodeUsage(seed, answers=1, prompt_tokens=10, completion_tokens=2) for seed in agent.seeds[:-1]]
+    usage.append(EpisodeUsage(agent.seeds[-1], transport_failure="no completion after 6 attempts; the last: HTTP 500: internal error"))
+    served = ServedInfo(
+        api_base="http://***@127.0.0.1:8000/v1", api_key_env="OPENAI_API_KEY", concurrency=4, request_timeout=120.0,
+        retry=RetryPolicy(), cache_dir="/cache", min_pixels=3136, max_pixels=12845056, server_identity={"id": "m", "owned_by": "vllm"},
+        requests_sent=17, retries=6, faults={"HTTP 500": 6}, transport_failures=1, prompt_tokens=110, completion_tokens=22,
+        episode_usage=tuple(usage),
+    )
+    record = _as_served(agent, served)
+    path = tmp_path / "served.json"
+    write_record(record, path)
+    assert load_record(path) == record
+    data = json.loads(path.read_text())
+    assert data["served"]["retry"] == {"max_attempts": 6, "base_delay": 1.0, "max_delay": 60.0, "max_retry_after": 120.0}
+    assert data["served"]["episode_usage"][0] == {
+        "seed": 0, "answers": 1, "from_cache": 0, "prompt_tokens": 10, "completion_tokens": 2, "replayed_prompt_tokens": 0,
+        "replayed_completion_tokens": 0, "transport_failure": None,
+    }
+    text = record.to_markdown()
+    assert f"| 1/{record.episodes} | 110 + 22 |" in text and "1 x no completion after 6 attempts" in text
+    # A record written with fewer fields reads the missing ones as unknown (None) or 0.
+    data["served"] = {"api_base": "http://h/v1", "requests_sent": 3, "unknown_field": True}
+    path.write_text(json.dumps(data))
+    older = load_record(path)
+    assert older.served == ServedInfo(api_base="http://h/v1", requests_sent=3)
+    assert "Served by http://h/v1: 3 requests sent, 0 retries" in older.to_markdown()
+    assert f"| 0/{record.episodes} | 0 + 0 |" in comparison_table([older, agent])
+
+
+@pytest.mark.parametrize(
+    ("served", "message"),
+    [
+        ("hand-edited", "'served' must be an object (the endpoint and what the run did), or absent; got 'hand-edited'"),
+        ({"requests_sent": 3}, "served.api_base must be the endpoint's URL; got None"),
+        ({"api_base": "http://h/v1", "requests_sent": "many"}, "served.requests_sent must be a whole number; got 'many'"),
+        ({"api_base": "http://h/v1", "episode_usage": [{"answers": 1}]}, "served.episode_usage entries need their episode's seed"),
+        ({"api_base": "http://h/v1", "episode_usage": [{"seed": 0, "answers": 1.5}]}, "served.episode_usage[].answers must be a whole number"),
+        ({"api_base": "http://h/v1", "retry": {"max_attempts": 0}}, "served.retry must be a retry policy object or null"),
+    ],
+)
+def test_report_names_a_malformed_served_entry(served, message, tmp_path, capsys):
+    """A hand-edited record whose ``served`` entry is not what a served evaluation writes stops ``report`` with one line
+    naming the file and the field, before anything is written."""
+    data = _evaluate_agent(ExpertAgent(), "GeneralPoints-v0", "id", "language").to_dict()
+    data.update(model_kind="served", served=served)
+    path = tmp_path / "served.json"
+    path.write_text(json.dumps(data))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "mu": 1.0, "loss": 1.0}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(run), "--out", str(tmp_path / "report"), "--eval", str(path)])
+    assert exit_info.value.code == 2
+    assert f"amft-vlm report: error: {path}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
 
 
 def test_paper_defaults():

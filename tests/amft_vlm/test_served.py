@@ -38,6 +38,7 @@ from amft_vlm.served import (
     RetryPolicy,
     Sampling,
     ServedEndpoint,
+    ServedRun,
     parse_completion,
     play_served,
     retry_after_seconds,
@@ -109,6 +110,27 @@ def _cached(tmp_path):
     return sorted((tmp_path / "cache").glob("*.json"))
 
 
+def _header(request, name):
+    """A request header the server received, whatever the case of its name."""
+    return {key.lower(): value for key, value in request.headers.items()}.get(name.lower())
+
+
+def _redactor_filters():
+    """The `LogRedactor`s on the root logger's handlers (a finished or stopped run leaves none)."""
+    return [item for handler in logging.getLogger().handlers for item in handler.filters if isinstance(item, LogRedactor)]
+
+
+def _first_state(seed):
+    """`first_user_key` of the GeneralPoints language episode reset with `seed`: what a server sees first of it."""
+    env = gym.make(GP_LANGUAGE[0], **GP_LANGUAGE[1])
+    key = observation_key(env.reset(seed=seed)[0], max_pixels=MAX_PIXELS)
+    env.close()
+    return key
+
+
+FAST_RETRIES = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.01)
+
+
 def _prompt_tokens(messages):
     """The test server's prompt usage: the characters of the user turns."""
     return sum(len(last_user_text([message])) for message in messages if message["role"] == "user")
@@ -135,9 +157,12 @@ def test_expert_and_garbage_servers_give_the_agents_records(env_id, modality, en
     assert (served.metrics, served.verdict_shares, served.seeds, served.env_kwargs) == (
         agent.metrics, agent.verdict_shares, agent.seeds, agent.env_kwargs
     )
-    assert (served.model, served.model_kind, served.served["api_base"]) == ("test-model", "served", server.url)
+    assert (served.model, served.model_kind, served.served.api_base) == ("test-model", "served", server.url)
     assert served.versions["openai"] == importlib.metadata.version("openai")
-    assert served.served["server_identity"] == {"id": "test-model", "root": "checkpoints/test-model", "owned_by": "chat-server"}
+    assert served.served.server_identity == {"id": "test-model", "root": "checkpoints/test-model", "owned_by": "chat-server"}
+    # The key reaches the server (and nothing of it the record); a server that is not vLLM or SGLang gets no extra field.
+    assert all(_header(request, "Authorization") == f"Bearer {SECRET}" for request in server.requests)
+    assert served.decoding["extra_body"] == {} and not any("top_k" in request.body for request in server.requests)
     if env_id == "VIRL-v0":  # every correct V-IRL answer restarts the dialogue: one user turn per request
         assert all(len(request.messages) == 1 for request in server.requests)
         assert len(server.requests) == agent.metrics["mean_turns"].value * episodes > episodes
@@ -158,7 +183,7 @@ def test_expert_and_garbage_servers_give_the_agents_records(env_id, modality, en
     constant = evaluate(env_id=env_id, modality=modality, episodes=episodes, seed=3, agent=ConstantAgent(), env_kwargs=extra, progress=False)
     assert garbage.metrics["success_rate"].value == 0.0
     assert (garbage.metrics, garbage.verdict_shares) == (constant.metrics, constant.verdict_shares)
-    assert garbage.served["requests_sent"] == len(server.requests) == constant.metrics["mean_turns"].value * episodes
+    assert garbage.served.requests_sent == len(server.requests) == constant.metrics["mean_turns"].value * episodes
 
     written = [path.read_text() for path in _cached(tmp_path)]
     written += [(tmp_path / name).read_text() for name in ("expert.json", "garbage.json")]
@@ -210,25 +235,34 @@ def test_the_dialogue_sent_is_the_engines(tmp_path):
         assert all([message["role"] for message in messages] == ["user", "assistant", "user"][: len(messages)] for messages in sent)
 
 
-def test_transport_faults_are_retried(tmp_path, capsys):
+def test_transport_faults_are_retried(tmp_path, capsys, monkeypatch):
     """Rate limits with Retry-After, a 500, a hanging request, a dropped connection and a body that is not JSON are
     retried; retries that run out fail only that episode, counted apart."""
+    decided = []  # (the wait the server asked for, the wait the client chose) of every retry
+    delay = RetryPolicy.delay
+
+    def recorded_delay(policy, retry, retry_after, rng):
+        seconds = delay(policy, retry, retry_after, rng)
+        decided.append((retry_after, seconds))
+        return seconds
+
+    monkeypatch.setattr(RetryPolicy, "delay", recorded_delay)
     env_id, episodes = "GeneralPoints-v0", 8
-    args = ["--episodes", str(episodes), "--concurrency", "4", "--request-timeout", "0.5", "--retry-base-delay", "0.01",
-            "--retry-max-delay", "2", "--no-cache"]
+    # The hung request is held until the server closes, far past the 2 s timeout; the other answers take milliseconds.
+    args = ["--episodes", str(episodes), "--concurrency", "4", "--request-timeout", "2", "--retry-base-delay", "0.01",
+            "--retry-max-delay", "0.05", "--no-cache"]
     with expert_server(env_id, {"modality": "language"}, range(episodes)) as server:
         server.inject("429", "429", "429", "500", "hang", "drop", "not-json")
         record = _run_eval(_served_args(server, tmp_path, *args, "--max-attempts", "11"), tmp_path / "faults.json")
-        requests = list(server.requests)
     assert record.metrics["success_rate"].value == record.metrics["first_attempt_success"].value == 1.0
     assert record.metrics["success_rate"].count == episodes and "transport_failures" not in record.metrics
-    assert record.served["faults"] == {"HTTP 429": 3, "HTTP 500": 1, "connection error": 1, "malformed response": 1, "timeout": 1}
-    assert record.served["requests_sent"] == len(requests) == episodes + 7 and record.served["retries"] == 7
-    # Retry-After: 1 is honoured: the same dialogue comes back no sooner than a second after its 429.
-    for index, request in enumerate(requests):
-        if request.handling == "429":
-            again = next(later for later in requests[index + 1 :] if later.messages == request.messages)
-            assert again.arrived - request.arrived >= 1.0
+    faults = dict(record.served.faults)
+    assert faults.pop("timeout") >= 1  # the hung request (on a machine slow enough, an ordinary one too)
+    assert faults == {"HTTP 429": 3, "HTTP 500": 1, "connection error": 1, "malformed response": 1}
+    assert record.served.retries >= 7 and record.served.requests_sent == episodes + record.served.retries
+    # Retry-After: 1 is honoured: after each 429 the client chose to wait at least a second (the backoff bound is 0.05 s).
+    after_rate_limits = [seconds for asked, seconds in decided if asked is not None]
+    assert len(after_rate_limits) == 3 and all(seconds >= 1.0 for seconds in after_rate_limits)
 
     # Retries that run out: one episode fails by transport, counted apart and left out of the rates.
     with expert_server(env_id, {"modality": "language"}, range(episodes)) as server:
@@ -236,7 +270,7 @@ def test_transport_faults_are_retried(tmp_path, capsys):
         record = _run_eval(_served_args(server, tmp_path, *args, "--max-attempts", "3", "--concurrency", "1"), tmp_path / "fail.json")
     assert record.metrics["transport_failures"].value == 1 / episodes
     assert record.metrics["success_rate"].value == 1.0 and record.metrics["success_rate"].count == episodes - 1
-    assert record.served["transport_failures"] == 1 and "HTTP 500" in record.served["episode_usage"][0]["transport_failure"]
+    assert record.served.transport_failures == 1 and "HTTP 500" in record.served.episode_usage[0].transport_failure
     printed = capsys.readouterr().out
     assert "| transport failures | tokens spent (prompt + completion) |" in printed
     assert f"| 1/{episodes} |" in printed
@@ -274,9 +308,41 @@ def test_a_completion_of_any_shape_is_an_answer(body, text, tokens, refused):
     assert (completion.text, (completion.prompt_tokens, completion.completion_tokens), completion.refused) == (text, tokens, refused)
 
 
-@pytest.mark.parametrize("body", ["not a completion", ["choices"], {"error": {"message": "overloaded"}}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not a completion",
+        ["choices"],
+        {},
+        {"error": {"message": "overloaded"}},
+        {"object": "error", "message": "the engine is restarting", "code": 500},
+        {"object": "error", "message": "overloaded", "choices": []},
+    ],
+)
 def test_a_body_that_is_not_a_completion_is_a_fault(body):
     assert parse_completion(body) is None
+
+
+def test_a_body_without_choices_is_retried_and_never_cached(tmp_path):
+    """A 200 whose body is vLLM's error object or {} is not the model's answer: retried, counted as a malformed response and
+    not cached, so the rerun replays the real answers only."""
+    with expert_server(*GP_LANGUAGE, range(2)) as server:
+        server.inject("error-200", "empty-body")
+        endpoint = _endpoint(server.url, tmp_path, concurrency=1, retry=FAST_RETRIES)
+        run, again = _play(endpoint, range(2)), _play(endpoint, range(2))
+    assert [request.handling for request in server.requests] == ["error-200", "empty-body", "ok", "ok"]
+    assert (run.counters.faults, run.counters.retries) == ({"malformed response": 2}, 2)
+    assert all(outcome.success for outcome in run.outcomes) and again.outcomes == run.outcomes
+    assert (again.counters.requests, again.counters.cache_hits) == (0, 2)
+
+
+def test_refusals_are_replayed_from_the_cache(tmp_path):
+    with expert_server(*GP_LANGUAGE, range(1)) as server:
+        server.inject("refusal")
+        endpoint = _endpoint(server.url, tmp_path, concurrency=1)
+        first, again = _play(endpoint, range(1)), _play(endpoint, range(1))
+    assert (first.counters.refusals, first.counters.requests) == (1, 2)  # "" (missing_formula), then the expert's answer
+    assert (again.counters.refusals, again.counters.requests, again.counters.cache_hits) == (1, 0, 2)
 
 
 def test_an_interrupt_stops_the_run_at_once(tmp_path):
@@ -304,6 +370,7 @@ def test_an_interrupt_stops_the_run_at_once(tmp_path):
         assert [type(error) for error in errors] == [KeyboardInterrupt]
         assert server.hanging() == 2 and len(reported) == answered
         assert len(_cached(tmp_path)) == answered
+        assert not _redactor_filters()  # the stopped run closed its client
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
@@ -331,12 +398,12 @@ def test_a_stopped_run_resumes_from_the_cache(stop_signal, tmp_path):
         rerun = [request.messages for request in server.requests[before:]]
     assert not [messages for messages in rerun if messages in first_run]
     assert len(rerun) == episodes - answered
-    assert (record.served["answers_from_cache"], record.served["requests_sent"]) == (answered, episodes - answered)
+    assert (record.served.answers_from_cache, record.served.requests_sent) == (answered, episodes - answered)
     assert record.metrics["success_rate"].value == 1.0
     # Tokens spent count only the requests sent; the replayed answers' tokens (spent by the first run) are counted apart.
-    assert record.served["prompt_tokens"] == sum(_prompt_tokens(messages) for messages in rerun)
-    assert record.served["replayed_prompt_tokens"] == sum(_prompt_tokens(messages) for messages in first_run)
-    assert sum(usage["prompt_tokens"] for usage in record.served["episode_usage"]) == record.served["prompt_tokens"]
+    assert record.served.prompt_tokens == sum(_prompt_tokens(messages) for messages in rerun)
+    assert record.served.replayed_prompt_tokens == sum(_prompt_tokens(messages) for messages in first_run)
+    assert sum(usage.prompt_tokens for usage in record.served.episode_usage) == record.served.prompt_tokens
 
 
 def test_a_changed_server_identity_is_not_replayed(tmp_path, caplog):
@@ -355,62 +422,130 @@ def test_a_changed_server_identity_is_not_replayed(tmp_path, caplog):
     assert len(warnings) == 1 and "GET " + server.url + "/models failed (HTTP 404)" in warnings[0] and "--cache-tag" in warnings[0]
 
 
-def test_the_server_identity_leaves_out_listing_time_stamps():
-    now = 1_800_000_000
-    listing = {"data": [{"id": "m", "created": now - 1, "owned_by": "vllm", "root": "/ckpt/a", "parent": None}, {"id": "n"}]}
-    assert server_identity(listing, "m", now=now) == {"id": "m", "owned_by": "vllm", "root": "/ckpt/a"}  # vLLM stamps the listing
-    hosted = {"data": [{"id": "m", "created": 1_700_000_000, "owned_by": "system"}]}
-    assert server_identity(hosted, "m", now=now) == {"id": "m", "created": 1_700_000_000, "owned_by": "system"}
-    assert server_identity(listing, "x", now=now) == {"models": ["m", "n"]}
-    assert server_identity({"object": "error"}, "m", now=now) is None
-
-
-@pytest.mark.parametrize(("fault", "message"), [
-    ("401", "invalid api key (the API key was refused"),
-    ("404", "does not exist (no such model or endpoint"),
-    ("400", "maximum context length is 32768 tokens; the messages have 40000 tokens (before any request got a completion"),
-])
-def test_a_refused_first_request_stops_the_run(fault, message, tmp_path, capsys):
-    """A 4xx to the first request (any 401, 403 or 404) is the same for every request: the run stops with one error line
-    naming the status and the server's message, instead of failing each episode."""
+def test_a_failing_model_listing_does_not_change_the_cache_key(tmp_path, caplog):
+    """GET /models is retried like a chat request: one that fails once keys the run as before (all replayed); one that keeps
+    failing warns and keys it as a server without GET /models does, never a third way."""
     with ChatServer(lambda messages: GARBAGE) as server:
-        server.inject(fault)
+        endpoint = _endpoint(server.url, tmp_path, retry=FAST_RETRIES)
+        sent = [_play(endpoint, range(1)).counters.requests]
+        server.inject_listing("500")
+        sent.append(_play(endpoint, range(1)).counters.requests)
+        server.list_models = False
+        sent.append(_play(endpoint, range(1)).counters.requests)
+        server.list_models = True
+        server.inject_listing("500", "500", "500")
+        sent.append(_play(endpoint, range(1)).counters.requests)
+    assert sent == [6, 0, 6, 0]  # a garbage hand is 6 answers
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "GET " + server.url + "/models failed (HTTP 404)" in warnings[0]
+    assert warnings[1].startswith(f"GET {server.url}/models failed 3 times (the last: HTTP 500: internal error)")
+
+
+def test_the_server_identity_leaves_out_created():
+    listing = {"data": [{"id": "m", "created": 1_800_000_000, "owned_by": "vllm", "root": "/ckpt/a", "parent": None}, {"id": "n"}]}
+    assert server_identity(listing, "m") == {"id": "m", "owned_by": "vllm", "root": "/ckpt/a"}  # vLLM stamps every listing
+    hosted = {"data": [{"id": "m", "created": 1_700_000_000, "owned_by": "system"}]}
+    assert server_identity(hosted, "m") == {"id": "m", "owned_by": "system"}
+    assert server_identity(listing, "x") == {"models": ["m", "n"]}
+    assert server_identity({"object": "error"}, "m") is None
+
+
+@pytest.mark.parametrize(("owned_by", "neutral"), [("vllm", True), ("SGLang", True), ("chat-server", False)])
+def test_vllm_and_sglang_are_asked_for_the_local_decoding(owned_by, neutral, tmp_path):
+    """A server whose GET /models says vLLM or SGLang gets top_k -1, repetition_penalty 1 and min_p 0 with every request (its
+    checkpoint's generation_config.json would fill them otherwise); another server never does; --extra-body goes on top of
+    either. The fields sent are recorded, and a part of the cache key."""
+    args = ["--episodes", "1", "--temperature", "0.7"]
+    extra_body = {"top_k": 20, "chat_template_kwargs": {"enable_thinking": False}}
+    with ChatServer(lambda messages: GARBAGE, owned_by=owned_by) as server:
+        plain = _run_eval(_served_args(server, tmp_path, *args), tmp_path / "plain.json")
+        before = len(server.requests)
+        extra = _run_eval(_served_args(server, tmp_path, *args, "--extra-body", json.dumps(extra_body)), tmp_path / "extra.json")
+        bodies = [request.body for request in server.requests]
+    neutral_fields = {"top_k": -1, "repetition_penalty": 1.0, "min_p": 0.0} if neutral else {}
+
+    def extra_fields(body):
+        return {name: value for name, value in body.items() if name not in ("model", "messages", "temperature", "top_p", "max_tokens", "seed")}
+
+    assert all(body["temperature"] == 0.7 and body["top_p"] == 1.0 for body in bodies)
+    assert all(extra_fields(body) == neutral_fields for body in bodies[:before]) and plain.decoding["extra_body"] == neutral_fields
+    assert all(extra_fields(body) == {**neutral_fields, **extra_body} for body in bodies[before:])
+    assert extra.decoding["extra_body"] == {**neutral_fields, **extra_body}
+    assert (extra.served.answers_from_cache, extra.served.requests_sent) == (0, len(bodies) - before) == (0, 6)
+
+
+@pytest.mark.parametrize(("faults", "message"), [
+    (["401"], "invalid api key (the API key was refused"),
+    (["404"], "does not exist (no such model or endpoint"),
+    (["400", "400"], "maximum context length is 32768 tokens; the messages have 40000 tokens (to the first request of each of "
+     "the first 2 episodes, none of which got a completion"),
+])
+def test_a_refused_first_request_stops_the_run(faults, message, tmp_path, capsys):
+    """A 401, 403 or 404 is the same for every request: the run stops at once with one error line naming the status and the
+    server's message. Another 4xx stops it when the first requests of the first max(concurrency, 2) episodes all got one."""
+    with ChatServer(lambda messages: GARBAGE) as server:
+        server.inject(*faults)
         with pytest.raises(SystemExit) as exit_info:
             main(_served_args(server, tmp_path, "--episodes", "3", "--concurrency", "1"))
     assert exit_info.value.code == 2
     error_lines = capsys.readouterr().err.strip().splitlines()
-    assert error_lines[-1].startswith(f"amft-vlm eval: error: {server.url} answered HTTP {fault} for model 'test-model': ")
+    assert error_lines[-1].startswith(f"amft-vlm eval: error: {server.url} answered HTTP {faults[0]} for model 'test-model': ")
     assert message in error_lines[-1]
-    assert len(server.requests) == 1
+    assert len(server.requests) == len(faults)
 
 
-def test_a_dead_server_stops_the_run(tmp_path, capsys):
-    """No server at the URL: once concurrency + 1 episodes have failed by transport without any answer, the run stops."""
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_one_refused_episode_stops_neither_the_run_nor_its_rerun(concurrency, tmp_path):
+    """A 400 to the first request of the first episode, before anything was answered, fails that episode alone whatever the
+    concurrency (the other probes are answered); the rerun sends that request only (the replayed answers count as answers),
+    and exits 0 with the same record."""
+    episodes, poisoned = 5, _first_state(0)
+    fault_for = lambda messages: "400" if first_user_key(messages) == poisoned else None  # noqa: E731
+    with expert_server(*GP_LANGUAGE, range(episodes), fault_for=fault_for) as server:
+        args = _served_args(server, tmp_path, "--episodes", str(episodes), "--concurrency", str(concurrency))
+        first = _run_eval(args, tmp_path / "first.json")
+        before = len(server.requests)
+        again = _run_eval(args, tmp_path / "again.json")
+        rerun = server.requests[before:]
+    assert first.served.transport_failures == again.served.transport_failures == 1
+    assert first.served.episode_usage[0].transport_failure.startswith("HTTP 400 (not retried)")
+    assert [request.handling for request in rerun] == ["400"]
+    assert (again.served.requests_sent, again.served.answers_from_cache) == (1, episodes - 1)
+    assert (again.metrics, again.verdict_shares) == (first.metrics, first.verdict_shares)
+
+
+@pytest.mark.parametrize(("episodes", "concurrency", "probes"), [(8, 2, "each of the first 2 episodes"), (2, 8, "each of the first 2 episodes"),
+                                                                 (1, 4, "the only episode")])
+def test_a_dead_server_stops_the_run(episodes, concurrency, probes, tmp_path, capsys):
+    """No server at the URL: once the first requests of the first max(concurrency, 2) episodes have failed by transport, the
+    run stops with one line, and no record is written, however few the episodes."""
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{unused.getsockname()[1]}/v1"
-    args = ["eval", "--api-base", url, "--model", "test-model", "--no-cache", "--episodes", "8", "--concurrency", "2",
-            "--max-attempts", "2", "--retry-base-delay", "0.01"]
+    out = tmp_path / "record.json"
+    args = ["eval", "--api-base", url, "--model", "test-model", "--no-cache", "--episodes", str(episodes), "--concurrency",
+            str(concurrency), "--max-attempts", "2", "--retry-base-delay", "0.01", "--retry-max-delay", "0.01", "--out", str(out)]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
     error_line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error_line.startswith(f"amft-vlm eval: error: no request to {url} has got a completion: 3 episodes failed by transport")
+    assert error_line.startswith(
+        f"amft-vlm eval: error: no request to {url} has got a completion: the first request of {probes} failed by transport (2 attempts each)"
+    )
     assert "connection error" in error_line
+    assert not out.exists() and not _redactor_filters()
 
 
 def test_a_request_the_server_refuses_fails_only_its_episode(tmp_path, capsys):
     """A 400 after other requests succeeded (e.g. one dialogue over the context length) fails that episode alone, unretried,
     with the server's message; the table counts it."""
     episodes = 4
-    env = gym.make("GeneralPoints-v0", modality="language")
-    too_long = observation_key(env.reset(seed=2)[0], max_pixels=MAX_PIXELS)
-    env.close()
+    too_long = _first_state(2)
     with expert_server(*GP_LANGUAGE, range(episodes), fault_for=lambda messages: "400" if first_user_key(messages) == too_long else None) as server:
         record = _run_eval(_served_args(server, tmp_path, "--episodes", str(episodes), "--concurrency", "1"), tmp_path / "400.json")
     assert [request.handling for request in server.requests] == ["ok", "ok", "400", "ok"]
-    assert record.served["faults"] == {"HTTP 400": 1} and record.served["transport_failures"] == 1
-    assert record.served["episode_usage"][2]["transport_failure"].startswith("HTTP 400 (not retried): This model's maximum context length")
+    assert record.served.faults == {"HTTP 400": 1} and record.served.transport_failures == 1
+    assert record.served.episode_usage[2].transport_failure.startswith("HTTP 400 (not retried): This model's maximum context length")
     printed = capsys.readouterr().out
     assert f"| 1/{episodes} |" in printed and "faults: HTTP 400 x1" in printed and "1 x HTTP 400 (not retried)" in printed
 
@@ -440,7 +575,7 @@ def test_secrets_stay_out_of_records_logs_and_the_cache(tmp_path, monkeypatch, c
         args[args.index(server.url)] = url
         record = _run_eval(args, tmp_path / "record.json")
     assert all(f"key={query_key}" in request.path for request in server.requests)
-    assert record.served["api_base"] == server.url.replace("http://", "http://***@") + "?key=***"
+    assert record.served.api_base == server.url.replace("http://", "http://***@") + "?key=***"
     printed = capsys.readouterr()
     written = [path.read_text() for path in [*_cached(tmp_path), tmp_path / "record.json"]]
     for text in [*written, printed.out, printed.err, caplog.text]:
@@ -450,6 +585,22 @@ def test_secrets_stay_out_of_records_logs_and_the_cache(tmp_path, monkeypatch, c
     redactor = LogRedactor([SECRET])
     line = redactor.redact("Request options: {'url': 'data:image/png;base64," + "iVBORw0KGgo" * 1000 + f"'}}, key {SECRET}")
     assert line == "Request options: {'url': 'data:image/png;base64,iVBORw0KGgoiVBOR...(11000 chars)'}, key ***"
+
+
+def test_a_malformed_log_call_is_not_the_redactors_error(capsys):
+    """A library's log call whose arguments do not fit its format is logging's to report, not an exception in the caller."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(LogRedactor([SECRET]))
+    library = logging.getLogger("tests.served.library")
+    library.addHandler(handler)
+    library.propagate = False
+    try:
+        library.warning("%d requests", "many")
+        library.warning("key %s", SECRET)
+    finally:
+        library.removeHandler(handler)
+    printed = capsys.readouterr().err
+    assert "--- Logging error ---" in printed and "key ***" in printed and SECRET not in printed
 
 
 def test_retry_policy_and_retry_after():
@@ -499,6 +650,12 @@ def test_transport_failures_are_left_out_of_the_metrics():
     ("args", "message"),
     [
         (["--api-base", "localhost:8000", "--model", "m"], "http(s) URL"),
+        (["--api-base", "http://127.0.0.1:abc/v1", "--model", "m"], "--api-base has no valid port"),
+        (["--api-base", "http://127.0.0.1:99999/v1", "--model", "m"], "--api-base has no valid port"),
+        (["--api-base", "http://localhost:8000/v1", "--model", "m", "--extra-body", "[1]"], "--extra-body: expected a JSON object"),
+        (["--api-base", "http://localhost:8000/v1", "--model", "m", "--extra-body", "{top_k: 1}"], "--extra-body: expected a JSON object"),
+        (["--api-base", "http://localhost:8000/v1", "--model", "m", "--extra-body", '{"seed": 1}'], "--extra-body may not set seed"),
+        (["--model", "m", "--extra-body", '{"top_k": 1}'], "--extra-body applies to a served model"),
         (["--api-base", "http://localhost:8000/v1"], "one of the arguments --model --agent is required"),
         (["--api-base", "http://localhost:8000/v1", "--agent", "expert"], "--agent"),
         (["--api-base", "http://localhost:8000/v1", "--model", "m", "--device", "cpu"], "--device applies to a local model"),
@@ -517,10 +674,12 @@ def test_served_options_are_checked_first(args, message, capsys):
 
 def test_the_key_variable_is_read(monkeypatch):
     monkeypatch.setenv("SERVED_TEST_KEY", SECRET)
-    endpoint = ServedEndpoint("http://127.0.0.1:9/v1", "m", api_key_env="SERVED_TEST_KEY", cache_dir=None, request_timeout=1)
+    endpoint = ServedEndpoint(
+        "http://127.0.0.1:9/v1", "m", api_key_env="SERVED_TEST_KEY", cache_dir=None, request_timeout=1, retry=RetryPolicy(max_attempts=1)
+    )
     client = ChatClient(endpoint, Sampling(None, 8))
     assert client._client.api_key == SECRET
-    assert SECRET not in json.dumps(client.endpoint.to_record())
+    assert SECRET not in json.dumps(ServedRun(outcomes=[], usage=[], counters=client.counters).info(endpoint).to_dict())
     client.close()
     assert os.environ["SERVED_TEST_KEY"] == SECRET
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
@@ -536,7 +695,7 @@ def test_sampled_answers_are_cached_per_episode_and_turn(tmp_path):
         again = _run_eval(_served_args(server, tmp_path, *args), tmp_path / "again.json")
         greedy = _run_eval(_served_args(server, tmp_path, *args[:2], *args[4:]), tmp_path / "greedy.json")
     assert first.decoding_label == "T=0.7" and greedy.decoding_label == "greedy"
-    assert len(seeds) == len(set(seeds)) == first.served["requests_sent"] == 18  # 3 hands x 6 answers, identical texts
-    assert (again.served["requests_sent"], again.served["answers_from_cache"]) == (0, 18)
+    assert len(seeds) == len(set(seeds)) == first.served.requests_sent == 18  # 3 hands x 6 answers, identical texts
+    assert (again.served.requests_sent, again.served.answers_from_cache) == (0, 18)
     assert (again.metrics, again.verdict_shares) == (first.metrics, first.verdict_shares)
-    assert greedy.served["answers_from_cache"] == 0
+    assert greedy.served.answers_from_cache == 0
