@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -69,10 +70,17 @@ class ResumeSettingsError(ValueError):
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` whole or not at all: through a temporary file beside it, renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write `path` whole or not at all: through a temporary file beside it, renamed into place.
+
+    The temporary file's name is unique, so writers of the same path in other threads or processes never
+    share it, and it is removed when the write fails (the error is raised)."""
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
 
 
 def checkpoint_name(step: int) -> str:
@@ -224,7 +232,6 @@ def _publish(staging: Path, final: Path) -> None:
         os.replace(final, staging)  # unpublished: removed with the rest of the failed write
         if replaced.exists():
             os.replace(replaced, final)
-        (root / f".{LATEST}.tmp").unlink(missing_ok=True)
         raise
     shutil.rmtree(replaced, ignore_errors=True)
 

@@ -9,8 +9,9 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from tempfile import mkstemp
 from typing import Any
+
+from amft_vlm.checkpoint import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class ResponseCache:
             return None
 
     def put(self, key: str, completion: Completion) -> None:
-        """Store `completion` under `key`, atomically (a temporary file renamed into place); a failure only warns, once."""
+        """Store `completion` under `key`, atomically (`write_text_atomic`); a failure only warns, once."""
         if not self.writable:
             return
         data = {
@@ -108,13 +109,7 @@ class ResponseCache:
             "refused": completion.refused,
         }
         try:
-            handle, staging = mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
-            try:
-                with os.fdopen(handle, "w") as file:
-                    json.dump(data, file)
-                os.replace(staging, self.directory / f"{key}.json")
-            finally:
-                Path(staging).unlink(missing_ok=True)
+            write_text_atomic(self.directory / f"{key}.json", json.dumps(data))
         except OSError as error:
             with self._lock:
                 warn, self.writable = self.writable, False

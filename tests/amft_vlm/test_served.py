@@ -554,7 +554,7 @@ def test_a_cache_that_cannot_be_written_does_not_stop_the_run(tmp_path, monkeypa
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("amft_vlm.served.cache.mkstemp", full_disk)
+    monkeypatch.setattr("amft_vlm.served.cache.write_text_atomic", full_disk)
     with ChatServer(lambda messages: GARBAGE) as server:
         run = _play(_endpoint(server.url, tmp_path), range(3))
     assert len(run.outcomes) == 3 and run.counters.requests == 18 and not _cached(tmp_path)
