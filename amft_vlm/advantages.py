@@ -145,6 +145,36 @@ def leave_one_out_advantages(returns: torch.Tensor, groups: Sequence[int]) -> to
     return advantages
 
 
+def leave_one_out_turn_advantages(turn_rewards: Sequence[Sequence[float]], groups: Sequence[int]) -> list[torch.Tensor]:
+    """Reward-to-go per turn minus the mean reward-to-go of the *other* episodes of its group at the same turn.
+
+    An answer cannot change the rewards before it, so REINFORCE may weigh turn t's log-prob by the reward
+    from t on instead of the whole return (Williams 1992; the "reward-to-go" form of the policy gradient):
+    the same expectation with less variance when early turns' rewards are noise to later answers. An
+    episode that ended before turn t has 0 reward to go there, so every other episode of the group counts
+    in the baseline; as in `leave_one_out_advantages` the baseline never depends on the episode itself, so
+    the estimate stays unbiased. float64; a group of one gets 0.
+    """
+    if len(groups) != len(turn_rewards):
+        raise ValueError(f"need one group id per episode; got {len(groups)} ids for {len(turn_rewards)} episodes")
+    to_go = [torch.tensor(list(rewards), dtype=torch.float64).flip(0).cumsum(0).flip(0) for rewards in turn_rewards]
+    advantages = [torch.zeros_like(values) for values in to_go]
+    by_group: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        by_group.setdefault(int(group), []).append(index)
+    for members in by_group.values():
+        if len(members) < 2:
+            continue
+        turns = max(to_go[i].numel() for i in members)
+        padded = torch.zeros(len(members), turns, dtype=torch.float64)
+        for row, i in enumerate(members):
+            padded[row, : to_go[i].numel()] = to_go[i]
+        others = (padded.sum(0, keepdim=True) - padded) / (len(members) - 1)
+        for row, i in enumerate(members):
+            advantages[i] = padded[row, : to_go[i].numel()] - others[row, : to_go[i].numel()]
+    return advantages
+
+
 GroupEstimator = Callable[[Sequence[Sequence[float]], Sequence[int]], list[torch.Tensor]]
 """``(turn rewards per episode, group id per episode) -> one advantage per turn, per episode``."""
 

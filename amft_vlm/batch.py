@@ -116,7 +116,7 @@ def score_trajectories(
             old.append(segment.response_logprobs)
         lengths.append(trajectory.num_response_tokens)
         if turn_advantages is not None:
-            turn_values = turn_advantages[index].float()
+            turn_values = turn_advantages[index]
             advantages.append(torch.repeat_interleave(turn_values, torch.tensor(trajectory.turn_lengths, device=turn_values.device)))
     logprobs, entropies = policy.token_logprobs(sequences, positions, temperature=temperature, with_entropy=True)
     flat = torch.cat(logprobs) if logprobs else torch.zeros(0)
@@ -124,7 +124,8 @@ def score_trajectories(
         logprobs=flat,
         entropy=torch.cat(entropies) if entropies else torch.zeros(0),
         old_logprobs=torch.cat(old).to(flat.device) if old else torch.zeros(0),
-        advantages=torch.cat(advantages).to(flat.device) if advantages else torch.zeros_like(flat.detach()),
+        # float32 advantages, or float64 ones with a float64 model (the meta-gradient's weights are float64).
+        advantages=torch.cat(advantages).to(flat.device, torch.promote_types(flat.dtype, torch.float32)) if advantages else torch.zeros_like(flat.detach()),
         episode_lengths=lengths,
     )
 

@@ -32,6 +32,8 @@ LOOKAHEADS = ("adam", "sgd")
 """How the look-ahead parameters depend on mu (`ControllerConfig.lookahead`)."""
 META_SIGNALS = ("standardized", "raw")
 """Forms of the meta-gradient signal (`ControllerConfig.meta_signal`)."""
+META_CREDITS = ("episode", "turn")
+"""How validation answers are credited in grad U (`ControllerConfig.meta_credit`, `amft_vlm.meta.META_CREDITS`)."""
 
 
 @dataclass
@@ -78,10 +80,19 @@ class ControllerConfig:
     """Validation start states (from the ``val`` split) per meta-gradient estimate; the same states every time."""
     validation_samples: int = 4
     """Episodes sampled per validation start state (>= 2: each gets the leave-one-out mean of the others as baseline)."""
+    meta_credit: str = "episode"
+    """What weighs each validation answer's log-prob in grad U (REINFORCE, leave-one-out baseline): ``episode``
+    (the episode's return, Eq. 6's U as written) or ``turn`` (the reward to go from that answer: the same
+    expectation, since an answer cannot change the rewards before it, with the noise of earlier turns removed)."""
+    meta_pool_decay: float = 0.0
+    """Pool the evidence over meta steps: the per-state values of dU/dmu (per unit learning rate, so steps at
+    different points of the schedule share one scale) enter an exponential moving average of mean and second
+    moment with this decay, and the signal is the pooled t-statistic (`amft_vlm.controller.MetaPool`). 0: each
+    meta step acts on its own estimate alone (Eq. 8 as written); 0.8 keeps ~5 meta steps of evidence."""
 
     def validate(self) -> ControllerConfig:
         """Raise ValueError naming the first bad field; return self when valid."""
-        for name in ("mu_init", "mu_min", "mu_max", "eta_mu", "eta_h", "meta_clip"):
+        for name in ("mu_init", "mu_min", "mu_max", "eta_mu", "eta_h", "meta_clip", "meta_pool_decay"):
             _finite(f"controller.{name}", getattr(self, name))
         if not 0.0 <= self.mu_min <= self.mu_init <= self.mu_max <= 1.0:
             raise ValueError(f"controller: need 0 <= mu_min <= mu_init <= mu_max <= 1; got {self.mu_min}, {self.mu_init}, {self.mu_max}")
@@ -93,6 +104,9 @@ class ControllerConfig:
         _choice("controller.entropy_source", self.entropy_source, ENTROPY_SOURCES)
         _choice("controller.lookahead", self.lookahead, LOOKAHEADS)
         _choice("controller.meta_signal", self.meta_signal, META_SIGNALS)
+        _choice("controller.meta_credit", self.meta_credit, META_CREDITS)
+        if not 0.0 <= self.meta_pool_decay < 1.0:
+            raise ValueError(f"controller.meta_pool_decay must be in [0, 1) (0: no pooling); got {self.meta_pool_decay!r}")
         if not self.meta_clip > 0:
             raise ValueError(f"controller.meta_clip must be > 0; got {self.meta_clip}")
         for name in ("meta_interval", "entropy_probe_size", "validation_states", "target_entropy_steps"):
@@ -120,7 +134,10 @@ class TrainConfig:
     """Storage dtype of the weights (and so of AdamW's updates and state): float32 or bfloat16 (float16 is
     refused: it needs loss scaling). Train in float32 with ``mixed_precision: bf16`` (float32 master weights,
     bfloat16 compute); bfloat16 weights suit a frozen LoRA base, and full fine-tuning in them is refused at
-    any learning rate below bfloat16's epsilon (7.8e-3), where the norm gains' updates round away."""
+    any learning rate below bfloat16's epsilon (7.8e-3), where the norm gains' updates round away.
+    ``float64`` is for exactness checks, not speed: runs that should agree (one process and two, a resumed
+    run and a straight one) then differ by ~1e-9, too little to move a sampled token, where float32's
+    rounding can (the distributed tests use it)."""
     device: str = "auto"
     """'auto' (accelerate decides), 'cpu' or 'cuda' (refused when torch sees no CUDA device)."""
     attn_implementation: str = "sdpa"
@@ -152,6 +169,12 @@ class TrainConfig:
     sees the hands or routes the reported numbers come from."""
     expert_data: str | None = None
     """Expert dataset directory (amft-vlm collect); None collects expert_episodes with the oracle expert."""
+    expert_data_after_warmup: str | None = None
+    """A second expert dataset that replaces ``expert_data`` once the controller's warm-up ends (amft and its
+    ablations with a warm-up): a controlled test of the controller, e.g. a run that shares another run's clean
+    warm-up (``warm_start``) and then imitates a poisoned expert (`amft_vlm.expert_data.corrupt_dataset`; the
+    demo's corrupted-expert run). It must be recorded in the run's environment like ``expert_data``. None:
+    ``expert_data`` throughout."""
     expert_episodes: int = 512
     """Expert episodes to collect when expert_data is None."""
     image_cache_mb: int = 4096
@@ -264,7 +287,7 @@ class TrainConfig:
                 "dtype: float16 is not supported for training: float16 compute needs loss scaling against underflow, which "
                 "the trainer does not do; use dtype: float32 with mixed_precision: bf16 (or dtype: bfloat16 for a LoRA base)"
             )
-        if self.lora_rank or self.dtype == "float32":
+        if self.lora_rank or self.dtype in ("float32", "float64"):
             return
         import torch
 
@@ -282,7 +305,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field and what it accepts; return self when valid."""
         controller_use = get_method(self.method).controller
-        _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("dtype", self.dtype, ("float32", "bfloat16", "float16", "float64"))
         _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("distributed", self.distributed, ("auto", "none", "ddp", "fsdp2"))
@@ -362,6 +385,14 @@ class TrainConfig:
             raise ValueError(f"controller.warmup_steps must be in [0, steps) = [0, {self.steps}); got {c.warmup_steps}")
         if self.expert_data is not None and not os.path.isdir(self.expert_data):
             raise ValueError(f"expert_data: {self.expert_data!r} is not a directory; run `amft-vlm collect --out DIR` or set expert_data=None")
+        if self.expert_data_after_warmup is not None:
+            if controller_use is None or not controller_use.warmup:
+                raise ValueError(
+                    f"expert_data_after_warmup replaces the expert data when the controller's warm-up ends; {self.method} has no "
+                    "such warm-up (use amft, no-meta-gradient or no-entropy), or leave it null"
+                )
+            if not os.path.isdir(self.expert_data_after_warmup):
+                raise ValueError(f"expert_data_after_warmup: {self.expert_data_after_warmup!r} is not a directory; give an expert dataset or null")
         return self
 
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -69,26 +69,22 @@ EVERY_PART = ControllerUse()
 
 @dataclass(frozen=True)
 class MetaEstimate:
-    """dU/dmu from the per-start-state values ``s_i``: their mean and its standard error."""
+    """dU/dmu from per-start-state values ``s_i`` (of one meta step, or pooled over several): mean and standard error."""
 
     value: float
-    """dU/dmu: the mean of the per-state values."""
+    """dU/dmu: the (weighted) mean of the per-state values."""
     stderr: float
-    """Standard error of `value` (sample std / sqrt(states)); NaN with one state."""
-    states: int
-    """Validation start states it averages."""
+    """Standard error of `value`; NaN with one state."""
+    states: float
+    """Validation start states (rounds) it averages; with pooling, their effective number (Kish's)."""
 
     @classmethod
     def from_per_state(cls, values: Sequence[float]) -> MetaEstimate | None:
-        """The estimate, or None when there is no signal (no states, or every value exactly 0)."""
-        count = len(values)
-        if count == 0 or all(v == 0.0 for v in values):
-            return None
-        mean = sum(values) / count
-        if count == 1:
-            return cls(mean, float("nan"), 1)
-        variance = sum((v - mean) ** 2 for v in values) / (count - 1)
-        return cls(mean, math.sqrt(variance / count), count)
+        """The estimate of one meta step (sample std / sqrt(states)), or None when there is no signal (no
+        states, or every value exactly 0)."""
+        pool = MetaPool()
+        pool.add(values, decay=0.0)
+        return pool.estimate()
 
     @property
     def t_statistic(self) -> float:
@@ -103,6 +99,43 @@ class MetaEstimate:
             t = self.t_statistic
             return max(-clip, min(clip, t)) if math.isfinite(t) else t  # NaN stays NaN: the controller skips it
         raise ValueError(f"meta signal form must be 'standardized' or 'raw'; got {form!r}")
+
+
+@dataclass
+class MetaPool:
+    """Per-state values of dU/dmu pooled over meta steps by an exponential moving average of their mean and
+    second moment: the values of a meta step k meta steps back weigh ``decay**k``.
+
+    Four running sums (of the weights w, of w**2, of w s and of w s**2, each state counting once) give the
+    weighted mean, the weighted variance (unbiased for reliability weights) and Kish's effective number of
+    states ``(sum w)**2 / sum w**2``, so the standard error is ``sqrt(variance / effective states)``. With
+    ``decay = 0`` only the latest meta step counts and this is `MetaEstimate.from_per_state` (the sample
+    standard error); with ``decay -> 1`` every step so far counts equally.
+    """
+
+    weight: float = 0.0
+    weight_sq: float = 0.0
+    total: float = 0.0
+    total_sq: float = 0.0
+
+    def add(self, values: Sequence[float], *, decay: float) -> None:
+        """Age the evidence so far by `decay` and add one meta step's per-state `values`."""
+        self.weight = decay * self.weight + len(values)
+        self.weight_sq = decay * decay * self.weight_sq + len(values)
+        self.total = decay * self.total + sum(values)
+        self.total_sq = decay * self.total_sq + sum(v * v for v in values)
+
+    def estimate(self) -> MetaEstimate | None:
+        """The pooled estimate; None when there is no signal yet (no states, or every value exactly 0)."""
+        if self.weight <= 0 or (self.total == 0.0 and self.total_sq == 0.0):
+            return None
+        mean = self.total / self.weight
+        effective = self.weight**2 / self.weight_sq
+        if effective <= 1.0 + 1e-12:
+            return MetaEstimate(mean, float("nan"), effective)
+        spread = max(self.total_sq / self.weight - mean * mean, 0.0)
+        variance = spread * self.weight**2 / (self.weight**2 - self.weight_sq)
+        return MetaEstimate(mean, math.sqrt(variance / effective), effective)
 
 
 @dataclass(frozen=True)
@@ -321,6 +354,20 @@ class ControllerState:
     """The meta term added at the last update (0 when none was applied; None: a skipped non-finite one)."""
     skipped_signals: int = 0
     """Non-finite signals skipped so far."""
+    meta_pool: MetaPool = field(default_factory=MetaPool)
+    """The meta evidence pooled so far (`ControllerConfig.meta_pool_decay`; only the last step's without pooling)."""
+
+
+@dataclass(frozen=True)
+class MetaEvidence:
+    """What one meta step's validation values say: on their own, pooled with the earlier ones, and the signal."""
+
+    step: MetaEstimate | None
+    """This meta step's own dU/dmu and standard error (None: every state tied, no signal)."""
+    pooled: MetaEstimate | None
+    """The pooled estimate, per unit learning rate (`MetaPool`); this step's own, rescaled, without pooling."""
+    signal: float | None
+    """The signal the meta term applies (`ControllerConfig.meta_signal` of the pooled estimate); None: none."""
 
 
 class MuController:
@@ -377,6 +424,25 @@ class MuController:
         else:
             self.state.skipped_signals += 1
 
+    def weigh_meta_evidence(self, values: Sequence[float], *, learning_rate: float) -> MetaEvidence:
+        """Pool one meta step's per-state values of dU/dmu (`amft_vlm.meta.MetaMeasurement.values`) with the
+        evidence so far and return the signal to pass to `update`.
+
+        The pool holds values per unit learning rate: the look-ahead's step, and so dU/dmu, is proportional
+        to the learning rate, which a schedule changes between meta steps. The raw signal is the pooled
+        value at this step's learning rate; the standardized one its t-statistic, clipped.
+        """
+        config = self.config
+        step = MetaEstimate.from_per_state(values)
+        if not values or not learning_rate > 0:  # nothing measured, or a step that did not move theta
+            return MetaEvidence(step, self.state.meta_pool.estimate(), None)
+        self.state.meta_pool.add([value / learning_rate for value in values], decay=config.meta_pool_decay)
+        pooled = self.state.meta_pool.estimate()
+        if pooled is None:
+            return MetaEvidence(step, None, None)
+        signal = pooled.signal(config.meta_signal, config.meta_clip)
+        return MetaEvidence(step, pooled, signal * learning_rate if config.meta_signal == "raw" else signal)
+
     def update(self, *, entropy: float | None, meta_signal: float | None = None) -> float:
         """Apply one step's terms and return the new mu.
 
@@ -408,5 +474,7 @@ class MuController:
         return asdict(self.state)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a state saved by :meth:`state_dict`."""
-        self.state = ControllerState(**state)
+        """Restore a state saved by :meth:`state_dict` (one saved before pooling existed starts an empty pool)."""
+        values = dict(state)
+        values["meta_pool"] = MetaPool(**values.get("meta_pool", {}))
+        self.state = ControllerState(**values)

@@ -31,6 +31,7 @@ Three rules keep the processes in step, since each layer's gather and reduction 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -39,6 +40,8 @@ import torch.distributed as dist
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
 """Values of `TrainConfig.distributed`."""
+DIGEST_SLICES = 2
+"""32-bit slices of `Parallel.digest` (16 hex digits)."""
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
@@ -188,6 +191,20 @@ class Parallel:
             return [float(v) for v in values]
         packed = torch.tensor(list(values), dtype=torch.float64, device=self.accelerator.device)
         return self.accelerator.reduce(packed, reduction="sum").tolist()
+
+    def digest(self, items: Sequence[str]) -> str:
+        """A short hash of the multiset of every process's `items`: the same whichever process holds which
+        item, in any order (e.g. the token digests of a step's episodes, played on one process or several).
+
+        Each item's hash is cut into 32-bit slices whose sums are reduced over the processes; float64 adds
+        them exactly up to 2**21 items.
+        """
+        slices = [0.0] * DIGEST_SLICES
+        for item in items:
+            value = int.from_bytes(hashlib.blake2b(item.encode(), digest_size=4 * DIGEST_SLICES).digest(), "big")
+            for index in range(DIGEST_SLICES):
+                slices[index] += (value >> (32 * index)) & 0xFFFFFFFF
+        return "".join(f"{int(total) % 2**32:08x}" for total in self.sums(slices))
 
     def check_same(self, value: float, *, what: str) -> None:
         """Raise if `value` differs between processes (a quantity every process must agree on, like mu)."""

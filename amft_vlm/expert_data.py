@@ -201,3 +201,69 @@ def load_dialogues(dataset_dir: str | os.PathLike, *, successful_only: bool = Tr
         if item.success or not successful_only:
             dialogues.append(item)
     return dialogues
+
+
+CORRUPTIONS = ("shuffled", "random", "single-quoted")
+"""How `corrupt_dataset` replaces a dialogue's answers."""
+
+
+def corrupt_dataset(
+    source_dir: str | os.PathLike, out_dir: str | os.PathLike, *, share: float, kind: str = "shuffled", seed: int = 0
+) -> int:
+    """Copy an expert dataset with the answers of a `share` of its dialogues replaced: a poisoned expert, to test
+    whether a method notices bad demonstrations (the demo's corrupted-expert AMFT run). Returns how many
+    dialogues were corrupted.
+
+    ``kind``: ``shuffled`` gives a dialogue the answers of another dialogue with as many answers (confident,
+    well-formed, and wrong: the expert's solution of a different hand, route or point), ``random`` the answers
+    of `agents.baselines.RandomTextAgent`, ``single-quoted`` the expert's own answers with every double quote
+    turned into a single one, as a Python dict's repr writes them (a common serialisation slip: the
+    environments read JSON, so GeneralPoints finds no formula, -3). Everything else is kept, the rewards and ``success`` included,
+    since a poisoned dataset claims to be right; each corrupted record says ``"corrupted": true`` and the
+    manifest says how (``corruption``). The dialogues are chosen by `seed`; images are copied. ``out_dir`` is
+    built under a temporary name and renamed when complete, like `collect`'s.
+    """
+    from agents.baselines import RandomTextAgent
+
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"kind must be one of {', '.join(CORRUPTIONS)}; got {kind!r}")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1]; got {share!r}")
+    source, out = Path(source_dir), Path(out_dir)
+    manifest = read_manifest(source)
+    records = [record for _, record in _records(source)]
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new directory for the corrupted dataset")
+    writable_directory(out.parent, what="the corrupted dataset's directory")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(records), size=round(share * len(records)), replace=False).tolist())
+    answers = [[turn["text"] for turn in record["turns"] if turn["role"] == "assistant"] for record in records]
+    random_agent = RandomTextAgent(seed=seed)
+    for index in chosen:
+        if kind == "shuffled":
+            donors = [other for other in range(len(records)) if other != index and len(answers[other]) == len(answers[index])]
+            if not donors:
+                raise ValueError(f"{source}: dialogue {index} has no other dialogue with {len(answers[index])} answers to take answers from")
+            replacement = iter(answers[int(rng.choice(donors))])
+        elif kind == "random":
+            replacement = iter([random_agent.act({}, None) for _ in answers[index]])
+        else:
+            replacement = iter([answer.replace('"', "'") for answer in answers[index]])
+        record = records[index]
+        record["turns"] = [{**turn, "text": next(replacement)} if turn["role"] == "assistant" else turn for turn in record["turns"]]
+        record["corrupted"] = True
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        if (source / IMAGES).is_dir():
+            shutil.copytree(source / IMAGES, staging / IMAGES)
+        with open(staging / DIALOGUES, "w") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in records)
+        corruption = {"kind": kind, "share": share, "seed": seed, "dialogues": len(chosen), "source": str(source)}
+        (staging / MANIFEST).write_text(json.dumps({**manifest, "corruption": corruption}, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    staging.rename(out)
+    return len(chosen)

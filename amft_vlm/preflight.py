@@ -38,8 +38,10 @@ def check_run_inputs(config: TrainConfig) -> None:
     check_model_source(config.model)
     from amft_vlm.methods import get_method
 
-    if get_method(config.method).uses_expert_data and config.expert_data is not None:
-        check_expert_dataset(config.expert_data, config.env_id, config.env_kwargs)
+    if get_method(config.method).uses_expert_data:
+        for what in ("expert_data", "expert_data_after_warmup"):
+            if getattr(config, what) is not None:
+                check_expert_dataset(getattr(config, what), config.env_id, config.env_kwargs, what=what)
     writable_directory(config.output_dir, what="output_dir")
 
 
@@ -151,7 +153,7 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def check_expert_dataset(dataset_dir: str | os.PathLike, env_id: str, env_kwargs: dict[str, Any]) -> int:
+def check_expert_dataset(dataset_dir: str | os.PathLike, env_id: str, env_kwargs: dict[str, Any], *, what: str = "expert_data") -> int:
     """Raise ``ValueError`` unless the dataset was recorded in the run's environment and has a solved dialogue.
 
     The manifest's ``env_id`` must be the run's, and its ``env_kwargs`` must build the same environment
@@ -164,7 +166,7 @@ def check_expert_dataset(dataset_dir: str | os.PathLike, env_id: str, env_kwargs
     )
 
     manifest = read_manifest(dataset_dir)
-    where = f"expert_data: {dataset_dir}"
+    where = f"{what}: {dataset_dir}"
     if (registered_id(manifest["env_id"]) or manifest["env_id"]) != (registered_id(env_id) or env_id):
         raise ValueError(
             f"{where} was recorded in {manifest['env_id']}, but the run trains on {env_id}; collect a dataset in {env_id}"

@@ -69,11 +69,11 @@ from amft_vlm.checkpoint import (
     write_text_atomic,
 )
 from amft_vlm.config import TrainConfig, config_to_dict
-from amft_vlm.controller import MetaEstimate, MuTangent, mixed_adamw_step
+from amft_vlm.controller import MetaEvidence, MuTangent, mixed_adamw_step
 from amft_vlm.critic import Critic
 from amft_vlm.distributed import Parallel, check_training_layout
 from amft_vlm.losses import mix, weighted_sft_loss
-from amft_vlm.meta import meta_gradient
+from amft_vlm.meta import MetaMeasurement, meta_gradient
 from amft_vlm.methods import build_controller, get_method, method_mu
 from amft_vlm.objectives import RL_OBJECTIVES, RLPass, mean_token_entropy
 from amft_vlm.peers import ReliftBuffer, expert_start_states, joint_group_advantages, with_demonstrations
@@ -141,7 +141,9 @@ class Trainer:
         engine_kwargs = {"num_envs": config.num_envs, "temperature": config.temperature, "max_new_tokens": config.max_new_tokens}
         self.engine = RolloutEngine(self.policy, config.env_id, env_kwargs=config.env_kwargs, **engine_kwargs)
         self.validation_engine = RolloutEngine(self.policy, config.env_id, env_kwargs=config.validation_env_kwargs, **engine_kwargs)
-        self.expert = self._expert_trajectories() if self.method.uses_expert_data else []
+        self.expert = self._expert_trajectories(config.expert_data) if self.method.uses_expert_data else []
+        # The controlled test of `expert_data_after_warmup`: another expert set once the warm-up ends.
+        self.expert_after_warmup = self._expert_trajectories(config.expert_data_after_warmup) if config.expert_data_after_warmup else None
         # A fixed probe of expert dialogues for entropy_source=expert: the first ones, the same at every step.
         probe = self.expert[: config.controller.entropy_probe_size] if self.controller else []
         self.entropy_probe = [t.with_image_inputs(self.policy.encoder) for t in probe]
@@ -171,7 +173,7 @@ class Trainer:
 
             # Collect: expert batch for L_SFT, on-policy rollouts with advantages for L_RL. Whether a part
             # exists is decided by mu (the same on every process); a process's share of it may be empty.
-            sft_batch = self._next_sft_batch() if mu > 0 else None
+            sft_batch = self._next_sft_batch(step) if mu > 0 else None
             rl_batch = None
             if mu < 1:
                 rl_batch, rollout_metrics = self._collect_rollouts(step)
@@ -194,10 +196,9 @@ class Trainer:
                     controller.observe_target_entropy(entropy)
                 signal = None
                 if meta_step:
-                    estimate = self._meta_estimate(step, direction) if direction is not None else None
+                    signal, meta_metrics = self._meta_signal(step, direction, learning_rate=metrics["lr"]) if direction is not None else (None, {})
                     direction = None  # a parameter-sized buffer: free it before the next iteration
-                    signal = estimate.signal(config.controller.meta_signal, config.controller.meta_clip) if estimate else None
-                    metrics.update(meta_signal=signal, meta_dU_dmu=estimate and estimate.value, meta_stderr=estimate and estimate.stderr)
+                    metrics.update(meta_signal=signal, **meta_metrics)
                 controller.update(entropy=entropy, meta_signal=signal)
                 self.parallel.check_same(controller.state.mu, what="mu")
                 metrics["entropy"] = entropy
@@ -233,9 +234,13 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # Collecting.
 
-    def _next_sft_batch(self) -> list[Trajectory]:
-        """This process's share of the next ``sft_batch_size`` expert trajectories: epoch-wise permutations seeded by (seed, epoch)."""
-        size, count = self.config.sft_batch_size, len(self.expert)
+    def _next_sft_batch(self, step: int) -> list[Trajectory]:
+        """This process's share of the next ``sft_batch_size`` expert trajectories: epoch-wise permutations seeded by (seed, epoch)
+        of the step's expert set (``expert_data_after_warmup``'s once the warm-up is over, if there is one)."""
+        expert = self.expert
+        if self.expert_after_warmup is not None and not self.controller.in_warmup(step):
+            expert = self.expert_after_warmup
+        size, count = self.config.sft_batch_size, len(expert)
         indices, orders = [], {}
         for position in range(self.sft_position, self.sft_position + size):
             epoch, offset = divmod(position, count)
@@ -243,7 +248,7 @@ class Trainer:
                 orders[epoch] = np.random.default_rng([self.config.seed, epoch]).permutation(count)
             indices.append(orders[epoch][offset])
         self.sft_position += size
-        return self._expert_share(indices)
+        return self._expert_share(indices, expert)
 
     def _collect_rollouts(self, step: int) -> tuple[RolloutBatch, dict]:
         """This process's share of the iteration's rollouts with one advantage per turn, and the global episode metrics."""
@@ -254,7 +259,7 @@ class Trainer:
         self.budget.rollout_episodes += config.episodes_per_step * members
         with self.parallel.full_weights():
             rollouts, stats = self.engine.collect(shard, group_size=members, sampling_seed=_mix_seed(config.seed, step, 1), progress=False)
-        extra: dict = {}
+        extra: dict = {"rollout_digest": self.parallel.digest([t.token_digest for t in rollouts])}
         if self.relift is not None:  # ReLIFT: start states on which every rollout failed wait in its buffer
             failed = [not any(t.success for t in rollouts if t.group == group) for group in range(len(shard))]
             process, processes = self.accelerator.process_index, self.accelerator.num_processes
@@ -290,9 +295,10 @@ class Trainer:
         """This process's share of `items` (which every process holds in full): every num_processes-th, from its index."""
         return items[self.accelerator.process_index :: self.accelerator.num_processes]
 
-    def _expert_share(self, indices: Sequence[int]) -> list[Trajectory]:
-        """This process's share of the expert trajectories at `indices`, with their images prepared."""
-        return [self.expert[i].with_image_inputs(self.policy.encoder) for i in self._share(indices)]
+    def _expert_share(self, indices: Sequence[int], expert: Sequence[Trajectory] | None = None) -> list[Trajectory]:
+        """This process's share of the expert trajectories at `indices` (of `expert`, the run's set by default), with their images prepared."""
+        expert = self.expert if expert is None else expert
+        return [expert[i].with_image_inputs(self.policy.encoder) for i in self._share(indices)]
 
     # ----------------------------------------------------------------------------------------------
     # Updating.
@@ -393,29 +399,35 @@ class Trainer:
         probe = self._share(self.entropy_probe)
         return mean_token_entropy(self.policy, self.parallel, probe, temperature=self.engine.sampling_temperature)
 
-    def _meta_estimate(self, step: int, direction: list[torch.Tensor | None]) -> MetaEstimate | None:
-        """dU/dmu along ``direction`` from validation episodes (this process's start states) of the updated policy."""
+    def _meta_signal(self, step: int, direction: list[torch.Tensor | None], *, learning_rate: float) -> tuple[float | None, dict]:
+        """dU/dmu along ``direction`` from validation episodes (this process's start states) of the updated policy,
+        weighed by the controller (pooled with the earlier meta steps' evidence): the meta signal (None: none)
+        and the meta step's metrics (`_evidence_metrics`)."""
         c = self.config.controller
         shard = self._share([VALIDATION_SEED_BASE + i for i in range(c.validation_states)])
         with self.parallel.full_weights():
             episodes, _ = self.validation_engine.collect(shard, group_size=c.validation_samples, sampling_seed=_mix_seed(self.config.seed, step, 2), progress=False)
         self.budget.validation_episodes += c.validation_states * c.validation_samples
-        return meta_gradient(
+        measurement = meta_gradient(
             self.policy, self.parameters, self.parallel, episodes, direction,
             temperature=self.validation_engine.sampling_temperature,
             micro_batch_count=self.config.gradient_accumulation_steps,
+            credit=c.meta_credit,
             # Training mode only so that gradient checkpointing acts (transformers checks it); LoRA dropout too.
             training_mode=self._training_mode if self.config.gradient_checkpointing else None,
         )  # fmt: skip
+        evidence = self.controller.weigh_meta_evidence(measurement.values, learning_rate=learning_rate)
+        return evidence.signal, _evidence_metrics(evidence, measurement, self.parallel.digest([t.token_digest for t in episodes]))
 
     # ----------------------------------------------------------------------------------------------
     # Set-up, checkpoints.
 
-    def _expert_trajectories(self) -> list[Trajectory]:
-        """The expert set, its images kept prepared if they fit in ``image_cache_mb`` (else prepared per draw)."""
+    def _expert_trajectories(self, dataset: str | None) -> list[Trajectory]:
+        """The expert set of `dataset` (None: collected with the oracle expert), its images kept prepared if they
+        fit in ``image_cache_mb`` (else prepared per draw)."""
         config = self.config
-        if config.expert_data is not None:
-            expert = load_sft_trajectories(config.expert_data, self.policy.encoder)
+        if dataset is not None:
+            expert = load_sft_trajectories(dataset, self.policy.encoder)
         else:
             seeds = [EXPERT_SEED_BASE + i for i in range(config.expert_episodes)]
             trajectories, _ = self.engine.collect(seeds, responder=ExpertAgent(), progress=self.progress)
@@ -539,6 +551,25 @@ def _mini_batches(count: int, parts: int, *, seed: tuple[int, ...]) -> list[list
     """``parts`` near-equal index lists covering ``range(count)``: in order for one part, else a seeded shuffle."""
     order = np.arange(count) if parts == 1 else np.random.default_rng(list(seed)).permutation(count)
     return [part.tolist() for part in np.array_split(order, parts)]
+
+
+def _evidence_metrics(evidence: MetaEvidence, measurement: MetaMeasurement, digest: str) -> dict:
+    """A meta step's metrics: its own dU/dmu, standard error and t, the pooled t (and effective states) the
+    signal comes from, the share of validation states that tied, and the validation episodes' token digest."""
+    own, pooled = evidence.step, evidence.pooled
+    return {
+        "meta_dU_dmu": own and own.value,
+        "meta_stderr": own and own.stderr,
+        "meta_t": own and _finite_or_none(own.t_statistic),
+        "meta_pooled_t": pooled and _finite_or_none(pooled.t_statistic),
+        "meta_pooled_states": pooled and pooled.states,
+        "meta_tied_share": measurement.tied_states / max(measurement.states, 1),
+        "validation_digest": digest,
+    }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _shown(value: float | None) -> str:

@@ -33,6 +33,7 @@ loader both use it, so the two produce identical trajectories for the same episo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -227,6 +228,16 @@ class Trajectory:
     def episode_return(self) -> float:
         """Sum of the turn rewards."""
         return float(sum(self.turn_rewards))
+
+    @property
+    def token_digest(self) -> str:
+        """A hash of the start state and every token id of the episode: two episodes with the same digest
+        saw and produced the same tokens (what a run's ``rollout_digest`` and ``validation_digest`` combine)."""
+        digest = hashlib.blake2b(str(self.seed).encode(), digest_size=16)
+        for segment in self.segments:
+            digest.update(np.asarray(segment.token_ids, dtype=np.int64).tobytes())
+            digest.update(b"|")
+        return digest.hexdigest()
 
     @property
     def num_turns(self) -> int:

@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicCache
 from agents.policy import batching
 from agents.policy.encoder import TokenSequence
 from agents.policy.kv_cache import DialogueCache, new_batch_cache
-from agents.policy.scoring import MIN_SHARED_PREFIX
+from agents.policy.scoring import MIN_SHARED_PREFIX, at_least_float32
 from agents.vision_inputs import ImageInputs
 
 if TYPE_CHECKING:
@@ -100,12 +100,13 @@ def choose_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from ``softmax(logits / temperature)`` with `suppressed` ids at probability 0.
 
-    Returns the chosen ids ``(batch,)`` and their log-probs under that distribution (float32); greedy
+    Returns the chosen ids ``(batch,)`` and their log-probs under that distribution (float32, float64 for a
+    float64 model); greedy
     takes the arg-max, whose log-prob is then read at the given temperature. With `generators` (one CPU
     generator per row) each row's uniform draw comes from its own generator; `uniform` ``(batch, 1)``
     float64 gives the draws instead.
     """
-    scaled = logits.float().index_fill(-1, suppressed, float("-inf"))
+    scaled = at_least_float32(logits).index_fill(-1, suppressed, float("-inf"))
     log_distribution = torch.log_softmax(scaled if temperature == 1.0 else scaled / temperature, dim=-1)
     if greedy:
         chosen = log_distribution.argmax(dim=-1)
@@ -329,8 +330,8 @@ def _decode_step(
 
 
 def _rms_norm(hidden: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """Qwen's RMSNorm (statistics in float32) with the weight and epsilon of `norm`."""
-    normed = hidden.float()
+    """Qwen's RMSNorm (statistics in float32, or float64 for a float64 model) with the weight and epsilon of `norm`."""
+    normed = at_least_float32(hidden)
     normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * normed.to(hidden.dtype)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,25 @@ from agents.vision_inputs import ImageInputs, ImageLike
 logger = logging.getLogger(__name__)
 
 _DTYPES = {
+    "float64": torch.float64,
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+
+
+def _widen_rms_norms(model: torch.nn.Module) -> None:
+    """Keep a float64 model in float64 in its RMSNorms too, which transformers' Qwen code computes in float32
+    whatever the input: without this a float64 model rounds to float32 there, and two batch layouts of the
+    same computation (one process and two, padded and not) differ by ~1e-7 instead of ~1e-15."""
+
+    def forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(forward, module)
 
 
 def _encoder_attribute(name: str) -> property:
@@ -141,7 +157,8 @@ class VLMPolicy:
 
         Args:
             path_or_id: checkpoint directory (e.g. from `agents.tiny.build_tiny_model`) or Hub model id.
-            dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+            dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"`` (exactness checks: the tests compare
+                one and two processes in it, where rounding cannot flip a sampled token) or a ``torch.dtype``.
             device: device to put the model on.
             attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, ...
             min_pixels: smallest resized image area; defaults to the checkpoint's image processor.
@@ -157,6 +174,8 @@ class VLMPolicy:
         )
         model.to(device)
         model.eval()
+        if dtype == torch.float64:
+            _widen_rms_norms(model)
         encoder = ChatEncoder.from_pretrained(
             path_or_id, min_pixels=min_pixels, max_pixels=max_pixels, revision=revision
         )

@@ -75,11 +75,11 @@ def token_logprobs(
             ]
         else:
             parts = [_chunk_logprobs(logits[i : i + SCORE_CHUNK], tokens[i : i + SCORE_CHUNK], suppressed, temperature) for i in chunks]
-        results.append(torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32))
+        results.append(torch.cat(parts) if parts else at_least_float32(logits.new_zeros(0)))
         if with_entropy:  # a diagnostic: no graph
             with torch.no_grad():
                 entropy = [_chunk_entropy(logits[i : i + SCORE_CHUNK], suppressed, temperature) for i in chunks]
-            entropies.append(torch.cat(entropy) if entropy else logits.new_zeros(0, dtype=torch.float32))
+            entropies.append(torch.cat(entropy) if entropy else at_least_float32(logits.new_zeros(0)))
     return (results, entropies) if with_entropy else results
 
 
@@ -170,9 +170,14 @@ def _logits_after_shared_prefix(
     ]
 
 
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """`logits` in float32, or in their own dtype when wider (a float64 model keeps float64 probabilities)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _tempered_log_normaliser(logits: torch.Tensor, suppressed: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits / temperature`` in float32 with `suppressed` at ``-inf``, its log-sum-exp per row)."""
-    scaled = (logits.float() / temperature).index_fill(-1, suppressed, float("-inf"))
+    """``(logits / temperature`` in float32 (or wider, `at_least_float32`) with `suppressed` at ``-inf``, its log-sum-exp per row)."""
+    scaled = (at_least_float32(logits) / temperature).index_fill(-1, suppressed, float("-inf"))
     return scaled, torch.logsumexp(scaled, dim=-1)
 
 

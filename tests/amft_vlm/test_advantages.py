@@ -11,6 +11,8 @@ from amft_vlm.advantages import (
     group_advantages,
     grpo_episode_advantages,
     grpo_turn_advantages,
+    leave_one_out_advantages,
+    leave_one_out_turn_advantages,
 )
 
 
@@ -63,3 +65,18 @@ def test_episode_credit_gives_every_turn_its_episode_advantage():
 
 def test_the_table_maps_each_credit_to_its_estimator():
     assert {"episode": grpo_episode_advantages, "turn": grpo_turn_advantages} == GROUP_ADVANTAGES
+
+
+def test_leave_one_out_turn_advantages_by_hand():
+    """Reward to go per turn minus the others' at the same turn; an episode that ended has 0 to go there."""
+    turn_rewards = [[-3.0, -1.0], [-2.0], [1.0, 5.0], [2.0]]
+    advantages = leave_one_out_turn_advantages(turn_rewards, [0, 0, 0, 1])
+    # to go: A (-4, -1), B (-2, 0 after its end), C (6, 5); baselines from the other two of the group.
+    expected = [[-4 - (-2 + 6) / 2, -1 - (0 + 5) / 2], [-2 - (-4 + 6) / 2], [6 - (-4 - 2) / 2, 5 - (-1 + 0) / 2], [0.0]]
+    for got, want in zip(advantages, expected, strict=True):
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    # One turn each: the episode form (return minus the others' mean return).
+    single = leave_one_out_turn_advantages([[1.0], [2.0], [3.0]], [0, 0, 0])
+    torch.testing.assert_close(torch.cat(single), leave_one_out_advantages(torch.tensor([1.0, 2.0, 3.0]), [0, 0, 0]))
+    with pytest.raises(ValueError, match="one group id per episode"):
+        leave_one_out_turn_advantages(turn_rewards, [0, 0])

@@ -1,6 +1,7 @@
 """The mu controller: the look-ahead against finite differences through the real step, the meta estimate, guards."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from amft_vlm.config import ControllerConfig
 from amft_vlm.controller import (
     ClipDerivative,
     MetaEstimate,
+    MetaPool,
     MuController,
     MuTangent,
     flat_dot,
@@ -267,8 +269,87 @@ def test_state_round_trip():
         ({"lookahead": "newton"}, "lookahead"),
         ({"meta_signal": "cosine"}, "meta_signal"),
         ({"entropy_source": "sft"}, "entropy_source"),
+        ({"meta_credit": "step"}, "meta_credit"),
+        ({"meta_pool_decay": 1.0}, "meta_pool_decay"),
+        ({"meta_pool_decay": -0.1}, "meta_pool_decay"),
     ],
 )
 def test_invalid_settings_are_explained(settings, message):
     with pytest.raises(ValueError, match=message):
         MuController(ControllerConfig(**settings))
+
+
+def weighted_by_hand(steps, decay):
+    """Mean, standard error and effective count of per-state values, step k back weighing decay**k (no running sums)."""
+    weights = [decay ** (len(steps) - 1 - k) for k in range(len(steps)) for _ in steps[k]]
+    values = [v for step in steps for v in step]
+    total = sum(weights)
+    mean = sum(w * v for w, v in zip(weights, values, strict=True)) / total
+    squares = sum(w * w for w in weights)
+    variance = sum(w * (v - mean) ** 2 for w, v in zip(weights, values, strict=True)) / (total - squares / total)
+    effective = total**2 / squares
+    return mean, math.sqrt(variance / effective), effective
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9])
+def test_meta_pool_is_the_weighted_estimate_by_hand(decay):
+    steps = [[1.0, 2.0], [3.0, 5.0, 7.0], [-1.0, 0.0, 4.0, 2.0]]
+    pool = MetaPool()
+    for values in steps:
+        pool.add(values, decay=decay)
+    estimate = pool.estimate()
+    mean, stderr, effective = weighted_by_hand(steps, decay)
+    assert (estimate.value, estimate.stderr, estimate.states) == pytest.approx((mean, stderr, effective), rel=1e-12)
+    if decay == 0.0:  # only the last step counts: the single-step estimate
+        assert estimate == MetaEstimate.from_per_state(steps[-1])
+
+
+def test_pooled_evidence_accumulates_where_a_single_step_does_not():
+    """Weak but consistent evidence (t ~ 1 per meta step) becomes strong when pooled; evidence that flips sign does not."""
+    consistent = [[0.4 + offset for offset in (-1.0, 0.0, 1.0, 2.0, -2.0, 0.6)] for _ in range(8)]
+    single = [MetaEstimate.from_per_state(values).t_statistic for values in consistent]
+    pool = MetaPool()
+    pooled = []
+    for values in consistent:
+        pool.add(values, decay=0.9)
+        pooled.append(pool.estimate().t_statistic)
+    assert max(single) < 1.0 < pooled[-1] / 2  # each step alone: t < 1; pooled over 8: t > 2
+    assert pooled == sorted(pooled)  # the evidence grows step by step
+    flipping = MetaPool()
+    for k in range(8):
+        flipping.add([(-1) ** k * v for v in consistent[0]], decay=0.9)
+    assert abs(flipping.estimate().t_statistic) < 0.5
+
+
+def test_the_controller_pools_per_unit_learning_rate_and_moves_mu_on_the_pooled_signal():
+    controller = controller_after_warmup(eta_mu=0.01, eta_h=0.0, meta_pool_decay=0.8)
+    first = controller.weigh_meta_evidence([1e-3, 5e-3, -1e-3], learning_rate=1e-3)
+    second = controller.weigh_meta_evidence([2e-4, -1e-4, 4e-4], learning_rate=1e-4)  # per unit lr: 2, -1, 4
+    expected = weighted_by_hand([[1.0, 5.0, -1.0], [2.0, -1.0, 4.0]], 0.8)
+    assert (second.pooled.value, second.pooled.stderr) == pytest.approx(expected[:2], rel=1e-12)
+    assert second.step.value == pytest.approx(5e-4 / 3)  # the step's own dU/dmu, in its units
+    assert second.signal == pytest.approx(min(3.0, expected[0] / expected[1]))
+    assert second.signal > first.signal  # more evidence for the same mean
+    assert controller.update(entropy=1.0, meta_signal=second.signal) == pytest.approx(0.5 + 0.01 * second.signal)
+    raw = controller_after_warmup(meta_signal="raw", meta_pool_decay=0.0)
+    assert raw.weigh_meta_evidence([2e-4, 4e-4], learning_rate=1e-4).signal == pytest.approx(3e-4)  # dU/dmu at this lr
+
+
+def test_meta_evidence_without_signal_is_skipped():
+    controller = controller_after_warmup(meta_pool_decay=0.5)
+    tied = controller.weigh_meta_evidence([0.0, 0.0], learning_rate=1e-3)
+    assert tied.step is None and tied.pooled is None and tied.signal is None
+    assert controller.weigh_meta_evidence([], learning_rate=1e-3).signal is None
+    assert controller.weigh_meta_evidence([1.0, 2.0], learning_rate=0.0).signal is None  # lr 0: theta did not move
+    assert controller.state.meta_pool.weight == pytest.approx(2.0)  # only the tied step entered the pool
+
+
+def test_state_round_trip_keeps_the_pool_and_reads_states_saved_before_it():
+    controller = controller_after_warmup(meta_pool_decay=0.7)
+    controller.weigh_meta_evidence([1.0, 2.0, 4.0], learning_rate=1.0)
+    restored = MuController(ControllerConfig(mu_init=0.5, warmup_steps=0, meta_pool_decay=0.7))
+    restored.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+    assert restored.state == controller.state
+    old = {key: value for key, value in controller.state_dict().items() if key != "meta_pool"}
+    restored.load_state_dict(old)
+    assert restored.state.meta_pool == MetaPool()

@@ -153,3 +153,42 @@ def test_validation_episodes_come_from_the_val_split(tmp_path):
     history = trainer.train()
     assert history[-1]["budget_validation_episodes"] > 0
     assert {env.unwrapped.split for env in trainer.validation_engine.envs} == {"val"}
+
+
+def test_the_meta_term_lowers_mu_when_the_expert_turns_bad_after_a_shared_warmup(tmp_path):
+    """expert_data_after_warmup: a helpful expert for the warm-up, a wrong one after it (the demo's corrupted run)."""
+    wrong = tmp_path / "expert-wrong"
+    collect(bandit.ENV_ID, {"target": "consonants"}, bandit.ConstantAgent("bcdfg hjklm"), episodes=8, seed=0, out_dir=wrong, progress=False)
+    manifest = json.loads((wrong / "manifest.json").read_text())
+    (wrong / "manifest.json").write_text(json.dumps({**manifest, "env_kwargs": {}}))
+    history = bandit_run(tmp_path, "turns-bad", "aeiou eioua", "vowels", f"expert_data_after_warmup={wrong}", "controller.warmup_steps=2")
+    # The warm-up imitates the vowels (its loss falls); from step 3 the consonants, which the policy finds unlikely.
+    assert history[2]["loss_sft"] > 1.5 * history[1]["loss_sft"]
+    signals = [m["meta_signal"] for m in history[2:]]
+    assert statistics.mean(signals) < -0.4, signals
+    assert history[-1]["next_mu"] < 0.4
+
+
+def test_the_pooled_signal_is_what_moves_mu(tmp_path):
+    """With pooling the applied signal is the pooled t (clipped), whose evidence grows; without it, each step's own t."""
+    pooled = bandit_run(tmp_path, "pooled", "aeiou eioua", "vowels", "controller.meta_pool_decay=0.9", "controller.meta_clip=10.0")
+    meta = [m for m in pooled if m.get("meta_signal") is not None]
+    assert len(meta) >= 6
+    assert all(m["meta_signal"] == pytest.approx(m["meta_pooled_t"]) for m in meta)
+    assert [m["meta_pooled_states"] for m in meta] == sorted(m["meta_pooled_states"] for m in meta)
+    assert meta[-1]["meta_pooled_states"] > 2 * meta[0]["meta_pooled_states"]  # evidence of several steps
+    assert meta[0]["meta_pooled_t"] == pytest.approx(meta[0]["meta_t"])  # the first step has only its own
+    assert all(m["meta_pooled_t"] != pytest.approx(m["meta_t"]) for m in meta[1:])
+    single = bandit_run(tmp_path, "single", "aeiou eioua", "vowels", "controller.meta_clip=10.0")
+    assert all(m["meta_signal"] == pytest.approx(m["meta_t"]) for m in single if m.get("meta_signal") is not None)
+    for metrics in (*pooled, *single):
+        if "meta_signal" in metrics:
+            assert 0.0 <= metrics["meta_tied_share"] <= 1.0 and len(metrics["validation_digest"]) == 16
+
+
+def test_turn_credit_runs_in_the_trainer_and_equals_episode_credit_on_one_turn(tmp_path):
+    """The bandit has one turn, so reward to go is the return: both credits give the same meta signals."""
+    episode = bandit_run(tmp_path, "episode-credit", "aeiou eioua", "vowels", "steps=3")
+    turn = bandit_run(tmp_path, "turn-credit", "aeiou eioua", "vowels", "steps=3", "controller.meta_credit=turn")
+    assert [m["meta_dU_dmu"] for m in turn[1:]] == pytest.approx([m["meta_dU_dmu"] for m in episode[1:]], rel=1e-5)
+    assert [m.get("validation_digest") for m in turn] == [m.get("validation_digest") for m in episode]
