@@ -80,10 +80,12 @@ class ControllerConfig:
     """Validation start states (from the ``val`` split) per meta-gradient estimate; the same states every time."""
     validation_samples: int = 4
     """Episodes sampled per validation start state (>= 2: each gets the leave-one-out mean of the others as baseline)."""
-    meta_credit: str = "episode"
-    """What weighs each validation answer's log-prob in grad U (REINFORCE, leave-one-out baseline): ``episode``
-    (the episode's return, Eq. 6's U as written) or ``turn`` (the reward to go from that answer: the same
-    expectation, since an answer cannot change the rewards before it, with the noise of earlier turns removed)."""
+    meta_credit: str = "turn"
+    """What weighs each validation answer's log-prob in grad U (REINFORCE, leave-one-out baseline): ``turn``
+    (the reward to go from that answer) or ``episode`` (the episode's whole return, as Eq. 6 is usually
+    read). Both estimate the same gradient, since an answer cannot change the rewards before it; on
+    GeneralPoints' 6-answer episodes ``turn`` has 5-10x less noise (BENCHMARKS.md, "meta-signal"), and on
+    one-answer tasks the two are the same."""
     meta_pool_decay: float = 0.0
     """Pool the evidence over meta steps: the per-state values of dU/dmu (per unit learning rate, so steps at
     different points of the schedule share one scale) enter an exponential moving average of mean and second

@@ -37,31 +37,42 @@ from ``/proc/stat``): on a shared machine one busy core makes two threads much s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
+import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from agents.baselines import ExpertAgent, baseline_agent
-from agents.tiny import ARCHITECTURES, TINY_PREFIX, build_tiny_model
-from amft_vlm.checkpoint import latest_checkpoint
+from agents.tiny import ARCHITECTURES, TINY_PREFIX, build_tiny_model, tiny_model_problem
+from amft_vlm.checkpoint import latest_checkpoint, write_text_atomic
 from amft_vlm.config import TrainConfig, dataclass_from_dict, load_values
 from amft_vlm.evaluate import EvalRecord, evaluate, write_record
-from amft_vlm.expert_data import collect
+from amft_vlm.expert_data import collect, corrupt_dataset
+from amft_vlm.jobs import JobPool, choose_threads, machine_description, torch_threads
 from amft_vlm.preflight import writable_directory
 from amft_vlm.report import FIGURES, load_run, markdown_table, write_report
 
 log = logging.getLogger(__name__)
 
-METHODS = ("sft", "amft")
-"""The trained methods, in the order of the table."""
+@dataclass(frozen=True)
+class DemoRun:
+    """One training run of the demo: its directory and table row, its method and which expert it imitates."""
+
+    name: str
+    method: str
+    expert: str
+    """``clean``, or ``corrupted``: the `Corruption` of the expert replaces it once AMFT's warm-up ends."""
+
+
+RUNS = (DemoRun("sft", "sft", "clean"), DemoRun("amft", "amft", "clean"), DemoRun("amft-corrupted", "amft", "corrupted"))
+"""The trained runs, in the order of the table. Both AMFT runs start from the SFT run's warm-up checkpoint."""
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -80,12 +91,11 @@ EVALUATIONS = (
     Evaluation("train", "id", "train", None, "training hands"),
     Evaluation("train-sampled", "id", "train", 1.0, "training hands, T=1"),
     Evaluation("test", "id", "test", None, "held-out hands"),
-    Evaluation("test-sampled", "id", "test", 1.0, "held-out hands, T=1"),
     Evaluation("ood-rule", "ood-rule", None, None, "rule OOD (J Q K = 11 12 13)"),
 )
 """The evaluations, in the order of the table's columns."""
 
-OUTPUTS = ("initial-model", "expert", "baselines", *METHODS, "report", "demo.md")
+OUTPUTS = ("initial-model", "expert", "expert-corrupted", "baselines", *(run.name for run in RUNS), "report", "demo.md", "summary.json")
 """The entries `run_demo` writes under its output directory (what ``force`` replaces)."""
 
 
@@ -99,8 +109,31 @@ QUICK = (
 )
 """The overrides of ``--quick``: a few steps and episodes, which check that every part runs (the test suite)."""
 
-SET_PER_RUN = ("method", "expert_data", "output_dir", "save_every", "warm_start")
+SET_PER_RUN = ("method", "expert_data", "expert_data_after_warmup", "output_dir", "save_every", "warm_start")
 """`TrainConfig` fields the demo sets for each run (`DemoConfig.train_config`), so a demo config leaves them out."""
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """The ``demo.corruption`` section: how the second AMFT run's expert is poisoned after the shared warm-up
+    (`amft_vlm.expert_data.corrupt_dataset`)."""
+
+    kind: str
+    """``random`` (a random-text agent's answers), ``shuffled`` (another hand's solution) or ``single-quoted``."""
+    share: float
+    """Share of the expert dialogues whose answers are replaced."""
+    seed: int
+    """Which dialogues (and the random text)."""
+
+    def validate(self) -> Corruption:
+        """Raise ValueError naming the first bad field; return self when valid."""
+        from amft_vlm.expert_data import CORRUPTIONS
+
+        if self.kind not in CORRUPTIONS:
+            raise ValueError(f"demo.corruption.kind must be one of {', '.join(CORRUPTIONS)}; got {self.kind!r}")
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"demo.corruption.share must be in (0, 1]; got {self.share!r}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -121,6 +154,8 @@ class DemoSettings:
     """Environments played together in evaluation."""
     eval_episodes: int
     """Episodes per evaluation (seeds 0..N-1)."""
+    corruption: Corruption
+    """The corrupted-expert AMFT run's expert after the warm-up."""
 
     def validate(self) -> DemoSettings:
         """Raise ValueError naming the first bad field; return self when valid."""
@@ -129,6 +164,7 @@ class DemoSettings:
                 raise ValueError(f"demo.{name} must be a positive integer; got {getattr(self, name)}")
         if not self.rope_theta > 0:
             raise ValueError(f"demo.rope_theta must be > 0; got {self.rope_theta}")
+        self.corruption.validate()
         return self
 
 
@@ -146,10 +182,13 @@ class DemoConfig:
         """The tiny architecture the demo builds, from ``model: tiny:ARCH``."""
         return self.train.model[len(TINY_PREFIX) :]
 
-    def train_config(self, method: str, *, model: str, expert_data: str, output_dir: str, warm_start: str | None = None) -> TrainConfig:
-        """The trainer's config for `method`: `train` with this run's paths, so both methods share every budget knob.
+    def train_config(
+        self, method: str, *, model: str, expert_data: str, output_dir: str, warm_start: str | None = None, expert_after_warmup: str | None = None
+    ) -> TrainConfig:
+        """The trainer's config for `method`: `train` with this run's paths, so every run shares every budget knob.
 
-        The SFT run also saves its checkpoint at ``controller.warmup_steps``, where AMFT's warm-up ends.
+        The SFT run also saves its checkpoint at ``controller.warmup_steps``, where AMFT's warm-up ends;
+        `expert_after_warmup` is the corrupted run's expert after it (``expert_data_after_warmup``).
         """
         train = self.train
         return dataclasses.replace(
@@ -157,6 +196,7 @@ class DemoConfig:
             method=method,
             model=model,
             expert_data=expert_data,
+            expert_data_after_warmup=expert_after_warmup,
             output_dir=output_dir,
             save_every=train.controller.warmup_steps if method == "sft" else train.steps,
             warm_start=warm_start,
@@ -184,7 +224,7 @@ def load_demo_config(
         raise ValueError(f"{path}: a demo config has a demo: section (the tiny model's sizes, eval_envs, eval_episodes); see {DEFAULT_CONFIG.name}")
     per_run = [name for name in SET_PER_RUN if name in values]
     if per_run:
-        raise ValueError(f"{per_run[0]}: the demo sets it for each run (sft and amft); leave it out of the demo config")
+        raise ValueError(f"{per_run[0]}: the demo sets it for each run ({', '.join(run.name for run in RUNS)}); leave it out of the demo config")
     train = dataclass_from_dict(TrainConfig, values)
     if not train.model.startswith(TINY_PREFIX) or train.model[len(TINY_PREFIX) :] not in ARCHITECTURES:
         raise ValueError(f"model: the demo builds a tiny model, {' or '.join(TINY_PREFIX + arch for arch in ARCHITECTURES)}; got {train.model!r}")
@@ -221,51 +261,8 @@ class DemoResult:
     """Wall time of the whole demo."""
     threads: int
     """Torch threads it ran with."""
-
-
-def busy_cores(window: float = 0.5) -> float:
-    """How many cores other processes keep busy now: from ``/proc/stat`` over `window` seconds.
-
-    The load average would do, but it lags by a minute: right after ``make demo``'s install step it
-    still reads about 1 on an idle machine. Without ``/proc/stat`` it is the fallback (0 without either).
-    """
-    def sample() -> tuple[int, int] | None:
-        try:
-            fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        except (OSError, ValueError, IndexError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields), idle
-
-    first = sample()
-    if first is not None:
-        time.sleep(window)
-        second = sample()
-        if second is not None and second[0] > first[0]:
-            total, idle = second[0] - first[0], second[1] - first[1]
-            return (os.cpu_count() or 1) * (total - idle) / total
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-
-
-def choose_threads(requested: int | None = None) -> int:
-    """Torch threads for the demo: `requested`, or the cores other processes leave free now (at least 1)."""
-    if requested is not None:
-        if requested < 1:
-            raise ValueError(f"threads must be at least 1; got {requested}")
-        return requested
-    cores = os.cpu_count() or 1
-    return max(1, min(cores, round(cores - busy_cores())))
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with `count` torch threads, and give the previous count back after it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    summary: dict
+    """``OUT/summary.json``: per run its method, expert, mu and the controller's evidence (`demo_summary`)."""
 
 
 def _prepare(out: Path, force: bool) -> None:
@@ -307,6 +304,67 @@ def _evaluate_all(who: str, label: str, *, model: str | None, config: DemoConfig
     return records
 
 
+def prepare_inputs(out: Path, config: DemoConfig, *, progress: bool) -> tuple[Path, Path, Path]:
+    """The tiny model, the expert dataset and its corrupted copy under `out` (each built unless already there):
+    ``initial-model``, ``expert`` and ``expert-corrupted``."""
+    train, settings = config.train, config.demo
+    model = out / "initial-model"
+    if tiny_model_problem(model) is not None:
+        log.info("building the tiny %s and its tokenizer", config.arch)
+        build_tiny_model(
+            config.arch, model, seed=train.seed, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
+            intermediate_size=settings.intermediate_size, vocab_size=settings.vocab_size, rope_theta=settings.rope_theta,
+        )  # fmt: skip
+    expert, corrupted = out / "expert", out / "expert-corrupted"
+    if not (expert / "manifest.json").is_file():
+        log.info("collecting %d expert episodes on %s %s", train.expert_episodes, train.env_id, train.env_kwargs)
+        collect(train.env_id, dict(train.env_kwargs), ExpertAgent(), episodes=train.expert_episodes, seed=train.seed, out_dir=expert, progress=progress)
+    if not (corrupted / "manifest.json").is_file():
+        corruption = settings.corruption
+        count = corrupt_dataset(expert, corrupted, share=corruption.share, kind=corruption.kind, seed=corruption.seed)
+        log.info("corrupted expert: %d of its dialogues' answers replaced (%s)", count, corruption.kind)
+    return model, expert, corrupted
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What one run's task (`_train_and_evaluate`) hands back: its time, evaluations and budget."""
+
+    train_seconds: float
+    records: dict[str, EvalRecord]
+    budget: dict[str, int]
+
+
+def _run_config(run: DemoRun, config: DemoConfig, out: Path, inputs: tuple[Path, Path, Path]) -> TrainConfig:
+    model, expert, corrupted = inputs
+    warm_start = out / "sft" / "checkpoints" / f"step-{config.train.controller.warmup_steps:06d}"
+    return config.train_config(
+        run.method,
+        model=str(model),
+        expert_data=str(expert),
+        output_dir=str(out / run.name),
+        warm_start=str(warm_start) if run.method != "sft" else None,
+        expert_after_warmup=str(corrupted) if run.expert == "corrupted" else None,
+    )
+
+
+def _train_and_evaluate(run: DemoRun, config: DemoConfig, out: Path, inputs: tuple[Path, Path, Path], progress: bool) -> RunOutcome:
+    """Train `run` to the end (the SFT run resumes from its warm-up checkpoint, the AMFT runs start from it), then
+    play every evaluation with its final checkpoint. Runs in a worker process when the demo runs side by side."""
+    from amft_vlm.trainer import Trainer  # loads accelerate: only where a run trains
+
+    started = time.perf_counter()
+    Trainer(_run_config(run, config, out, inputs), resume=run.method == "sft", progress=progress).train()
+    seconds = time.perf_counter() - started
+    checkpoint = latest_checkpoint(out / run.name / "checkpoints")
+    if checkpoint is None:
+        raise RuntimeError(f"training {run.name} wrote no checkpoint under {out / run.name / 'checkpoints'}")
+    label = f"{run.name} (step {config.train.steps})"
+    records = _evaluate_all(run.name, label, model=str(checkpoint / "policy"), config=config, eval_dir=out / run.name / "eval", file_prefix="", progress=progress)
+    last = load_run(out / run.name).records[-1]
+    return RunOutcome(seconds, records, {key: int(last.get(key) or 0) for key, _ in BUDGET})
+
+
 def _cell(record: EvalRecord | None, metric: str) -> str:
     value = record.metrics.get(metric) if record is not None else None
     return "—" if value is None else f"{100 * value.value:.1f} ± {100 * value.stderr:.1f}%"
@@ -321,22 +379,45 @@ BUDGET = (
 )
 
 
+def controller_summary(run_dir: Path, warmup_steps: int) -> dict[str, Any]:
+    """What the controller did in an AMFT run, from its ``metrics.jsonl``: mu when it took over and at the end,
+    each term's total contribution, and the meta-gradient's evidence (its pooled t at the end, each step's t)."""
+    records = [m for m in load_run(run_dir).records if m["step"] > warmup_steps]
+    if not records:
+        return {}
+    meta = [m for m in records if m.get("meta_signal") is not None]
+    return {
+        "mu_start": records[0]["mu"],
+        "mu_end": records[-1]["next_mu"],
+        "entropy_term_sum": sum(m.get("entropy_term") or 0.0 for m in records),
+        "meta_term_sum": sum(m.get("meta_term") or 0.0 for m in records),
+        "meta_steps": len(meta),
+        "meta_t": [m.get("meta_t") for m in meta],
+        "meta_pooled_t_end": meta[-1].get("meta_pooled_t") if meta else None,
+        "meta_tied_share": statistics.fmean(m.get("meta_tied_share") or 0.0 for m in meta) if meta else None,
+        "entropy_end": records[-1].get("entropy"),
+        "target_entropy": records[-1].get("target_entropy"),
+    }
+
+
 def demo_table(
     records: dict[str, dict[str, EvalRecord]],
     train_seconds: dict[str, float],
     config: DemoConfig,
     budgets: dict[str, dict[str, int]] | None = None,
     shared_seconds: float | None = None,
+    controllers: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """The demo's tables: success (± standard error) per row and evaluation, what RL changed, and each run's budget.
+    """The demo's tables: success (± standard error) per row and evaluation, what the answers look like, what each
+    AMFT run's controller did, and each run's budget.
 
-    ``shared_seconds`` is the SFT run's time for the warm-up steps AMFT starts from.
+    ``shared_seconds`` is the SFT run's time for the warm-up steps the AMFT runs start from.
     """
     rows = []
     for row, by_name in records.items():
         seconds = train_seconds.get(row)
         time_cell = "—" if seconds is None else f"{seconds:.0f} s"
-        if row == "amft" and shared_seconds is not None and seconds is not None:
+        if row.startswith("amft") and shared_seconds is not None and seconds is not None:
             time_cell = f"{shared_seconds:.0f} s shared with sft + {seconds:.0f} s"
         rows.append([row, *(_cell(by_name.get(e.name), "success_rate") for e in EVALUATIONS), time_cell])
     lines = ["Success rate: episodes solved within 5 attempts.", ""]
@@ -349,6 +430,16 @@ def demo_table(
     lines += ["", "What the answers look like (greedy): success after a failed first answer, among episodes with one; "
               "answers whose formula the verifier could read and check against the cards, among all answers.", ""]
     lines += markdown_table(["", "retry success, training hands", "retry success, held-out", "valid formula, training hands", "valid formula, held-out"], changed)
+    if controllers:
+        lines += ["", "What the controller did after the warm-up (each term's total contribution to mu; the meta-gradient's "
+                      "evidence: its t-statistic per meta step, and pooled over the meta steps at the end).", ""]
+        lines += markdown_table(
+            ["", "expert", "mu", "entropy term", "meta term", "H at the end (H*)", "meta steps", "t per step (mean, range)", "pooled t at the end", "tied validation states"],
+            [[name, summary["expert"], f"{summary['mu_start']:.2f} -> {summary['mu_end']:.2f}", f"{summary['entropy_term_sum']:+.3f}",
+              f"{summary['meta_term_sum']:+.3f}", _entropy_cell(summary), str(summary["meta_steps"]), _t_cell(summary["meta_t"]),
+              _number_cell(summary["meta_pooled_t_end"]), _share_cell(summary["meta_tied_share"])]
+             for name, summary in controllers.items()],
+        )  # fmt: skip
     if budgets:
         lines += ["", "Budget each run consumed (counted by the trainer; validation episodes are AMFT's meta-gradient).", ""]
         lines += markdown_table(["", *(title for _, title in BUDGET)], [[row, *(f"{budget.get(key, 0):,}" for key, _ in BUDGET)] for row, budget in budgets.items()])
@@ -356,17 +447,36 @@ def demo_table(
     return "\n".join(lines)
 
 
+def _number_cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.2f}"
+
+
+def _share_cell(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def _entropy_cell(summary: dict[str, Any]) -> str:
+    entropy, target = summary.get("entropy_end"), summary.get("target_entropy")
+    return "—" if entropy is None or target is None else f"{entropy:.2f} ({target:.2f})"
+
+
+def _t_cell(values: Sequence[float | None]) -> str:
+    finite = [v for v in values if v is not None]
+    return "—" if not finite else f"{statistics.fmean(finite):+.2f} ({min(finite):+.2f} to {max(finite):+.2f})"
+
+
 def settings_note(config: DemoConfig) -> str:
     """The line under the demo's tables that says what each column played and each run's budget."""
-    train, controller, episodes = config.train, config.train.controller, config.demo.eval_episodes
+    train, controller, episodes, corruption = config.train, config.train.controller, config.demo.eval_episodes, config.demo.corruption
     return (
         f"{episodes} episodes per column (seeds 0..{episodes - 1}; the papers use 234); ± is the standard "
-        f"error; — where it does not apply (an agent does not sample; no episode failed its first answer). Both methods: "
+        f"error; — where it does not apply (an agent does not sample; no episode failed its first answer). Every run: "
         f"{train.steps} steps, {train.sft_batch_size} expert dialogues per step, AdamW lr {train.learning_rate:g} "
         f"{'with cosine decay' if train.lr_schedule == 'cosine' else 'constant'}; AMFT: the first {controller.warmup_steps} steps are SFT's, then {train.episodes_per_step}x"
         f"{train.group_size} RL rollouts per step and a meta-gradient every {controller.meta_interval} steps on "
         f"{controller.validation_states}x{controller.validation_samples} validation episodes (split "
-        f"{train.validation_env_kwargs.get('split', 'all')})."
+        f"{train.validation_env_kwargs.get('split', 'all')}); amft-corrupted imitates, after the warm-up, the expert with "
+        f"{100 * corruption.share:.0f}% of its dialogues' answers replaced ({corruption.kind})."
     )
 
 
@@ -383,73 +493,112 @@ def run_demo(
     Args:
         out_dir: output directory; must be empty or absent unless `force`.
         config: what to run (`load_demo_config`); None: the shipped `DEFAULT_CONFIG`.
-        threads: torch threads; None uses the cores other processes leave free (`choose_threads`).
+        threads: torch threads; None uses the cores other processes leave free (`choose_threads`). With two or
+            more, the runs after the warm-up train side by side, one process and one thread each (decoding the tiny
+            model is latency-bound: two AMFT runs side by side on one thread each make 1.4x the steps of one
+            after the other on two threads).
         force: replace the demo's own files in a non-empty `out_dir`.
         progress: show progress bars.
     """
     config = load_demo_config() if config is None else config
-    train, settings = config.train, config.demo
+    train = config.train
     warmup = train.controller.warmup_steps
     thread_count = choose_threads(threads)
     out = Path(out_dir)
     _prepare(out, force)
+    started = time.perf_counter()
     with torch_threads(thread_count):
         log.info("amft-vlm demo: %d torch thread(s) on %d cores; output in %s", thread_count, os.cpu_count(), out)
-        started = time.perf_counter()
-        log.info("1/5 building the tiny %s and its tokenizer", config.arch)
-        model = build_tiny_model(
-            config.arch,
-            out / "initial-model",
-            seed=train.seed,
-            hidden_size=settings.hidden_size,
-            num_layers=settings.num_layers,
-            intermediate_size=settings.intermediate_size,
-            vocab_size=settings.vocab_size,
-            rope_theta=settings.rope_theta,
-        )
-        log.info("2/5 collecting %d expert episodes on %s %s", train.expert_episodes, train.env_id, train.env_kwargs)
-        collect(train.env_id, dict(train.env_kwargs), ExpertAgent(), episodes=train.expert_episodes, seed=train.seed, out_dir=out / "expert", progress=progress)
+        log.info("1/5 the tiny model, the expert data and its corrupted copy")
+        inputs = prepare_inputs(out, config, progress=progress)
 
         from amft_vlm.trainer import Trainer  # loads accelerate: only once the cheap steps have run
 
+        log.info("2/5 training sft's first %d steps (the AMFT runs' warm-up)", warmup)
+        warmup_started = time.perf_counter()
+        Trainer(_run_config(RUNS[0], config, out, inputs), progress=progress).train(stop_after=warmup)
+        shared_seconds = time.perf_counter() - warmup_started
+
+    jobs = len(RUNS) if thread_count > 1 else 1  # all at once: the SFT run's rest is short, the AMFT runs are not
+    log.info("3/5 training %s from step %d to %d%s, then evaluating each", ", ".join(run.name for run in RUNS), warmup, train.steps,
+             f" side by side ({jobs} processes, 1 thread each)" if jobs > 1 else "")  # fmt: skip
+    outcomes = _run_side_by_side(config, out, inputs, jobs=jobs, threads=thread_count, progress=progress)
+
+    with torch_threads(thread_count):
+        log.info("4/5 evaluating the expert and random agents")
         records: dict[str, dict[str, EvalRecord]] = {}
-        train_seconds: dict[str, float] = {}
-        warm_start = out / "sft" / "checkpoints" / f"step-{warmup:06d}"
-        for method in METHODS:
-            own = train.steps - (warmup if method == "amft" else 0)
-            log.info("3/5 training %s: %d steps%s", method, own, f" after sft's first {warmup}" if method == "amft" else "")
-            run_config = config.train_config(
-                method,
-                model=str(model),
-                expert_data=str(out / "expert"),
-                output_dir=str(out / method),
-                warm_start=str(warm_start) if method == "amft" else None,
-            )
-            method_started = time.perf_counter()
-            Trainer(run_config, progress=progress).train()
-            train_seconds[method] = time.perf_counter() - method_started
-        shared_seconds = sum(m["step_time"] for m in load_run(out / "sft").records if m["step"] <= warmup)
-        log.info("4/5 evaluating: %d episodes per setting, greedy and sampled (T=1)", settings.eval_episodes)
         for who in ("expert", "random"):
-            eval_dir = out / "baselines" / "eval"
-            records[who] = _evaluate_all(who, who, model=None, config=config, eval_dir=eval_dir, file_prefix=f"{who}-", progress=progress)
-        budgets = {}
-        for method in METHODS:
-            checkpoint = latest_checkpoint(out / method / "checkpoints")
-            if checkpoint is None:
-                raise RuntimeError(f"training {method} wrote no checkpoint under {out / method / 'checkpoints'}")
-            label = f"{method} (step {train.steps})"
-            records[method] = _evaluate_all(method, label, model=str(checkpoint / "policy"), config=config, eval_dir=out / method / "eval", file_prefix="", progress=progress)
-            last = load_run(out / method).records[-1]
-            budgets[method] = {key: int(last.get(key) or 0) for key, _ in BUDGET}
+            records[who] = _evaluate_all(who, who, model=None, config=config, eval_dir=out / "baselines" / "eval", file_prefix=f"{who}-", progress=progress)
+        records.update({name: outcome.records for name, outcome in outcomes.items()})
+        train_seconds = {name: outcome.train_seconds for name, outcome in outcomes.items()}
+        train_seconds["sft"] += shared_seconds
+        budgets = {name: outcome.budget for name, outcome in outcomes.items()}
+        controllers = {run.name: {"expert": run.expert, **controller_summary(out / run.name, warmup)} for run in RUNS if run.method == "amft"}
 
         log.info("5/5 writing the report")
         baseline_records = sorted((out / "baselines" / "eval").glob("*.json"))
-        report = write_report([out / method for method in METHODS], out / "report", eval_files=baseline_records)
-        table = demo_table(records, train_seconds, config, budgets, shared_seconds)
+        report = write_report([out / run.name for run in RUNS], out / "report", eval_files=baseline_records)
+        table = demo_table(records, train_seconds, config, budgets, shared_seconds, controllers)
         (out / "demo.md").write_text("# amft-vlm demo\n\n" + table + "\n")
     wall = time.perf_counter() - started
+    summary = demo_summary(config, records, controllers, train_seconds, wall=wall, threads=thread_count)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plots = [report.parent / f"{figure.name}.png" for figure in FIGURES if (report.parent / f"{figure.name}.png").is_file()]
-    log.info("done in %.1f min. Table: %s; report: %s; plots: %s", wall / 60, out / "demo.md", report, ", ".join(str(p) for p in plots))
-    log.info("runs (metrics.jsonl, checkpoints, eval records): %s", ", ".join(str(out / m) for m in METHODS))
-    return DemoResult(out, table, records, report, train_seconds, wall, thread_count)
+    log.info("done in %.1f min. Table: %s; summary: %s; report: %s; plots: %s", wall / 60, out / "demo.md", out / "summary.json", report, ", ".join(str(p) for p in plots))
+    log.info("runs (metrics.jsonl, checkpoints, eval records): %s", ", ".join(str(out / run.name) for run in RUNS))
+    return DemoResult(out, table, records, report, train_seconds, wall, thread_count, summary)
+
+
+def _run_side_by_side(config: DemoConfig, out: Path, inputs: tuple[Path, Path, Path], *, jobs: int, threads: int, progress: bool) -> dict[str, RunOutcome]:
+    """Every run's rest and evaluations: in this process one after the other (one job), or in `jobs` worker
+    processes, while this one shows the steps done (read from the runs' ``metrics.jsonl``)."""
+    with JobPool(jobs, 1 if jobs > 1 else threads) as pool:
+        futures = {run.name: pool.submit(_train_and_evaluate, run, config, out, inputs, progress and jobs == 1, log_file=out / run.name / "demo.log") for run in RUNS}
+        if jobs > 1:
+            warmup = config.train.controller.warmup_steps
+            _show_progress(futures, [out / run.name for run in RUNS], warmup=warmup, total=len(RUNS) * (config.train.steps - warmup), disable=not progress)
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _show_progress(futures: dict[str, Any], run_dirs: Sequence[Path], *, warmup: int, total: int, disable: bool) -> None:
+    """A progress bar over the steps the side-by-side runs have logged, until every task is done."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="train " + ", ".join(directory.name for directory in run_dirs), unit="step", disable=disable) as bar:
+        while not all(future.done() for future in futures.values()):
+            time.sleep(2.0)
+            done = sum(_logged_steps(directory, warmup) for directory in run_dirs) - bar.n
+            bar.update(max(0, min(done, total - bar.n)))
+
+
+def _logged_steps(run_dir: Path, warmup: int) -> int:
+    """Steps a run has logged beyond the shared warm-up (its ``metrics.jsonl`` holds one line per step from step 1)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().count("\n")
+    except OSError:
+        return 0
+    return max(0, lines - warmup)
+
+
+def demo_summary(
+    config: DemoConfig, records: dict[str, dict[str, EvalRecord]], controllers: dict[str, dict[str, Any]], train_seconds: dict[str, float],
+    *, wall: float, threads: int,
+) -> dict[str, Any]:
+    """``OUT/summary.json``: per run its name, method, expert, mu (start and end, for AMFT), each controller term's
+    total, the meta-gradient's evidence and every evaluation's success rate; with the machine, seed and times."""
+    runs = []
+    for run in RUNS:
+        summary = controllers.get(run.name, {})
+        runs.append(
+            {
+                "name": run.name,
+                "method": run.method,
+                "expert": run.expert,
+                "mu_start": summary.get("mu_start", 1.0),
+                "mu_end": summary.get("mu_end", 1.0),
+                **{key: value for key, value in summary.items() if key not in ("mu_start", "mu_end", "expert")},
+                "success": {name: record.metrics["success_rate"].value for name, record in records[run.name].items()},
+                "train_seconds": train_seconds[run.name],
+            }
+        )
+    return {"runs": runs, "seed": config.train.seed, "machine": machine_description(), "wall_seconds": wall, "threads": threads}

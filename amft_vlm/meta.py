@@ -22,7 +22,7 @@ from amft_vlm.trajectory import Trajectory
 
 def _episode_credit(episodes: Sequence[Trajectory]) -> list[torch.Tensor]:
     """Every turn of an episode weighted by its return minus the mean return of the others from its start state."""
-    weights = leave_one_out_advantages(torch.tensor([t.episode_return for t in episodes]), [t.group for t in episodes])
+    weights = leave_one_out_advantages(torch.tensor([t.episode_return for t in episodes], dtype=torch.float64), [t.group for t in episodes])
     return [weights[i].expand(t.num_turns).clone() for i, t in enumerate(episodes)]
 
 

@@ -80,7 +80,7 @@ FIGURES = (
     Figure("controller", "mu controller terms (added to mu each step)", (
         Panel("Entropy term  eta_H·sign·(H* - H)", "change of mu", ("entropy_term",), smooth=False),
         Panel("Meta term  eta_mu·signal", "change of mu", ("meta_term",), smooth=False),
-        Panel("Meta signal (t-statistic of dU/dmu, or raw; every k steps)", "signal", ("meta_signal",), sparse=True),
+        Panel("Meta evidence every k steps: each step's t of dU/dmu, and the pooled t (the signal applied)", "t", ("meta_t", "meta_pooled_t"), sparse=True),
     )),
     Figure("gradients", "Gradients", (
         Panel("cos(g_SFT, g_RL)", "cosine similarity", ("cos_sft_rl",), ylim=(-1.03, 1.03)),

@@ -161,10 +161,12 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # The loop.
 
-    def train(self) -> list[dict]:
-        """Run from the current iteration to ``config.steps``; returns the metrics of the iterations run."""
+    def train(self, *, stop_after: int | None = None) -> list[dict]:
+        """Run from the current iteration to ``config.steps`` (or to `stop_after`, with a checkpoint there: the run
+        can be resumed, or warm-started from, exactly as if it had gone on); returns the metrics of the iterations run."""
         config, controller, history = self.config, self.controller, []
-        bar = tqdm(range(self.start_step, config.steps), desc=f"train {config.method}", disable=not (self.progress and self.accelerator.is_main_process))
+        last = config.steps if stop_after is None else min(stop_after, config.steps)
+        bar = tqdm(range(self.start_step, last), desc=f"train {config.method}", disable=not (self.progress and self.accelerator.is_main_process))
         for step in bar:
             started = time.perf_counter()
             mu = method_mu(config, step, controller)
@@ -226,7 +228,7 @@ class Trainer:
             self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=metrics["step"])
             history.append(metrics)
             bar.set_postfix(mu=f"{mu:.2f}", loss=f"{metrics['loss']:.3f}", reward=_shown(metrics.get("reward")))
-            if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+            if (step + 1) % config.save_every == 0 or step + 1 == last:
                 self.save(step + 1)
         self.close()
         return history

@@ -10,30 +10,16 @@ import argparse
 import datetime
 import importlib
 import logging
-import os
 import pkgutil
-import platform
 import re
 from pathlib import Path
 
 import benchmarks
+from amft_vlm.jobs import machine_description
 from benchmarks.common import Measurement
 
 REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 log = logging.getLogger(__name__)
-
-
-def machine_description() -> str:
-    """CPU model, core count and Python version of this machine, in one line."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _number(value: float) -> str:
@@ -84,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         module = importlib.import_module(f"benchmarks.bench_{name}")
         log.info("running benchmark %s ...", name)
-        measurements = module.run()
-        table = format_table(measurements)
+        result = module.run()  # Measurements for the standard table, or a finished markdown section
+        table = result if isinstance(result, str) else format_table(result)
         print(f"\n## {name}\n{table}\n")
         if not args.no_write:
             title = (module.__doc__ or name).strip().splitlines()[0]

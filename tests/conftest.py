@@ -38,6 +38,20 @@ def tiny_policies(tiny_checkpoints):
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_policies_float64(tiny_checkpoints):
+    """The same tiny policies in float64, for comparisons of two code paths that sample or decode greedily.
+
+    Two batch layouts of one float32 computation differ by ~1e-7, which can flip a greedy near-tie or a
+    sampled token whose draw falls that close to a boundary, on one machine and not another; in float64
+    they differ by ~1e-15, so a test comparing tokens fails only for a real difference.
+    """
+    return {
+        arch: VLMPolicy.from_pretrained(path, max_pixels=MAX_PIXELS, dtype="float64")
+        for arch, path in tiny_checkpoints.items()
+    }
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run torch on one thread for the test: the tiny models are faster so on a shared machine, and steadier.

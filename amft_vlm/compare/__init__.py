@@ -37,7 +37,7 @@ no rollouts (``sft``) has no training success curve and shows ``—`` there.
 ``--jobs N`` (``compare.jobs``) trains and evaluates N runs at once, each in its own process (spawned)
 with ``threads // N`` torch threads; the logs of a run go to ``RUN/compare.log``. With one job everything
 runs in this process. The total ``threads`` is the cores other processes leave free unless given
-(`amft_vlm.demo.choose_threads`).
+(`amft_vlm.jobs.choose_threads`).
 
 The parts, one module each: `config` (`CompareSettings`, `CompareConfig`, `load_compare_config`: the config,
 its checks and the grid's layout under ``OUT``), `runner` (`run_compare`: checks, shared inputs, training,

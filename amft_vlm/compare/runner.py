@@ -2,7 +2,7 @@
 
 A run already in ``OUT`` is resumed from its newest checkpoint or skipped when finished (`run_progress`); an
 evaluation record that is current for its checkpoint and settings is kept (`record_is_current`). Training
-and evaluation tasks go through `amft_vlm.compare.jobs.JobPool` (``--jobs``).
+and evaluation tasks go through `amft_vlm.jobs.JobPool` (``--jobs``).
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ from amft_vlm.checkpoint import (
 )
 from amft_vlm.compare.config import CompareConfig, EvalSetting, RunPlan, load_compare_config, record_path
 from amft_vlm.compare.curves import plot_curves
-from amft_vlm.compare.jobs import JobPool
 from amft_vlm.compare.summary import comparison_table, summarize
 from amft_vlm.config import TrainConfig
-from amft_vlm.demo import choose_threads
 from amft_vlm.evaluate import evaluate, load_record, paper_setting, write_record
 from amft_vlm.expert_data import collect, read_manifest
+from amft_vlm.jobs import JobPool, choose_threads
 from amft_vlm.preflight import check_environment, check_expert_dataset, check_model_source, writable_directory
 
 log = logging.getLogger(__name__)

@@ -54,8 +54,8 @@ def test_the_policy_is_a_generation_backend(tiny_policies):
     assert isinstance(tiny_policies["qwen2-vl"], GenerationBackend)
 
 
-def test_greedy_generation_is_deterministic_and_picks_the_arg_max(tiny_policies):
-    policy = tiny_policies["qwen2-vl"]
+def test_greedy_generation_is_deterministic_and_picks_the_arg_max(tiny_policies_float64):
+    policy = tiny_policies_float64["qwen2-vl"]  # decoding and teacher forcing agree to ~1e-15: no near-tie flips
     prompts = _prompts(policy)
     first = policy.generate(prompts, max_new_tokens=8, greedy=True)
     second = policy.generate(prompts, max_new_tokens=8, greedy=True)
@@ -129,8 +129,8 @@ def _next_turn(policy, prompt, generation, message):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_cached_turns_match_turns_encoded_from_scratch(tiny_policies, arch):
-    policy = tiny_policies[arch]
+def test_cached_turns_match_turns_encoded_from_scratch(tiny_policies_float64, arch):
+    policy = tiny_policies_float64[arch]  # greedy tokens of two code paths: compared where rounding cannot flip one
     prompts = _prompts(policy)
     with LogitBias(policy, bias=3.0):
         first = policy.generate(prompts, max_new_tokens=10, greedy=True, keep_cache=True)
@@ -155,8 +155,8 @@ def test_cached_turns_match_turns_encoded_from_scratch(tiny_policies, arch):
             )
     for with_cache, without_cache, teacher_forced in zip(cached, fresh, scored, strict=True):
         assert with_cache.token_ids == without_cache.token_ids
-        assert (with_cache.logprobs - without_cache.logprobs).abs().max().item() < 1e-4
-        assert (with_cache.logprobs - teacher_forced).abs().max().item() < 1e-4
+        assert (with_cache.logprobs - without_cache.logprobs).abs().max().item() < 1e-6  # float32-stored log-probs
+        assert (with_cache.logprobs - teacher_forced).abs().max().item() < 1e-6
 
 
 def test_sampled_cached_turns_reproduce_teacher_forced_logprobs(tiny_policies):
@@ -403,7 +403,7 @@ def test_invalid_inputs_are_rejected_with_a_clear_message(tiny_policies):
     with pytest.raises(ValueError, match="alternate"):
         Dialogue((ChatTurn("assistant", "hi"),))
     with pytest.raises(ValueError, match="dtype"):
-        VLMPolicy.from_pretrained("unused", dtype="float64")
+        VLMPolicy.from_pretrained("unused", dtype="int8")
 
 
 def test_chunked_logprobs_and_entropies_equal_one_chunk_with_gradients(tiny_policies, monkeypatch):
@@ -440,8 +440,8 @@ def test_bf16_autocast_keeps_the_key_value_cache_in_bf16_and_scores_close_to_flo
         assert (generation.logprobs - expected.logprobs).abs().max().item() < 0.25  # bf16 compute: coarse agreement
 
 
-def test_uncached_prompts_run_their_shared_prefix_once(tiny_policies, monkeypatch):
-    policy = tiny_policies["qwen2-vl"]
+def test_uncached_prompts_run_their_shared_prefix_once(tiny_policies_float64, monkeypatch):
+    policy = tiny_policies_float64["qwen2-vl"]
     rules = "Reach 24 with the four cards, each used once, with + - * / and parentheses. " * 3
     prompts = [policy.encode_dialogue(Dialogue.start(f"{rules}Your cards: {hand}.")) for hand in ("1 2 3 4", "5 5 5 1", "K Q J A")]
     shared = next(i for i in range(min(len(p) for p in prompts)) if len({p.token_ids[i] for p in prompts}) > 1)
@@ -459,4 +459,4 @@ def test_uncached_prompts_run_their_shared_prefix_once(tiny_policies, monkeypatc
     alone = policy.generate(prompts, max_new_tokens=6, greedy=True)
     for with_prefix, without in zip(together, alone, strict=True):
         assert with_prefix.token_ids == without.token_ids
-        assert torch.allclose(with_prefix.logprobs, without.logprobs, atol=1e-5)
+        assert torch.allclose(with_prefix.logprobs, without.logprobs, atol=1e-6)  # stored in float32

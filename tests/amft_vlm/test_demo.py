@@ -2,6 +2,7 @@
 
 import json
 import logging
+import logging.handlers
 import math
 import os
 import re
@@ -15,24 +16,22 @@ from amft_vlm.cli import main
 from amft_vlm.demo import (
     DEFAULT_CONFIG,
     EVALUATIONS,
-    METHODS,
+    RUNS,
     DemoResult,
-    busy_cores,
-    choose_threads,
     load_demo_config,
     run_demo,
     settings_note,
 )
+from amft_vlm.jobs import busy_cores, choose_threads
 from amft_vlm.report import FIGURES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def expected_budget(config, method):
     """What a demo run of `method` consumes by its config: the README's budget table, and every quick run's metrics."""
     train, controller = config.train, config.train.controller
-    controlled = train.steps - controller.warmup_steps if method == "amft" else 0
+    controlled = train.steps - controller.warmup_steps if method.startswith("amft") else 0
     rollouts_per_update = train.episodes_per_step * train.group_size
     parts = 1 if train.mini_batch_size is None else math.ceil(rollouts_per_update / train.mini_batch_size)
     return {
@@ -43,30 +42,51 @@ def expected_budget(config, method):
     }
 
 
-def test_quick_demo_writes_runs_records_report_and_the_table(tmp_path, caplog):
-    out = tmp_path / "demo"
-    quick = load_demo_config(quick=True)
-    warmup = quick.train.controller.warmup_steps
-    with caplog.at_level(logging.INFO, logger="amft_vlm.demo"):
-        result = run_demo(out, quick, threads=1, progress=False)
-    logged = caplog.text
+NAMES = [run.name for run in RUNS]
 
-    for method in METHODS:
-        run = out / method
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "side-by-side"])
+def quick_demo(request, tmp_path_factory):
+    """The quick demo, in this process (one thread) and with its runs side by side in two worker processes."""
+    out = tmp_path_factory.mktemp(f"demo-{request.param}") / "demo"
+    quick = load_demo_config(quick=True)
+    handler = logging.handlers.MemoryHandler(capacity=10_000)
+    logger = logging.getLogger("amft_vlm.demo")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        result = run_demo(out, quick, threads=request.param, progress=False)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    logged = "\n".join(record.getMessage() for record in handler.buffer)
+    return out, quick, result, logged
+
+
+def test_quick_demo_writes_runs_records_report_and_the_table(quick_demo):
+    out, quick, result, logged = quick_demo
+    warmup = quick.train.controller.warmup_steps
+
+    for name in NAMES:
+        run = out / name
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == list(range(1, quick.train.steps + 1))
-        assert {key: metrics[-1][key] for key in expected_budget(quick, method)} == expected_budget(quick, method), method
+        assert {key: metrics[-1][key] for key in expected_budget(quick, name)} == expected_budget(quick, name), name
         assert (run / "config.yaml").is_file()
         assert list((run / "checkpoints").glob("step-*/policy/config.json"))
-    amft_mu = [json.loads(line)["mu"] for line in (out / "amft" / "metrics.jsonl").read_text().splitlines()]
-    assert amft_mu[:warmup] == [1.0] * warmup and all(mu < 1 for mu in amft_mu[warmup:])
+    for name in ("amft", "amft-corrupted"):
+        mu = [json.loads(line)["mu"] for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert mu[:warmup] == [1.0] * warmup and all(value < 1 for value in mu[warmup:])
     assert (out / "expert" / "manifest.json").is_file() and (out / "initial-model" / "config.json").is_file()
+    manifest = json.loads((out / "expert-corrupted" / "manifest.json").read_text())
+    assert manifest["corruption"]["kind"] == quick.demo.corruption.kind and manifest["corruption"]["dialogues"] > 0
 
     greedy = [e.name for e in EVALUATIONS if e.temperature is None]
     record_files = {
         "expert": [out / "baselines" / "eval" / f"expert-{name}.json" for name in greedy],
         "random": [out / "baselines" / "eval" / f"random-{name}.json" for name in greedy],
-        **{method: [out / method / "eval" / f"{e.name}.json" for e in EVALUATIONS] for method in METHODS},
+        **{name: [out / name / "eval" / f"{e.name}.json" for e in EVALUATIONS] for name in NAMES},
     }
     for row, files in record_files.items():
         for path in files:
@@ -75,29 +95,51 @@ def test_quick_demo_writes_runs_records_report_and_the_table(tmp_path, caplog):
             assert record["model"].startswith(row), path
     assert json.loads((out / "sft" / "eval" / "test.json").read_text())["split"] == "test"
     assert json.loads((out / "amft" / "eval" / "ood-rule.json").read_text())["setting"] == "GP-L ood-rule"
-    sampled = json.loads((out / "amft" / "eval" / "test-sampled.json").read_text())
-    assert sampled["decoding"]["temperature"] == 1.0 and sampled["split"] == "test"
+    sampled = json.loads((out / "amft" / "eval" / "train-sampled.json").read_text())
+    assert sampled["decoding"]["temperature"] == 1.0 and sampled["split"] == "train"
     expert = result.records["expert"]
     assert all(expert[name].metrics["success_rate"].value == 1.0 for name in greedy)
-    # AMFT started from the SFT run's checkpoint at the end of its warm-up, and its metrics hold every step.
-    assert yaml.safe_load((out / "amft" / "config.yaml").read_text())["warm_start"] == str(
-        out / "sft" / "checkpoints" / f"step-{warmup:06d}"
-    )
+    # Both AMFT runs started from the SFT run's checkpoint at the end of its warm-up; the corrupted one
+    # imitates the corrupted expert after it.
+    checkpoint = str(out / "sft" / "checkpoints" / f"step-{warmup:06d}")
+    clean, corrupted = (yaml.safe_load((out / name / "config.yaml").read_text()) for name in ("amft", "amft-corrupted"))
+    assert clean["warm_start"] == corrupted["warm_start"] == checkpoint
+    assert clean["expert_data_after_warmup"] is None and corrupted["expert_data_after_warmup"] == str(out / "expert-corrupted")
 
     report = (out / "report" / "report.md").read_text()
     assert result.report == out / "report" / "report.md"
     for figure in FIGURES:
         assert (out / "report" / f"{figure.name}.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert report.count("| GP-L ") == 2 * len(greedy) + len(METHODS) * len(EVALUATIONS)  # every record
+    assert report.count("| GP-L ") == 2 * len(greedy) + len(NAMES) * len(EVALUATIONS)  # every record
 
     first_table = result.table.split("\n\n")[1]
     rows = [line for line in first_table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [row.split("|")[1].strip() for row in rows[1:]] == ["expert", "random", *METHODS]
-    assert "shared with sft" in rows[-1]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["expert", "random", *NAMES]
+    assert "shared with sft" in rows[-1] and "shared with sft" in rows[-2]
     assert "retry success, training hands" in result.table and "RL rollout episodes" in result.table
+    assert "What the controller did" in result.table and "pooled t at the end" in result.table
     assert result.table in (out / "demo.md").read_text() and result.table.endswith(settings_note(quick))
     assert "5/5 writing the report" in logged and str(out / "report" / "report.md") in logged
-    assert set(result.train_seconds) == set(METHODS)
+    assert set(result.train_seconds) == set(NAMES)
+
+
+def test_the_quick_demo_summary_says_what_each_run_was_and_what_mu_did(quick_demo):
+    out, quick, result, _ = quick_demo
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    runs = {run["name"]: run for run in summary["runs"]}
+    assert [(run["name"], run["method"], run["expert"]) for run in summary["runs"]] == [(r.name, r.method, r.expert) for r in RUNS]
+    assert runs["sft"]["mu_start"] == runs["sft"]["mu_end"] == 1.0
+    warmup = quick.train.controller.warmup_steps
+    for name in ("amft", "amft-corrupted"):
+        metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert runs[name]["mu_start"] == quick.train.controller.mu_init
+        assert runs[name]["mu_end"] == metrics[-1]["next_mu"]
+        assert runs[name]["meta_term_sum"] == pytest.approx(sum(m["meta_term"] or 0.0 for m in metrics[warmup:]))
+        assert runs[name]["entropy_term_sum"] == pytest.approx(sum(m["entropy_term"] or 0.0 for m in metrics[warmup:]))
+        assert runs[name]["meta_steps"] == sum(m.get("meta_signal") is not None for m in metrics)
+        assert set(runs[name]["success"]) == {e.name for e in EVALUATIONS}
+    assert summary["seed"] == quick.train.seed and summary["threads"] in (1, 2) and "cores" in summary["machine"]
 
 
 def test_demo_refuses_a_non_empty_directory_unless_forced(tmp_path):
@@ -110,8 +152,8 @@ def test_demo_refuses_a_non_empty_directory_unless_forced(tmp_path):
 def test_demo_steps_must_leave_room_for_warm_up_and_controller():
     with pytest.raises(ValueError, match="steps must be at least 2"):
         load_demo_config(steps=1, quick=True)
-    scaled = load_demo_config(steps=100)  # the shipped 262 of 350 warm-up steps, scaled
-    assert (scaled.train.steps, scaled.train.controller.warmup_steps) == (100, 75)
+    scaled = load_demo_config(steps=100)  # the shipped 276 of 300 warm-up steps, scaled
+    assert (scaled.train.steps, scaled.train.controller.warmup_steps) == (100, 92)
     assert load_demo_config(steps=2).train.controller.warmup_steps == 1
 
 
@@ -155,11 +197,11 @@ def test_a_demo_config_needs_its_demo_section(tmp_path):
 
 def test_threads_follow_the_load(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    monkeypatch.setattr("amft_vlm.demo.busy_cores", lambda: 1.0)
+    monkeypatch.setattr("amft_vlm.jobs.busy_cores", lambda: 1.0)
     assert choose_threads() == 1
-    monkeypatch.setattr("amft_vlm.demo.busy_cores", lambda: 0.1)
+    monkeypatch.setattr("amft_vlm.jobs.busy_cores", lambda: 0.1)
     assert choose_threads() == 2
-    monkeypatch.setattr("amft_vlm.demo.busy_cores", lambda: 5.0)
+    monkeypatch.setattr("amft_vlm.jobs.busy_cores", lambda: 5.0)
     assert choose_threads() == 1
     assert choose_threads(3) == 3
     with pytest.raises(ValueError, match="at least 1"):
@@ -188,38 +230,12 @@ def _spin(seconds):
         pass
 
 
-def test_the_readme_states_the_shipped_demo_config_and_its_budget():
-    """The README's demo numbers (prose, the table's note, the budget table) are the shipped config's."""
-    config = load_demo_config()
-    train, controller, sizes = config.train, config.train.controller, config.demo
-    readme = " ".join(README.read_text().split())
-    controlled = train.steps - controller.warmup_steps
-    assert controlled >= train.steps / 4  # the controller runs for at least the last quarter
-    for phrase in (
-        f"hidden size {sizes.hidden_size}, {sizes.num_layers} layers",
-        f"a {sizes.vocab_size}-entry tokenizer",
-        f"records {train.expert_episodes} expert episodes",
-        f"{train.steps} steps of {train.sft_batch_size} expert dialogues",
-        f"AMFT's first {controller.warmup_steps} steps are SFT's warm-up",
-        f"for its last {controlled} steps",
-        f"{train.episodes_per_step}x{train.group_size} RL rollouts per step",
-        f"a meta-gradient every {controller.meta_interval} steps on {controller.validation_states}x{controller.validation_samples} episodes",
-        settings_note(config),
-    ):
-        assert phrase in readme, phrase
-    for method in METHODS:
-        row = re.search(rf"^\| {method} \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| [\d,]+ \|$", README.read_text(), re.MULTILINE)
-        assert row, f"no budget row for {method} in the README"
-        stated = [int(cell.replace(",", "")) for cell in row.groups()]
-        assert stated == list(expected_budget(config, method).values()), method
-
-
 def test_cli_prints_the_table_and_passes_config_and_overrides(tmp_path, monkeypatch, capsys):
     seen = {}
 
     def fake_run_demo(out_dir, config, *, threads, force):
         seen.update(out=out_dir, config=config, threads=threads, force=force)
-        return DemoResult(Path(out_dir), "| the table |", {}, Path(out_dir) / "report" / "report.md", {}, 1.0, 1)
+        return DemoResult(Path(out_dir), "| the table |", {}, Path(out_dir) / "report" / "report.md", {}, 1.0, 1, {})
 
     monkeypatch.setattr("amft_vlm.demo.run_demo", fake_run_demo)
     assert main(["demo", "--out", str(tmp_path), "--quick", "--threads", "1", "--steps", "6", "demo.eval_episodes=7", "seed=3"]) == 0

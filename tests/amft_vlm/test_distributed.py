@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from amft_vlm.cli import main
+from tests.amft_vlm.samples import assert_same_samples
 
 ARGS = ["method=sft", "steps=3", "sft_batch_size=6", "expert_episodes=12", "learning_rate=5e-3", "save_every=3", "device=cpu"]
 
@@ -95,15 +96,6 @@ def amft_runs(tmp_path_factory):
     return root
 
 
-def assert_same_samples(run, reference):
-    """Both runs sampled the same tokens at every step (rollouts and validation episodes): only then can their
-    numbers be compared; otherwise the failure says so instead of reporting a mismatch of mu."""
-    for key in ("rollout_digest", "validation_digest"):
-        ours, theirs = [(r["step"], r.get(key)) for r in run], [(r["step"], r.get(key)) for r in reference]
-        assert ours == theirs, f"{key}: the runs sampled different tokens at some step; compare them in float64"
-    assert any(r.get("validation_digest") for r in run) and any(r.get("rollout_digest") for r in run)
-
-
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_two_processes_train_amft_like_one_process(amft_runs, strategy):
     """Rollouts match (each episode samples from its own generator), so every metric and parameter matches up
@@ -111,6 +103,7 @@ def test_two_processes_train_amft_like_one_process(amft_runs, strategy):
     near-zero gradients into lr-sized steps), against 4e-2 moved."""
     one, two = metrics(amft_runs / "one"), metrics(amft_runs / strategy)
     assert_same_samples(two, one)
+    assert any(r.get("validation_digest") for r in two) and any(r.get("rollout_digest") for r in two)
     for key in ("mu", "next_mu", "reward", "loss_sft", "loss_rl", "entropy", "meta_signal", "meta_dU_dmu", "budget_updates", "budget_env_episodes"):
         values, expected = [r.get(key) for r in two], [r.get(key) for r in one]
         assert [v is None for v in values] == [e is None for e in expected], key

@@ -10,6 +10,7 @@ import torch
 from amft_vlm.config import load_config
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.trainer import Trainer
+from tests.amft_vlm.samples import assert_same_samples
 from tests.amft_vlm.test_trainer import FAST
 
 
@@ -90,14 +91,13 @@ def test_relift_buffers_failed_start_states_and_makes_an_sft_update_when_full(tm
 def test_relift_resumes_with_its_buffer(tmp_path):
     settings = ["method=relift", "relift_buffer_size=5", "temperature=2.0"]
     straight = run(tmp_path, "straight", *settings)
-    straight.train()
+    straight_history = straight.train()
     interrupted = run(tmp_path, "resumed", *settings)
-    interrupted.config.steps = 2  # a kill after the step-2 checkpoint, 4 demonstrations buffered for step 3's update
-    interrupted.train()
+    interrupted.train(stop_after=2)  # a kill after the step-2 checkpoint, 4 demonstrations buffered for step 3's update
     assert len(interrupted.relift.items) == 4
     resumed = run(tmp_path, "resumed", *settings, resume=True)
     assert resumed.relift.items == interrupted.relift.items
-    resumed.train()
+    assert_same_samples(resumed.train(), straight_history)
     for a, b in zip(straight.policy.model.parameters(), resumed.policy.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 

@@ -193,9 +193,10 @@ def test_group_sampling_shares_the_start_state_and_not_the_samples(tiny_policies
     assert stats.episodes == 6
 
 
-def test_sampled_episodes_do_not_depend_on_batch_neighbours_or_how_the_seeds_are_split(tiny_policies):
-    """Each episode draws from its own generator: num_envs or a split over processes changes nothing."""
-    policy = tiny_policies["qwen2-vl"]
+def test_sampled_episodes_do_not_depend_on_batch_neighbours_or_how_the_seeds_are_split(tiny_policies_float64):
+    """Each episode draws from its own generator: num_envs or a split over processes changes nothing (in float64,
+    where the batch layouts' rounding cannot move a draw across a token boundary)."""
+    policy = tiny_policies_float64["qwen2-vl"]
 
     def collect(seeds, num_envs):
         engine = RolloutEngine(policy, "GeneralPoints-v0", env_kwargs={"modality": "language"}, num_envs=num_envs, max_new_tokens=10)
@@ -215,9 +216,10 @@ def test_sampled_episodes_do_not_depend_on_batch_neighbours_or_how_the_seeds_are
     ],
 )
 def test_vectorised_engine_matches_one_at_a_time_under_greedy_decoding(
-    tiny_policies, arch, env_id, env_kwargs
+    tiny_policies_float64, arch, env_id, env_kwargs
 ):
-    policy = tiny_policies[arch]
+    """In float64: batch layouts differ by rounding only, which cannot break a greedy near-tie there."""
+    policy = tiny_policies_float64[arch]
     seeds = range(5)
     results = {}
     # One at a time and re-encoding every turn is the reference; batching and cache reuse must agree.
@@ -238,7 +240,7 @@ def test_vectorised_engine_matches_one_at_a_time_under_greedy_decoding(
         assert [_summary(t) for t in results[key]] == [_summary(t) for t in reference]
         for vectorised, single in zip(results[key], reference, strict=True):
             for a, b in zip(vectorised.segments, single.segments, strict=True):
-                torch.testing.assert_close(a.sampling_logprobs, b.sampling_logprobs, rtol=0, atol=1e-4)
+                torch.testing.assert_close(a.sampling_logprobs, b.sampling_logprobs, rtol=0, atol=1e-6)  # stored in float32
 
 
 def test_later_turns_feed_only_the_new_tokens_when_the_cache_is_reused(tiny_policies, monkeypatch):

@@ -8,6 +8,7 @@ import torch
 
 from amft_vlm.config import METHODS, load_config
 from amft_vlm.trainer import Trainer
+from tests.amft_vlm.samples import assert_same_samples
 
 FAST = [
     "steps=4", "episodes_per_step=2", "group_size=2", "sft_batch_size=4", "num_envs=4", "max_new_tokens=16",
@@ -97,13 +98,12 @@ def test_amft_logs_the_controller_and_mu_moves(tmp_path):
 def test_resume_after_interruption_equals_a_straight_run(tmp_path, advantage, lora_rank):
     settings = ["method=fixed-mix", f"advantage={advantage}", "credit=turn", f"lora_rank={lora_rank}"]
     straight = run(tmp_path, "straight", *settings)
-    straight.train()
+    straight_history = straight.train()
     interrupted = run(tmp_path, "resumed", *settings, "steps=4")
-    interrupted.config.steps = 2  # stop after 2 steps, as a kill after the step-2 checkpoint would
-    interrupted.train()
+    interrupted.train(stop_after=2)  # as a kill after the step-2 checkpoint would
     resumed = run(tmp_path, "resumed", *settings, resume=True)
     assert resumed.start_step == 2
-    resumed.train()
+    assert_same_samples(resumed.train(), straight_history)
     for a, b in zip(straight.policy.model.parameters(), resumed.policy.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     if advantage == "ppo":  # the critic and its optimiser resume too
@@ -237,6 +237,7 @@ def test_amft_warm_started_from_an_sft_checkpoint_equals_amft_from_scratch(tmp_p
     warm = run(tmp_path, "warm", "method=amft", *settings, f"warm_start={tmp_path / 'sft' / 'checkpoints' / 'step-000002'}")
     assert warm.start_step == 2
     warm_history = warm.train()
+    assert_same_samples(warm_history, straight_history)
     for a, b in zip(straight.policy.model.parameters(), warm.policy.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     for key in ("mu", "next_mu", "target_entropy", "entropy", "meta_signal", "loss_sft", "budget_env_episodes", "budget_updates"):
@@ -310,8 +311,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
 
 def test_resume_tolerates_a_metrics_line_cut_short_by_a_kill(tmp_path):
     first = run(tmp_path, "cut", "method=sft", "steps=4", "save_every=2")
-    first.config.steps = 2  # stop after the step-2 checkpoint
-    first.train()
+    first.train(stop_after=2)  # a stop after the step-2 checkpoint
     path = tmp_path / "cut" / "metrics.jsonl"
     path.write_text(path.read_text() + '{"step": 3, "loss": 0.')  # killed while writing step 3's line
     resumed = run(tmp_path, "cut", "method=sft", "steps=4", "save_every=2", resume=True)

@@ -11,9 +11,7 @@ def main(argv: list[str]) -> None:
     stop = next((int(arg.split("=", 1)[1]) for arg in argv if arg.startswith("--stop-after=")), None)
     overrides = [arg for arg in argv if not arg.startswith("--")]
     trainer = Trainer(load_config(overrides=overrides), resume="--resume" in argv, progress=False)
-    if stop is not None:
-        trainer.config.steps = stop  # the schedule keeps the full length; the last step run is checkpointed
-    trainer.train()
+    trainer.train(stop_after=stop)  # the schedule keeps the full length; the last step run is checkpointed
     trainer.close()
 
 
