@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -51,6 +52,14 @@ from transformers import (
 )
 from transformers.models.qwen2 import Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from amft_vlm.safe_io import (
+    load_json_text,
+    output_directory,
+    output_file_target,
+    read_regular_text,
+    replace_with_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +381,9 @@ def build_tiny_model(
     Args:
         arch: ``"qwen2-vl"`` (``Qwen2VLForConditionalGeneration``) or ``"qwen2.5-vl"``
             (``Qwen2_5_VLForConditionalGeneration``).
-        output_dir: directory to write; created if missing, files in it are overwritten.
+        output_dir: directory to write; created if missing (a symlink to one is followed). The model is saved beside
+            it first and its files then replace those of the same name there, as any output (`amft_vlm.safe_io`: a
+            symlink is written through; a FIFO, socket, device or directory is refused before any file is replaced).
         seed: seed of the weight initialisation; the same seed gives identical weights.
         vocab_size: trained BPE vocabulary size (the model's vocabulary adds the 14 special tokens).
         hidden_size: text hidden size (also the vision merger's output size).
@@ -398,7 +409,7 @@ def build_tiny_model(
         ``AutoModelForImageTextToText`` / ``AutoTokenizer`` / ``AutoImageProcessor`` call.
     """
     output_path = Path(output_dir)
-    output_path.mkdir(parents=True, exist_ok=True)
+    directory = output_directory(output_path)
     tokenizer = build_tokenizer(vocab_size=vocab_size)
     config = build_tiny_config(
         arch,
@@ -422,9 +433,20 @@ def build_tiny_model(
         torch.manual_seed(seed)
         model = model_class(config)
     model.generation_config = checkpoint_generation_config(tokenizer)
-    model.save_pretrained(output_path)
-    tokenizer.save_pretrained(output_path)
-    build_image_processor(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(output_path)
+    # Saved beside the directory, then moved in: Hugging Face's save_pretrained opens each file itself, and would
+    # block on a FIFO or write into a device found at one of its names.
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".build"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        build_image_processor(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(staging)
+        saved = sorted(staging.iterdir())
+        for file in saved:
+            output_file_target(directory / file.name)
+        for file in saved:
+            replace_with_file(file, directory / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     parameter_count = sum(parameter.numel() for parameter in model.parameters())
     logger.info("built tiny %s (%d parameters, seed %d) in %s", arch, parameter_count, seed, output_path)
     return output_path
@@ -457,7 +479,7 @@ def resolve_model_spec(spec: str, tiny_dir: str | Path, *, seed: int = 0) -> str
     arch = spec[len(TINY_PREFIX) :]
     if arch not in ARCHITECTURES:
         raise ValueError(f"a tiny model spec is tiny:ARCH with ARCH one of {ARCHITECTURES}; got {spec!r}")
-    path = Path(tiny_dir)
+    path = output_directory(tiny_dir, create=False)  # a symlink's target is built; a FIFO, device or file refused
     staging = path.with_name(f".{path.name}.tmp")
     if staging.exists():
         logger.info("removing %s, left by a tiny-model build that was stopped", staging)
@@ -491,8 +513,8 @@ def tiny_model_problem(path: str | Path) -> str | None:
         if not file.is_file():
             return f"{name} is missing"
         try:
-            if file.suffix == ".json":
-                json.loads(file.read_text())
+            if file.suffix == ".json":  # Hugging Face's files: Infinity may be one of their values
+                load_json_text(read_regular_text(file, 256 * 2**20, what="a model's JSON file"), allow_nonfinite=True)
             else:
                 with safe_open(str(file), framework="pt"):
                     pass

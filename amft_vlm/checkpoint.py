@@ -16,6 +16,12 @@ loading any weights (`check_checkpoint`): every file present and whole, the JSON
 state's step agrees with the directory's name. A damaged one is skipped with a warning naming the file, for
 the one before it; when none is usable, `CheckpointError` names each. `check_resume_settings` refuses
 settings that a resumed run may not change (`RESUME_MAY_CHANGE`).
+
+Every file of a checkpoint is read as data, never as code: JSON (the trainer's position, the RNG states),
+safetensors (the weights, LoRA adapters), and pickles only through unpicklers that rebuild data alone
+(`amft_vlm.safe_pickle`: ``NAME.pt`` files and the optimiser's ``optimizer/``). A file that would run code
+when loaded is refused (`CheckpointError` naming it), so a checkpoint copied from elsewhere can at worst
+fail to load.
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,12 +44,29 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
+
+from amft_vlm.safe_io import (
+    InputFileError,
+    OutputPathError,
+    atomic_output,
+    describe_kind,
+    load_json_text,
+    open_for_append,
+    output_file_target,
+    read_regular_lines,
+    read_regular_text,
+    write_text_atomic,
+)
 
 LATEST = "latest"
 METRICS = "metrics.jsonl"
+RNG_FILE = "rng.json"
 STEP_DIRECTORY = re.compile(r"step-(\d{6,})")
 """Name of a checkpoint directory: ``step-`` and the number of iterations done (six digits, `checkpoint_name`)."""
+MAX_JSON_BYTES = 256 * 2**20
+"""Most bytes of a checkpoint's JSON file read: the largest, a policy's ``tokenizer.json``, is ~10 MB."""
+MAX_METRICS_LINE_BYTES = 2**20
+"""Most bytes of one ``metrics.jsonl`` line read: a step logs a few hundred numbers, a few kilobytes."""
 
 RESUME_MAY_CHANGE = (
     "steps", "save_every", "report_to", "output_dir", "warm_start", "device", "distributed", "num_envs",
@@ -69,20 +92,6 @@ class ResumeSettingsError(ValueError):
     """Settings a resumed run may not change; the message lists each with the run's value and the new one."""
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` whole or not at all: through a temporary file beside it, renamed into place.
-
-    The temporary file's name is unique, so writers of the same path in other threads or processes never
-    share it, and it is removed when the write fails (the error is raised)."""
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(staging, path)
-    finally:
-        Path(staging).unlink(missing_ok=True)
-
-
 def checkpoint_name(step: int) -> str:
     """The directory name of the checkpoint after `step` iterations: ``step-000040``."""
     return f"step-{step:06d}"
@@ -95,20 +104,49 @@ def _step_of(name: str) -> int | None:
 
 
 def rng_states() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states (CUDA too when present)."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy and torch RNG states (CUDA too when present) as JSON data: numbers and lists of numbers.
+
+    ``python``: ``[version, [625 ints], gauss_next]``; ``numpy``: ``[kind, [624 keys], position, has_gauss,
+    cached_gaussian]`` (the legacy global generator's tuple); ``torch`` and each of ``cuda``: the state's bytes.
+    """
+    version, internal, gauss_next = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached_gaussian],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = [state.tolist() for state in torch.cuda.get_rng_state_all()]
     return states
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
     """Undo :func:`rng_states`."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    python, numpy, torch_state, cuda = _decoded_rng_states(states)
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(torch_state)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _decoded_rng_states(states: dict[str, Any]) -> tuple[tuple, tuple, torch.Tensor, list[torch.Tensor]]:
+    """The Python, NumPy, torch and CUDA states of `rng_states`'s JSON form, as their setters take them.
+
+    Raises:
+        ValueError: `states` is not of that form.
+    """
+    try:
+        version, internal, gauss_next = states["python"]
+        kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+        python = (int(version), tuple(int(value) for value in internal), None if gauss_next is None else float(gauss_next))
+        numpy = (str(kind), np.array(keys, dtype=np.uint32), int(position), int(has_gauss), float(cached_gaussian))
+        torch_state = torch.tensor(states["torch"], dtype=torch.uint8)
+        cuda = [torch.tensor(state, dtype=torch.uint8) for state in states.get("cuda", [])]
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as error:
+        raise ValueError(f"not the RNG states rng_states() writes ({type(error).__name__}: {error})") from None
+    return python, numpy, torch_state, cuda
 
 
 def save_policy(policy, directory: Path, *, state_dict: dict | None = None) -> None:
@@ -147,8 +185,9 @@ def save_checkpoint(
     process the policy (the full weights, gathered when sharded: a collective), the rest of the state,
     and then renames it into place. With ``lora_base_model`` only the LoRA adapters go to ``lora/``, with
     that base model's path or id (`amft_vlm.lora.load_policy` loads it), and the optimiser state to
-    ``optimizer.pt`` (LoRA runs on one process). ``extra`` maps names to picklable states (e.g. a critic's
-    weights and optimiser), saved as ``NAME.pt``. Returns the path on the main process, None elsewhere.
+    ``optimizer.pt`` (LoRA runs on one process). ``extra`` maps names to states of tensors, numbers, strings
+    and containers of them (e.g. a critic's weights and optimiser: what `load_state_file` reads back), saved as
+    ``NAME.pt``. Returns the path on the main process, None elsewhere.
 
     Raises:
         CheckpointWriteError: on every process when any of them could not write its part (a full disk: the
@@ -201,7 +240,7 @@ def _write_parts(staging: Path, *, policy, optimizer, scheduler, extra, trainer_
             from amft_vlm.lora import save_lora
 
             save_lora(policy, staging / "lora", base_model=lora_base_model)
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            _save_state(optimizer.state_dict(), staging / "optimizer.pt")
     else:
         optimizer_state = get_optimizer_state_dict(policy.model, optimizer)
         dcp_save({"optimizer": optimizer_state}, checkpoint_id=str(staging / "optimizer"), no_dist=_single_process())
@@ -211,17 +250,30 @@ def _write_parts(staging: Path, *, policy, optimizer, scheduler, extra, trainer_
         if is_main:
             save_policy(policy, staging / "policy", state_dict=full_weights)
     if is_main:
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save(rng_states(), staging / "rng.pt")
+        _save_state(scheduler.state_dict(), staging / "scheduler.pt")
+        write_text_atomic(staging / RNG_FILE, json.dumps(rng_states()) + "\n")
         for part, state in extra.items():
-            torch.save(state, staging / f"{part}.pt")
-        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+            _save_state(state, staging / f"{part}.pt")
+        write_text_atomic(staging / "trainer_state.json", json.dumps(trainer_state, indent=2) + "\n")
+
+
+def _save_state(state: Any, file: Path) -> None:
+    """``torch.save`` to `file` through `amft_vlm.safe_io.atomic_output` (whole or not at all; never over a FIFO or device)."""
+    with atomic_output(file) as staging:
+        torch.save(state, staging)
 
 
 def _publish(staging: Path, final: Path) -> None:
-    """Rename the finished `staging` to `final` and point ``latest`` at it; on failure neither has moved."""
+    """Rename the finished `staging` to `final` and point ``latest`` at it; on failure neither has moved.
+
+    ``latest`` is written as any output file (`amft_vlm.safe_io`: a symlink is written through); `final`, when
+    it exists, must be a directory (a checkpoint of an earlier run of the same step), not a link or anything else.
+    """
     root = final.parent
     replaced = root / f".old-{final.name}"
+    output_file_target(root / LATEST)  # refused before anything moves
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise OutputPathError(f"{final} is {describe_kind(os.lstat(final).st_mode)}, not a checkpoint directory; move it away")
     if final.exists():  # a re-run of the same step replaces it whole; set aside first, so it is gone only for a rename
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
@@ -311,15 +363,16 @@ def load_optimizer_state(checkpoint: Path, policy, optimizer) -> None:
     tower) have no saved state: torch initialises theirs (step 1, zero moments), and they never step.
     """
     if (checkpoint / "optimizer").is_dir():
-        from torch.distributed.checkpoint import DefaultLoadPlanner
         from torch.distributed.checkpoint import load as dcp_load
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+        from amft_vlm.safe_pickle import DataOnlyLoadPlanner, DataOnlyReader
+
         state = {"optimizer": get_optimizer_state_dict(policy.model, optimizer)}
-        planner = DefaultLoadPlanner(allow_partial_load=True)
+        reader, planner = DataOnlyReader(checkpoint / "optimizer"), DataOnlyLoadPlanner(allow_partial_load=True)
         try:
-            dcp_load(state, checkpoint_id=str(checkpoint / "optimizer"), planner=planner, no_dist=_single_process())
+            dcp_load(state, storage_reader=reader, planner=planner, no_dist=_single_process())
         except (Exception, CheckpointException) as error:  # every process gets the same CheckpointException
             causes = [cause for cause, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]
             raise CheckpointError(
@@ -346,9 +399,9 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def latest_checkpoint_name(root: Path) -> str | None:
     """The checkpoint directory name ``root/latest`` holds, or None when it is missing or holds no such name."""
-    try:
-        name = (root / LATEST).read_text().strip()
-    except (OSError, UnicodeDecodeError):
+    try:  # a FIFO there is refused, not waited on (`read_regular_text`)
+        name = read_regular_text(root / LATEST, 4096, what="the latest pointer").strip()
+    except (OSError, ValueError):
         return None
     return name if _step_of(name) is not None else None
 
@@ -402,23 +455,34 @@ def _resume_candidates(root: Path) -> list[Path]:
 def check_checkpoint(path: Path) -> dict[str, Any]:
     """Check that checkpoint `path` can be loaded, without loading its weights; returns its trainer state.
 
-    Every file the trainer reads must be there and whole: the JSON files parse; the safetensors headers
-    read and cover their files; torch.save files (``scheduler.pt``, ``rng.pt``, any other ``NAME.pt``) have
-    their zip directory (written last, so a file cut short has none); every optimiser shard of
-    ``optimizer/`` is as long as its metadata says. A LoRA checkpoint (``lora/``) has ``optimizer.pt``
-    instead. The trainer state's ``step`` must be the step in the directory's name and its counters
-    non-negative integers.
+    Every file the trainer reads must be there and whole: the JSON files parse; ``rng.json`` holds RNG
+    states; the safetensors headers read and cover their files; torch.save files (``scheduler.pt``, any other
+    ``NAME.pt``) have their zip directory (written last, so a file cut short has none) and name nothing but
+    data; ``optimizer/``'s metadata is data and every optimiser shard is as long as it says. A LoRA
+    checkpoint (``lora/``) has ``optimizer.pt`` instead. The trainer state's ``step`` must be the step in
+    the directory's name and its counters non-negative integers.
 
     Raises:
-        CheckpointError: naming the first file that is missing or damaged and how.
+        CheckpointError: naming the first file that is missing, damaged or refused (a pickle that would run
+            code), and how.
     """
     if not path.is_dir():
         raise CheckpointError(f"{path} is missing")
     state = _check_trainer_state(path)
     lora = (path / "lora").is_dir()
-    for name in ("scheduler.pt", "rng.pt", *(("optimizer.pt",) if lora else ())):
+    if not (path / RNG_FILE).is_file() and (path / "rng.pt").is_file():
+        raise CheckpointError(
+            f"{path / 'rng.pt'} holds RNG states pickled by an earlier amft-vlm, which this version does not unpickle "
+            f"(a pickle can run code); it keeps them as data in {RNG_FILE}. Finish the run with the version that "
+            "wrote it, or start it again"
+        )
+    for name in ("scheduler.pt", RNG_FILE, *(("optimizer.pt",) if lora else ())):
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name} is missing")
+    try:
+        _decoded_rng_states(_read_json(path / RNG_FILE))
+    except ValueError as error:
+        raise CheckpointError(f"{path / RNG_FILE}: {error}") from None
     for file in sorted(path.glob("*.pt")):  # the critic's too
         _check_torch_file(file)
     if lora:
@@ -455,16 +519,23 @@ def _check_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    """The JSON object in `file`; CheckpointError when it is missing, empty or not a JSON object."""
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing")
+def _read_json(file: Path, *, allow_nonfinite: bool = False) -> dict[str, Any]:
+    """The JSON object in `file` (`amft_vlm.safe_io.load_json_text`: NaN and Infinity refused unless `allow_nonfinite`);
+    CheckpointError when it is missing, not a regular file, over `MAX_JSON_BYTES`, empty or not a JSON object."""
     try:
-        text = file.read_text()
-        value = json.loads(text)
-    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError and UnicodeDecodeError
-        why = "is empty (a write cut short?)" if file.stat().st_size == 0 else f"is not valid JSON ({error})"
-        raise CheckpointError(f"{file} {why}") from None
+        text = read_regular_text(file, MAX_JSON_BYTES, what="a checkpoint's JSON file")
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing") from None
+    except InputFileError as error:
+        raise CheckpointError(str(error)) from None
+    except OSError as error:
+        raise CheckpointError(f"{file} cannot be read ({error})") from None
+    if not text:
+        raise CheckpointError(f"{file} is empty (a write cut short?)")
+    try:
+        value = load_json_text(text, allow_nonfinite=allow_nonfinite)
+    except ValueError as error:
+        raise CheckpointError(f"{file} is not valid JSON ({error})") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{file} is not a JSON object; got {type(value).__name__}")
     return value
@@ -484,14 +555,26 @@ def _check_safetensors(file: Path) -> None:
 
 
 def _check_torch_file(file: Path) -> None:
-    """A torch.save file's zip directory reads: it is written last, so a file cut short or garbled has none."""
+    """A torch.save file's zip directory reads (it is written last, so a file cut short or garbled has none), and
+    its pickle names nothing but data (`amft_vlm.safe_pickle.load_torch_data` would load it); no tensor is read."""
     if not file.is_file():
         raise CheckpointError(f"{file} is missing")
     try:
         with zipfile.ZipFile(file) as archive:
             archive.infolist()
-    except (OSError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{file} is cut short or damaged ({error})") from None
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+    except (OSError, zipfile.BadZipFile, RuntimeError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{file} is cut short or damaged ({_first_line(error)})") from None
+    if unsafe:
+        raise CheckpointError(_refusal(file, f"it names {', '.join(unsafe)}: code that unpickling would call, not data", file.parent))
+
+
+def _refusal(file: Path, why: str, checkpoint: Path) -> str:
+    """The message of a file of `checkpoint` refused because loading it would run code."""
+    return (
+        f"{file} is refused: {why}. A checkpoint amft-vlm writes holds only tensors, numbers and strings; resume only "
+        f"from checkpoints you trust, or delete {checkpoint} to resume from the one before it"
+    )
 
 
 def _check_model_directory(directory: Path) -> None:
@@ -500,7 +583,7 @@ def _check_model_directory(directory: Path) -> None:
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory / name} is missing")
     for file in sorted(directory.glob("*.json")):
-        _read_json(file)
+        _read_json(file, allow_nonfinite=True)  # Hugging Face's files, which may hold Infinity
     index = directory / "model.safetensors.index.json"
     shards = sorted(set(_read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
     for shard in shards:
@@ -508,14 +591,16 @@ def _check_model_directory(directory: Path) -> None:
 
 
 def _check_sharded_state(directory: Path) -> None:
-    """A torch.distributed.checkpoint directory: its metadata reads and every shard file is as long as it says."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """A torch.distributed.checkpoint directory: its metadata reads as data and every shard file is as long as it says."""
+    from amft_vlm.safe_pickle import DCP_METADATA_FILE, UnsafePickleError, read_dcp_metadata
 
-    metadata_file = directory / ".metadata"
+    metadata_file = directory / DCP_METADATA_FILE
     if not metadata_file.is_file():
         raise CheckpointError(f"{metadata_file} is missing")
     try:
-        metadata = FileSystemReader(str(directory)).read_metadata()
+        metadata = read_dcp_metadata(directory)
+    except UnsafePickleError as error:
+        raise CheckpointError(_refusal(metadata_file, str(error), directory.parent)) from None
     except Exception as error:  # unpickling a damaged file can raise almost anything
         raise CheckpointError(f"{metadata_file} is cut short or damaged ({_first_line(error)})") from None
     lengths: dict[str, int] = {}
@@ -530,14 +615,30 @@ def _check_sharded_state(directory: Path) -> None:
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    """The trainer's position saved in checkpoint ``path``."""
-    return json.loads((path / "trainer_state.json").read_text())
+    """The trainer's position saved in checkpoint ``path``.
+
+    Raises:
+        CheckpointError: ``trainer_state.json`` is missing, not a regular file, or not a JSON object of finite values.
+    """
+    return _read_json(path / "trainer_state.json")
 
 
 def load_state_file(file: Path) -> Any:
-    """A ``.pt`` state of a checkpoint that passed `check_checkpoint`; CheckpointError if it still does not load."""
+    """A state file of a checkpoint that passed `check_checkpoint`, read as data only: a ``.json`` file's object,
+    a ``.pt`` file through torch's weights-only unpickler (`amft_vlm.safe_pickle.load_torch_data`: tensors,
+    numbers, strings and containers of them).
+
+    Raises:
+        CheckpointError: the file does not load, or it is refused: its pickle names code, which loading would run.
+    """
+    from amft_vlm.safe_pickle import UnsafePickleError, load_torch_data
+
+    if file.suffix == ".json":
+        return _read_json(file)
     try:
-        return torch.load(file, weights_only=False)
+        return load_torch_data(file, what="it")
+    except UnsafePickleError as error:
+        raise CheckpointError(_refusal(file, str(error), file.parent)) from None
     except Exception as error:  # unpickling damaged data can raise almost anything
         raise CheckpointError(
             f"{file} does not load ({_first_line(error)}); delete {file.parent} to resume from the checkpoint before it"
@@ -548,18 +649,27 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a ``metrics.jsonl``, in file order.
 
     A truncated last line (a run killed while writing) is skipped with a warning; any other line that
-    is not a JSON object with a numeric ``step`` is an error naming the file and line.
+    is not a JSON object with a numeric ``step`` is an error naming the file and line, as is one nested too
+    deeply (`amft_vlm.safe_io.load_json_text`; NaN and Infinity are read, and skipped by a report).
+
+    Raises:
+        FileNotFoundError: there is no file at `path`.
+        amft_vlm.safe_io.InputFileError: `path` is a FIFO, device or directory (it is not waited on), or a line is
+            longer than `MAX_METRICS_LINE_BYTES`.
+        ValueError: a line is not a step's record.
     """
-    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    lines = [(number, line) for number, line in read_regular_lines(path, MAX_METRICS_LINE_BYTES, what=METRICS) if line.strip()]
     records = []
     for index, (number, line) in enumerate(lines):
         try:
-            record = json.loads(line)
+            record = load_json_text(line, allow_nonfinite=True)
         except json.JSONDecodeError as error:
             if index == len(lines) - 1:
                 log.warning("%s:%d is cut short (run stopped while writing?); skipped", path, number)
                 continue
             raise ValueError(f"{path}:{number} is not a JSON object ({error}); fix or remove that line") from error
+        except ValueError as error:
+            raise ValueError(f"{path}:{number} is refused ({error}); fix or remove that line") from None
         step = record.get("step") if isinstance(record, dict) else None
         if not isinstance(step, int | float) or isinstance(step, bool) or not math.isfinite(step):
             raise ValueError(f"{path}:{number} has no numeric 'step'; is this a metrics.jsonl from `amft-vlm train`?")
@@ -570,7 +680,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 class MetricsLog:
     """A run's ``metrics.jsonl``: one JSON line per iteration, written by the main process only.
 
-    Non-finite numbers are written as null: JSON has no NaN, and a missing signal is not a number.
+    Non-finite numbers are written as null: JSON has no NaN, and a missing signal is not a number. The file is
+    written as any output (`amft_vlm.safe_io`): a symlink is written through, and a FIFO, device, socket or
+    directory at its path raises `amft_vlm.safe_io.OutputPathError` before it is opened.
     """
 
     def __init__(self, output_dir: Path, *, is_main: bool) -> None:
@@ -581,14 +693,17 @@ class MetricsLog:
         """Write one iteration's metrics; returns them with non-finite numbers as None."""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         if self.is_main:
-            with open(self.path, "a") as handle:
+            with open_for_append(self.path) as handle:
                 handle.write(json.dumps(clean) + "\n")
         return clean
 
     def keep_until(self, step: int, *, source: Path) -> None:
         """Keep only the lines of steps up to `step`, from `source`'s file (this run's, or a warm start's run), atomically."""
+        if not self.is_main:
+            return
+        output_file_target(self.path)  # before reading: `source` may be this run, and reading a FIFO would block
         path = source / METRICS
-        if not self.is_main or not path.exists():
+        if not path.exists():
             return
         kept = [json.dumps(record) + "\n" for record in read_metrics(path) if record["step"] <= step]
         write_text_atomic(self.path, "".join(kept))
@@ -665,14 +780,14 @@ def check_resume_settings(config, run_config: Path, done: int) -> None:
 
 def _saved_config(path: Path):
     """The `TrainConfig` of a run's ``config.yaml`` (fields it lacks at their defaults), or None with a warning."""
-    from amft_vlm.config import TrainConfig, dataclass_from_dict
+    from amft_vlm.config import TrainConfig, dataclass_from_dict, read_yaml_file
 
     try:
-        values = yaml.safe_load(path.read_text())
+        values = read_yaml_file(path)
         if not isinstance(values, dict):
             raise ValueError(f"not a mapping of settings but {type(values).__name__}")
         return dataclass_from_dict(TrainConfig, values)
-    except (OSError, ValueError, yaml.YAMLError) as error:
+    except ValueError as error:
         log.warning("%s does not read (%s): the resumed run's settings are not compared with the run's", path, _first_line(error))
         return None
 

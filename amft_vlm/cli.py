@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -25,6 +26,7 @@ from amft_vlm.evaluate import (
     write_record,
 )
 from amft_vlm.expert_data import collect, read_manifest
+from amft_vlm.jobs import Terminated, interrupt_exit_status, sigterm_as_interrupt
 from amft_vlm.methods import METHODS
 from amft_vlm.preflight import check_output_file, writable_directory
 from amft_vlm.served import (
@@ -101,7 +103,7 @@ def _train_command(args: argparse.Namespace) -> int:
     from amft_vlm.trainer import Trainer
 
     config = load_config(train_config_file(args.config, args.overrides, resume=args.resume), args.overrides)
-    trainer = Trainer(config, resume=args.resume)
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
     try:
         history = trainer.train()
     finally:
@@ -145,7 +147,11 @@ def _compare_command(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         threads=args.threads,
     )
-    result = run_compare(config, args.out)
+    try:
+        result = run_compare(config, args.out)
+    except KeyboardInterrupt:
+        log.warning("interrupted; finished runs, their checkpoints and current records are kept: rerun the same command to resume")
+        raise
     print(result.table)
     return 0
 
@@ -263,13 +269,11 @@ def _eval_command(args: argparse.Namespace) -> int:
             device=args.device or "auto",
         )
     except KeyboardInterrupt:
-        if served is None:
-            raise
-        if served.cache_dir is None:
+        if served is not None and served.cache_dir is None:
             log.warning("interrupted; with --no-cache nothing was kept: a rerun asks for every answer again")
-        else:
+        elif served is not None:
             log.warning("interrupted; every answered turn is in the cache %s: rerun the same command to resume", served.cache_dir)
-        return 130
+        raise
     if args.out:
         write_record(record, args.out)
         log.info("wrote the evaluation record to %s", args.out)
@@ -328,11 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train_parser.add_argument("--config", help="YAML config file (default: the built-in defaults)")
-    train_parser.add_argument(
+    start = train_parser.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
         action="store_true",
         help="continue from the run directory's latest checkpoint; without --config the run's own OUTPUT_DIR/config.yaml "
         "is the base the overrides apply to",
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in the output directory (metrics.jsonl, checkpoints/, config.yaml, the tiny "
+        "initial-model/; nothing else) and start again; without --resume or this, a run there is refused",
     )
     train_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train_parser.set_defaults(handler=_train_command)
@@ -377,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=_positive_int, metavar="K", help="episodes in flight at once, each with its own environment in "
         "memory (about 50 MB each for V-IRL vision, 20 MB for GeneralPoints vision; default 8)"
     )
-    served.add_argument("--request-timeout", type=_positive_float, metavar="S", help="seconds per request before it is retried (default 120)")
+    served.add_argument("--request-timeout", type=_positive_float, metavar="S", help="seconds a request may take in all (connecting, sending, reading the whole answer) before it is retried (default 120)")
     served.add_argument("--max-attempts", type=_positive_int, metavar="N", help="requests per turn, retries included, before the episode fails by transport (default 6)")
     served.add_argument("--retry-base-delay", type=_non_negative_float, metavar="S", help="backoff bound of the first retry, doubled each retry, full jitter (default 1)")
     served.add_argument("--retry-max-delay", type=_non_negative_float, metavar="S", help="most seconds of backoff between attempts (default 60; a server's Retry-After is honoured up to 120)")
@@ -462,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CLEAN_STOP_COMMANDS = ("compare", "demo", "eval")
+"""Commands that SIGTERM stops like Ctrl-C (`amft_vlm.jobs.sigterm_as_interrupt`): what they started (worker
+processes, request threads) is stopped and what they wrote is left resumable. ``train`` keeps SIGTERM's default,
+an immediate end (its files are written atomically): under torchrun a process told to stop must not wait at a
+barrier for processes already gone."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``amft-vlm`` console script."""
     parser = build_parser()
@@ -475,9 +493,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if getattr(args, "episodes", None) is not None and args.episodes < 1:
         parser.error("--episodes must be at least 1")
+    stop_on_sigterm = sigterm_as_interrupt() if args.command in CLEAN_STOP_COMMANDS else contextlib.nullcontext()
     try:
-        with logging_redirect_tqdm():  # log lines go above the progress bars, not into them
+        with logging_redirect_tqdm(), stop_on_sigterm:  # log lines go above the progress bars, not into them
             return args.handler(args)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM for CLEAN_STOP_COMMANDS
+        if args.verbose:
+            raise
+        print(f"amft-vlm {args.command}: stopped ({'SIGTERM' if isinstance(interrupt, Terminated) else 'interrupted'})", file=sys.stderr)
+        return interrupt_exit_status(interrupt)
     except (ValueError, OSError) as error:  # OSError: FileExistsError, PermissionError, a full disk, ...
         if args.verbose:
             raise

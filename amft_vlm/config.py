@@ -25,6 +25,7 @@ import yaml
 
 from amft_vlm.methods import METHODS as METHODS  # re-exported for `from amft_vlm.config import METHODS`
 from amft_vlm.methods import get_method
+from amft_vlm.safe_io import InputFileError, read_regular_bytes
 
 ENTROPY_SOURCES = ("rollouts", "expert")
 """What the controller's entropy H and target H* are measured on (`ControllerConfig.entropy_source`)."""
@@ -495,18 +496,103 @@ def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+MAX_YAML_LENGTH = 2**20
+"""Longest YAML text read, in characters (a file: in bytes). A config is a few kilobytes."""
+
+MAX_YAML_VALUES = 100_000
+"""Most values (scalars, lists and mappings) a YAML document may stand for with its aliases expanded. An
+alias (``*name``) repeats the value its anchor (``&name``) names, and aliases of aliases multiply: a few
+hundred bytes can stand for billions of values (a "billion laughs" document). PyYAML builds them shared,
+but every later walk over the config (validation, comparison, copying, writing ``config.yaml``) expands
+them, so such a document is refused before its values are built. A config stands for a few hundred."""
+
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of lists and mappings read, in brackets or by indentation (counted apart). PyYAML's scanner
+takes time quadratic in the bracket depth, so a megabyte of ``[`` would never finish; a config nests a few levels."""
+
+
+class YamlLimitError(yaml.MarkedYAMLError):
+    """A YAML document refused before its values are built: longer than `MAX_YAML_LENGTH`, nested deeper than
+    `MAX_YAML_DEPTH`, standing for more than `MAX_YAML_VALUES` values once its aliases are expanded, or with an
+    alias inside the value it names. ``problem`` says which and what to change; ``problem_mark`` is the line,
+    when known."""
+
+
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML (a YAML 1.1 parser) with the YAML 1.2 core schema's scalars, plus Python's ``None`` as null.
 
     Booleans are only true/false (any case): yes/no/on/off stay strings, so ``mixed_precision: no`` is 'no'.
     Numbers are decimal, 0o octal or 0x hex integers and floats with or without a dot (``1e-3``), .inf and
     .nan; ``010`` is ten, and 1.1's sexagesimal ``1:20``, ``1_000`` and dates stay strings.
+
+    Aliases and merge keys (``<<: *defaults``) work, within `MAX_YAML_VALUES` (`_expanded_size`); nesting
+    stops at `MAX_YAML_DEPTH`, as the scanner meets it.
     """
 
     yaml_implicit_resolvers: ClassVar[dict] = {
         first: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:merge"]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
+
+    def fetch_flow_collection_start(self, TokenClass: type) -> None:  # noqa: N803 - PyYAML's name
+        """PyYAML's scanner at a ``[`` or ``{``, refused beyond `MAX_YAML_DEPTH` open brackets."""
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise _too_deep(self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+    def add_indent(self, column: int) -> bool:
+        """PyYAML's scanner entering a deeper indentation, refused beyond `MAX_YAML_DEPTH` levels."""
+        if self.indent < column and len(self.indents) >= MAX_YAML_DEPTH:
+            raise _too_deep(self.get_mark())
+        return super().add_indent(column)
+
+    def compose_document(self) -> yaml.Node:
+        """The document's node graph (aliases are shared nodes in it), checked by `_expanded_size` before any value is built."""
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+
+def _too_deep(mark: yaml.Mark) -> YamlLimitError:
+    """The refusal of a document nested deeper than `MAX_YAML_DEPTH`, at `mark`."""
+    return YamlLimitError(problem=f"it nests lists and mappings more than {MAX_YAML_DEPTH} levels deep; a config nests a few", problem_mark=mark)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `node` stands for with every alias expanded, each shared node counted once per use.
+
+    `sizes` remembers the nodes already counted (so the walk is as long as the document, not as its expansion)
+    and `open_nodes` those being counted (an alias to one of them is inside the value it names).
+
+    Raises:
+        YamlLimitError: at the first value (the innermost) that stands for more than `MAX_YAML_VALUES` values,
+            or at a value that contains an alias to itself.
+    """
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise YamlLimitError(
+            problem="an alias refers to a value that contains it (a recursive document); write the value out instead",
+            problem_mark=node.start_mark,
+        )
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    size = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(id(node))
+    if size > MAX_YAML_VALUES:
+        raise YamlLimitError(
+            problem=(
+                f"this value stands for {size:,} values once its aliases are expanded, more than the {MAX_YAML_VALUES:,} "
+                "a config may hold (aliases of aliases multiply: a 'billion laughs' document); write the values out, "
+                "or use fewer aliases"
+            ),
+            problem_mark=node.start_mark,
+        )
+    sizes[id(node)] = size
+    return size
 
 
 for _tag, _pattern, _first in (
@@ -533,8 +619,19 @@ _Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
 
 
 def parse_yaml(text: str) -> Any:
-    """A config file or one ``key=value`` value, read with YAML 1.2 scalars (see `_Yaml12Loader`)."""
-    return yaml.load(text, Loader=_Yaml12Loader)
+    """A config file or one ``key=value`` value, read with YAML 1.2 scalars (see `_Yaml12Loader`).
+
+    The one YAML reader of amft-vlm (files through `read_yaml_file`). Its input is bounded: a text longer than
+    `MAX_YAML_LENGTH`, nested deeper than `MAX_YAML_DEPTH`, standing for more than `MAX_YAML_VALUES` values once
+    its aliases are expanded, or holding an alias inside the value it names, raises `YamlLimitError` (a
+    ``yaml.YAMLError``) before any value is built.
+    """
+    if len(text) > MAX_YAML_LENGTH:
+        raise YamlLimitError(problem=f"it is {len(text):,} characters long, more than {MAX_YAML_LENGTH:,}; a config is a few kilobytes")
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except RecursionError:  # PyYAML composes recursively: a backstop under MAX_YAML_DEPTH, when the caller's stack is deep
+        raise YamlLimitError(problem="it is nested too deeply to read; a config nests a few levels") from None
 
 
 def parse_key_value(pair: str, *, what: str = "overrides", example: str = "steps=100") -> tuple[str, Any]:
@@ -552,6 +649,8 @@ def parse_key_value(pair: str, *, what: str = "overrides", example: str = "steps
         return key, ""
     try:
         return key, parse_yaml(raw)
+    except YamlLimitError as error:
+        raise ValueError(f"{what}: the value of {key!r} is refused ({error.problem})") from None
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ValueError(f"{what}: the value of {pair!r} is not a YAML value ({problem}); quote it to pass it as a string") from None
@@ -561,7 +660,7 @@ def load_values(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     """A YAML config file (or nothing) as plain data, with ``key=value`` overrides applied (dotted keys reach sections)."""
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = _read_yaml_file(path) or {}
+        loaded = _read_config_file(path) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file is a mapping of field: value; got {type(loaded).__name__}")
         values = loaded
@@ -570,22 +669,41 @@ def load_values(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     return values
 
 
-def _read_yaml_file(path: str | os.PathLike) -> Any:
-    """A YAML file's contents; a missing file, a directory or a syntax error is a ``ValueError`` naming the file (and line)."""
+def _read_config_file(path: str | os.PathLike) -> Any:
+    """A ``--config`` file's contents (`read_yaml_file`); a missing file or a directory is a ``ValueError`` saying what --config takes."""
     source = Path(path)
     if source.is_dir():
         raise ValueError(f"{source} is a directory; --config takes a YAML file such as configs/gp-l.yaml")
-    try:
-        return parse_yaml(source.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{source} not found; --config takes a YAML file such as configs/gp-l.yaml") from None
+    if not source.exists():
+        raise ValueError(f"{source} not found; --config takes a YAML file such as configs/gp-l.yaml")
+    return read_yaml_file(source)
+
+
+def read_yaml_file(path: str | os.PathLike) -> Any:
+    """A YAML file's contents read by `parse_yaml`, within its limits: the one reader of every YAML file amft-vlm
+    reads (``--config`` files, a run's ``config.yaml``). Only a regular file is read, and no more than
+    `MAX_YAML_LENGTH` bytes of it (`amft_vlm.safe_io.read_regular_bytes`).
+
+    Raises:
+        ValueError: naming the file (and line) when it cannot be read, is not a regular file (a FIFO, a device:
+            `amft_vlm.safe_io.InputFileError`), is longer than `MAX_YAML_LENGTH` bytes, is not valid YAML, or is
+            refused by `parse_yaml`'s limits.
+    """
+    source = Path(path)
+    try:  # a FIFO or device is refused, not waited on
+        text = read_regular_bytes(source, MAX_YAML_LENGTH, what="a config").decode()
+    except InputFileError:
+        raise
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"{source} cannot be read ({error})") from None
+    try:
+        return parse_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ValueError(f"{source}{where}: not valid YAML ({problem})") from None
+        verdict = "refused" if isinstance(error, YamlLimitError) else "not valid YAML"
+        raise ValueError(f"{source}{where}: {verdict} ({problem})") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:

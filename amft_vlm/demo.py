@@ -28,7 +28,10 @@ model's sizes and the evaluations' size. ``--quick`` is the same file with the `
    PNG plots), and ``OUT/demo.md`` with the table (``amft-vlm demo`` prints it).
 
 ``OUT`` must be empty or absent; with ``force=True`` (``--force``) the demo's own entries in it are
-replaced and nothing else is touched.
+replaced and nothing else is touched (a FIFO, device or symlink under one of their names is refused; links to
+``demo.md`` and ``summary.json`` are kept and written through). The demo locks ``OUT`` while it runs
+(`amft_vlm.run_directory.DirectoryLock`; each run's trainer locks its own directory too): a second demo
+into it is refused, naming the first.
 
 The torch thread count is the number of cores other processes leave free unless given (measured
 from ``/proc/stat``): on a shared machine one busy core makes two threads much slower than one
@@ -51,13 +54,15 @@ from typing import Any
 
 from agents.baselines import ExpertAgent, baseline_agent
 from agents.tiny import ARCHITECTURES, TINY_PREFIX, build_tiny_model, tiny_model_problem
-from amft_vlm.checkpoint import latest_checkpoint, write_text_atomic
+from amft_vlm.checkpoint import latest_checkpoint
 from amft_vlm.config import TrainConfig, dataclass_from_dict, load_values
 from amft_vlm.evaluate import EvalRecord, evaluate, write_record
 from amft_vlm.expert_data import collect, corrupt_dataset
 from amft_vlm.jobs import JobPool, choose_threads, machine_description, torch_threads
 from amft_vlm.preflight import writable_directory
 from amft_vlm.report import FIGURES, load_run, markdown_table, write_report
+from amft_vlm.run_directory import DirectoryLock, is_empty
+from amft_vlm.safe_io import OutputPathError, output_directory, output_file_target, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -265,23 +270,42 @@ class DemoResult:
     """``OUT/summary.json``: per run its method, expert, mu and the controller's evidence (`demo_summary`)."""
 
 
-def _prepare(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; choose a directory for --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
+def _prepare(out: Path, force: bool) -> DirectoryLock:
+    """Lock `out` for the demo (made if needed) once it is empty, or with `force` once the demo's own entries are gone."""
+    output_directory(out, create=False)  # a FIFO, device or file at --out is refused; a symlink to a directory is followed
+    if not is_empty(out) and not force:
         raise FileExistsError(f"{out} is not empty; choose another --out or pass --force to replace the demo's files in it")
     writable_directory(out, what="--out")
-    for name in OUTPUTS if force else ():
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    lock = DirectoryLock(out, what="--out")
+    try:
+        if not is_empty(out) and not force:  # another demo began writing it since the check above
+            raise FileExistsError(f"{out} is not empty; choose another --out or pass --force to replace the demo's files in it")
+        for name in OUTPUTS if force else ():
+            _make_way(out / name)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _make_way(path: Path) -> None:
+    """Make way for the demo's entry `path` under ``--force``: a directory or a file there is removed; a symlink to a
+    file is kept for ``demo.md`` and ``summary.json`` (written through at the end, as any output: `amft_vlm.safe_io`).
+    Anything else, which the demo did not write, is refused: a FIFO, socket or device, another symlink."""
+    if path.is_symlink():
+        if path.name not in ("demo.md", "summary.json"):
+            raise OutputPathError(f"{path} is a symbolic link, which --force does not replace; move it away or choose another --out")
+        output_file_target(path)  # a link to a FIFO, device, directory... is refused now, not after the demo
+    elif path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        output_file_target(path)  # a FIFO, socket or device is refused, a file removed
+        path.unlink()
 
 
 def _evaluate_all(who: str, label: str, *, model: str | None, config: DemoConfig, eval_dir: Path, file_prefix: str, progress: bool) -> dict[str, EvalRecord]:
     """Play the evaluations with a model (all) or the agent `who` (the greedy ones); write each to ``eval_dir/PREFIXNAME.json``."""
-    eval_dir.mkdir(parents=True, exist_ok=True)
+    output_directory(eval_dir)
     records = {}
     for evaluation in EVALUATIONS:
         if model is None and evaluation.temperature is not None:
@@ -501,11 +525,16 @@ def run_demo(
         progress: show progress bars.
     """
     config = load_demo_config() if config is None else config
-    train = config.train
-    warmup = train.controller.warmup_steps
     thread_count = choose_threads(threads)
     out = Path(out_dir)
-    _prepare(out, force)
+    with _prepare(out, force):  # held until the demo ends: a second demo into `out` is refused, naming this one
+        return _run_locked(out, config, thread_count, progress=progress)
+
+
+def _run_locked(out: Path, config: DemoConfig, thread_count: int, *, progress: bool) -> DemoResult:
+    """`run_demo` in `out`, prepared and locked by the caller."""
+    train = config.train
+    warmup = train.controller.warmup_steps
     started = time.perf_counter()
     with torch_threads(thread_count):
         log.info("amft-vlm demo: %d torch thread(s) on %d cores; output in %s", thread_count, os.cpu_count(), out)
@@ -539,7 +568,7 @@ def run_demo(
         baseline_records = sorted((out / "baselines" / "eval").glob("*.json"))
         report = write_report([out / run.name for run in RUNS], out / "report", eval_files=baseline_records)
         table = demo_table(records, train_seconds, config, budgets, shared_seconds, controllers)
-        (out / "demo.md").write_text("# amft-vlm demo\n\n" + table + "\n")
+        write_text_atomic(out / "demo.md", "# amft-vlm demo\n\n" + table + "\n")
     wall = time.perf_counter() - started
     summary = demo_summary(config, records, controllers, train_seconds, wall=wall, threads=thread_count)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")

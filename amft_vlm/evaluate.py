@@ -65,6 +65,7 @@ from amft_vlm.preflight import (
     environment_arguments,
 )
 from amft_vlm.rollout import RolloutEngine
+from amft_vlm.safe_io import load_json_text, read_regular_text, write_text_atomic
 from amft_vlm.served import Sampling, ServedEndpoint, ServedInfo, play_served
 from environments.general_points import settings as general_points_settings
 from environments.virl import settings as virl_settings
@@ -73,6 +74,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 """Version of the JSON record layout."""
+
+MAX_RECORD_BYTES = 64 * 2**20
+"""Most bytes of an evaluation record read (`load_record`): one with the usage of thousands of served episodes is a few MB."""
 
 SETTINGS = ("id", "ood-rule", "ood-visual")
 """Setting names: in distribution, rule out of distribution, visual out of distribution."""
@@ -318,25 +322,31 @@ def summary_table(records: Sequence[EvalRecord]) -> str:
 
 
 def write_record(record: EvalRecord, path: str | os.PathLike) -> None:
-    """Write `record` as JSON to `path`, atomically (a temporary file renamed into place)."""
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"{target.parent} does not exist; create it or choose another --out")
-    if target.is_dir():
-        raise IsADirectoryError(f"{target} is a directory; give a file name for the record")
-    staging = target.with_name(target.name + ".tmp")
-    try:
-        staging.write_text(record.to_json())
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
+    """Write `record` as JSON to `path`, atomically (`amft_vlm.safe_io.write_text_atomic`: a temporary file renamed
+    into place; a symlink is written through).
+
+    Raises:
+        amft_vlm.safe_io.OutputPathError: `path` is (or leads to) a directory, FIFO, socket or device, or its
+            directory does not exist.
+    """
+    write_text_atomic(path, record.to_json())
 
 
 def load_record(path: str | os.PathLike) -> EvalRecord:
-    """The `EvalRecord` saved at `path` by `write_record`; raises ``ValueError`` naming the file if it is not one."""
+    """The `EvalRecord` saved at `path` by `write_record`.
+
+    The file is read as untrusted input (`amft_vlm.safe_io`): a regular file of at most `MAX_RECORD_BYTES`, JSON
+    nested no deeper than a record is, without NaN or Infinity.
+
+    Raises:
+        FileNotFoundError: nothing is at `path`.
+        amft_vlm.safe_io.InputFileError: `path` is a FIFO, device or directory (not waited on), or is too long.
+        ValueError: naming the file, when it is not an evaluation record.
+    """
     source = Path(path)
+    text = read_regular_text(source, MAX_RECORD_BYTES, what="an evaluation record")
     try:
-        data = json.loads(source.read_text())
+        data = load_json_text(text)
         if not isinstance(data, dict):
             raise ValueError("the JSON is not an object")
         return EvalRecord.from_dict(data)

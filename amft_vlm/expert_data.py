@@ -5,13 +5,20 @@ On disk a dataset is a directory with:
 - ``manifest.json``: environment id and keyword arguments, agent, episodes, seed, counts;
 - ``dialogues.jsonl``: one JSON record per dialogue (an episode has one dialogue in GeneralPoints,
   one per route point in VIRL, whose dialogue restarts after each correct action);
-- ``images/``: each dialogue's observation image, saved once as PNG.
+- ``images/``: each dialogue's observation image, saved once as PNG;
+- ``.amft-vlm.lock``: the lock its collection held (`amft_vlm.run_directory`), empty once it is done.
 
 A record has ``episode``, ``seed``, ``dialogue`` (index within the episode), ``turns`` (role and
 text, user and assistant alternating, ending with the agent's last answer), ``image`` (path
 relative to the dataset, or null), ``rewards`` (one per assistant turn) and ``success`` (whether
 the episode was solved). Files are written to temporary names and renamed when complete, so an
 interrupted collection never leaves a dataset that looks whole.
+
+A dataset may come from elsewhere, so its files are read as untrusted input (`amft_vlm.safe_io`): its records are
+not trusted to name files (every reader refuses a record whose ``image`` is absolute or leads outside the dataset
+directory once ``..`` and symlinks are resolved, `dataset_file`, naming the line); only regular files are read (a
+FIFO is refused, not waited on), within `MAX_MANIFEST_BYTES`, `MAX_RECORD_LINE_BYTES` a line and `MAX_IMAGE_PIXELS`
+an image; JSON nested deeper than a record is, NaN and Infinity are refused, naming the line.
 
 The agent plays through `amft_vlm.rollout.RolloutEngine` without a policy (no model is loaded), in
 one environment, episode after episode; each episode is written as soon as it ends.
@@ -34,11 +41,33 @@ from agents.base import Agent
 from agents.chat import ChatTurn, Dialogue
 from amft_vlm.preflight import check_environment, writable_directory
 from amft_vlm.rollout import Episode, RolloutEngine, RolloutStats
+from amft_vlm.run_directory import LOCK_FILE, DirectoryLock, is_empty
+from amft_vlm.safe_io import (
+    InputFileError,
+    OutputPathError,
+    OutsideDirectoryError,
+    atomic_output,
+    load_json_text,
+    output_directory,
+    read_image_rgb,
+    read_regular_lines,
+    read_regular_text,
+    resolve_inside,
+    write_text_atomic,
+)
 
 MANIFEST = "manifest.json"
 DIALOGUES = "dialogues.jsonl"
 IMAGES = "images"
 FORMAT_VERSION = 1
+
+MAX_MANIFEST_BYTES = 2**20
+"""Most bytes of a ``manifest.json`` read; a manifest is well under a kilobyte."""
+MAX_RECORD_LINE_BYTES = 16 * 2**20
+"""Most bytes of one ``dialogues.jsonl`` line read; a dialogue's record is a few kilobytes."""
+MAX_IMAGE_PIXELS = 4096 * 4096
+"""Most pixels of a dataset image decoded (its header is checked first): four times the largest observation an
+environment renders (GeneralPoints at ``resolution=2048``)."""
 
 
 @dataclass(frozen=True)
@@ -65,37 +94,49 @@ def collect(
 ) -> RolloutStats:
     """Play ``episodes`` episodes (seeds ``seed``, ``seed + 1``, ...) and write the dataset to ``out_dir``.
 
-    ``out_dir`` must not exist yet or be empty; it is built under a temporary name and renamed
-    when complete. Returns the collection's statistics (the dialogue count is in the manifest).
+    ``out_dir`` must not exist yet or be empty; it is built under a temporary name beside it (``DIR.partial``,
+    locked: a second collection into the same directory is refused, naming the first) and renamed when
+    complete. A symlink ``out_dir`` is written through (`amft_vlm.safe_io`): the dataset goes to its target (an
+    empty directory or nothing yet) and the link stays. Returns the collection's statistics (the dialogue count is
+    in the manifest).
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; --out is the dataset directory to create")
-    if out.is_dir() and any(out.iterdir()):
+    out = output_directory(out_dir, create=False)  # a symlink's target becomes the dataset; the link stays
+    if not is_empty(out):
         raise FileExistsError(f"{out} already exists and is not empty; choose a new --out directory")
     check_environment(env_id, env_kwargs, what="--env-arg", id_what="--env")
     writable_directory(out.parent, what="--out")  # the dataset is built beside it
     staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        stats, dialogues = _record_episodes(env_id, env_kwargs, agent, range(seed, seed + episodes), staging, progress=progress)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "env_id": env_id,
-            "env_kwargs": env_kwargs,
-            "agent": agent.name,
-            "episodes": episodes,
-            "seed": seed,
-            "dialogues": dialogues,
-            "success_rate": stats.success_rate,
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # an interrupted or failed collection leaves nothing behind
-        raise
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)
+    if staging.is_symlink():  # its leftovers are deleted below: never those of the directory a link leads to
+        raise OutputPathError(f"{staging} is a symbolic link, not a collection's own staging directory; move it away")
+    staging.mkdir(exist_ok=True)
+    with DirectoryLock(staging, what="--out"):  # its lock file goes into the dataset with the rename
+        if not is_empty(out):  # another collection finished while this one started
+            raise FileExistsError(f"{out} already exists and is not empty; choose a new --out directory")
+        for entry in staging.iterdir():  # what a collection that was killed left
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.name != LOCK_FILE:
+                entry.unlink()
+        try:
+            stats, dialogues = _record_episodes(env_id, env_kwargs, agent, range(seed, seed + episodes), staging, progress=progress)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "env_id": env_id,
+                "env_kwargs": env_kwargs,
+                "agent": agent.name,
+                "episodes": episodes,
+                "seed": seed,
+                "dialogues": dialogues,
+                "success_rate": stats.success_rate,
+            }
+            write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # an interrupted or failed collection leaves nothing behind
+            raise
+        if out.exists():
+            (out / LOCK_FILE).unlink(missing_ok=True)  # an earlier dataset's, left by `rm -r DIR/*`
+            out.rmdir()
+        staging.rename(out)
     return stats
 
 
@@ -106,7 +147,7 @@ def _record_episodes(
     (staging / IMAGES).mkdir(parents=True)
     dialogues = 0
 
-    with open(staging / DIALOGUES, "w") as records:
+    with atomic_output(staging / DIALOGUES) as staged, open(staged, "w") as records:
 
         def write(episode: Episode) -> None:
             nonlocal dialogues
@@ -114,7 +155,8 @@ def _record_episodes(
                 image_path = None
                 if recorded.dialogue.image is not None:
                     image_path = f"{IMAGES}/e{episode.index:06d}_d{index:03d}.png"
-                    Image.fromarray(np.asarray(recorded.dialogue.image)).save(staging / image_path, compress_level=1)
+                    with atomic_output(staging / image_path) as staged_image:
+                        Image.fromarray(np.asarray(recorded.dialogue.image)).save(staged_image, format="PNG", compress_level=1)
                 record = {
                     "episode": episode.index,
                     "seed": episode.outcome.seed,
@@ -140,11 +182,13 @@ MANIFEST_FIELDS = {"env_id": str, "env_kwargs": dict, "agent": str}
 def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     """The dataset's manifest; raises with a clear message if the directory is not a dataset."""
     path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {dataset_dir} is not an expert dataset (made by `amft-vlm collect`)")
+    try:  # a FIFO, a device or a file too long is refused (InputFileError), naming it
+        text = read_regular_text(path, MAX_MANIFEST_BYTES, what="a dataset's manifest")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: {dataset_dir} is not an expert dataset (made by `amft-vlm collect`)") from None
     try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, OSError) as error:
+        manifest = load_json_text(text)
+    except ValueError as error:
         raise ValueError(f"{path} is not readable JSON ({error}); recollect the dataset with `amft-vlm collect`") from error
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: a manifest is a JSON object; got {type(manifest).__name__}")
@@ -156,20 +200,43 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def dataset_file(root: Path, relative: Any, where: str) -> Path:
+    """The file a dataset record names by a path relative to the dataset directory `root`, resolved.
+
+    Raises:
+        ValueError: `relative` is not a non-empty string, is absolute, or leads outside `root` once ``..`` and
+            symlinks (`root`'s own included) are resolved; `where` (the file and line) starts the message.
+    """
+    if not isinstance(relative, str) or not relative:
+        raise ValueError(f"{where}: a file of the dataset is named by a path relative to it, like 'images/e000000_d000.png'; got {relative!r}")
+    if Path(relative).is_absolute():
+        raise ValueError(f"{where}: {relative!r} is an absolute path; a dataset names its files relative to its directory {root}")
+    try:
+        return resolve_inside(root, root / relative)
+    except OutsideDirectoryError as error:
+        raise ValueError(
+            f"{where}: {relative!r} leads outside the dataset directory {root} (to {error.target}); a dataset names only files "
+            "inside it: fix or remove that line, or collect the dataset again"
+        ) from None
+
+
 def _records(root: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each line of the dialogues file; a line that is not a JSON object is an error naming it."""
+    """(line number, record) for each line of the dialogues file; a line that is not a JSON object, or whose ``image``
+    is not null or a file inside the dataset (`dataset_file`), is an error naming it."""
     path = root / DIALOGUES
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: the dataset {root} is incomplete; collect it again")
-    with open(path) as lines:
-        for line_number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except ValueError as error:
-                raise ValueError(f"{path}, line {line_number}: not a dialogue record ({error})") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {line_number}: not a dialogue record (a JSON {type(record).__name__})")
-            yield line_number, record
+    for line_number, line in read_regular_lines(path, MAX_RECORD_LINE_BYTES, what="a dataset's dialogues"):
+        where = f"{path}, line {line_number}"
+        try:
+            record = load_json_text(line)
+        except ValueError as error:
+            raise ValueError(f"{where}: not a dialogue record ({error})") from error
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: not a dialogue record (a JSON {type(record).__name__})")
+        if record.get("image") is not None:
+            dataset_file(root, record["image"], f"{where}: image")
+        yield line_number, record
 
 
 def solved_dialogue_count(dataset_dir: str | os.PathLike) -> int:
@@ -185,9 +252,11 @@ def load_dialogues(dataset_dir: str | os.PathLike, *, successful_only: bool = Tr
     read_manifest(root)
     dialogues = []
     for line_number, record in _records(root):
+        where = f"{root / DIALOGUES}, line {line_number}"
         try:
             turns = tuple(ChatTurn(turn["role"], turn["text"]) for turn in record["turns"])
-            image = np.asarray(Image.open(root / record["image"]).convert("RGB")) if record["image"] else None
+            image_file = dataset_file(root, record["image"], f"{where}: image") if record["image"] else None
+            image = read_image_rgb(image_file, max_pixels=MAX_IMAGE_PIXELS, what="a dataset image") if image_file else None
             item = ExpertDialogue(
                 dialogue=Dialogue(turns=turns, image=image),
                 rewards=tuple(float(r) for r in record["rewards"]),
@@ -196,8 +265,10 @@ def load_dialogues(dataset_dir: str | os.PathLike, *, successful_only: bool = Tr
                 seed=int(record["seed"]),
                 success=bool(record["success"]),
             )
+        except InputFileError as error:  # the image: not a regular file, over MAX_IMAGE_PIXELS, not an image
+            raise ValueError(f"{where}: image {error}") from None
         except (KeyError, TypeError, ValueError, OSError) as error:
-            raise ValueError(f"{root / DIALOGUES}, line {line_number}: not a dialogue record ({error})") from error
+            raise ValueError(f"{where}: not a dialogue record ({error})") from error
         if item.success or not successful_only:
             dialogues.append(item)
     return dialogues
@@ -229,7 +300,7 @@ def corrupt_dataset(
         raise ValueError(f"kind must be one of {', '.join(CORRUPTIONS)}; got {kind!r}")
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be in [0, 1]; got {share!r}")
-    source, out = Path(source_dir), Path(out_dir)
+    source, out = Path(source_dir), output_directory(out_dir, create=False)  # a dangling symlink: its target is made
     manifest = read_manifest(source)
     records = [record for _, record in _records(source)]
     if out.exists():
@@ -257,11 +328,10 @@ def corrupt_dataset(
     try:
         staging.mkdir(parents=True)
         if (source / IMAGES).is_dir():
-            shutil.copytree(source / IMAGES, staging / IMAGES)
-        with open(staging / DIALOGUES, "w") as handle:
-            handle.writelines(json.dumps(record) + "\n" for record in records)
+            shutil.copytree(source / IMAGES, staging / IMAGES, symlinks=True)  # a link stays one, which readers refuse
+        write_text_atomic(staging / DIALOGUES, "".join(json.dumps(record) + "\n" for record in records))
         corruption = {"kind": kind, "share": share, "seed": seed, "dialogues": len(chosen), "source": str(source)}
-        (staging / MANIFEST).write_text(json.dumps({**manifest, "corruption": corruption}, indent=2) + "\n")
+        write_text_atomic(staging / MANIFEST, json.dumps({**manifest, "corruption": corruption}, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

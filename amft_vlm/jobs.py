@@ -1,26 +1,41 @@
-"""Jobs and threads: tasks run in this process (one job) or in a pool of spawned processes, and the torch
-thread budget they get.
+"""Jobs and threads: tasks run in this process (one job) or in a pool of spawned processes, the torch
+thread budget they get, and how a signal stops them.
 
 `JobPool` runs ``amft-vlm compare --jobs N`` and the demo's runs side by side: each worker process has
 ``threads`` torch threads and logs each task to a file of its run. `choose_threads` picks the thread count
 from the cores other processes leave free (measured from ``/proc/stat``): on a shared machine one busy
 core makes two threads much slower than one.
+
+Nothing a pool starts outlives the command that started it. Ctrl-C, or SIGTERM under `sigterm_as_interrupt`
+(a `Terminated`, which is a ``KeyboardInterrupt``), unwinds the parent, and leaving the pool with it kills
+the workers at once instead of waiting for their tasks; the workers ignore SIGINT themselves (Ctrl-C
+reaches the whole process group; the parent decides). A parent killed outright (SIGKILL, SIGHUP, a crash)
+takes its workers with it: on Linux each worker asks the kernel for SIGKILL when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``). A killed worker leaves what the tasks write whole or absent (checkpoints,
+records and datasets are written atomically), so the command can be run again to resume.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
 import platform
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from amft_vlm.safe_io import open_for_append, output_directory
+
+log = logging.getLogger(__name__)
 
 
 def busy_cores(window: float = 0.5) -> float:
@@ -81,8 +96,44 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+STOP_SECONDS = 5.0
+"""How long stopped workers get to end after SIGTERM before they are killed."""
+PR_SET_PDEATHSIG = 1
+"""Linux's ``prctl`` option: the signal this process gets when the thread that started it ends."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread under `sigterm_as_interrupt`: the same clean stop as Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """In the block, SIGTERM raises `Terminated` in the main thread instead of ending the process at once, so what
+    the command started is stopped as after Ctrl-C (call it from the main thread)."""
+
+    def interrupt(number: int, frame: Any) -> None:
+        raise Terminated(f"stopped by {signal.Signals(number).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_exit_status(interrupt: KeyboardInterrupt) -> int:
+    """The shell's exit status for a command stopped by `interrupt`: 128 + the signal (143 SIGTERM, 130 SIGINT)."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
 class JobPool:
-    """Runs tasks in this process (one job: at once, on `submit`) or in a pool of spawned processes."""
+    """Runs tasks in this process (one job: at once, on `submit`) or in a pool of spawned processes.
+
+    Leaving the ``with`` block normally waits for every task; leaving it by an exception waits for the tasks
+    already running and cancels the rest; by a ``KeyboardInterrupt`` (Ctrl-C, `Terminated`) or ``SystemExit``
+    it kills the workers at once (see the module docstring). Submit from the thread that owns the pool (the
+    main thread): on Linux a worker is killed when the thread that started it ends.
+    """
 
     def __init__(self, jobs: int, threads: int) -> None:
         self.jobs, self.threads = jobs, threads
@@ -102,20 +153,53 @@ class JobPool:
             return future
         if self.pool is None:  # spawned, not forked: a fork of a process with torch's thread pools running can hang
             self.pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(self.threads,)
+                max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                initargs=(self.threads, os.getpid()),
             )
         return self.pool.submit(_in_worker, log_file, function, args)
 
     def __exit__(self, kind, error, traceback) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=error is not None)
+            if error is None or isinstance(error, Exception):
+                self.pool.shutdown(wait=True, cancel_futures=error is not None)
+            else:
+                self._stop_workers()
         self.thread_budget.close()
 
+    def _stop_workers(self) -> None:
+        """End every worker now: SIGTERM, SIGKILL for any still there after `STOP_SECONDS`; then the pool."""
+        # ProcessPoolExecutor has no public handle on its workers before Python 3.14 (terminate_workers).
+        workers = list((self.pool._processes or {}).values())
+        for worker in workers:
+            worker.terminate()
+        deadline = time.monotonic() + STOP_SECONDS
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)  # its manager thread sees the workers gone and ends
+        log.warning("stopped %d worker process(es)", len(workers))
 
-def _start_worker(threads: int) -> None:
-    """A worker process's set-up: its thread budget; INFO logs go to its runs' files, warnings to stderr."""
+
+def _die_with_parent(parent: int) -> None:
+    """On Linux: have the kernel send this process SIGKILL when its parent ends, and end now if it has already."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this worker would outlive a killed parent", ctypes.get_errno())
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _start_worker(threads: int, parent: int) -> None:
+    """A worker process's set-up: it dies with `parent` and ignores Ctrl-C (the parent stops it); its thread budget;
+    INFO logs go to its runs' files, warnings to stderr."""
     import torch
 
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     root = logging.getLogger()
@@ -127,9 +211,11 @@ def _start_worker(threads: int) -> None:
 
 
 def _in_worker(log_file: Path, function: Callable, args: tuple) -> Any:
-    """Call ``function(*args)`` in a worker, its logs appended to `log_file`."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_file)
+    """Call ``function(*args)`` in a worker, its logs appended to `log_file` (`amft_vlm.safe_io.open_for_append`: a
+    FIFO or device there is refused, where a ``logging.FileHandler`` would block on it or write into it)."""
+    output_directory(log_file.parent)
+    stream = open_for_append(log_file)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
@@ -137,4 +223,5 @@ def _in_worker(log_file: Path, function: Callable, args: tuple) -> Any:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+        stream.close()
 

@@ -48,6 +48,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from amft_vlm.safe_io import (
+    atomic_output,
+    load_json_text,
+    output_directory,
+    output_file_target,
+    read_regular_text,
+    write_text_atomic,
+)
+
 if TYPE_CHECKING:
     from agents.policy import VLMPolicy
 
@@ -284,7 +293,8 @@ def save_lora(policy: VLMPolicy, directory: str | Path, *, base_model: str | Non
     """Write the adapters of ``policy.model`` to `directory`: ``adapter.safetensors`` and ``lora_config.json``.
 
     Args:
-        directory: created if needed; existing adapter files are replaced.
+        directory: created if needed; existing adapter files are replaced, each whole or not at all, as any output
+            (`amft_vlm.safe_io`: a symlink is written through; a FIFO, socket, device or directory is refused).
         base_model: the base model's path or hub id to record; None reads ``policy.model.name_or_path``.
 
     Returns:
@@ -293,24 +303,34 @@ def save_lora(policy: VLMPolicy, directory: str | Path, *, base_model: str | Non
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    output_directory(directory)
+    for name in (ADAPTER_FILE, CONFIG_FILE):
+        output_file_target(directory / name)  # both refused before either is written
     settings = lora_settings(policy, base_model=base_model)
-    save_file(
-        {name: tensor.contiguous() for name, tensor in lora_state_dict(policy).items()},
-        directory / ADAPTER_FILE,
-    )
+    with atomic_output(directory / ADAPTER_FILE) as staging:
+        save_file({name: tensor.contiguous() for name, tensor in lora_state_dict(policy).items()}, staging)
     record = asdict(settings) | {"target_modules": list(settings.target_modules)}
-    (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
     return directory
 
 
 def read_lora_settings(directory: str | Path) -> LoraSettings:
-    """The `LoraSettings` saved by `save_lora` in `directory` (e.g. to find the base model to load)."""
+    """The `LoraSettings` saved by `save_lora` in `directory` (e.g. to find the base model to load).
+
+    Raises:
+        FileNotFoundError: `directory` has no ``lora_config.json``.
+        ValueError: it is not a regular file (`amft_vlm.safe_io.InputFileError`), or not the settings `save_lora` writes.
+    """
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {directory} a directory written by save_lora?")
-    record = json.loads(path.read_text())
-    return LoraSettings(**(record | {"target_modules": tuple(record["target_modules"])}))
+    try:
+        text = read_regular_text(path, 2**20, what="a LoRA config")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: is {directory} a directory written by save_lora?") from None
+    try:
+        record = load_json_text(text)
+        return LoraSettings(**(record | {"target_modules": tuple(record["target_modules"])}))
+    except (ValueError, TypeError, KeyError) as error:  # TypeError: not an object, or other fields than LoraSettings'
+        raise ValueError(f"{path} is not the LoRA settings save_lora writes ({error}); save the adapters again") from None
 
 
 def load_lora(policy: VLMPolicy, directory: str | Path) -> list[torch.nn.Parameter]:

@@ -21,6 +21,7 @@ import gymnasium as gym
 from gymnasium.envs.registration import load_env_creator
 
 import environments
+from amft_vlm.safe_io import OutputPathError, output_directory, output_file_target
 
 if TYPE_CHECKING:
     from amft_vlm.config import TrainConfig
@@ -43,6 +44,13 @@ def check_run_inputs(config: TrainConfig) -> None:
             if getattr(config, what) is not None:
                 check_expert_dataset(getattr(config, what), config.env_id, config.env_kwargs, what=what)
     writable_directory(config.output_dir, what="output_dir")
+    from amft_vlm.checkpoint import METRICS
+
+    for name in ("config.yaml", METRICS):  # the run writes them: refused now, not once the model has loaded
+        try:
+            output_file_target(Path(config.output_dir) / name)
+        except OutputPathError as error:
+            raise ValueError(f"output_dir: {error}") from None
 
 
 def registered_id(env_id: str) -> str | None:
@@ -197,15 +205,18 @@ def writable_directory(path: str | os.PathLike, *, what: str, create: bool = Tru
     """Check that files can be written in directory `path`; returns it.
 
     With `create` the directory (and its parents) is made if needed; without, nothing is made and the
-    check is on the nearest directory that exists above it (where the command will create it).
+    check is on the nearest directory that exists above it (where the command will create it). A symlink to a
+    directory is followed (`amft_vlm.safe_io.output_directory`); a file, FIFO, socket or device is refused.
     """
     directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{what}: {directory} is a file; give a directory")
-    probe_in = directory
+    try:
+        resolved = output_directory(directory, create=False)
+    except OutputPathError as error:
+        raise ValueError(f"{what}: {error}") from None
+    probe_in = resolved
     try:
         if create:
-            directory.mkdir(parents=True, exist_ok=True)
+            resolved.mkdir(parents=True, exist_ok=True)
         else:
             while not probe_in.exists() and probe_in != probe_in.parent:
                 probe_in = probe_in.parent
@@ -220,13 +231,19 @@ def writable_directory(path: str | os.PathLike, *, what: str, create: bool = Tru
 
 
 def check_output_file(path: str | os.PathLike, *, what: str) -> Path:
-    """Check that a file can be written at `path` (an existing file is replaced): its directory exists and is writable."""
+    """Check that a file can be written at `path`: its directory exists and is writable, and `path` is new or a
+    regular file (replaced), or a symlink to one (written through; `amft_vlm.safe_io`), never a directory,
+    FIFO, socket or device."""
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"{what}: {target} is a directory; give a file name, e.g. {target / 'record.json'}")
     if not target.parent.is_dir():
         raise ValueError(f"{what}: {target.parent} does not exist; create it or choose another path")
-    writable_directory(target.parent, what=what)
+    try:
+        written = output_file_target(target)
+    except OutputPathError as error:
+        raise ValueError(f"{what}: {error}") from None
+    writable_directory(written.parent, what=what)
     return target
 
 

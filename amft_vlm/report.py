@@ -9,6 +9,11 @@ with a row per run, the figures, and a table of the evaluation records found as 
 Not every run logs every key (an SFT run has no reward; RL metrics exist only on steps with
 rollouts; ``meta_signal`` only every k steps): a panel shows the runs that have data for it, a
 figure with no data at all is not drawn, and missing, null and NaN values are skipped.
+
+A run directory may come from elsewhere: the files read from it (``metrics.jsonl``, ``config.yaml``,
+``eval/*.json``) must resolve inside it (`run_file`), so a symlink there cannot make a report show a file from
+anywhere else on the machine, and they are read as untrusted input (`amft_vlm.safe_io`: a FIFO is refused,
+not waited on). An evaluation record given with ``--eval FILE`` is read wherever it is.
 """
 
 from __future__ import annotations
@@ -23,9 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from amft_vlm.checkpoint import read_metrics, write_text_atomic
+from amft_vlm.checkpoint import read_metrics
+from amft_vlm.config import read_yaml_file
+from amft_vlm.safe_io import (
+    atomic_output,
+    output_directory,
+    output_file_target,
+    resolve_inside,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,27 +138,42 @@ def is_finite_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def run_file(run_dir: Path, path: Path) -> Path:
+    """`path`, a file of the run directory `run_dir` that a report reads, once checked to resolve inside it.
+
+    Raises:
+        amft_vlm.safe_io.OutsideDirectoryError: a symlink (or one of its directories) leads outside `run_dir`.
+    """
+    resolve_inside(
+        run_dir, path, what="the run directory",
+        advice="a report reads only a run's own files: put the file itself there, or pass an evaluation record kept "
+        "elsewhere with --eval FILE",
+    )  # fmt: skip
+    return path
+
+
 def load_run(run_dir: str | os.PathLike) -> Run:
     """Read ``RUN_DIR/metrics.jsonl`` (and ``config.yaml`` if present) into a :class:`Run`.
 
     A truncated last line (a run killed while writing) is skipped with a warning; any other line
-    that is not JSON is an error.
+    that is not JSON is an error, as is a file that leads outside the run directory (`run_file`) or is
+    not a regular file.
     """
     path = Path(run_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"run directory {str(path)!r} does not exist; pass directories written by `amft-vlm train`")
     metrics_path = path / "metrics.jsonl"
-    if not metrics_path.is_file():
+    if not metrics_path.exists():
         raise FileNotFoundError(f"{str(path)!r} has no metrics.jsonl; pass directories written by `amft-vlm train`")
-    records = read_metrics(metrics_path)
+    records = read_metrics(run_file(path, metrics_path))
     if not records:
         raise ValueError(f"{metrics_path} has no steps yet; train for at least one step first")
     records.sort(key=lambda record: record["step"])
     config_path = path / "config.yaml"
     try:
-        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{config_path} is not valid YAML ({error}); fix it or remove it to report without the run's method") from error
+        config = read_yaml_file(run_file(path, config_path)) if config_path.exists() else {}
+    except ValueError as error:
+        raise ValueError(f"{error}; fix it or remove it to report without the run's method") from None
     return Run(path=path, records=records, config=config if isinstance(config, dict) else {})
 
 
@@ -211,13 +238,15 @@ def finish_step_axis(axis: Any) -> None:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Write `fig` to `path` as a PNG, whole or not at all (through a temporary file beside it), and close it."""
+    """Write `fig` to `path` as a PNG, whole or not at all (`amft_vlm.safe_io.atomic_output`: a temporary file
+    renamed into place; a symlink is written through, a FIFO or device refused), and close it."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as staging:
+            fig.savefig(staging, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def _draw_figure(figure: Figure, runs: list[Run], path: Path) -> bool:
@@ -344,37 +373,44 @@ def write_report(
 
     Args:
         run_dirs: training output directories (each with ``metrics.jsonl``); their runs are overlaid.
-        out_dir: where the PNGs and ``report.md`` go (created if needed; earlier report files are replaced).
+        out_dir: where the PNGs and ``report.md`` go (created if needed; earlier report files are replaced, a
+            symlink among them is written through: `amft_vlm.safe_io`).
         eval_files: evaluation records (JSON, see :mod:`amft_vlm.evaluate`) shown in addition to
             those found as ``RUN_DIR/eval/*.json``.
+
+    Raises:
+        amft_vlm.safe_io.OutputPathError: before anything is written, when ``out_dir`` is not a directory or the
+            path of ``report.md`` or of a plot is a directory, FIFO, socket or device (or a symlink to one).
     """
     if not run_dirs:
         raise ValueError("give at least one run directory")
     runs = [load_run(run_dir) for run_dir in run_dirs]
     _label_runs(runs)
-    missing = [str(path) for path in eval_files if not Path(path).is_file()]
+    missing = [str(path) for path in eval_files if not Path(path).exists()]
     if missing:
         raise FileNotFoundError(f"evaluation record(s) not found: {', '.join(missing)}")
-    record_paths = [path for run in runs for path in sorted((run.path / "eval").glob("*.json"))]
+    record_paths = [run_file(run.path, path) for run in runs for path in sorted((run.path / "eval").glob("*.json"))]
     record_paths += [Path(path) for path in eval_files if Path(path) not in record_paths]
     evaluation = _evaluation_section(record_paths)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    output_directory(out)
+    report = out / "report.md"
+    for path in [report, *(out / f"{figure.name}.png" for figure in FIGURES)]:
+        output_file_target(path)  # a FIFO, device or directory among them is refused before anything is written
     drawn = []
     for figure in FIGURES:
         path = out / f"{figure.name}.png"
         if _draw_figure(figure, runs, path):
             drawn.append((figure, path))
-        elif path.exists():
-            path.unlink()  # a plot from an earlier report of other runs would be misleading here
+        else:  # a plot from an earlier report of other runs would be misleading here; a symlink goes, not its target
+            path.unlink(missing_ok=True)
 
     lines = ["# Training report", "", "Runs:", ""]
     lines += [f"- **{run.label}**: `{run.path}` ({len(run.records)} logged steps)" for run in runs]
     lines += ["", "## Summary", "", summary_table(runs), "", "## Plots", ""]
     lines += [f"### {figure.title}\n\n![{figure.title}]({path.name})\n" for figure, path in drawn]
     lines += ["## Evaluation", "", *evaluation, ""]
-    report = out / "report.md"
     write_text_atomic(report, "\n".join(lines))
     log.info("report of %d run(s): %s with %d plot(s)", len(runs), report, len(drawn))
     return report

@@ -23,6 +23,10 @@ Each training iteration (``steps`` of them):
    once per iteration. ``resume=True`` continues from the newest usable checkpoint (a damaged one is
    skipped with a warning) with settings a resumed run may change (`amft_vlm.checkpoint.RESUME_MAY_CHANGE`).
 
+The main process locks ``output_dir`` for the trainer's life (`amft_vlm.run_directory.DirectoryLock`: a second
+writer is refused, naming this one) and, unless resuming, refuses to start over a run already there
+(``overwrite=True`` deletes that run's files first).
+
 The model is in training mode during the loss passes (so LoRA dropout acts there) and in eval mode
 for sampling and scoring without gradient. Under ``accelerate launch`` or ``torchrun`` each process
 collects its share of episodes; the strategy of `amft_vlm.distributed` (ddp or fsdp2) sums every
@@ -57,6 +61,7 @@ from amft_vlm.batch import (
 )
 from amft_vlm.budget import Budget
 from amft_vlm.checkpoint import (
+    RNG_FILE,
     MetricsLog,
     check_resume_settings,
     load_optimizer_state,
@@ -79,6 +84,7 @@ from amft_vlm.objectives import RL_OBJECTIVES, RLPass, mean_token_entropy
 from amft_vlm.peers import ReliftBuffer, expert_start_states, joint_group_advantages, with_demonstrations
 from amft_vlm.preflight import check_run_inputs
 from amft_vlm.rollout import RolloutEngine
+from amft_vlm.run_directory import TRACKER_PROJECT, DirectoryLock, start_new_run
 from amft_vlm.sft_data import load_sft_trajectories
 from amft_vlm.training_setup import build_optimizer, load_training_policy
 from amft_vlm.trajectory import Trajectory
@@ -97,9 +103,19 @@ GLOO_RELEASE_SECONDS = 0.2
 
 
 class Trainer:
-    """Trains a `VLMPolicy` with the configured method; see the module docstring for the loop."""
+    """Trains a `VLMPolicy` with the configured method; see the module docstring for the loop.
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+    Args:
+        config: the run's settings.
+        resume: continue the run in ``output_dir`` from its newest usable checkpoint.
+        overwrite: delete the run already in ``output_dir`` (its metrics, checkpoints, config.yaml and tiny
+            initial model; nothing else) and start again; without it (or `resume`) a run there is refused.
+        progress: show a progress bar.
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> None:
+        if resume and overwrite:
+            raise ValueError("resume continues the run in output_dir and overwrite deletes it: choose one (--resume or --overwrite)")
         self.config = config.validate()
         check_run_inputs(config)  # environments, model, expert data and output directory, before any model loads
         self.method = get_method(config.method)
@@ -119,8 +135,10 @@ class Trainer:
         check_training_layout(config, self.parallel)
         set_seed(config.seed)
         self.start_step, self.sft_position, self.budget = 0, 0, Budget()
-        # Decided by the main process alone (its warnings once) and sent to the others: all load the same one.
-        checkpoint, warm_start = _decided_by_main_process(self.accelerator, lambda: self._starting_checkpoint(resume))
+        # Decided by the main process alone (its warnings once) and sent to the others: all load the same one, or all
+        # stop with its error (another process writes output_dir, a run is there already, ...).
+        self.output_lock: DirectoryLock | None = None
+        checkpoint, warm_start = _decided_by_main_process(self.accelerator, lambda: self._claim_output_dir(resume, overwrite))
 
         with self.accelerator.main_process_first():  # one process builds a tiny model, the others load it
             self.base_model = resolve_model_spec(config.model, self.output_dir / "initial-model", seed=config.seed)
@@ -156,7 +174,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
         self.metrics_log.keep_until(self.start_step, source=checkpoint.parent.parent if warm_start else self.output_dir)
-        self.accelerator.init_trackers("amft-vlm", config=_flat_config(config))
+        self.accelerator.init_trackers(TRACKER_PROJECT, config=_flat_config(config))
 
     # ----------------------------------------------------------------------------------------------
     # The loop.
@@ -460,7 +478,8 @@ class Trainer:
             self.policy.model.eval()
 
     def close(self) -> None:
-        """End the run (idempotent): finish the trackers and, on several processes, tear the process group down.
+        """End the run (idempotent): finish the trackers, on several processes tear the process group down, and
+        release the lock on ``output_dir``.
 
         Before that, every process meets at a barrier and then sleeps briefly with the GIL released. Gloo's
         worker threads drop a finished collective's buffers just after it completes (a barrier keeps the
@@ -475,6 +494,8 @@ class Trainer:
             self.accelerator.wait_for_everyone()
             time.sleep(GLOO_RELEASE_SECONDS)
         self.accelerator.end_training()
+        if self.output_lock is not None:
+            self.output_lock.release()
 
     def save(self, step: int) -> Path | None:
         """Write checkpoint ``step`` (every process takes part when the model is sharded)."""
@@ -497,6 +518,18 @@ class Trainer:
             lora_base_model=self.base_model if self.config.lora_rank else None,
             is_main=self.accelerator.is_main_process,
         )
+
+    def _claim_output_dir(self, resume: bool, overwrite: bool) -> tuple[Path | None, bool]:
+        """(Main process.) Lock ``output_dir`` against other writers; unless resuming make way for a new run there
+        (`start_new_run`: a run already there is refused, or deleted with `overwrite`); then `_starting_checkpoint`."""
+        self.output_lock = DirectoryLock(self.output_dir, what="output_dir")
+        try:
+            if not resume:
+                start_new_run(self.output_dir, overwrite=overwrite)
+            return self._starting_checkpoint(resume)
+        except BaseException:
+            self.output_lock.release()
+            raise
 
     def _starting_checkpoint(self, resume: bool) -> tuple[Path | None, bool]:
         """The checkpoint to start from and whether it is a warm start: with `resume` this run's newest usable
@@ -529,7 +562,7 @@ class Trainer:
             self.controller.load_state_dict(state["controller"])
         if self.critic is not None and (checkpoint / "critic.pt").is_file():  # an SFT run's checkpoint has none
             self.critic.load_state_dict(load_state_file(checkpoint / "critic.pt"))
-        restore_rng_states(load_state_file(checkpoint / "rng.pt"))
+        restore_rng_states(load_state_file(checkpoint / RNG_FILE))
         log.info("resumed from %s at step %d", checkpoint, self.start_step)
 
 

@@ -2,7 +2,7 @@
 
 AMFT's controller moves mu on dU/dmu, the derivative of the validation reward U through the policy
 update. How much one estimate says is measured here at a fixed point: the demo's SFT run at the end of
-AMFT's warm-up (``configs/demo.yaml``: the tiny Qwen2-VL after 262 steps, GeneralPoints language; built
+AMFT's warm-up (``configs/demo.yaml``: the tiny Qwen2-VL at the end of the SFT warm-up, step 276, GeneralPoints language; built
 once into ``runs/bench/meta-signal``), the first controller step's update (mu 0.8, 2x4 rollouts, 48 expert
 dialogues), once with the clean expert and once with the demo's corrupted one (half of its dialogues'
 answers replaced by random text, `amft_vlm.expert_data.corrupt_dataset`). For each, the validation

@@ -2,7 +2,9 @@
 
 A run already in ``OUT`` is resumed from its newest checkpoint or skipped when finished (`run_progress`); an
 evaluation record that is current for its checkpoint and settings is kept (`record_is_current`). Training
-and evaluation tasks go through `amft_vlm.jobs.JobPool` (``--jobs``).
+and evaluation tasks go through `amft_vlm.jobs.JobPool` (``--jobs``). ``OUT`` is locked for the whole call
+(`amft_vlm.run_directory.DirectoryLock`): a second compare into it is refused, naming the first; each run's
+trainer locks its own directory too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from amft_vlm.checkpoint import (
     check_resume_settings,
     load_trainer_state,
     resumable_checkpoint,
-    write_text_atomic,
 )
 from amft_vlm.compare.config import CompareConfig, EvalSetting, RunPlan, load_compare_config, record_path
 from amft_vlm.compare.curves import plot_curves
@@ -35,6 +36,8 @@ from amft_vlm.evaluate import evaluate, load_record, paper_setting, write_record
 from amft_vlm.expert_data import collect, read_manifest
 from amft_vlm.jobs import JobPool, choose_threads
 from amft_vlm.preflight import check_environment, check_expert_dataset, check_model_source, writable_directory
+from amft_vlm.run_directory import DirectoryLock
+from amft_vlm.safe_io import output_directory, output_file_target, resolve_inside, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,14 @@ def run_compare(config: CompareConfig | None = None, out_dir: str | os.PathLike 
     config = load_compare_config() if config is None else config
     started = time.perf_counter()
     out = writable_directory(config.default_out() if out_dir is None else out_dir, what="--out")
+    with DirectoryLock(out, what="--out"):
+        return _run_grid(config, out, started, progress=progress)
+
+
+def _run_grid(config: CompareConfig, out: Path, started: float, *, progress: bool) -> CompareResult:
+    """`run_compare` in `out`, which the caller has locked."""
+    for name in ("compare.json", "summary.json", "compare.md", "curves.png"):
+        output_file_target(out / name)  # a FIFO, device or directory there is refused now, not after the training
     settings = config.compare
     grid = config.grid(out)
     items = config.eval_settings()
@@ -142,7 +153,7 @@ def run_compare(config: CompareConfig | None = None, out_dir: str | os.PathLike 
     _prepare_shared_inputs(config, out, progress=progress)
     grid = [dataclasses.replace(run, config=run.config.validate()) for run in grid]
     write_text_atomic(out / "compare.json", json.dumps(_config_dict(config), indent=2) + "\n")
-    (out / "eval").mkdir(exist_ok=True)
+    output_directory(out / "eval")
 
     threads = choose_threads(settings.threads)
     each = threads_per_job(threads, settings.jobs)
@@ -260,7 +271,7 @@ def record_is_current(task: EvalTask, out: Path) -> bool:
     if not task.path.is_file():
         return False
     try:
-        record = load_record(task.path)
+        record = load_record(resolve_inside(out, task.path, what="--out"))  # a link elsewhere is not this grid's record
     except ValueError as error:
         log.warning("%s does not read (%s); evaluating again", task.path, error)
         return False

@@ -9,10 +9,11 @@ it), feedback turns are text, and a V-IRL restart (``info["new_dialogue"]``) sta
 conversation. Requests go through the official ``openai`` client, with its own retries off
 (``max_retries=0``) so the policy here is the only one.
 
-Layout: `endpoint` (the settings: `ServedEndpoint`, `RetryPolicy`, `Sampling`), `cache`
-(`ResponseCache`), `client` (`ChatClient`: requests, retries, the circuit breaker), `play` (the
-dialogue and the threads that play the episodes, `play_served`), `record` (`ServedInfo`, the
-evaluation record's ``served`` entry, and `EpisodeUsage`).
+Layout: `endpoint` (the settings: `ServedEndpoint`, `RetryPolicy`, `Sampling`; `LogRedactor`), `cache`
+(`ResponseCache`), `client` (`ChatClient`: requests, retries, the circuit breaker), `response` (a
+response as untrusted input: the size cap, the deadline, the JSON depth), `play` (the dialogue and
+the threads that play the episodes, `play_served`), `record` (`ServedInfo`, the evaluation record's
+``served`` entry, and `EpisodeUsage`).
 
 Decoding: greedy is sent as temperature 0, sampling as the temperature with a per-request seed; top_p
 is 1 in both, as in the local path (`agents.policy.VLMPolicy`, which drops the checkpoint's
@@ -30,14 +31,19 @@ once: backoff waits end, no request is sent after it, requests in flight are aba
 
 Faults (`ChatClient.complete`):
 
-- HTTP 408, 409, 429 and 5xx, timeouts (``request_timeout`` per request), dropped connections and
-  bodies that are not a completion (not JSON, or an error object) are retried up to ``max_attempts``
+- HTTP 408, 409, 429 and 5xx, timeouts (``request_timeout``: a deadline for the whole request, each attempt
+  running in a thread of its own that is given up on at the deadline), dropped connections and bodies that
+  are not a completion (not JSON, nested deeper than `response.MAX_JSON_DEPTH`, in a content coding not
+  asked for, or an error object) are retried up to ``max_attempts``
   in all, waiting a random time in ``[0, min(max_delay, base_delay * 2**retry)]`` (exponential
   backoff with full jitter), and never less than the server's ``Retry-After`` / ``retry-after-ms``
   (honoured up to ``max_retry_after``, 120 s). After the last attempt the episode ends with the verdict
   ``transport_failure`` (`amft_vlm.episode_metrics.TRANSPORT_FAILURE`): left out of every metric and
   counted apart. Other 4xx answers (a request the server will never take, e.g. a dialogue over its
-  context length) fail the episode the same way, with the server's message, without retrying.
+  context length) fail the episode the same way, with the server's message, without retrying. A request
+  failed with the same HTTP 500 and message on every attempt (two or more), once the server has answered
+  a request of the run, is that request's own failure (`ServerError`): the episode ends with the verdict
+  ``server_error`` (`SERVER_ERROR`), unsolved and counted in every rate, and is counted apart in the record.
 - The circuit breaker stops the run with one error (`EndpointRefused`) when every request would fail
   alike: a 401, 403 or 404 (a wrong key, no access, a wrong model name or URL), whenever it comes; or
   none of the first requests of the first ``max(concurrency, 2)`` episodes (the probes) got a
@@ -49,8 +55,16 @@ Faults (`ChatClient.complete`):
 - A completion is the model's answer whatever its shape (`parse_completion`): empty or null content,
   an empty or null ``choices``, a null message and a refusal (``finish_reason`` ``content_filter``)
   all go to the environment as ``""``, which judges them like any other answer; content given as a
-  list of text parts is joined; missing token counts are 0. A body with no ``choices`` at all, or an
+  list of text parts is joined; missing token counts are 0, and so are counts that are not counts (NaN,
+  infinite, negative, over `client.MAX_TOKEN_COUNT`), flagged. A body with no ``choices`` at all, or an
   error object (``"object": "error"``, which vLLM may send with status 200), is a transport fault.
+
+Hostile servers (`response`): a response body is read up to ``1 MiB + 12 * max_answer_chars`` bytes, counted
+after decompression (gzip and deflate are inflated here, never past the cap) and the rest never read; an
+answer is kept to ``32 * max_tokens`` characters (`ChatClient.max_answer_chars`; one cut at the body cap is
+read as far as it goes), cut answers flagged, and only the cut answer is cached or sent back. Special tokens
+in an answer (``<|image_pad|>`` and every ``<|name|>``) are taken out before the environment judges it and
+before it goes back in the dialogue (`neutralise_special_tokens`), counted per episode.
 
 Cache (`ResponseCache`): one JSON file per request (the answer, its token counts and whether it was a
 refusal), named by the SHA-256 of a canonical JSON of the endpoint (without credentials), the model,
@@ -69,14 +83,17 @@ only the rest. Token totals count the requests sent; replayed answers' tokens ar
 
 Secrets: the API key is read from the environment variable named by ``api_key_env``; neither it nor
 credentials in the URL (``user:pass@host``, ``?key=...``) are written to a record, the cache or a log
-line (`LogRedactor` also cuts base64 images out of ``-v`` logs).
+line (`LogRedactor` also cuts base64 images out of ``-v`` logs), even when a server echoes them back:
+every string of every response is scrubbed of them (`LogRedactor.scrub`) as it is parsed.
 """
 
 from amft_vlm.served.cache import Completion, ResponseCache
 from amft_vlm.served.client import (
     NEUTRAL_SAMPLING_FIELDS,
+    SERVER_ERROR,
     ChatClient,
     EndpointRefused,
+    ServerError,
     TransportFailure,
     engine_extra_body,
     parse_completion,
@@ -98,6 +115,7 @@ from amft_vlm.served.play import (
     DialogueTracker,
     ServedRun,
     dialogue_messages,
+    neutralise_special_tokens,
     play_served,
     png_data_url,
 )
@@ -106,6 +124,7 @@ from amft_vlm.served.record import EpisodeUsage, ServedInfo
 __all__ = [
     "DEFAULT_API_KEY_ENV",
     "NEUTRAL_SAMPLING_FIELDS",
+    "SERVER_ERROR",
     "QWEN_MAX_PIXELS",
     "QWEN_MIN_PIXELS",
     "ChatClient",
@@ -120,10 +139,12 @@ __all__ = [
     "ServedEndpoint",
     "ServedInfo",
     "ServedRun",
+    "ServerError",
     "TransportFailure",
     "default_cache_dir",
     "dialogue_messages",
     "engine_extra_body",
+    "neutralise_special_tokens",
     "parse_completion",
     "play_served",
     "png_data_url",

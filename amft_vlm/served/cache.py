@@ -11,35 +11,54 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amft_vlm.checkpoint import write_text_atomic
+from amft_vlm.safe_io import load_json_text, output_directory, read_regular_text, write_text_atomic
 
 logger = logging.getLogger(__name__)
+
+MAX_ENTRY_BYTES = 64 * 2**20
+"""Most bytes of a cache entry read when the caller gives no limit: an entry is one answer and its token counts."""
 
 
 @dataclass(frozen=True)
 class Completion:
-    """One answer: its text and token usage, whether it came from the cache, and whether it was a refusal."""
+    """One answer: its text and token usage, whether it came from the cache, and what was odd about it.
+
+    Attributes:
+        text: the answer (cut to the character limit ``max_tokens`` allows when it was longer, credentials masked).
+        prompt_tokens: the prompt tokens the server reported (0 when it reported none, or no valid count).
+        completion_tokens: the completion tokens it reported (likewise).
+        from_cache: replayed from the cache.
+        refused: a refusal (``finish_reason`` ``content_filter``, or a ``refusal`` message).
+        truncated: the server's answer was longer than the character limit and was cut to it.
+        invalid_usage: a token count was there but not a count (not a whole number from 0 to
+            `amft_vlm.served.client.MAX_TOKEN_COUNT`: NaN, infinite, negative, absurdly large): read as missing.
+    """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     from_cache: bool = False
     refused: bool = False
+    truncated: bool = False
+    invalid_usage: bool = False
 
 
 class ResponseCache:
     """Completions on disk, one JSON file per request key; safe across threads and processes.
 
     A write that fails (a full disk, a read-only directory) does not stop the run: the first failure is
-    logged once, and the run goes on without writing (entries already there are still read).
+    logged once, and the run goes on without writing (entries already there are still read). Entries are
+    written and read as any file (`amft_vlm.safe_io`): an entry path that is a FIFO, socket, device or directory
+    is neither read (a FIFO would block) nor replaced, which counts as such a failed write; an entry that does
+    not read (too long, nested too deeply, a token count that is no number) is a miss, asked again.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory).expanduser()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            output_directory(self.directory)  # a symlink to a directory is followed; a file, FIFO or device refused
         except OSError as error:
-            raise ValueError(f"--cache-dir: cannot create {self.directory} ({error.strerror}); choose another or --no-cache") from error
+            raise ValueError(f"--cache-dir: cannot create {self.directory} ({error.strerror or error}); choose another or --no-cache") from error
         self.writable = True
         self._lock = threading.Lock()
 
@@ -77,25 +96,28 @@ class ResponseCache:
         }
         return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
-    def get(self, key: str) -> Completion | None:
-        """The cached completion, or None (also for an unreadable file, which is then replaced).
+    def get(self, key: str, *, max_bytes: int | None = None) -> Completion | None:
+        """The cached completion, or None (also for an unreadable file, or one over `max_bytes` (default
+        `MAX_ENTRY_BYTES`), which is then replaced).
 
-        An entry written before refusals were stored (no ``refused``) reads as no refusal.
+        An entry written before refusals, cut answers or invalid token counts were stored reads as none of them.
         """
         path = self.directory / f"{key}.json"
-        try:
-            data = json.loads(path.read_text())
+        try:  # a FIFO would block the read: refused (InputFileError), as put refuses to replace it
+            data = load_json_text(read_regular_text(path, MAX_ENTRY_BYTES if max_bytes is None else max_bytes, what="a cache entry"))
             return Completion(
                 str(data["text"]),
                 int(data["prompt_tokens"]),
                 int(data["completion_tokens"]),
                 from_cache=True,
                 refused=bool(data.get("refused", False)),
+                truncated=bool(data.get("truncated", False)),
+                invalid_usage=bool(data.get("invalid_usage", False)),
             )
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError):
-            logger.warning("ignoring the unreadable cache entry %s", path)
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as error:
+            logger.warning("ignoring the unreadable cache entry %s (%s)", path, error)
             return None
 
     def put(self, key: str, completion: Completion) -> None:
@@ -107,6 +129,8 @@ class ResponseCache:
             "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": completion.completion_tokens,
             "refused": completion.refused,
+            "truncated": completion.truncated,
+            "invalid_usage": completion.invalid_usage,
         }
         try:
             write_text_atomic(self.directory / f"{key}.json", json.dumps(data))

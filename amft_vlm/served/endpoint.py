@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import random
 import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -115,27 +117,70 @@ def redact_url(url: str) -> str:
     return urlunsplit(parsed._replace(netloc=netloc, query=query))
 
 
-def url_secrets(url: str) -> list[str]:
-    """The credential strings `url` carries, as they appear in it and in the URLs built from it (``user:pass@``, ``key=value``)."""
-    parsed = urlsplit(url)
-    secrets = [parsed.netloc.rpartition("@")[0] + "@"] if "@" in parsed.netloc else []
-    pairs = parse_qsl(parsed.query, keep_blank_values=True)
-    secrets += [urlencode([pair]) for pair in pairs] + [f"{name}={value}" for name, value in pairs]
-    return list(dict.fromkeys(secret for secret in secrets if secret.partition("=")[2] or secret.endswith("@")))
+MIN_SCRUBBED_CHARS = 8
+"""A credential shorter than this is not masked in what the server returns, nor a password or query value this short
+on its own in log lines: it could not be told from ordinary text (an answer, a log line), and a secret that short,
+such as vLLM's customary key ``EMPTY``, guards nothing. Log lines mask the key and ``user:pass@`` / ``name=value``
+whatever their length."""
+
+
+def credential_masks(api_key: str | None, api_base: str) -> dict[str, str]:
+    """Every form in which the credentials may show up, each with what it is shown as instead.
+
+    The API key (``***``); of `api_base`: its ``user:pass@`` (``***@``), the password alone, as written and
+    percent-decoded, and the ``Basic`` authorization the HTTP client makes of them (``***``); each ``name=value``
+    of its query (``name=***``), as written and encoded, and the value alone (``***``). A server that echoes the
+    request (its headers, its URL) sends them back in one of these forms. A password or value alone is left out
+    when it is shorter than `MIN_SCRUBBED_CHARS`.
+    """
+    masks = {api_key: "***"} if api_key else {}
+    parsed = urlsplit(api_base)
+    alone: list[str] = []
+    if "@" in parsed.netloc:
+        masks[parsed.netloc.rpartition("@")[0] + "@"] = "***@"
+        user, password = unquote(parsed.username or ""), unquote(parsed.password or "")
+        masks[base64.b64encode(f"{user}:{password}".encode()).decode("ascii")] = "***"
+        alone += [parsed.password or "", password]
+    for name, value in parse_qsl(parsed.query, keep_blank_values=True):
+        if value:
+            for pair in (urlencode([(name, value)]), f"{name}={value}"):
+                masks[pair] = f"{name}=***"
+            alone.append(value)
+    masks.update(dict.fromkeys((secret for secret in alone if len(secret) >= MIN_SCRUBBED_CHARS), "***"))
+    return masks
 
 
 class LogRedactor(logging.Filter):
-    """Hides credentials in log records (the API key, the URL's ``user:pass@`` and query values) and cuts base64 data URLs short.
+    """Hides credentials in log records and in what a server returns, and cuts base64 data URLs short in log records.
+
+    Args:
+        secrets: the strings to hide, each shown as ``***``, or a mapping of each to what it is shown as
+            (`credential_masks`: the API key, the URL's ``user:pass@`` and query values, in every form they take).
 
     `ChatClient` puts it on the root logger's handlers, where the records of the ``openai`` client and
     its HTTP layer end up (with ``-v``: the request URL, and for some ``openai`` versions the request
-    body with its images).
+    body with its images), and scrubs every string of every response with it (`scrub`) before anything
+    is stored, logged or printed.
     """
 
-    def __init__(self, secrets: list[str]) -> None:
+    def __init__(self, secrets: Iterable[str] | Mapping[str, str]) -> None:
         super().__init__()
-        replacements = {secret: _masked(secret) for secret in secrets if secret}
-        self._replacements = sorted(replacements.items(), key=lambda item: -len(item[0]))
+        masks = dict(secrets) if isinstance(secrets, Mapping) else dict.fromkeys(secrets, "***")
+        # Longest first: a secret that contains another (user:pass@ and pass) is masked whole.
+        self._replacements = sorted(((secret, mask) for secret, mask in masks.items() if secret), key=lambda item: -len(item[0]))
+        self._scrubbed = [(secret, mask) for secret, mask in self._replacements if len(secret) >= MIN_SCRUBBED_CHARS]
+
+    @property
+    def longest_scrubbed(self) -> int:
+        """The length of the longest credential `scrub` masks (0 when there is none)."""
+        return len(self._scrubbed[0][0]) if self._scrubbed else 0
+
+    def scrub(self, text: str) -> str:
+        """`text` (a string a server returned) with every credential of at least `MIN_SCRUBBED_CHARS` characters masked."""
+        for secret, masked in self._scrubbed:
+            if secret in text:
+                text = text.replace(secret, masked)
+        return text
 
     def redact(self, text: str) -> str:
         """`text` with every secret masked and every data URL cut to its first characters and its length."""
@@ -155,13 +200,6 @@ class LogRedactor(logging.Filter):
         return True
 
 
-def _masked(secret: str) -> str:
-    if secret.endswith("@"):
-        return "***@"
-    name, equals, _ = secret.partition("=")
-    return f"{name}=***" if equals else "***"
-
-
 @dataclass(frozen=True)
 class ServedEndpoint:
     """Where the model is served and how to talk to it.
@@ -173,7 +211,8 @@ class ServedEndpoint:
         api_key_env: the environment variable holding the API key (unset: a placeholder is sent).
         concurrency: episodes in flight at once, each with an environment of its own in memory (V-IRL vision: about
             50 MB each; GeneralPoints vision: about 20 MB).
-        request_timeout: seconds one request may take before it is abandoned (and retried).
+        request_timeout: seconds one request may take in all (connecting, sending, reading the whole response): a
+            deadline, not a limit per read, so a server that drips its answer is abandoned (and retried) on time.
         retry: the retry policy for transport faults.
         cache_dir: the response cache directory; None turns the cache off.
         cache_tag: a label added to every cache key, to keep apart runs the server cannot tell apart

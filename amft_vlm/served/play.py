@@ -6,6 +6,7 @@ import base64
 import io
 import logging
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +21,14 @@ from agents.chat import Dialogue
 from agents.vision_inputs import ImageLike, resize_image
 from amft_vlm.episode_metrics import TRANSPORT_FAILURE, EpisodeOutcome
 from amft_vlm.rollout import DialogueRecorder, RolloutEngine, record_environment_message
-from amft_vlm.served.client import MIN_PROBE_EPISODES, ChatClient, TransportCounters, TransportFailure
+from amft_vlm.served.client import (
+    MIN_PROBE_EPISODES,
+    SERVER_ERROR,
+    ChatClient,
+    ServerError,
+    TransportCounters,
+    TransportFailure,
+)
 from amft_vlm.served.endpoint import Sampling, ServedEndpoint
 from amft_vlm.served.record import EpisodeUsage, ServedInfo
 
@@ -28,6 +36,22 @@ logger = logging.getLogger(__name__)
 
 IMAGE_FACTOR = 28
 """Image sides are multiples of this (Qwen-VL's ``patch_size * merge_size``), as for a local model."""
+
+SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+"""A chat template's special token written as text: Qwen's ``<|image_pad|>``, ``<|vision_start|>``, ``<|im_end|>``, ...
+(Llama 3's and Phi's take the same form)."""
+
+
+def neutralise_special_tokens(text: str) -> tuple[str, int]:
+    """`text` without the special tokens in it (`SPECIAL_TOKEN`), and how many were taken out.
+
+    A local model never emits an image placeholder (`agents.policy.ChatEncoder.suppressed_token_ids` are given
+    probability 0); a served one may, and its server reads the tokens back as tokens when the answer returns in
+    the dialogue: an ``<|image_pad|>`` without an image makes ``transformers serve`` fail the request (HTTP 500),
+    an ``<|im_end|>`` ends the turn early. Taken out, the answer is the one a model that cannot emit them gives.
+    """
+    neutral, count = SPECIAL_TOKEN.subn("", text)
+    return neutral, count
 
 
 def png_data_url(image: ImageLike, *, min_pixels: int, max_pixels: int) -> str:
@@ -102,7 +126,8 @@ class ServedResponder:
         self._image_url: str | None = None
 
     def act(self, observation: dict, env: gym.Env) -> str:
-        """The served model's answer to the dialogue the `DialogueTracker` `env` holds."""
+        """The served model's answer to the dialogue the `DialogueTracker` `env` holds, its special tokens taken out
+        (`neutralise_special_tokens`): the environment judges it and the dialogue carries it without them."""
         dialogue = env.dialogue
         if dialogue.image is not None and dialogue.image is not self._image:
             # Encoded once per dialogue: every turn of it resends the same image.
@@ -112,6 +137,10 @@ class ServedResponder:
         messages = dialogue_messages(dialogue, self._image_url if dialogue.image is not None else None)
         completion = self.client.complete(messages, episode_seed=self.usage.seed, request_index=self.usage.answers)
         self.usage.answers += 1
+        self.usage.truncated_answers += completion.truncated
+        self.usage.invalid_usage += completion.invalid_usage
+        text, special_tokens = neutralise_special_tokens(completion.text)
+        self.usage.neutralised_answers += special_tokens > 0
         if completion.from_cache:
             self.usage.from_cache += 1
             self.usage.replayed_prompt_tokens += completion.prompt_tokens
@@ -119,19 +148,22 @@ class ServedResponder:
         else:
             self.usage.prompt_tokens += completion.prompt_tokens
             self.usage.completion_tokens += completion.completion_tokens
-        return completion.text
+        return text
 
 
 @dataclass(frozen=True)
 class ServedRun:
     """What `play_served` returns: the outcomes in seed order, each episode's usage, the client's counters, the
-    server's identity (`server_identity`) and the fields sent in every request's body besides the sampling keywords."""
+    server's identity (`server_identity`), the fields sent in every request's body besides the sampling keywords, and
+    the limits answers and responses were kept to (`ChatClient.max_answer_chars`, `ChatClient.max_response_bytes`)."""
 
     outcomes: list[EpisodeOutcome]
     usage: list[EpisodeUsage]
     counters: TransportCounters
     server_identity: dict[str, Any] | None = None
     extra_body: dict[str, Any] = field(default_factory=dict)
+    max_answer_chars: int | None = None
+    max_response_bytes: int | None = None
 
     def info(self, endpoint: ServedEndpoint) -> ServedInfo:
         """The evaluation record's ``served`` entry: `endpoint`'s settings (its URL without credentials, the key's variable
@@ -147,12 +179,19 @@ class ServedRun:
             min_pixels=endpoint.min_pixels,
             max_pixels=endpoint.max_pixels,
             server_identity=self.server_identity,
+            max_answer_chars=self.max_answer_chars,
+            max_response_bytes=self.max_response_bytes,
             requests_sent=self.counters.requests,
             retries=self.counters.retries,
             answers_from_cache=self.counters.cache_hits,
             refusals=self.counters.refusals,
             faults=dict(sorted(self.counters.faults.items())),
             transport_failures=sum(usage.transport_failure is not None for usage in self.usage),
+            server_errors=sum(usage.server_error is not None for usage in self.usage),
+            truncated_answers=sum(usage.truncated_answers for usage in self.usage),
+            invalid_usage=sum(usage.invalid_usage for usage in self.usage),
+            neutralised_answers=sum(usage.neutralised_answers for usage in self.usage),
+            bytes_received=self.counters.bytes_received,
             prompt_tokens=sum(usage.prompt_tokens for usage in self.usage),
             completion_tokens=sum(usage.completion_tokens for usage in self.usage),
             replayed_prompt_tokens=sum(usage.replayed_prompt_tokens for usage in self.usage),
@@ -174,17 +213,24 @@ def _quiet_engine_summaries() -> Iterator[None]:
 
 
 def _play_episode(engine: RolloutEngine, client: ChatClient, seed: int) -> tuple[EpisodeOutcome, EpisodeUsage]:
-    """One episode; one whose turn failed by transport ends with the verdict ``transport_failure`` (reward 0)."""
+    """One episode; one whose turn failed by transport ends with the verdict ``transport_failure`` (reward 0), one whose
+    request the server failed alike on every attempt with the verdict ``server_error`` (reward 0, unsolved)."""
     usage = EpisodeUsage(seed=seed)
     try:
         outcomes, _ = engine.play([seed], responder=ServedResponder(client, usage), progress=False)
         return outcomes[0], usage
-    except TransportFailure as failure:
-        usage.transport_failure = str(failure)
+    except (TransportFailure, ServerError) as failure:
+        transport = isinstance(failure, TransportFailure)
+        if transport:
+            usage.transport_failure = str(failure)
+        else:
+            usage.server_error = str(failure)
         if not client.stop.is_set():  # once the run has stopped, an episode still in flight is no news
-            logger.warning("episode with seed %d failed by transport: %s", seed, failure)
+            how = "by transport" if transport else "by a server error on every attempt (counted as unsolved)"
+            logger.warning("episode with seed %d failed %s: %s", seed, how, failure)
         tracker = engine.envs[0]
-        return EpisodeOutcome(seed, (*tracker.verdicts, TRANSPORT_FAILURE), (*tracker.rewards, 0.0), success=False), usage
+        verdict = TRANSPORT_FAILURE if transport else SERVER_ERROR
+        return EpisodeOutcome(seed, (*tracker.verdicts, verdict), (*tracker.rewards, 0.0), success=False), usage
 
 
 def play_served(
@@ -210,7 +256,8 @@ def play_served(
             calling thread, in the order episodes end).
 
     An episode whose turn failed by transport is recorded with the answers it had and a last verdict
-    ``transport_failure`` (reward 0, unsolved). The first ``max(concurrency, 2)`` episodes are the client's
+    ``transport_failure`` (reward 0, unsolved; left out of the rates); one whose request the server failed alike on
+    every attempt while it answered others, with a last verdict ``server_error`` (reward 0, unsolved, in the rates). The first ``max(concurrency, 2)`` episodes are the client's
     probes (`ChatClient`): if none of their first requests gets a completion, the run stops. The first error
     of an episode (the circuit breaker's `EndpointRefused`), or of `on_episode`, or an interrupt
     (``KeyboardInterrupt``) stops the run at once: no further request is sent, backoff waits end, the
@@ -254,7 +301,7 @@ def play_served(
             with tqdm(total=len(seeds), desc=f"eval {env_id} / {endpoint.model}", unit="episode", disable=not progress) as bar:
                 for worker in workers:
                     worker.start()
-                solved = failed = 0
+                solved = failed = server_errors = 0
                 for _ in seeds:
                     index, result = finished.get()
                     if isinstance(result, BaseException):
@@ -262,8 +309,9 @@ def play_served(
                     results[index] = outcome, usage = result
                     solved += outcome.success
                     failed += usage.transport_failure is not None
+                    server_errors += usage.server_error is not None
                     bar.update(1)
-                    bar.set_postfix(success=solved, transport_failures=failed, refresh=False)
+                    bar.set_postfix(success=solved, transport_failures=failed, server_errors=server_errors, refresh=False)
                     if on_episode is not None:
                         on_episode(index, outcome, usage)
             for worker in workers:
@@ -280,4 +328,6 @@ def play_served(
         counters=client.counters,
         server_identity=client.server,
         extra_body=dict(client.extra_body),
+        max_answer_chars=client.max_answer_chars,
+        max_response_bytes=client.max_response_bytes,
     )

@@ -11,11 +11,14 @@ from amft_vlm.served.endpoint import RetryPolicy
 
 @dataclass
 class EpisodeUsage:
-    """What one episode cost: answers, how many replayed from the cache, and tokens.
+    """What one episode cost: answers, how many replayed from the cache, and tokens; and what was odd about its answers.
 
     ``prompt_tokens`` and ``completion_tokens`` are those the API reported for the requests sent (spent
     in this run); ``replayed_*`` those of the answers replayed from the cache (spent in an earlier run).
-    ``transport_failure`` says why the episode failed by transport, None if it did not.
+    ``truncated_answers``: answers cut to the character limit ``max_tokens`` allows (the server did not stop
+    there); ``invalid_usage``: answers whose token counts were not counts (read as 0); ``neutralised_answers``:
+    answers special tokens were taken out of. ``transport_failure`` says why the episode failed by transport,
+    ``server_error`` which server error ended it (the same on every attempt); None if none did.
     """
 
     seed: int
@@ -25,7 +28,11 @@ class EpisodeUsage:
     completion_tokens: int = 0
     replayed_prompt_tokens: int = 0
     replayed_completion_tokens: int = 0
+    truncated_answers: int = 0
+    invalid_usage: int = 0
+    neutralised_answers: int = 0
     transport_failure: str | None = None
+    server_error: str | None = None
 
     @classmethod
     def from_dict(cls, data: Any) -> EpisodeUsage:
@@ -34,13 +41,17 @@ class EpisodeUsage:
             raise ValueError(f"served.episode_usage entries must be objects; got {data!r:.80}")
         counts = {
             name: _checked(data, name, _integer, 0, "a whole number", where="served.episode_usage[].")
-            for name in ("answers", "from_cache", "prompt_tokens", "completion_tokens", "replayed_prompt_tokens", "replayed_completion_tokens")
+            for name in (
+                "answers", "from_cache", "prompt_tokens", "completion_tokens", "replayed_prompt_tokens", "replayed_completion_tokens",
+                "truncated_answers", "invalid_usage", "neutralised_answers",
+            )
         }
         if data.get("seed") is None:
             raise ValueError(f"served.episode_usage entries need their episode's seed; got {data!r:.80}")
         return cls(
             seed=_checked(data, "seed", _integer, None, "a whole number", where="served.episode_usage[]."),
             transport_failure=_checked(data, "transport_failure", _text, None, "a text or null", where="served.episode_usage[]."),
+            server_error=_checked(data, "server_error", _text, None, "a text or null", where="served.episode_usage[]."),
             **counts,
         )
 
@@ -67,12 +78,20 @@ class ServedInfo:
         min_pixels: the images' smallest area after smart resize.
         max_pixels: the images' largest area after smart resize.
         server_identity: what ``GET /models`` said of the model (`amft_vlm.served.server_identity`); None if nothing.
+        max_answer_chars: the most characters an answer was kept to (32 a token of ``--max-new-tokens``).
+        max_response_bytes: the most bytes of a response body read (decoded).
         requests_sent: chat requests sent, retries included (answers replayed from the cache are not requests).
         retries: requests that repeated a failed one.
         answers_from_cache: answers replayed from the cache.
         refusals: answers that were refusals (judged as answers; replayed ones included).
         faults: requests that got no completion, by kind (``HTTP 429``, ``timeout``, ``malformed response``, ...).
         transport_failures: episodes failed by transport (left out of the rates).
+        server_errors: episodes ended by a server error repeated on every attempt of one request (verdict
+            ``server_error``: unsolved, in the rates).
+        truncated_answers: answers cut to `max_answer_chars` (replayed ones included).
+        invalid_usage: answers whose token counts were not counts (NaN, infinite, negative, absurd): read as 0.
+        neutralised_answers: answers special tokens (``<|image_pad|>``, ...) were taken out of.
+        bytes_received: response body bytes read in all (decoded).
         prompt_tokens: prompt tokens the API reported for the requests sent in this run.
         completion_tokens: completion tokens the API reported for the requests sent in this run.
         replayed_prompt_tokens: prompt tokens of the answers replayed from the cache (spent by an earlier run).
@@ -90,12 +109,19 @@ class ServedInfo:
     min_pixels: int | None = None
     max_pixels: int | None = None
     server_identity: dict[str, Any] | None = None
+    max_answer_chars: int | None = None
+    max_response_bytes: int | None = None
     requests_sent: int = 0
     retries: int = 0
     answers_from_cache: int = 0
     refusals: int = 0
     faults: dict[str, int] = field(default_factory=dict)
     transport_failures: int = 0
+    server_errors: int = 0
+    truncated_answers: int = 0
+    invalid_usage: int = 0
+    neutralised_answers: int = 0
+    bytes_received: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     replayed_prompt_tokens: int = 0
@@ -120,7 +146,8 @@ class ServedInfo:
         counts = {
             name: _checked(data, name, _integer, 0, "a whole number")
             for name in (
-                "requests_sent", "retries", "answers_from_cache", "refusals", "transport_failures", "prompt_tokens",
+                "requests_sent", "retries", "answers_from_cache", "refusals", "transport_failures", "server_errors",
+                "truncated_answers", "invalid_usage", "neutralised_answers", "bytes_received", "prompt_tokens",
                 "completion_tokens", "replayed_prompt_tokens", "replayed_completion_tokens",
             )
         }
@@ -134,6 +161,8 @@ class ServedInfo:
             cache_tag=_checked(data, "cache_tag", _text, None, "a text or null"),
             min_pixels=_checked(data, "min_pixels", _integer, None, "a whole number or null"),
             max_pixels=_checked(data, "max_pixels", _integer, None, "a whole number or null"),
+            max_answer_chars=_checked(data, "max_answer_chars", _integer, None, "a whole number or null"),
+            max_response_bytes=_checked(data, "max_response_bytes", _integer, None, "a whole number or null"),
             server_identity=_checked(data, "server_identity", _object, None, "an object or null"),
             faults=_checked(data, "faults", _fault_counts, {}, "an object of fault kind -> count"),
             episode_usage=_checked(data, "episode_usage", _usages, (), "a list of episode usages"),

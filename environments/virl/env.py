@@ -174,7 +174,8 @@ class VIRLEnv(gym.Env):
       ``rotation`` (the column at fraction u of the width looks toward (360 u - rotation) mod 360).
       A point is seen through the nearest panorama within 20 m, cropped to 90-degree views by a
       vectorised gnomonic projection; the last 8 decoded panoramas are kept. Language modality reads
-      only ``route_infos.json``.
+      only ``route_infos.json``. A panorama file that resolves outside the directory (a symlink out of
+      it) is refused: link the whole directory, not ``street_views/``.
 
     ## Action Space
     The model's raw response text; any ``str`` is accepted and judged (non-ASCII, empty, megabytes

@@ -16,7 +16,9 @@ A database directory holds:
 Language modality reads only ``route_infos.json``. The numbers are checked as they are read:
 geocodes are finite degrees (lat -90..90, lng -180..180), headings and rotations finite degrees
 from -360 to 360 (taken modulo 360), panorama ids plain file names, and a panorama may have at most
-:data:`MAX_PANORAMA_PIXELS`. A missing file raises ``FileNotFoundError``; anything else wrong in
+:data:`MAX_PANORAMA_PIXELS`. A panorama's files must lie inside the database directory once symlinks are
+resolved (a database from elsewhere must not make the environment read other files; link the whole
+directory instead of ``street_views/``). A missing file raises ``FileNotFoundError``; anything else wrong in
 the data raises :class:`PublishedDataError` naming the file, the route (or panorama) and the field,
 and what was expected there.
 """
@@ -406,6 +408,8 @@ class PublishedRouteDatabase:
             raise FileNotFoundError(
                 f"{metadata_path} not found; every panorama needs <id>.metadata.json with a 'rotation' in degrees{needed_by}"
             )
+        for path in (image_path, metadata_path):
+            self._require_inside(path, needed_by)
         expected = "a JSON object with a numeric 'rotation' (degrees)"
         metadata = _read_json(metadata_path, expected, needed_by)
         if not isinstance(metadata, dict) or "rotation" not in metadata:
@@ -417,6 +421,15 @@ class PublishedRouteDatabase:
         if len(self._panoramas) > PANORAMA_CACHE_SIZE:
             self._panoramas.popitem(last=False)
         return entry
+
+    def _require_inside(self, path: Path, needed_by: str) -> None:
+        """Raise PublishedDataError unless `path` lies inside the database directory once symlinks are resolved."""
+        target = path.resolve()
+        if not target.is_relative_to(self.data_dir.resolve()):
+            raise PublishedDataError(
+                f"{path} leads outside the database directory {self.data_dir} (to {target}); a database's files must lie "
+                f"inside it (to keep panoramas elsewhere, link the whole database directory, not {STREET_VIEW_DIR}/ or a file){needed_by}"
+            )
 
     def render_view(self, location: Location, heading: float, resolution: int, route_id: str | None = None) -> np.ndarray:
         """The 90-degree view toward ``heading`` from the panorama nearest ``location``."""

@@ -15,9 +15,19 @@ so the sampling fields sent can be checked, and its headers). A script of handli
   ``content_filter``, a ``refusal`` message and no content);
 - odd but complete answers: ``"null-usage"``, ``"null-usage-fields"``, ``"parts-content"`` (the answer
   as two text parts);
+- hostile answers (`HOSTILE`): ``"huge-answer"`` (an answer of ``huge_bytes`` characters, far over any
+  ``max_tokens``), ``"gzip-bomb"`` (a gzip body of about ``bomb_bytes / 1000`` bytes that inflates to an
+  answer of ``bomb_bytes``), ``"drip"`` (the headers at once, then the body one byte every
+  ``drip_interval`` seconds), ``"drip-headers"`` (the status line and headers a byte at a time),
+  ``"deep-json"`` (``choices`` nested 100,000 lists deep), ``"nan-usage"`` (token counts ``NaN`` and
+  ``Infinity``), ``"absurd-usage"`` (``1e30`` and ``-5``), ``"echo-headers"`` (the answer is the request's
+  path and headers, the API key included), ``"special-tokens"`` (the normal answer followed by Qwen's
+  ``<|vision_start|><|image_pad|><|vision_end|>``), ``"500-image-pad"`` (the HTTP 500 ``transformers
+  serve`` gives a text with an image placeholder and no image);
 - ``"ok"``: the normal answer (to space faults out in a script).
 
-`ChatServer.inject_listing` scripts ``GET /v1/models`` the same way (``"500"``, ``"429"``, ...).
+`ChatServer.inject_listing` scripts ``GET /v1/models`` the same way (``"500"``, ``"429"``, ...), and
+``"deep-json"`` and ``"echo-headers"`` (the listed ``root`` is the request's headers).
 
 Run it on its own to evaluate against it from the command line (it answers with the expert's answer
 for what it was sent; Ctrl-C or SIGTERM stops it and prints what it was asked)::
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import hashlib
 import io
 import json
@@ -36,6 +47,7 @@ import signal
 import socket
 import threading
 import time
+import zlib
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,8 +70,23 @@ ODD_COMPLETIONS = ("null-usage", "null-usage-fields", "parts-content")
 NOT_COMPLETIONS = ("not-json", "error-200", "empty-body")
 """Status 200 with a body that is not a completion: a transport fault the client retries."""
 
-FAULTS = ("400", "401", "404", "429", "500", "hang", "drop", *NOT_COMPLETIONS, *EMPTY_COMPLETIONS, *ODD_COMPLETIONS)
+HOSTILE = (
+    "huge-answer", "gzip-bomb", "drip", "drip-headers", "deep-json", "nan-usage", "absurd-usage", "echo-headers",
+    "special-tokens", "500-image-pad",
+)
+"""Answers of a hostile or broken server (see the module docstring)."""
+
+FAULTS = ("400", "401", "404", "429", "500", "hang", "drop", *NOT_COMPLETIONS, *EMPTY_COMPLETIONS, *ODD_COMPLETIONS, *HOSTILE)
 """Faults `ChatServer.inject` accepts (and ``"ok"``)."""
+
+LISTING_FAULTS = ("deep-json", "echo-headers")
+"""Hostile ``GET /v1/models`` answers `ChatServer.inject_listing` accepts besides the error statuses."""
+
+SPECIAL_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
+"""What a tiny random Qwen-VL model served by ``transformers serve`` puts in its answers."""
+
+DEEP_JSON = b'{"object": "chat.completion", "choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+"""A body nested 100,000 lists deep: ``json.loads`` raises RecursionError on it."""
 
 _ERRORS = {
     "400": (400, "This model's maximum context length is 32768 tokens; the messages have 40000 tokens"),
@@ -67,6 +94,7 @@ _ERRORS = {
     "404": (404, "The model `test-model` does not exist"),
     "429": (429, "rate limited"),
     "500": (500, "internal error"),
+    "500-image-pad": (500, "Found 1 <|image_pad|> tokens in the text but no images were passed"),
 }
 
 
@@ -167,6 +195,11 @@ class ChatServer:
         owned_by: the listed model's ``owned_by`` (``"vllm"`` or ``"sglang"`` to pose as those servers).
         list_models: answer ``GET /v1/models`` (False: 404, as some servers do). Each listing's ``created`` is
             its own time, as vLLM stamps it.
+        huge_bytes: the length of a ``"huge-answer"``.
+        bomb_bytes: the inflated length of a ``"gzip-bomb"``'s answer.
+        drip_interval: seconds between the bytes of a ``"drip"`` or ``"drip-headers"``.
+
+    `sent_bytes` counts the body bytes the server wrote (a hostile answer the client stops reading is cut short).
     """
 
     def __init__(
@@ -180,8 +213,13 @@ class ChatServer:
         root: str | None = "checkpoints/test-model",
         owned_by: str = "chat-server",
         list_models: bool = True,
+        huge_bytes: int = 8_000_000,
+        bomb_bytes: int = 64_000_000,
+        drip_interval: float = 0.25,
     ) -> None:
         self.answer = answer
+        self.huge_bytes, self.bomb_bytes, self.drip_interval = huge_bytes, bomb_bytes, drip_interval
+        self.sent_bytes = 0
         self.fault_for = fault_for
         self.retry_after = retry_after
         self.hang_after = hang_after
@@ -193,6 +231,7 @@ class ChatServer:
         self._listing_faults: deque[str] = deque()
         self._lock = threading.Lock()
         self._release = threading.Event()
+        self._closed = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -211,10 +250,11 @@ class ChatServer:
             self._faults.extend(faults)
 
     def inject_listing(self, *faults: str) -> None:
-        """Queue error answers (``"500"``, ``"429"``, ...) for the coming ``GET /v1/models``, one each, before listings resume."""
-        unknown = set(faults) - set(_ERRORS)
+        """Queue error answers (``"500"``, ``"429"``, ...) or `LISTING_FAULTS` for the coming ``GET /v1/models``, one each,
+        before listings resume."""
+        unknown = set(faults) - {*_ERRORS, *LISTING_FAULTS}
         if unknown:
-            raise ValueError(f"unknown listing faults {sorted(unknown)}; choose from {sorted(_ERRORS)}")
+            raise ValueError(f"unknown listing faults {sorted(unknown)}; choose from {sorted(_ERRORS)} or {LISTING_FAULTS}")
         with self._lock:
             self._listing_faults.extend(faults)
 
@@ -237,8 +277,9 @@ class ChatServer:
         self.close()
 
     def close(self) -> None:
-        """Stop serving; hanging requests are released."""
+        """Stop serving; hanging requests are released, dripping answers end."""
         self._release.set()
+        self._closed.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -254,16 +295,45 @@ class ChatServer:
             self.requests.append(ReceivedRequest(body, handling, time.monotonic(), path, headers))
         return handling
 
-    def _model_listing(self) -> tuple[int, dict[str, Any]]:
-        """The status and body of a ``GET /v1/models``: a scripted error, or the listing."""
+    def _model_listing(self, headers: dict[str, str]) -> tuple[int, bytes]:
+        """The status and body of a ``GET /v1/models``: a scripted error or hostile answer, or the listing."""
         with self._lock:
             self.listings += 1
             fault = self._listing_faults.popleft() if self._listing_faults else None
-        if fault is not None:
+        if fault == "deep-json":
+            return 200, DEEP_JSON
+        if fault in _ERRORS:
             status, message = _ERRORS[fault]
-            return status, {"error": {"message": message}}
-        card = {"id": self.model, "object": "model", "created": int(time.time()), "owned_by": self.owned_by, "root": self.root}
-        return 200, {"object": "list", "data": [card]}
+            return status, json.dumps({"error": {"message": message}}).encode()
+        root = json.dumps(headers) if fault == "echo-headers" else self.root
+        card = {"id": self.model, "object": "model", "created": int(time.time()), "owned_by": self.owned_by, "root": root}
+        return 200, json.dumps({"object": "list", "data": [card]}).encode()
+
+    def _drip(self, handler: BaseHTTPRequestHandler, data: bytes) -> None:
+        """Write `data` a byte at a time, `drip_interval` apart, until the client leaves or the server closes."""
+        for index in range(len(data)):
+            if self._closed.wait(self.drip_interval):
+                return
+            try:
+                handler.wfile.write(data[index : index + 1])
+                handler.wfile.flush()
+            except OSError:
+                return
+            with self._lock:
+                self.sent_bytes += 1
+
+    @functools.cached_property
+    def _gzip_bomb(self) -> bytes:
+        """A gzip completion whose answer is `bomb_bytes` of ``"a"``, compressed a megabyte at a time (never held whole)."""
+        compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        marked = json.dumps(_completion({"model": self.model, "messages": []}, "\x00", "ok"))
+        head, _, tail = marked.partition("\\u0000")  # where the answer goes
+        parts = [compressor.compress(head.encode())]
+        block = b"a" * 1_000_000
+        for _ in range(self.bomb_bytes // len(block)):
+            parts.append(compressor.compress(block))
+        parts += [compressor.compress(tail.encode()), compressor.flush()]
+        return b"".join(parts)
 
     def _hang(self) -> None:
         with self._lock:
@@ -281,8 +351,8 @@ class ChatServer:
 
             def do_GET(self) -> None:  # noqa: N802  (http.server's name)
                 if server.list_models and urlsplit(self.path).path.rstrip("/").endswith("/models"):
-                    status, listing = server._model_listing()
-                    self._send(status, json.dumps(listing).encode())
+                    status, listing = server._model_listing(dict(self.headers))
+                    self._send(status, listing)
                 else:
                     self._send(404, b'{"error": {"message": "not found"}}')
 
@@ -305,8 +375,30 @@ class ChatServer:
                     self._send(200, json.dumps(error).encode())
                 elif handling == "empty-body":
                     self._send(200, b"{}")
+                elif handling == "deep-json":
+                    self._send(200, DEEP_JSON)
+                elif handling == "gzip-bomb":
+                    self._send(200, server._gzip_bomb, {"Content-Encoding": "gzip"})
+                elif handling == "drip":
+                    payload = json.dumps(_completion(body, server.answer(body["messages"]), "ok")).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.flush()
+                    server._drip(self, payload)
+                    self.close_connection = True
+                elif handling == "drip-headers":
+                    server._drip(self, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Padding: " + b"." * 4096 + b"\r\n\r\n{}")
+                    self.close_connection = True
                 else:
-                    answer = server.answer(body["messages"]) if handling in ("ok", *ODD_COMPLETIONS) else None
+                    answer = server.answer(body["messages"]) if handling in ("ok", "nan-usage", "absurd-usage", *ODD_COMPLETIONS) else None
+                    if handling == "huge-answer":
+                        answer = "x" * server.huge_bytes
+                    elif handling == "echo-headers":
+                        answer = json.dumps({"path": self.path, "headers": dict(self.headers)})
+                    elif handling == "special-tokens":
+                        answer = server.answer(body["messages"]) + SPECIAL_TOKENS
                     self._send(200, json.dumps(_completion(body, answer, handling)).encode())
 
             def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
@@ -316,7 +408,15 @@ class ChatServer:
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(payload)
+                # A megabyte at a time: a client that stops reading a hostile answer leaves the rest unsent.
+                for start in range(0, len(payload), 1 << 20):
+                    try:
+                        self.wfile.write(payload[start : start + (1 << 20)])
+                    except OSError:
+                        self.close_connection = True
+                        return
+                    with server._lock:
+                        server.sent_bytes += len(payload[start : start + (1 << 20)])
 
         return Handler
 
@@ -337,7 +437,12 @@ def _completion(body: dict[str, Any], answer: str | None, handling: str) -> dict
     choices: Any = [{"index": 0, "message": message, "finish_reason": finish_reason}]
     choices = {"no-choices": [], "null-choices": None}.get(handling, choices)
     usage: Any = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    usage = {"null-usage": None, "null-usage-fields": dict.fromkeys(usage)}.get(handling, usage)
+    usage = {
+        "null-usage": None,
+        "null-usage-fields": dict.fromkeys(usage),
+        "nan-usage": {"prompt_tokens": float("nan"), "completion_tokens": float("inf"), "total_tokens": float("-inf")},
+        "absurd-usage": {"prompt_tokens": 1e30, "completion_tokens": -5, "total_tokens": 1e30},
+    }.get(handling, usage)
     return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices, "usage": usage}
 
 

@@ -149,7 +149,7 @@ def _set_step(step):
 DAMAGES = {
     "optimizer shard cut short": ("optimizer/__0_0.distcp", cut_short, "is cut short ("),
     "optimizer metadata cut short": ("optimizer/.metadata", cut_short, "is cut short or damaged"),
-    "rng.pt cut short": ("rng.pt", cut_short, "is cut short or damaged"),
+    "rng.json cut short": ("rng.json", cut_short, "is not valid JSON"),
     "weights cut short": ("policy/model.safetensors", cut_short, "is cut short or damaged"),
     "garbage config.json": ("policy/config.json", lambda file: file.write_text("{garbage"), "is not valid JSON"),
     "empty trainer_state.json": ("trainer_state.json", lambda file: file.write_text(""), "is empty"),
@@ -188,13 +188,13 @@ def test_a_damaged_lora_checkpoint_falls_back_too(tmp_path):
 
 
 def test_with_no_usable_checkpoint_the_run_stops_naming_each_damaged_file(run_copy):
-    cut_short(run_copy / "checkpoints" / "step-000004" / "rng.pt")
+    cut_short(run_copy / "checkpoints" / "step-000004" / "rng.json")
     (run_copy / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{")
     with pytest.raises(CheckpointError) as raised:
         trainer(run_copy, resume=True)
     message = str(raised.value)
     assert message.startswith(f"no usable checkpoint under {run_copy / 'checkpoints'}")
-    assert "step-000004/rng.pt is cut short or damaged" in message and "step-000002/trainer_state.json is not valid JSON" in message
+    assert "step-000004/rng.json is not valid JSON" in message and "step-000002/trainer_state.json is not valid JSON" in message
     assert "\n" not in message
 
 

@@ -229,7 +229,8 @@ def test_served_records_round_trip_and_older_ones_read(tmp_path):
     assert data["served"]["retry"] == {"max_attempts": 6, "base_delay": 1.0, "max_delay": 60.0, "max_retry_after": 120.0}
     assert data["served"]["episode_usage"][0] == {
         "seed": 0, "answers": 1, "from_cache": 0, "prompt_tokens": 10, "completion_tokens": 2, "replayed_prompt_tokens": 0,
-        "replayed_completion_tokens": 0, "transport_failure": None,
+        "replayed_completion_tokens": 0, "truncated_answers": 0, "invalid_usage": 0, "neutralised_answers": 0,
+        "transport_failure": None, "server_error": None,
     }
     text = record.to_markdown()
     assert f"| 1/{record.episodes} | 110 + 22 |" in text and "1 x no completion after 6 attempts" in text

@@ -39,7 +39,12 @@ def test_with_a_frozen_policy_the_entropy_term_averages_to_zero(tmp_path, source
 
 
 def bandit_run(tmp_path, name, expert_text, expert_target, *overrides, method="no-entropy"):
-    """AMFT (by default without the entropy term) on the vowel bandit, trained on a constant expert's answers."""
+    """AMFT (by default without the entropy term) on the vowel bandit, trained on a constant expert's answers.
+
+    In float64: the runs sample hundreds of tokens, and in float32 a rounding difference between machines
+    (MKL or OpenBLAS, 1 or 2 threads) can flip one of them and with it the rest of the run; in float64 the
+    measured margins below are every machine's.
+    """
     data = tmp_path / f"expert-{name}"
     collect(bandit.ENV_ID, {"target": expert_target}, bandit.ConstantAgent(expert_text), episodes=8, seed=0, out_dir=data, progress=False)
     # The run's task is the default (vowels): an expert recorded on consonants is relabelled as one of it, on
@@ -51,22 +56,24 @@ def bandit_run(tmp_path, name, expert_text, expert_target, *overrides, method="n
         f"expert_data={data}", "steps=9", "episodes_per_step=4", "group_size=4", "num_envs=16", "max_new_tokens=12",
         "sft_batch_size=8", "learning_rate=2e-3", "lr_schedule=constant", "controller.warmup_steps=1",
         "controller.meta_interval=1", "controller.validation_states=16", "controller.validation_samples=4",
-        "controller.mu_init=0.5", "controller.eta_mu=0.05", *overrides,
+        "controller.mu_init=0.5", "controller.eta_mu=0.05", "dtype=float64", *overrides,
     ).train()
 
 
 def test_the_meta_term_raises_mu_when_the_expert_helps_the_validation_reward(tmp_path):
     history = bandit_run(tmp_path, "helpful", "aeiou eioua", "vowels")
     signals = [m["meta_signal"] for m in history[1:]]
-    # Measured: mean t ~ +1.0 to +1.3 over seeds 0-2, mu 0.5 -> ~0.9.
-    assert statistics.mean(signals) > 0.4, signals
-    assert history[-1]["next_mu"] > 0.6
+    # Measured in float64 over seeds 0-2 (2026-12-07): mean t +0.95, +1.28, +0.21; mu 0.5 -> 0.88, 0.95, 0.58.
+    # The test runs seed 0 (the default).
+    assert statistics.mean(signals) > 0.1, signals
+    assert history[-1]["next_mu"] > 0.55
     assert all(m["entropy_term"] == 0.0 for m in history)
 
 
 def test_the_meta_term_lowers_mu_when_the_expert_hurts_the_validation_reward(tmp_path):
     history = bandit_run(tmp_path, "wrong", "bcdfg hjklm", "consonants")
     signals = [m["meta_signal"] for m in history[1:]]
+    # Measured in float64 over seeds 0-2 (2026-12-07): mean t -0.64, -0.91, -1.10; mu 0.5 -> 0.25, 0.14, 0.06.
     assert statistics.mean(signals) < -0.4, signals
     assert history[-1]["next_mu"] < 0.4
 
@@ -163,6 +170,9 @@ def test_the_meta_term_lowers_mu_when_the_expert_turns_bad_after_a_shared_warmup
     (wrong / "manifest.json").write_text(json.dumps({**manifest, "env_kwargs": {}}))
     history = bandit_run(tmp_path, "turns-bad", "aeiou eioua", "vowels", f"expert_data_after_warmup={wrong}", "controller.warmup_steps=2")
     # The warm-up imitates the vowels (its loss falls); from step 3 the consonants, which the policy finds unlikely.
+    # Measured in float64 over seeds 0-2 (2026-12-07): SFT loss ratio 2.05, 1.55, 1.42; mean t -1.47, -0.62, +0.42;
+    # mu 0.5 -> 0.05, 0.28, 0.65. Two warm-up steps are few, and seed 2's policy is not yet the vowel expert's:
+    # the consonant expert does not hurt its validation reward measurably. The test runs seed 0 (the default).
     assert history[2]["loss_sft"] > 1.5 * history[1]["loss_sft"]
     signals = [m["meta_signal"] for m in history[2:]]
     assert statistics.mean(signals) < -0.4, signals

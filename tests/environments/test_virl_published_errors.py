@@ -294,3 +294,24 @@ def test_perspective_view_refuses_non_finite_angles(value: float) -> None:
         perspective_view(panorama, value, 0.0, 16)
     with pytest.raises(ValueError, match="heading and rotation must be finite degrees"):
         perspective_view(panorama, 0.0, value, 16)
+
+
+# -- files outside the database --
+
+
+@pytest.mark.parametrize("name", ["pano_0_0_0.jpg", "pano_0_0_0.metadata.json", ""], ids=["image", "metadata", "street_views"])
+def test_a_panorama_file_linked_from_outside_the_database_is_refused(database_copy: Path, tmp_path: Path, name: str) -> None:
+    inside = database_copy / "street_views" / name
+    outside = tmp_path / "outside" / (name or "street_views")
+    outside.parent.mkdir()
+    shutil.move(inside, outside)
+    inside.symlink_to(outside)
+    message = _reset_error(database_copy)
+    assert f"leads outside the database directory {database_copy}" in message and "pano_0_0_0" in message
+
+
+def test_a_database_reached_through_a_symlink_is_read(database: Path, tmp_path: Path) -> None:
+    link = tmp_path / "linked"
+    link.symlink_to(database, target_is_directory=True)
+    env = gym.make("VIRL-v0", data_dir=link, modality="vision", resolution=RESOLUTION)
+    env.reset(seed=0, options={"route": 0})
