@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from amft_vlm.expert_data import collect, read_manifest
 from amft_vlm.jobs import Terminated, interrupt_exit_status, sigterm_as_interrupt
 from amft_vlm.methods import METHODS
 from amft_vlm.preflight import check_output_file, writable_directory
+from amft_vlm.safe_io import load_json_text
 from amft_vlm.served import (
     DEFAULT_API_KEY_ENV,
     QWEN_MAX_PIXELS,
@@ -223,14 +223,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _clipped(text: str, limit: int = 80) -> str:
+    """`text` for a message: quoted, and cut to `limit` characters (with how long it was)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _json_object(text: str) -> dict[str, object]:
     """An argparse type: a JSON object, e.g. ``{"top_k": 20}``."""
     try:
-        value = json.loads(text)
+        value = load_json_text(text)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"top_k\": 20}}'; got {text!r} ({error})") from None
+        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"top_k\": 20}}'; got {_clipped(text)} ({error})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"top_k\": 20}}'; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"top_k\": 20}}'; got {_clipped(text)}")
     return value
 
 

@@ -62,7 +62,13 @@ from amft_vlm.jobs import JobPool, choose_threads, machine_description, torch_th
 from amft_vlm.preflight import writable_directory
 from amft_vlm.report import FIGURES, load_run, markdown_table, write_report
 from amft_vlm.run_directory import DirectoryLock, is_empty
-from amft_vlm.safe_io import OutputPathError, output_directory, output_file_target, write_text_atomic
+from amft_vlm.safe_io import (
+    OutputPathError,
+    output_directory,
+    output_file_target,
+    read_regular_text,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -603,8 +609,8 @@ def _show_progress(futures: dict[str, Any], run_dirs: Sequence[Path], *, warmup:
 def _logged_steps(run_dir: Path, warmup: int) -> int:
     """Steps a run has logged beyond the shared warm-up (its ``metrics.jsonl`` holds one line per step from step 1)."""
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().count("\n")
-    except OSError:
+        lines = read_regular_text(run_dir / "metrics.jsonl", 256 * 1024 * 1024, what="metrics.jsonl").count("\n")
+    except OSError:  # not there yet (or not a regular file: training refuses it with a message)
         return 0
     return max(0, lines - warmup)
 

@@ -34,7 +34,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from amft_vlm.safe_io import OutputPathError
+from amft_vlm.safe_io import OutputPathError, load_json_text, read_regular_text
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def read_holder(directory: str | os.PathLike) -> LockHolder | None:
     """The holder recorded in `directory`'s lock file (None: no file, empty, or unreadable). A record says who
     took the lock last; whether it still holds it only the lock itself tells (`DirectoryLock`)."""
     try:
-        record = json.loads((Path(directory) / LOCK_FILE).read_text())
+        record = load_json_text(read_regular_text(Path(directory) / LOCK_FILE, 64 * 1024, what="the lock file"))
         return LockHolder(int(record["pid"]), str(record["host"]), str(record["command"]), str(record["started"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None

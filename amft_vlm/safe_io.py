@@ -303,8 +303,8 @@ def open_regular_for_read(path: str | os.PathLike, *, what: str = "the file") ->
     """The regular file `path` opened to read bytes; a symlink is followed. `what` (``"an evaluation record"``) names
     the kind of file in a refusal.
 
-    The kind of file is checked with ``os.stat`` before the open, which is non-blocking (a FIFO put there in between
-    is not waited on) and checked again on the open file.
+    The kind of file (of a link's final target) is checked with ``os.lstat`` before the open, which is non-blocking
+    (a FIFO put there in between is not waited on) and checked again on the open file.
 
     Raises:
         FileNotFoundError: nothing is at `path` (or its link dangles).

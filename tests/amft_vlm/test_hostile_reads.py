@@ -405,3 +405,14 @@ def test_compare_does_not_trust_a_record_that_links_outside_its_output(tmp_path,
     with caplog.at_level(logging.WARNING):
         assert record_is_current(task, out) is False
     assert any("leads outside" in record.getMessage() for record in caplog.records)
+
+
+def test_a_deeply_nested_extra_body_is_an_argument_error_not_a_crash(capsys):
+    """``--extra-body`` is parsed as the project's files are: 100,000 nested arrays give exit 2 and a short message."""
+    from amft_vlm.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["eval", "--extra-body", "[" * 100_000])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "64 levels" in error and "(100000 characters)" in error and len(error) < 2000
