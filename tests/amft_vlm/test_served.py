@@ -99,7 +99,8 @@ def _play(endpoint, seeds, env=GP_LANGUAGE, **kwargs):
     return play_served(endpoint, env[0], env[1], seeds, Sampling(None, 64), progress=False, **kwargs)
 
 
-def _wait_until(condition, what, seconds=60):
+def _wait_until(condition, what, seconds=240):
+    """Wait for `condition` (a subprocess that imports torch can take a minute to start on a loaded 2-core machine)."""
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
@@ -385,7 +386,7 @@ def test_a_stopped_run_resumes_from_the_cache(stop_signal, tmp_path):
             _wait_until(lambda: len(_cached(tmp_path)) >= answered or process.poll() is not None, "the evaluation got its answers")
             _wait_until(lambda: server.hanging() == 2, "both threads wait on a hung request")
             process.send_signal(stop_signal)
-            _, stderr = process.communicate(timeout=60)  # the hung requests would hold it for 120 s (--request-timeout)
+            _, stderr = process.communicate(timeout=100)  # the hung requests would hold it for 120 s (--request-timeout)
         finally:
             process.kill()
         if stop_signal == signal.SIGINT:

@@ -96,7 +96,7 @@ def test_ablation_switches_each_act_on_their_own_metric(tmp_path):
     assert no_warmup[0]["mu"] == 0.7 and no_warmup[0]["target_entropy"] is not None  # the controller from step 0
     assert no_warmup[0]["budget_rollout_episodes"] > 0 and "meta_signal" in no_warmup[0]
 
-    amft = run(tmp_path, "amft", "method=amft", "controller.mu_init=0.7").train()
+    amft = run(tmp_path, "amft-warm-up", "method=amft", "controller.mu_init=0.7").train()
     assert amft[0]["mu"] == 1.0 and amft[0]["target_entropy"] is None  # warm-up: pure SFT, no H* yet
     assert amft[0]["budget_rollout_episodes"] == 0
 
