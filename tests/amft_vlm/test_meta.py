@@ -9,6 +9,7 @@ mean or a wrong shard changes the value by far more than rounding does.
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch
 from agents.policy import VLMPolicy
 from amft_vlm.batch import score_trajectories, take_gradients
 from amft_vlm.distributed import flat_dot
-from amft_vlm.meta import meta_gradient
+from amft_vlm.meta import META_CREDITS, meta_gradient
 from tests.amft_vlm import meta_fixed
 from tests.amft_vlm.test_distributed import free_port
 
@@ -28,7 +29,7 @@ def float64_policy(tiny_checkpoints):
     return VLMPolicy.from_pretrained(tiny_checkpoints["qwen2-vl"], dtype="float64")
 
 
-def by_hand(policy, episodes, direction):
+def by_hand(policy, episodes, direction, temperature=1.0):
     """Per start state: (1/K) sum_j (R_j - mean of the others' R) <grad log p(tau_j), direction>, one episode at a time."""
     parameters = [p for p in policy.model.parameters() if p.requires_grad]
     values = []
@@ -39,27 +40,42 @@ def by_hand(policy, episodes, direction):
         for j, trajectory in enumerate(members):
             others = [r for k, r in enumerate(returns) if k != j]
             policy.model.zero_grad(set_to_none=True)
-            score_trajectories(policy, [trajectory], temperature=1.0).logprobs.sum().backward()
+            score_trajectories(policy, [trajectory], temperature=temperature).logprobs.sum().backward()
             total += (returns[j] - sum(others) / len(others)) * flat_dot(take_gradients(parameters), direction)
         values.append(total / len(members))
     return values
 
 
-def test_meta_gradient_is_the_leave_one_out_reinforce_estimate_by_hand(float64_policy):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_meta_gradient_is_the_leave_one_out_reinforce_estimate_by_hand(float64_policy, temperature):
+    """By hand, at the sampling temperature given (the log-probs of episodes sampled at T are those at T)."""
     policy = float64_policy
     episodes = meta_fixed.fixed_episodes(policy)
     returns = [[t.episode_return for t in episodes if t.group == g] for g in range(len(meta_fixed.ANSWERS))]
     assert len(set(returns[1])) == 1 and all(len(set(r)) > 1 for i, r in enumerate(returns) if i != 1)
     parameters = [p for p in policy.model.parameters() if p.requires_grad]
     direction = meta_fixed.fixed_direction(parameters)
-    expected = by_hand(policy, episodes, direction)
-    measured = meta_gradient(policy, parameters, _one_process(), episodes, direction, temperature=1.0, micro_batch_count=2)
+    expected = by_hand(policy, episodes, direction, temperature)
+    measured = meta_gradient(policy, parameters, _one_process(), episodes, direction, temperature=temperature, micro_batch_count=2)
     assert measured.values[1] == 0.0 and expected[1] == pytest.approx(0.0, abs=1e-12)  # the tied state
     assert min(abs(v) for i, v in enumerate(expected) if i != 1) > 1e-3  # the others carry signal
     assert measured.values == pytest.approx(expected, rel=1e-7, abs=1e-12)
     assert (measured.states, measured.tied_states) == (4, 1)
     # Raw returns as weights (no baseline) give another value: the test can tell.
     assert sum(expected) != pytest.approx(_raw_return_value(policy, episodes, direction), rel=1e-3)
+
+
+def test_turn_credit_weighs_each_answer_by_its_reward_to_go_against_the_others_at_that_turn():
+    """`meta_credit: turn`, as the meta-gradient uses it: reward to go minus the mean of the other episodes' at the same
+    turn (0 after an episode's end); one episode alone in its group gets 0. Episode credit differs on these episodes."""
+    episodes = [
+        SimpleNamespace(turn_rewards=rewards, group=group, num_turns=len(rewards), episode_return=sum(rewards))
+        for rewards, group in (([-3.0, -1.0], 0), ([-2.0], 0), ([1.0, 5.0], 0), ([2.0], 1))
+    ]
+    turn = [weights.tolist() for weights in META_CREDITS["turn"](episodes)]
+    assert turn == [pytest.approx(w) for w in ([-6.0, -3.5], [-3.0], [9.0, 5.5], [0.0])]
+    episode = [weights.tolist() for weights in META_CREDITS["episode"](episodes)]
+    assert episode == [pytest.approx(w) for w in ([-6.0, -6.0], [-3.0, ], [9.0, 9.0], [0.0])]
 
 
 def _raw_return_value(policy, episodes, direction):
