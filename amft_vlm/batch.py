@@ -76,7 +76,7 @@ class TokenScores:
     logprobs: torch.Tensor
     """Log-probs at the scoring temperature, with gradients when scored with grad enabled."""
     entropy: torch.Tensor
-    """Entropy of the same distributions (no graph)."""
+    """Entropy of the same distributions (no graph, unless scored with ``entropy_grad``)."""
     old_logprobs: torch.Tensor
     """The sampling log-probs recorded at collection (0 for expert tokens)."""
     advantages: torch.Tensor
@@ -100,12 +100,14 @@ def score_trajectories(
     *,
     temperature: float,
     turn_advantages: Sequence[torch.Tensor] | None = None,
+    entropy_grad: bool = False,
 ) -> TokenScores:
     """Log-probs and entropies of every trainable token of `trajectories` (one forward pass over all
     their dialogues), with the sampling log-probs and each turn's advantage alongside.
 
     Every trajectory's images come prepared (`Trajectory.image_inputs`): nothing is re-processed here, and a
     trajectory without its prepared images is an error (`Trajectory.with_image_inputs` attaches them).
+    With `entropy_grad` the entropies keep their graph, for a loss with an entropy bonus.
     """
     sequences, positions = [], []
     old, advantages, lengths = [], [], []
@@ -118,7 +120,7 @@ def score_trajectories(
         if turn_advantages is not None:
             turn_values = turn_advantages[index]
             advantages.append(torch.repeat_interleave(turn_values, torch.tensor(trajectory.turn_lengths, device=turn_values.device)))
-    logprobs, entropies = policy.token_logprobs(sequences, positions, temperature=temperature, with_entropy=True)
+    logprobs, entropies = policy.token_logprobs(sequences, positions, temperature=temperature, with_entropy=True, entropy_grad=entropy_grad)
     flat = torch.cat(logprobs) if logprobs else torch.zeros(0)
     return TokenScores(
         logprobs=flat,
@@ -164,7 +166,7 @@ def accumulate_gradient(
         weight = scores.num_tokens / max(total_tokens, 1)
         (loss * weight).backward()
         sums["loss"] += float(loss.detach()) * weight
-        sums["entropy_sum"] += float(scores.entropy.sum())
+        sums["entropy_sum"] += float(scores.entropy.detach().sum())
         for key in extra_keys:
             sums[key] += extra[key] * weight
     gradients = take_gradients(parameters)

@@ -68,6 +68,10 @@ MAX_JSON_BYTES = 256 * 2**20
 MAX_METRICS_LINE_BYTES = 2**20
 """Most bytes of one ``metrics.jsonl`` line read: a step logs a few hundred numbers, a few kilobytes."""
 
+RELIFT_OPTIMIZER = "relift_optimizer"
+"""Name of ReLIFT's SFT optimiser state in a checkpoint (``relift_optimizer/``, or ``relift_optimizer.pt`` with LoRA),
+written once it has stepped (``relift_sft_updates`` in the trainer state)."""
+
 RESUME_MAY_CHANGE = (
     "steps", "save_every", "report_to", "output_dir", "warm_start", "device", "distributed", "num_envs",
     "image_cache_mb", "gradient_checkpointing",
@@ -176,6 +180,7 @@ def save_checkpoint(
     scheduler,
     trainer_state: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
     lora_base_model: str | None = None,
     is_main: bool = True,
 ) -> Path | None:
@@ -187,7 +192,9 @@ def save_checkpoint(
     that base model's path or id (`amft_vlm.lora.load_policy` loads it), and the optimiser state to
     ``optimizer.pt`` (LoRA runs on one process). ``extra`` maps names to states of tensors, numbers, strings
     and containers of them (e.g. a critic's weights and optimiser: what `load_state_file` reads back), saved as
-    ``NAME.pt``. Returns the path on the main process, None elsewhere.
+    ``NAME.pt``. ``extra_optimizers`` maps names to further optimisers over the policy's parameters (ReLIFT's
+    SFT optimiser), each written as the policy's own is, to ``NAME/`` (or ``NAME.pt`` with LoRA): load one with
+    `load_optimizer_state` and its `name`. Returns the path on the main process, None elsewhere.
 
     Raises:
         CheckpointWriteError: on every process when any of them could not write its part (a full disk: the
@@ -200,8 +207,8 @@ def save_checkpoint(
     failure = _first_failure(failure)  # every process waits for the directory before writing into it
     if failure is None:
         write = functools.partial(
-            _write_parts, staging, policy=policy, optimizer=optimizer, scheduler=scheduler, extra=extra or {},
-            trainer_state=trainer_state, lora_base_model=lora_base_model, is_main=is_main,
+            _write_parts, staging, policy=policy, optimizers={"optimizer": optimizer, **(extra_optimizers or {})},
+            scheduler=scheduler, extra=extra or {}, trainer_state=trainer_state, lora_base_model=lora_base_model, is_main=is_main,
         )  # fmt: skip
         failure = _first_failure(_attempt_write(write, staging))
     if failure is None and is_main:
@@ -226,8 +233,8 @@ def _fresh_directory(path: Path) -> None:
     path.mkdir()
 
 
-def _write_parts(staging: Path, *, policy, optimizer, scheduler, extra, trainer_state, lora_base_model, is_main) -> None:
-    """Every file of a checkpoint into `staging` (see `save_checkpoint`; the optimiser shards from every process)."""
+def _write_parts(staging: Path, *, policy, optimizers, scheduler, extra, trainer_state, lora_base_model, is_main) -> None:
+    """Every file of a checkpoint into `staging` (see `save_checkpoint`; the optimisers' shards from every process)."""
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -240,10 +247,12 @@ def _write_parts(staging: Path, *, policy, optimizer, scheduler, extra, trainer_
             from amft_vlm.lora import save_lora
 
             save_lora(policy, staging / "lora", base_model=lora_base_model)
-            _save_state(optimizer.state_dict(), staging / "optimizer.pt")
+            for name, optimizer in optimizers.items():
+                _save_state(optimizer.state_dict(), staging / f"{name}.pt")
     else:
-        optimizer_state = get_optimizer_state_dict(policy.model, optimizer)
-        dcp_save({"optimizer": optimizer_state}, checkpoint_id=str(staging / "optimizer"), no_dist=_single_process())
+        for name, optimizer in optimizers.items():
+            optimizer_state = get_optimizer_state_dict(policy.model, optimizer)
+            dcp_save({"optimizer": optimizer_state}, checkpoint_id=str(staging / name), no_dist=_single_process())
         full_weights = None
         if _sharded(policy.model):
             full_weights = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -355,14 +364,16 @@ def _first_failure(failure: str | None) -> str | None:
     return next((f for f in failures if f is not None), None)
 
 
-def load_optimizer_state(checkpoint: Path, policy, optimizer) -> None:
-    """Load the optimiser state of `checkpoint` into `optimizer` (over `policy`'s model, sharded or not).
+def load_optimizer_state(checkpoint: Path, policy, optimizer, *, name: str = "optimizer") -> None:
+    """Load the optimiser state `name` of `checkpoint` into `optimizer` (over `policy`'s model, sharded or not).
 
-    ``optimizer/`` (torch.distributed.checkpoint) loads on any process count; a LoRA checkpoint's
-    ``optimizer.pt`` on one process. Parameters that never had a gradient (a text-only run's vision
-    tower) have no saved state: torch initialises theirs (step 1, zero moments), and they never step.
+    ``NAME/`` (torch.distributed.checkpoint) loads on any process count; a LoRA checkpoint's ``NAME.pt`` on
+    one process. `name` is ``optimizer`` for the policy's own, or a key of `save_checkpoint`'s ``extra_optimizers``.
+    Parameters that never had a gradient (a text-only run's vision tower) have no saved state: torch
+    initialises theirs (step 1, zero moments), and they never step.
     """
-    if (checkpoint / "optimizer").is_dir():
+    directory = checkpoint / name
+    if directory.is_dir():
         from torch.distributed.checkpoint import load as dcp_load
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
@@ -370,20 +381,20 @@ def load_optimizer_state(checkpoint: Path, policy, optimizer) -> None:
         from amft_vlm.safe_pickle import DataOnlyLoadPlanner, DataOnlyReader
 
         state = {"optimizer": get_optimizer_state_dict(policy.model, optimizer)}
-        reader, planner = DataOnlyReader(checkpoint / "optimizer"), DataOnlyLoadPlanner(allow_partial_load=True)
+        reader, planner = DataOnlyReader(directory), DataOnlyLoadPlanner(allow_partial_load=True)
         try:
             dcp_load(state, storage_reader=reader, planner=planner, no_dist=_single_process())
         except (Exception, CheckpointException) as error:  # every process gets the same CheckpointException
             causes = [cause for cause, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]
             raise CheckpointError(
-                f"{checkpoint / 'optimizer'} does not load ({'; '.join(map(_first_line, causes))}); delete {checkpoint} "
+                f"{directory} does not load ({'; '.join(map(_first_line, causes))}); delete {checkpoint} "
                 "to resume from the checkpoint before it"
             ) from None
         set_optimizer_state_dict(policy.model, optimizer, optim_state_dict=state["optimizer"])
     elif _sharded(policy.model):
-        raise ValueError(f"{checkpoint} holds a LoRA run's optimizer.pt, which loads on one process only")
+        raise ValueError(f"{checkpoint} holds a LoRA run's {name}.pt, which loads on one process only")
     else:
-        optimizer.load_state_dict(load_state_file(checkpoint / "optimizer.pt"))
+        optimizer.load_state_dict(load_state_file(checkpoint / f"{name}.pt"))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -491,6 +502,12 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
     else:
         _check_model_directory(path / "policy")
         _check_sharded_state(path / "optimizer")
+    if state.get("relift_sft_updates", 0):  # ReLIFT's SFT optimiser has stepped: its state must be there
+        name = RELIFT_OPTIMIZER + (".pt" if lora else "")
+        if not (path / name).exists():
+            raise CheckpointError(f"{path / name} is missing (the run made {state['relift_sft_updates']} ReLIFT SFT updates)")
+        if not lora:
+            _check_sharded_state(path / name)
     return state
 
 
@@ -509,6 +526,8 @@ def _check_trainer_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: step must be a non-negative integer; got {step!r}")
     if expected is not None and step != expected:
         raise CheckpointError(f"{file} says step {step}, but its directory is {path.name}")
+    if not _is_count(state.get("relift_sft_updates", 0)):
+        raise CheckpointError(f"{file}: relift_sft_updates must be a non-negative integer; got {state.get('relift_sft_updates')!r}")
     if not _is_count(state.get("sft_position")):
         raise CheckpointError(f"{file}: sft_position must be a non-negative integer; got {state.get('sft_position')!r}")
     if "controller" not in state or not isinstance(state["controller"], dict | None):

@@ -147,6 +147,11 @@ def _compare_command(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         threads=args.threads,
     )
+    if args.dry_run:
+        from amft_vlm.compare import plan_text
+
+        print(plan_text(config, config.default_out() if args.out is None else args.out))
+        return 0
     try:
         result = run_compare(config, args.out)
     except KeyboardInterrupt:
@@ -473,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, help="torch threads in all, shared by the jobs (default: the cores other processes leave free)"
     )
     compare_parser.add_argument("--out", metavar="DIR", help="output directory (default: runs/NAME for config NAME.yaml)")
+    compare_parser.add_argument(
+        "--dry-run", action="store_true",
+        help="check the config, print the grid (methods x seeds x evaluations), the task count, each method's work and an "
+        "estimated time, and exit without running or writing anything",
+    )  # fmt: skip
     compare_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     compare_parser.set_defaults(handler=_compare_command)
     return parser

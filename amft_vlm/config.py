@@ -251,19 +251,65 @@ class TrainConfig:
     fixed_mu: float = 0.5
     """mu of the fixed-mix baseline."""
     schedule_mu_start: float = 0.9
-    """scheduled-mix: mu at step 0 (cosine decay, as in CHORD)."""
+    """scheduled-mix (CHORD-mu; and chord-phi with ``chord_mu: scheduled``): mu when the cosine decay starts
+    (CHORD's ``mu_peak``; 0.9 for CHORD-mu)."""
     schedule_mu_end: float = 0.05
-    """scheduled-mix: mu at the end of the decay."""
-    schedule_steps: int | None = None
-    """scheduled-mix: steps of the decay (None = all steps)."""
+    """scheduled-mix: mu at the end of the decay and after it (CHORD's ``mu_valley``; 0.05 for CHORD-mu)."""
+    schedule_steps: int | None = 200
+    """scheduled-mix: steps of the cosine decay, after the warm-up (CHORD's ``mu_decay_steps``; 200 for CHORD-mu,
+    whose mu then stays at schedule_mu_end); None: every step left after the warm-up."""
+    schedule_warmup_steps: int = 0
+    """scheduled-mix: steps over which mu first rises linearly from 0 to schedule_mu_start (CHORD's
+    ``mu_warmup_steps``; 0 for CHORD-mu and CHORD-phi)."""
     sft_then_rl_switch: float = 0.5
     """sft-then-rl: fraction of steps spent on SFT before switching to RL."""
     chord_mu: str = "fixed"
     """chord-phi: ``fixed`` (mu = fixed_mu; CHORD-phi reports 0.1) or ``scheduled`` (scheduled-mix's cosine)."""
     luffy_shaping_gamma: float = 0.1
     """luffy: gamma of the policy shaping f(p) = p / (p + gamma) on the expert's tokens (LUFFY's 0.1)."""
-    relift_buffer_size: int = 128
-    """relift: expert trajectories of all-failed start states that trigger one SFT update (ReLIFT's 128)."""
+    luffy_normaliser: str = "max_length"
+    """luffy: what its policy-gradient token sum is divided by. ``max_length`` (the authors' code,
+    ``loss_remove_token_mean``): max_new_tokens, a constant, not also the number of answers; ``dr_grpo``: answers
+    x max_new_tokens (Dr.GRPO's). ``docs/peers.md`` lists where each peer's code and paper differ."""
+    luffy_entropy_coef: float = 0.001
+    """luffy: weight of the entropy bonus ``- coef x token-mean entropy`` over all its tokens, the expert's included
+    (the authors' code: ``entropy_coeff: 0.001``); 0: none."""
+    srft_sft_entropy_sign: int = 1
+    """srft: the sign in its demonstration SFT weight ``w_SFT = 0.5 exp(sign x H)``: +1 the authors' code
+    (``entropy.exp()`` with ``sft_loss_coef: -0.5``), -1 the paper's Eq. 8 (SFT weighs less while H is high)."""
+    srft_entropy: str = "token"
+    """srft: the H its weights read. ``token`` (the code, as far as it is known): each token's own entropy, so a
+    demonstration token's w_SFT reads the policy's entropy at that demonstration token and a positive sample's w_RL
+    its own; ``rollouts``: one H per step, the policy's mean token entropy on its own rollouts (the paper's
+    H(pi_theta), read as one number)."""
+    srft_shaping_gamma: float | None = 0.1
+    """srft: LUFFY's policy shaping p / (p + gamma) in the demonstrations' off-policy term (the code's
+    ``off_policy_reshape: p_div_p_0.1``); null: the plain ratio p / 1 (the paper's Eq. 9-10)."""
+    srft_self_rl: str = "advantage"
+    """srft: its self-RL term on the policy's own samples. ``advantage`` (the code): the policy gradient -A x ratio
+    (PPO-clipped at clip_epsilon) on every own token, times 0.1 exp(H) on positive-advantage tokens, one token mean
+    with the demonstrations' policy-gradient term; ``sign`` (the paper's Eq. 12): 0.1 exp(H) x the mean NLL of the
+    positive samples + the mean log-likelihood of the negative ones."""
+    srft_entropy_coef: float = 0.001
+    """srft: weight of the entropy bonus ``- coef x token-mean entropy`` (the authors' code: 0.001; the paper: none, 0)."""
+    relift_buffer_ratio: float = 1.0
+    """relift: the buffer's size in start states per step: one SFT update whenever it holds
+    ``relift_buffer_ratio x episodes_per_step`` expert trajectories of all-failed start states (a whole number
+    >= 1). 1.0 is the authors' (ReLIFT's released scripts: a buffer of 128 for 128 prompts per step, so one SFT
+    update about once per RL step while most prompts fail)."""
+    relift_rl_loss: str = "released"
+    """relift: the form of its RL steps. ``released`` (the authors' code): mean-centred group advantages (no std),
+    the unclipped ratio ``-A * ratio``, the token sum divided by max_new_tokens (``loss_remove_token_mean``, as
+    LUFFY's ``max_length``), and the entropy bonus ``relift_entropy_coef``; needs ``credit: episode``. ``paper``: GRPO as the paper writes it, the run's group
+    advantages (with std) and PPO-clip, token mean, no entropy bonus."""
+    relift_sft_lr_ratio: float = 1.0
+    """relift: learning rate of the SFT updates over the RL steps' (the schedule's current rate), applied to their own
+    AdamW (own moments, the run's weight decay). 1.0 is the authors' (1e-6 for both)."""
+    relift_sft_max_grad_norm: float = 1.0
+    """relift: gradient-norm clip of the SFT updates (the authors' ``sft_grad_clip``: 1.0); 0 disables."""
+    relift_entropy_coef: float = 0.001
+    """relift: weight of the entropy bonus ``- coef x token-mean entropy`` in the SFT updates and, in the released
+    form, the RL steps (the authors' ``sft.entropy_coeff`` and ``entropy_coeff``: 0.001 each)."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     """The AMFT controller (amft and its ablations)."""
 
@@ -305,6 +351,45 @@ class TrainConfig:
                 "adapters (lora_rank > 0; they are kept in float32)"
             )
 
+    def relift_buffer_capacity(self) -> int:
+        """Start states ReLIFT's buffer holds when it makes its SFT update: ``relift_buffer_ratio x episodes_per_step``."""
+        return round(self.relift_buffer_ratio * self.episodes_per_step)
+
+    def _check_luffy_and_srft(self) -> None:
+        """LUFFY's and SRFT's forms (code or paper) and coefficients."""
+        _choice("luffy_normaliser", self.luffy_normaliser, ("max_length", "dr_grpo"))
+        _choice("srft_sft_entropy_sign", self.srft_sft_entropy_sign, (1, -1))
+        _choice("srft_entropy", self.srft_entropy, ("token", "rollouts"))
+        _choice("srft_self_rl", self.srft_self_rl, ("advantage", "sign"))
+        if not self.luffy_shaping_gamma > 0:
+            raise ValueError(f"luffy_shaping_gamma must be > 0; got {self.luffy_shaping_gamma!r}")
+        if self.srft_shaping_gamma is not None and not self.srft_shaping_gamma > 0:
+            raise ValueError(f"srft_shaping_gamma must be > 0, or null for the plain ratio p (the paper's); got {self.srft_shaping_gamma!r}")
+        for name in ("luffy_entropy_coef", "srft_entropy_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0: no entropy bonus); got {getattr(self, name)!r}")
+
+    def _check_relift(self) -> None:
+        """ReLIFT's settings: its buffer a whole number of start states, its forms and step sizes."""
+        _choice("relift_rl_loss", self.relift_rl_loss, ("released", "paper"))
+        capacity = self.relift_buffer_ratio * self.episodes_per_step
+        if not (math.isfinite(capacity) and capacity >= 1 and math.isclose(capacity, round(capacity), abs_tol=1e-9)):
+            raise ValueError(
+                f"relift_buffer_ratio is ReLIFT's buffer in start states per step: relift_buffer_ratio x episodes_per_step "
+                f"must be a whole number of start states, at least 1; got {self.relift_buffer_ratio!r} x {self.episodes_per_step} "
+                f"= {capacity:g}. The authors' ratio is 1.0 (a buffer of one step's start states)"
+            )
+        if not self.relift_sft_lr_ratio > 0:
+            raise ValueError(f"relift_sft_lr_ratio must be > 0 (the SFT updates' learning rate over the RL steps'); got {self.relift_sft_lr_ratio!r}")
+        for name in ("relift_sft_max_grad_norm", "relift_entropy_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+        if get_method(self.method).sft_buffer and self.relift_rl_loss == "released" and self.credit != "episode":
+            raise ValueError(
+                "relift's released form mean-centres each group's episode returns (no std, no per-turn credit); "
+                "set credit: episode, or relift_rl_loss: paper for the run's GRPO estimator"
+            )
+
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field and what it accepts; return self when valid."""
         controller_use = get_method(self.method).controller
@@ -327,10 +412,10 @@ class TrainConfig:
             raise ValueError("luffy's advantages are its joint group's mean-centred episode returns; set credit: episode")
         if method.expert_in_group and self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 for {self.method}: each group is group_size - 1 rollouts plus one expert trajectory")
-        if not self.luffy_shaping_gamma > 0:
-            raise ValueError(f"luffy_shaping_gamma must be > 0; got {self.luffy_shaping_gamma!r}")
-        for name in ("steps", "episodes_per_step", "group_size", "sft_batch_size", "num_envs", "max_new_tokens", "gradient_accumulation_steps", "save_every", "expert_episodes", "ppo_epochs", "relift_buffer_size"):
+        self._check_luffy_and_srft()
+        for name in ("steps", "episodes_per_step", "group_size", "sft_batch_size", "num_envs", "max_new_tokens", "gradient_accumulation_steps", "save_every", "expert_episodes", "ppo_epochs"):
             _positive(name, getattr(self, name))
+        self._check_relift()
         if self.mini_batch_size is not None:
             _positive("mini_batch_size", self.mini_batch_size)
             parts = math.ceil(self.episodes_per_step * self.group_size / self.mini_batch_size)
@@ -371,6 +456,7 @@ class TrainConfig:
         _integer_at_least("image_cache_mb", self.image_cache_mb, 0, why="0 keeps no prepared expert images")
         if self.schedule_steps is not None:
             _positive("schedule_steps", self.schedule_steps)
+        _integer_at_least("schedule_warmup_steps", self.schedule_warmup_steps, 0)
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
             raise ValueError(f"seed must be an integer in [0, 2**32) (numpy's seed range); got {self.seed!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
@@ -406,6 +492,13 @@ WARM_START_FIELDS = (
     "gradient_accumulation_steps", "mixed_precision", "ppo_epochs", "mini_batch_size", "seed",
 )
 """Settings two runs must share for one to warm-start from the other's SFT iterations (`TrainConfig.warm_start`)."""
+
+
+REPLACED_FIELDS = {
+    "relift_buffer_size": "ReLIFT's buffer is sized in start states per step, relift_buffer_ratio (relift_buffer_size N "
+    "is relift_buffer_ratio N / episodes_per_step; the authors' is 1.0)",
+}
+"""Settings of earlier versions that a config may still name, and what took their place."""
 
 
 TYPICAL_WEIGHT = 0.02
@@ -476,6 +569,9 @@ def dataclass_from_dict(cls: type, values: dict[str, Any], *, prefix: str = "") 
     fields = {item.name: item for item in dataclasses.fields(cls)}
     unknown = [key for key in values if key not in fields]
     if unknown:
+        replaced = REPLACED_FIELDS.get(f"{prefix}{unknown[0]}")
+        if replaced is not None:
+            raise ValueError(f"config field '{prefix}{unknown[0]}' was replaced: {replaced}")
         raise ValueError(f"unknown config field '{prefix}{unknown[0]}'; known fields: {', '.join(sorted(fields))}")
     missing = [
         name for name, item in fields.items()

@@ -10,8 +10,8 @@ entry per response token, in order, nothing else. Token-level aggregation: a los
 trainable tokens of the batch divided by their count (each generated token weighs the same, whatever
 the length of its sequence), as in DAPO and TRL's ``loss_type="dapo"``.
 
-The peers' losses (`weighted_sft_loss` for CHORD-phi and DFT, `luffy_policy_loss`, `srft_loss`; ReLIFT
-needs only `sft_loss` and `clipped_policy_loss`) keep that contract: each returns the token mean over the
+The peers' losses (`weighted_sft_loss` for CHORD-phi and DFT, `luffy_policy_loss`, `srft_loss`, ReLIFT's
+`relift_policy_loss` and `relift_sft_loss`) keep that contract: each returns the token mean over the
 tokens it is given, so `amft_vlm.batch.accumulate_gradient` (micro-batch loss times its share of the
 global tokens) still yields exactly the global value. Two consequences:
 
@@ -20,8 +20,11 @@ global tokens) still yields exactly the global value. Two consequences:
   and |S| the global size of S, both counted across processes and micro-batches before the pass and
   passed in as arguments: ``(1 / N) * sum_{t in S} (N / |S|) * v_t`` is S's mean. A micro-batch cannot
   know these counts itself, and its own counts would make the accumulation inexact.
-- A different global normalisation (Dr.GRPO's ``sum / (sequences * max_length)``, LUFFY's default) is a
-  constant factor on the token mean, `dr_grpo_scale`, computed the same way before the pass.
+- A different global normalisation is a constant factor on the token mean, computed the same way before
+  the pass: `max_length_scale` for LUFFY's released ``sum / max_length``, `dr_grpo_scale` for Dr.GRPO's
+  ``sum / (sequences * max_length)``.
+- An entropy bonus (LUFFY's and SRFT's released code) is `entropy_bonus`, added by the objective to the
+  method's loss: the entropies then carry their graph (scored with ``entropy_grad``).
 
 Weights written ``sg(...)`` in the papers are computed from detached tensors: they scale a token's
 gradient but have none of their own.
@@ -150,6 +153,34 @@ def dr_grpo_scale(total_tokens: int, sequences: int, max_length: int) -> float:
     return total_tokens / (sequences * max_length)
 
 
+def max_length_scale(total_tokens: int, max_length: int) -> float:
+    """The factor that turns a token-mean loss into ``sum / max_length``: LUFFY's released normalisation.
+
+    ``total_tokens / max_length``, `total_tokens` global over the pass. LUFFY's code (``loss_remove_token_mean``)
+    divides each micro-batch's token sum by the padded response length (its ``max_response_length``, 8192), and
+    not also by the number of answers as Dr.GRPO does (`dr_grpo_scale`); here `max_length` is the generation
+    limit per answer (``max_new_tokens``). The code's further division by its 8 processes (FSDP averages their
+    gradients) is left out, so a run's loss does not depend on how many processes share it.
+    """
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive; got {max_length}")
+    if total_tokens < 0:
+        raise ValueError(f"total_tokens must be a count (>= 0); got {total_tokens}")
+    return total_tokens / max_length
+
+
+def entropy_bonus(entropy: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """``-coefficient * token_mean(H)``: the entropy bonus of LUFFY's and SRFT's released code (0.001 each).
+
+    `entropy` is each token's entropy with its graph, over every token of the pass (the expert's included, as
+    the code's ``masked_mean(entropy, response_mask)``), so descent raises the policy's entropy.
+    """
+    if coefficient < 0:
+        raise ValueError(f"the entropy bonus coefficient must be >= 0; got {coefficient}")
+    _check_flat(entropy=entropy)
+    return -coefficient * token_mean(entropy)
+
+
 @dataclass(frozen=True)
 class LuffyLossStats:
     """Diagnostics of a LUFFY step (all detached)."""
@@ -174,11 +205,13 @@ def luffy_policy_loss(
     """LUFFY's mixed-policy policy-gradient loss, ``scale * token_mean(values)``.
 
     `off_policy` (bool, per token) marks the expert's tokens. On the policy's own tokens
-    ``value = -A * exp(logprobs - old_logprobs)``, unclipped (LUFFY's reported default); on the expert's,
-    policy shaping with the behaviour probability taken as 1 and no clip: ``value = -A * f(p)``,
+    ``value = -A * exp(logprobs - old_logprobs)``, unclipped (LUFFY's script: ``loss_remove_clip``); on the
+    expert's, policy shaping with the behaviour probability taken as 1 and no clip: ``value = -A * f(p)``,
     ``f(p) = p / (p + gamma)``, whose gradient ``d f / d log p = gamma * p / (p + gamma)^2`` is larger for
     a low-probability token than the plain ``p`` would give. `old_logprobs` are ignored on expert tokens.
-    `scale` is the global normalisation, `dr_grpo_scale` for LUFFY's Dr.GRPO default, 1 for a token mean.
+    `scale` is the global normalisation: `max_length_scale` for LUFFY's released ``sum / max_length``,
+    `dr_grpo_scale` for Dr.GRPO's, 1 for a token mean. The advantages come in as they are (LUFFY's: the joint
+    group's mean-centred returns, `amft_vlm.peers.joint_group_advantages`).
     """
     _check_flat(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, off_policy=off_policy)
     if off_policy.dtype != torch.bool:
@@ -208,11 +241,15 @@ class SrftToken(IntEnum):
     DEMO = 0
     """The expert's demonstration: SFT term and off-policy policy-gradient term."""
     POSITIVE = 1
-    """The policy's own sample with advantage > 0: weighted NLL (pushed up)."""
+    """The policy's own sample with advantage > 0: the self-RL term, weighted by ``w_RL``."""
     NEGATIVE = 2
-    """The policy's own sample with advantage < 0: log-likelihood (pushed down)."""
+    """The policy's own sample with advantage < 0: the self-RL term, unweighted."""
     NEUTRAL = 3
     """The policy's own sample with advantage 0: no term."""
+
+
+SRFT_SELF_RL_FORMS = ("advantage", "sign")
+"""The forms of SRFT's self-RL term `srft_loss` knows: the authors' released code's and the paper's (Eq. 12)."""
 
 
 def srft_token_kinds(advantages: torch.Tensor, is_demo: torch.Tensor) -> torch.Tensor:
@@ -238,57 +275,94 @@ def srft_token_counts(kinds: torch.Tensor) -> dict[SrftToken, int]:
 class SrftLossStats:
     """Diagnostics of an SRFT step (all detached).
 
-    The four terms are their shares of the returned loss (they add up to it); weighted by micro-batch token
-    share like the loss, their sums over a pass are the global subset means.
+    Each is this micro-batch's share of a global value, like the loss: weighted by the micro-batch's share of the
+    pass's tokens and summed over the pass, it is the global value. The four terms add up to the loss.
     """
 
     w_sft: float
-    """``0.5 * exp(-H)``, the demonstrations' NLL weight."""
+    """Mean over the demonstration tokens of ``w_SFT = 0.5 * exp(+-H)``."""
     w_rl: float
-    """``0.1 * exp(H)``, the positive samples' NLL weight."""
+    """Mean over the positive tokens of ``w_RL = 0.1 * exp(H)``."""
+    demo_entropy: float
+    """Mean over the demonstration tokens of the H their ``w_SFT`` reads."""
     demo_sft: float
-    """``w_SFT * mean_demo(-log p)``."""
+    """``L_SFT^demo``: the weighted NLL of the demonstrations."""
     demo_rl: float
-    """``mean_demo(-A * p)``: the off-policy policy-gradient term."""
+    """``L_RL^demo``: the off-policy policy-gradient term of the demonstrations."""
     self_positive: float
-    """``w_RL * mean_positive(-log p)``."""
+    """The self-RL term of the positive tokens (weighted by ``w_RL``)."""
     self_negative: float
-    """``mean_negative(log p)``."""
+    """The self-RL term of the negative tokens."""
+
+
+def _srft_entropy(entropy: torch.Tensor | float, logprobs: torch.Tensor) -> torch.Tensor:
+    """The H of SRFT's weights per token, detached: `entropy` itself (one per token) or one number spread."""
+    if isinstance(entropy, torch.Tensor):
+        _check_flat(logprobs=logprobs, entropy=entropy)
+        values = entropy.detach().to(logprobs.dtype)
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("entropy must be finite at every token")
+        return values
+    if not math.isfinite(entropy) or entropy < 0:
+        raise ValueError(f"entropy must be the policy's mean token entropy, a finite number >= 0; got {entropy}")
+    return torch.full_like(logprobs.detach(), float(entropy))
 
 
 def srft_loss(
     logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     kinds: torch.Tensor,
     *,
-    entropy: float,
+    entropy: torch.Tensor | float,
     counts: Mapping[int, int],
     total_tokens: int,
+    sft_entropy_sign: int = 1,
+    shaping_gamma: float | None = 0.1,
+    self_rl: str = "advantage",
+    clip_epsilon: float = 0.2,
 ) -> tuple[torch.Tensor, SrftLossStats]:
     """SRFT's ``L = L_SFT^demo + L_RL^demo + L_RL^self``, as a token mean (see the module docstring).
 
-    ``L_SFT^demo = w_SFT * mean_demo(-log p)``, ``L_RL^demo = mean_demo(-A * p)`` (the demonstrations'
-    advantages from the joint group; behaviour probability taken as 1, no clip),
-    ``L_RL^self = w_RL * mean_positive(-log p) + mean_negative(log p)``; NEUTRAL tokens get no term.
-    ``w_SFT = 0.5 * exp(-H)`` and ``w_RL = 0.1 * exp(H)``, H = `entropy`, the policy's mean token entropy
-    on the step's rollouts (a detached float). ``exp(-H)`` is the paper's sign (arXiv 2506.19767): SFT
-    weighs less while the policy is uncertain; SRFT's public code is reported to use ``exp(+H)``, and we
-    follow the paper.
+    The defaults are the authors' released code (fyqqyf/SRFT, known from third-party reviews that quote it; see
+    ``docs/peers.md``); the keywords select the paper's form (arXiv 2506.19767) where the two differ:
+
+    - ``L_SFT^demo = mean_demo(w_SFT * -log p)``, ``w_SFT = 0.5 * exp(sft_entropy_sign * H)``: ``+1`` the code's
+      ``exp(+H)`` (``sft_loss_coef: -0.5`` on ``entropy.exp().detach() * -log p``), ``-1`` the paper's Eq. 8.
+    - ``L_RL^demo``: ``-A * f(p)`` on the demonstration tokens (their advantages from the joint group, behaviour
+      probability taken as 1, no clip), with LUFFY's shaping ``f(p) = p / (p + shaping_gamma)`` (the code's
+      ``off_policy_reshape: p_div_p_0.1``) or, with ``shaping_gamma=None``, the plain ``f(p) = p`` (Eq. 9-10).
+    - ``L_RL^self`` by `self_rl`. ``"advantage"`` (the code's ``compute_token_on_off_policy_loss``): the
+      policy-gradient term ``-min(r * A, clip(r, 1 - eps, 1 + eps) * A)``, ``r = exp(logprobs - old_logprobs)``,
+      on every own token, times ``w_RL = 0.1 * exp(H)`` where A > 0; this term and ``L_RL^demo`` are one token
+      mean over all the tokens of the pass (LUFFY's ``masked_mean`` over the response). ``"sign"`` (Eq. 12):
+      ``w_RL * mean_positive(-log p) + mean_negative(log p)``, each term, ``L_RL^demo`` included, the mean over
+      its own tokens.
+
+    NEUTRAL tokens (A = 0) get no term (in the ``"advantage"`` form they still count in the token mean).
+    `entropy` is the H the weights read, detached: one number for the pass (``srft_entropy: rollouts``), or one
+    per token (``srft_entropy: token``), each token's weight then reading the policy's entropy at that token: a
+    demonstration token's ``w_SFT`` its own H, a positive token's ``w_RL`` its own.
 
     `kinds` holds each token's `SrftToken` (`srft_token_kinds`). `counts` maps each kind to its GLOBAL
     token count and `total_tokens` is the global token total (`srft_token_counts`, summed over processes
-    and micro-batches): each token of kind k carries the coefficient ``total_tokens / counts[k]``, so the
-    global token mean of `accumulate_gradient` is the sum of the subset means. A kind with count 0 (or
-    absent from `counts`) contributes nothing.
+    and micro-batches): a term averaged over the tokens of kind k carries the coefficient
+    ``total_tokens / counts[k]`` on them, so the global token mean of `accumulate_gradient` is the subset mean.
+    A kind with count 0 (or absent from `counts`) contributes nothing to such a term.
     """
-    _check_flat(logprobs=logprobs, advantages=advantages, kinds=kinds)
+    _check_flat(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, kinds=kinds)
     if kinds.dtype.is_floating_point or kinds.dtype == torch.bool:
         raise ValueError(f"kinds must be an integer tensor of SrftToken values; got dtype {kinds.dtype}")
     if kinds.numel() and (int(kinds.min()) < 0 or int(kinds.max()) >= len(SrftToken)):
         choices = [int(kind) for kind in SrftToken]
         raise ValueError(f"kinds must hold SrftToken values {choices}; got values outside them")
-    if not math.isfinite(entropy) or entropy < 0:
-        raise ValueError(f"entropy must be the policy's mean token entropy, a finite number >= 0; got {entropy}")
+    if self_rl not in SRFT_SELF_RL_FORMS:
+        raise ValueError(f"self_rl must be one of {SRFT_SELF_RL_FORMS}; got {self_rl!r}")
+    if sft_entropy_sign not in (1, -1):
+        raise ValueError(f"sft_entropy_sign must be +1 (w_SFT = 0.5 exp(+H), the code) or -1 (exp(-H), the paper); got {sft_entropy_sign!r}")
+    if shaping_gamma is not None and not shaping_gamma > 0:
+        raise ValueError(f"shaping_gamma must be positive (f(p) = p / (p + gamma)) or None (f(p) = p); got {shaping_gamma}")
+    token_entropy = _srft_entropy(entropy, logprobs)
     local = srft_token_counts(kinds)
     global_counts = {kind: int(counts.get(kind, 0)) for kind in SrftToken}
     if any(local[kind] > global_counts[kind] for kind in SrftToken) or total_tokens < kinds.numel():
@@ -298,23 +372,80 @@ def srft_loss(
             "counts and total_tokens must be global (summed over every process and micro-batch of the pass); "
             f"this batch alone has {here} of {kinds.numel()} tokens but counts say {everywhere} of {total_tokens}"
         )
-    w_sft = 0.5 * math.exp(-entropy)
-    w_rl = 0.1 * math.exp(entropy)
+    w_sft = 0.5 * torch.exp(sft_entropy_sign * token_entropy)
+    w_rl = 0.1 * torch.exp(token_entropy)
     subset_weights = [total_tokens / global_counts[kind] if global_counts[kind] else 0.0 for kind in SrftToken]
-    coefficients = torch.tensor(subset_weights, dtype=logprobs.dtype, device=logprobs.device)[kinds.long()]
+    subset_mean = torch.tensor(subset_weights, dtype=logprobs.dtype, device=logprobs.device)[kinds.long()]
     zeros = torch.zeros_like(logprobs)
-    demo = kinds == SrftToken.DEMO
-    demo_sft = token_mean(torch.where(demo, coefficients * w_sft * -logprobs, zeros))
-    demo_rl = token_mean(torch.where(demo, coefficients * -advantages * torch.exp(logprobs), zeros))
-    self_positive = token_mean(torch.where(kinds == SrftToken.POSITIVE, coefficients * w_rl * -logprobs, zeros))
-    self_negative = token_mean(torch.where(kinds == SrftToken.NEGATIVE, coefficients * logprobs, zeros))
+    demo, positive, negative = kinds == SrftToken.DEMO, kinds == SrftToken.POSITIVE, kinds == SrftToken.NEGATIVE
+    probabilities = torch.exp(logprobs)
+    shaped = probabilities / (probabilities + shaping_gamma) if shaping_gamma is not None else probabilities
+    demo_sft = token_mean(torch.where(demo, subset_mean * w_sft * -logprobs, zeros))
+    if self_rl == "advantage":
+        # Demonstrations have no sampling log-prob: their (unused) ratio stays 1 so it cannot overflow.
+        ratio = torch.exp(torch.where(demo, zeros, logprobs - old_logprobs))
+        clipped = torch.clamp(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon)
+        own = -torch.minimum(ratio * advantages, clipped * advantages)
+        demo_rl = token_mean(torch.where(demo, -advantages * shaped, zeros))
+        self_positive = token_mean(torch.where(positive, w_rl * own, zeros))
+        self_negative = token_mean(torch.where(negative, own, zeros))
+    else:
+        demo_rl = token_mean(torch.where(demo, subset_mean * -advantages * shaped, zeros))
+        self_positive = token_mean(torch.where(positive, subset_mean * w_rl * -logprobs, zeros))
+        self_negative = token_mean(torch.where(negative, subset_mean * logprobs, zeros))
     loss = demo_sft + demo_rl + self_positive + self_negative
-    stats = SrftLossStats(
-        w_sft=w_sft,
-        w_rl=w_rl,
-        demo_sft=float(demo_sft.detach()),
-        demo_rl=float(demo_rl.detach()),
-        self_positive=float(self_positive.detach()),
-        self_negative=float(self_negative.detach()),
-    )
+    with torch.no_grad():
+        stats = SrftLossStats(
+            w_sft=float(token_mean(torch.where(demo, subset_mean * w_sft, zeros))),
+            w_rl=float(token_mean(torch.where(positive, subset_mean * w_rl, zeros))),
+            demo_entropy=float(token_mean(torch.where(demo, subset_mean * token_entropy, zeros))),
+            demo_sft=float(demo_sft),
+            demo_rl=float(demo_rl),
+            self_positive=float(self_positive),
+            self_negative=float(self_negative),
+        )
     return loss, stats
+
+
+@dataclass(frozen=True)
+class ReliftLossStats:
+    """Diagnostics of a ReLIFT RL step in its released form (all detached)."""
+
+    mean_ratio: float
+    """Mean ``exp(logprobs - old_logprobs)``."""
+    entropy: float
+    """Mean token entropy (the bonus's term before its coefficient)."""
+
+
+def relift_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    entropy: torch.Tensor,
+    *,
+    scale: float,
+    entropy_coef: float,
+) -> tuple[torch.Tensor, ReliftLossStats]:
+    """ReLIFT's RL loss as its authors' code computes it: ``scale * token_mean(-A * ratio) - coef * token_mean(H)``.
+
+    No PPO clip on ``ratio = exp(logprobs - old_logprobs)`` (``loss_remove_clip``), and `scale` the released
+    normalisation (`max_length_scale`, as LUFFY's code: ReLIFT's ``loss_remove_token_mean`` is the same line), so
+    the first term is the token sum over the maximal answer length. The advantages are mean-centred only
+    (``grpo_use_std: False``, computed by the caller). `entropy` is each token's entropy with its graph (the bonus
+    pushes it up), a token mean with the authors' ``entropy_coeff`` (0.001).
+    """
+    _check_flat(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, entropy=entropy)
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss = scale * token_mean(-advantages * ratio) - entropy_coef * token_mean(entropy)
+    stats = ReliftLossStats(mean_ratio=float(token_mean(ratio.detach())), entropy=float(token_mean(entropy.detach())))
+    return loss, stats
+
+
+def relift_sft_loss(logprobs: torch.Tensor, entropy: torch.Tensor, *, entropy_coef: float) -> torch.Tensor:
+    """ReLIFT's SFT update: ``token_mean(-log p) - coef * token_mean(H)`` over the buffered demonstrations' tokens.
+
+    The authors' ``compute_sft_loss`` (a masked token mean of the NLL) minus their entropy bonus
+    (``sft.entropy_coeff``, 0.001), scored at temperature 1; `entropy` carries its graph.
+    """
+    _check_flat(logprobs=logprobs, entropy=entropy)
+    return sft_loss(logprobs) - entropy_coef * token_mean(entropy)

@@ -8,15 +8,18 @@ A method either follows a **schedule** (a pure function of the config and the st
 this table; a method is added by adding a row.
 
 The single-stage peers (``../shared/spec/peers.md``) differ in what their losses weigh, not in the loop,
-and each difference is a field of `Method` whose default keeps the rows before them as they were:
+and each difference is a field of `Method` whose default keeps the rows before them as they were. Each
+follows its authors' released code by default, with the paper's form a setting where the two differ
+(``docs/peers.md`` lists every such point with its code line and equation):
 
 | method | mu | L_SFT's token weight | L_RL | expert trajectories |
 |---|---|---|---|---|
+| ``scheduled-mix`` (CHORD-mu) | cosine from 0.9 down to 0.05 over ``schedule_steps`` = 200 steps, then flat (no warm-up) | 1 | PPO-clip, group advantages | the expert batch |
 | ``chord-phi`` | ``fixed_mu``, or the cosine schedule (``chord_mu: scheduled``) | sg(p(1-p)) | PPO-clip, group advantages | the expert batch |
 | ``dft`` | 1 | sg(p) | none | the expert batch |
-| ``luffy`` | 0 | none | unclipped ratio on rollouts, p/(p+gamma) on the expert's tokens, Dr.GRPO sum / (turns x max_new_tokens) | one joins each group (G-1 rollouts + 1), advantages over the joint group, mean-centred |
-| ``srft`` | 0 | inside L_RL: 0.5 exp(-H) NLL on the demonstration | demonstration as off-policy PG (ratio p / 1), self-RL: 0.1 exp(H) NLL on positive samples, +log p on negative ones | one joins each group (G-1 rollouts + 1), GRPO advantages over the joint group |
-| ``relift`` | 0, but one SFT update whenever the buffer is full | none | PPO-clip, group advantages | start states whose G rollouts all failed, with their expert trajectory, wait in a buffer of ``relift_buffer_size`` |
+| ``luffy`` | 0 | none | unclipped ratio on rollouts, p/(p+gamma) on the expert's tokens, token sum / max_new_tokens, - 0.001 x mean entropy | one joins each group (G-1 rollouts + 1), advantages over the joint group, mean-centred |
+| ``srft`` | 0 | inside L_RL: 0.5 sg(exp(+H_t)) NLL on the demonstration's tokens | demonstration: -A p/(p+0.1); self-RL: -A x ratio (PPO-clip), x 0.1 sg(exp(H_t)) where A > 0; one token mean; - 0.001 x mean entropy | one joins each group (G-1 rollouts + 1), GRPO advantages over the joint group |
+| ``relift`` | 0, but one SFT update (its own AdamW, NLL - 0.001 H) after the RL update whenever the buffer is full | none | released form (default): unclipped ratio, mean-centred advantages, token sum / max_new_tokens, - 0.001 x mean entropy; ``relift_rl_loss: paper``: PPO-clip, group advantages | start states whose G rollouts all failed, with their expert trajectory, wait in a buffer of ``relift_buffer_ratio x episodes_per_step``, newest first |
 
 Multi-turn episodes: an expert trajectory is a whole dialogue (every turn of an episode, V-IRL's restarts
 included) and only the expert's answer tokens are trained; per-token weights (p, p(1-p), the shaping
@@ -78,7 +81,8 @@ class Method:
     """How ``L_SFT`` weighs each expert token (`amft_vlm.losses.SFT_WEIGHTINGS`): nll (1), chord_phi, dft."""
     rl_objective: str = "clipped"
     """``L_RL``, a key of `amft_vlm.objectives.RL_OBJECTIVES`: clipped (PPO-clip on group advantages), luffy
-    (`amft_vlm.losses.luffy_policy_loss`) or srft (`amft_vlm.losses.srft_loss`)."""
+    (`amft_vlm.losses.luffy_policy_loss`), srft (`amft_vlm.losses.srft_loss`) or relift (its released form,
+    `amft_vlm.losses.relift_policy_loss`, or the paper's PPO-clip)."""
     expert_in_group: bool = False
     """One expert trajectory joins each group of rollouts (which then has group_size - 1 rollouts)."""
     rollouts_from_expert_states: bool = False
@@ -105,9 +109,14 @@ def _fixed_mix(config: TrainConfig, step: int) -> float:
 
 
 def _cosine_decay(config: TrainConfig, step: int) -> float:
-    """``schedule_mu_start`` at step 0 down to ``schedule_mu_end`` at ``schedule_steps`` (all steps when None), then flat."""
-    horizon = config.schedule_steps or config.steps
-    progress = min(step / max(horizon, 1), 1.0)
+    """CHORD's mu schedule (Trinity-RFT's ``mu_schedule_function``): from 0 up to ``schedule_mu_start`` over
+    ``schedule_warmup_steps`` linearly, then down to ``schedule_mu_end`` on a cosine over ``schedule_steps`` (every
+    step left when None), then flat. CHORD-mu: no warm-up, 0.9 down to 0.05 over 200 steps."""
+    warmup = config.schedule_warmup_steps
+    if step < warmup:
+        return step / warmup * config.schedule_mu_start
+    horizon = config.schedule_steps or config.steps - warmup
+    progress = min((step - warmup) / max(horizon, 1), 1.0)
     return config.schedule_mu_end + (config.schedule_mu_start - config.schedule_mu_end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -136,7 +145,7 @@ METHODS: dict[str, Method] = {
             schedule=_fixed_mix, controller=None, uses_expert_data=True, collects_rollouts=True,
         ),
         Method(
-            "scheduled-mix", "mu decays on a cosine from schedule_mu_start to schedule_mu_end over schedule_steps (CHORD-mu)",
+            "scheduled-mix", "CHORD-mu: mu decays on a cosine from schedule_mu_start (0.9) to schedule_mu_end (0.05) over schedule_steps (200)",
             schedule=_cosine_decay, controller=None, uses_expert_data=True, collects_rollouts=True,
         ),
         Method(
@@ -176,7 +185,7 @@ METHODS: dict[str, Method] = {
         Method(
             "relift", "ReLIFT: GRPO steps; all-failed start states' expert trajectories buffered for interleaved SFT updates",
             schedule=_rl_only, controller=None, uses_expert_data=True, collects_rollouts=True,
-            rollouts_from_expert_states=True, sft_buffer=True,
+            rl_objective="relift", rollouts_from_expert_states=True, sft_buffer=True,
         ),
     )
 }

@@ -6,10 +6,11 @@ passes' global counts, and ReLIFT's buffer (`amft_vlm.methods` says which method
   do; `with_demonstrations` appends it to the process's rollouts with its group id, and the advantage is
   computed over the joint group (`joint_group_advantages`).
 - Their losses normalise over global counts that must be known before the pass (`accumulate_gradient`
-  takes a token mean per micro-batch): LUFFY's Dr.GRPO scale (`luffy_scale`) and SRFT's token count per
+  takes a token mean per micro-batch): LUFFY's normalisation (`luffy_scale`) and SRFT's token count per
   kind (`srft_counts`), which their objectives compute once per pass (`amft_vlm.objectives`).
-- ReLIFT buffers the expert trajectories of start states whose rollouts all failed (`ReliftBuffer`) and
-  makes one SFT update when it holds ``relift_buffer_size`` of them.
+- ReLIFT buffers the expert trajectories of start states whose rollouts all failed (`all_failed_groups`,
+  `ReliftBuffer`, newest first) and, after the step's RL update, makes one SFT update on the newest
+  ``relift_buffer_ratio x episodes_per_step`` of them when it holds that many.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from amft_vlm.advantages import GROUP_ADVANTAGES, group_advantages
 from amft_vlm.distributed import Parallel
-from amft_vlm.losses import SrftToken, dr_grpo_scale
+from amft_vlm.losses import SrftToken, dr_grpo_scale, max_length_scale
 from amft_vlm.trajectory import Trajectory
 
 START_STATE_STREAM = 3
@@ -70,11 +71,23 @@ def expert_token_mask(trajectories: Sequence[Trajectory], device: torch.device |
     return torch.cat(flags).to(device) if flags else torch.zeros(0, dtype=torch.bool, device=device)
 
 
-def luffy_scale(parallel: Parallel, trajectories: Sequence[Trajectory], max_new_tokens: int) -> float:
-    """Dr.GRPO's normalisation for the whole pass: global tokens / (global answers x max_new_tokens), so the
-    token-mean loss becomes the sum over tokens divided by the answers' fixed maximal length (a multi-turn
-    episode is several answers, each up to max_new_tokens)."""
+LUFFY_NORMALISERS = ("max_length", "dr_grpo")
+"""What `luffy_scale` divides the pass's token sum by (``TrainConfig.luffy_normaliser``)."""
+
+
+def luffy_scale(parallel: Parallel, trajectories: Sequence[Trajectory], max_new_tokens: int, *, normaliser: str) -> float:
+    """The factor that turns the pass's token-mean loss into a token sum over a constant, for the whole pass.
+
+    ``normaliser="max_length"``: global tokens / max_new_tokens (`max_length_scale`), LUFFY's released code (the
+    token sum over the padded response length, not also over the number of answers). ``"dr_grpo"``: global tokens
+    / (global answers x max_new_tokens) (`dr_grpo_scale`), Dr.GRPO's, where a multi-turn episode is several
+    answers, each up to max_new_tokens.
+    """
+    if normaliser not in LUFFY_NORMALISERS:
+        raise ValueError(f"normaliser must be one of {LUFFY_NORMALISERS}; got {normaliser!r}")
     tokens, answers = parallel.sums([sum(t.num_response_tokens for t in trajectories), sum(t.num_turns for t in trajectories)])
+    if normaliser == "max_length":
+        return max_length_scale(int(tokens), max_new_tokens)
     return dr_grpo_scale(int(tokens), max(int(answers), 1), max_new_tokens)
 
 
@@ -94,30 +107,46 @@ def srft_counts(parallel: Parallel, trajectories: Sequence[Trajectory], turn_adv
     return counts, sum(counts.values())
 
 
+def all_failed_groups(rollouts: Sequence[Trajectory], group_count: int) -> list[bool]:
+    """Per group ``0 .. group_count - 1`` of `rollouts`: whether every one of its rollouts failed (ReLIFT buffers
+    those start states: the authors' "all G rewards equal the failure value", here no rollout a success). A group
+    with one success among its failures is not buffered; neither is a group without rollouts."""
+    outcomes: list[list[bool]] = [[] for _ in range(group_count)]
+    for trajectory in rollouts:
+        outcomes[trajectory.group].append(bool(trajectory.success))
+    return [bool(successes) and not any(successes) for successes in outcomes]
+
+
 @dataclasses.dataclass
 class ReliftBuffer:
-    """ReLIFT's buffer: indices into the expert set of start states on which every rollout failed."""
+    """ReLIFT's buffer: indices into the expert set of start states on which every rollout failed, newest first.
+
+    As in the authors' code, a step's failures go in front of the older ones (in the order of the step's start
+    states), and an SFT update takes the first `capacity` (the newest) and leaves the rest for later.
+    """
 
     capacity: int
+    """Start states that trigger an SFT update (``TrainConfig.relift_buffer_capacity``)."""
     items: list[int] = dataclasses.field(default_factory=list)
+    """The buffered start states, newest first."""
 
     def add_failed(self, parallel: Parallel, states: Sequence[int], shard_failed: Sequence[bool], process: int, processes: int) -> int:
-        """Add the step's start states (`states`, global) whose groups failed on every process's share
-        (`shard_failed`: this process's groups, start states ``states[process::processes]``); returns how many."""
+        """Put the step's start states (`states`, global) whose groups failed on every process's share
+        (`shard_failed`: this process's groups, start states ``states[process::processes]``) in front; returns how many."""
         flags = [0.0] * len(states)
         for position, failed in zip(range(process, len(states), processes), shard_failed, strict=True):
             flags[position] = float(failed)
         failed_everywhere = parallel.sums(flags)
         added = [state for state, flag in zip(states, failed_everywhere, strict=True) if flag > 0]
-        self.items.extend(added)
+        self.items = added + self.items
         return len(added)
 
     @property
     def full(self) -> bool:
+        """Whether it holds at least `capacity` start states (an SFT update is due)."""
         return len(self.items) >= self.capacity
 
-    def drain(self, count: int) -> list[int]:
-        """The `count` oldest buffered indices, taken out (ReLIFT trains on ``relift_buffer_size`` at a time; the
-        rest wait for the next update)."""
-        items, self.items = self.items[:count], self.items[count:]
+    def drain(self) -> list[int]:
+        """The `capacity` newest buffered indices, taken out; the older ones wait for the next update."""
+        items, self.items = self.items[: self.capacity], self.items[self.capacity :]
         return items

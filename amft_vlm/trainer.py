@@ -7,13 +7,13 @@ Each training iteration (``steps`` of them):
    (``episodes_per_step`` start states x ``group_size``) with one advantage per turn: GRPO's
    (`amft_vlm.advantages`) or GAE over turns from a critic (``advantage: ppo``, `amft_vlm.critic`).
    LUFFY and SRFT put a demonstration into each group, ReLIFT buffers those of all-failed groups
-   (`amft_vlm.peers`).
+   (`amft_vlm.peers`; its released form mean-centres the group rewards without the std).
 3. **Update**: ``ppo_epochs`` passes over the batch in mini-batches (``mini_batch_size`` rollouts and an
    equal share of the expert batch), one optimiser update each: ``L_SFT`` (`amft_vlm.losses`) and the
    method's ``L_RL`` (`amft_vlm.objectives`) in separate backward passes (``g_SFT``, ``g_RL``; their
    cosine is logged), the mix ``(1 - mu) g_RL + mu g_SFT``, gradient-norm clipping and AdamW. With one
    pass and one mini-batch (the default) the PPO ratio is 1 and the clip never acts; with more, it does.
-   ReLIFT adds one SFT update whenever its buffer is full.
+   ReLIFT adds, after that update, one SFT update with its own AdamW whenever its buffer is full.
 4. **Controller** (AMFT, `amft_vlm.controller`): the entropy term every iteration (H and H* on the same
    tokens at the sampling temperature); every ``meta_interval`` iterations the meta-gradient: grad U on
    validation episodes (the ``val`` split) at the parameters the update landed on, along the exact
@@ -61,6 +61,7 @@ from amft_vlm.batch import (
 )
 from amft_vlm.budget import Budget
 from amft_vlm.checkpoint import (
+    RELIFT_OPTIMIZER,
     RNG_FILE,
     MetricsLog,
     check_resume_settings,
@@ -77,11 +78,17 @@ from amft_vlm.config import TrainConfig, config_to_dict
 from amft_vlm.controller import MetaEvidence, MuTangent, mixed_adamw_step
 from amft_vlm.critic import Critic
 from amft_vlm.distributed import Parallel, check_training_layout
-from amft_vlm.losses import mix, weighted_sft_loss
+from amft_vlm.losses import mix, relift_sft_loss, weighted_sft_loss
 from amft_vlm.meta import MetaMeasurement, meta_gradient
 from amft_vlm.methods import build_controller, get_method, method_mu
 from amft_vlm.objectives import RL_OBJECTIVES, RLPass, mean_token_entropy
-from amft_vlm.peers import ReliftBuffer, expert_start_states, joint_group_advantages, with_demonstrations
+from amft_vlm.peers import (
+    ReliftBuffer,
+    all_failed_groups,
+    expert_start_states,
+    joint_group_advantages,
+    with_demonstrations,
+)
 from amft_vlm.preflight import check_run_inputs
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.run_directory import TRACKER_PROJECT, DirectoryLock, start_new_run
@@ -166,7 +173,15 @@ class Trainer:
         probe = self.expert[: config.controller.entropy_probe_size] if self.controller else []
         self.entropy_probe = [t.with_image_inputs(self.policy.encoder) for t in probe]
 
-        self.relift = ReliftBuffer(config.relift_buffer_size) if self.method.sft_buffer else None
+        # ReLIFT: the buffer, and an AdamW of its own for the SFT updates (the authors' second optimiser: own moments).
+        self.relift = ReliftBuffer(config.relift_buffer_capacity()) if self.method.sft_buffer else None
+        self.relift_optimizer = None
+        self.relift_sft_updates = 0
+        if self.relift is not None:
+            self.relift_optimizer = torch.optim.AdamW(
+                self.parameters, lr=config.relift_sft_lr_ratio * config.learning_rate, weight_decay=config.weight_decay,
+                fused=self.accelerator.device.type == "cuda",
+            )  # fmt: skip
         if checkpoint is not None:
             self._restore(checkpoint)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +221,7 @@ class Trainer:
             meta_step = controller is not None and controller.wants_meta_gradient(step)
             update_metrics, direction = self._update(step, mu, sft_batch, rl_batch, lookahead=meta_step)
             metrics.update(update_metrics)
-            if self.relift is not None and self.relift.full:  # ReLIFT: one SFT update on the buffered demonstrations
+            if self.relift is not None and self.relift.full:  # ReLIFT: after the RL update, one SFT update on the newest buffered
                 metrics.update(self._relift_update())
 
             # Controller: H* over the first controller steps, the entropy term every step, the meta term every k.
@@ -281,7 +296,7 @@ class Trainer:
             rollouts, stats = self.engine.collect(shard, group_size=members, sampling_seed=_mix_seed(config.seed, step, 1), progress=False)
         extra: dict = {"rollout_digest": self.parallel.digest([t.token_digest for t in rollouts])}
         if self.relift is not None:  # ReLIFT: start states on which every rollout failed wait in its buffer
-            failed = [not any(t.success for t in rollouts if t.group == group) for group in range(len(shard))]
+            failed = all_failed_groups(rollouts, len(shard))
             process, processes = self.accelerator.process_index, self.accelerator.num_processes
             extra["relift_added"] = self.relift.add_failed(self.parallel, states, failed, process, processes)
             extra["relift_buffer"] = len(self.relift.items)
@@ -294,6 +309,8 @@ class Trainer:
             with self.parallel.full_weights():
                 advantages, critic_targets = self.critic.advantages(self.policy, rollouts)
             batch = RolloutBatch(rollouts, advantages, critic_targets)
+        elif method.sft_buffer and config.relift_rl_loss == "released":  # ReLIFT's code: mean-centred, no std
+            batch = RolloutBatch(rollouts, joint_group_advantages(rollouts, credit=config.credit, scale_by_std=False))
         else:
             estimator = GROUP_ADVANTAGES[config.credit]
             batch = RolloutBatch(rollouts, estimator([t.turn_rewards for t in rollouts], [t.group for t in rollouts]))
@@ -403,13 +420,30 @@ class Trainer:
         return gradient, {**metrics, **{key: totals[key] for key in objective.metrics}}
 
     def _relift_update(self) -> dict:
-        """ReLIFT: one optimiser update of plain SFT on the buffered demonstrations (this process's share), emptying the buffer."""
-        items = self.relift.drain(self.relift.capacity)
+        """ReLIFT: one SFT update on the newest ``capacity`` buffered demonstrations (this process's share of them),
+        taken out of the buffer, with ReLIFT's own AdamW at ``relift_sft_lr_ratio`` x the step's learning rate."""
+        config = self.config
+        items = self.relift.drain()
+        batch = self._expert_share(items)
+        coef = config.relift_entropy_coef
+
+        def loss_of(indices):
+            scores = score_trajectories(self.policy, [batch[i] for i in indices], temperature=1.0, entropy_grad=coef > 0)
+            return relift_sft_loss(scores.logprobs, scores.entropy, entropy_coef=coef), scores, {}
+
         with self._training_mode():
-            g_sft, sft_metrics = self._sft_gradient(self._expert_share(items))
-        update = mixed_adamw_step(self.parameters, self.optimizer, g_sft, None, mu=1.0, max_grad_norm=self.config.max_grad_norm)
+            g_sft, totals = accumulate_gradient(self.parallel, self.parameters, batch, loss_of, micro_batch_count=config.gradient_accumulation_steps)
+        for group in self.relift_optimizer.param_groups:
+            group["lr"] = config.relift_sft_lr_ratio * self.scheduler.get_last_lr()[0]
+        update = mixed_adamw_step(self.parameters, self.relift_optimizer, g_sft, None, mu=1.0, max_grad_norm=config.relift_sft_max_grad_norm)
         self.budget.updates += 1
-        return {"relift_sft_loss": sft_metrics["loss_sft"], "relift_sft_examples": len(items), "relift_grad_norm": update.grad_norm}
+        self.budget.expert_examples += totals["examples"]
+        self.budget.trained_tokens += totals["tokens"]
+        self.relift_sft_updates += 1
+        return {
+            "relift_sft_loss": totals["loss"], "relift_sft_entropy": totals["entropy_sum"] / max(totals["tokens"], 1),
+            "relift_sft_examples": len(items), "relift_grad_norm": update.grad_norm, "relift_sft_lr": self.relift_optimizer.param_groups[0]["lr"],
+        }  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------
     # The controller's measurements.
@@ -506,7 +540,10 @@ class Trainer:
             "controller": self.controller.state_dict() if self.controller else None,
             "budget": asdict(self.budget),
             "relift_buffer": list(self.relift.items) if self.relift is not None else None,
+            "relift_sft_updates": self.relift_sft_updates,
         }
+        # ReLIFT's optimiser once it has stepped: saving an unstepped one would initialise its state (a zero step).
+        relift_optimizer = {RELIFT_OPTIMIZER: self.relift_optimizer} if self.relift_sft_updates else {}
         return save_checkpoint(
             self.checkpoints,
             step,
@@ -515,6 +552,7 @@ class Trainer:
             scheduler=self.scheduler,
             trainer_state=state,
             extra={"critic": self.critic.state_dict()} if self.critic is not None else {},
+            extra_optimizers=relift_optimizer,
             lora_base_model=self.base_model if self.config.lora_rank else None,
             is_main=self.accelerator.is_main_process,
         )
@@ -556,7 +594,10 @@ class Trainer:
         self.budget = Budget(**state.get("budget", {}))
         if self.relift is not None:
             self.relift.items = list(state.get("relift_buffer") or [])
+            self.relift_sft_updates = state.get("relift_sft_updates", 0)
         load_optimizer_state(checkpoint, self.policy, self.optimizer)
+        if self.relift_sft_updates:
+            load_optimizer_state(checkpoint, self.policy, self.relift_optimizer, name=RELIFT_OPTIMIZER)
         self.scheduler.load_state_dict(load_state_file(checkpoint / "scheduler.pt"))
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])

@@ -317,6 +317,7 @@ class VLMPolicy:
         temperature: float = 1.0,
         with_entropy: bool = False,
         share_prefix: bool = True,
+        entropy_grad: bool = False,
     ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Teacher-forced log-probs ``log_softmax(logits / temperature)`` of chosen tokens.
 
@@ -335,6 +336,8 @@ class VLMPolicy:
             share_prefix: run the tokens all sequences begin with (at least `MIN_SHARED_PREFIX`, before
                 any target, text-only batches) once instead of once per sequence; same results up to
                 float rounding. Off as well while the policy's `share_prefix` attribute is False.
+            entropy_grad: the entropies keep their graph when grad is enabled (an entropy bonus in a loss);
+                without it they are detached diagnostics.
 
         Returns:
             One float32 tensor per sequence with the log-probs of its target positions, in order;
@@ -347,6 +350,7 @@ class VLMPolicy:
             temperature=temperature,
             with_entropy=with_entropy,
             share_prefix=share_prefix and self.share_prefix,
+            entropy_grad=entropy_grad,
         )
 
     def hidden_states(

@@ -41,6 +41,7 @@ def token_logprobs(
     temperature: float,
     with_entropy: bool,
     share_prefix: bool,
+    entropy_grad: bool = False,
 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """`VLMPolicy.token_logprobs` (documented there) with `policy`'s model."""
     if len(target_positions) != len(sequences):
@@ -76,7 +77,12 @@ def token_logprobs(
         else:
             parts = [_chunk_logprobs(logits[i : i + SCORE_CHUNK], tokens[i : i + SCORE_CHUNK], suppressed, temperature) for i in chunks]
         results.append(torch.cat(parts) if parts else at_least_float32(logits.new_zeros(0)))
-        if with_entropy:  # a diagnostic: no graph
+        if with_entropy and entropy_grad and logits.requires_grad:  # a loss term (an entropy bonus), recomputed like the log-probs
+            entropy = [
+                checkpoint(_chunk_entropy, logits[i : i + SCORE_CHUNK], suppressed, temperature, use_reentrant=False) for i in chunks
+            ]
+            entropies.append(torch.cat(entropy) if entropy else at_least_float32(logits.new_zeros(0)))
+        elif with_entropy:  # a diagnostic: no graph
             with torch.no_grad():
                 entropy = [_chunk_entropy(logits[i : i + SCORE_CHUNK], suppressed, temperature) for i in chunks]
             entropies.append(torch.cat(entropy) if entropy else at_least_float32(logits.new_zeros(0)))

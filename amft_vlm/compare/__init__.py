@@ -40,8 +40,9 @@ runs in this process. The total ``threads`` is the cores other processes leave f
 (`amft_vlm.jobs.choose_threads`).
 
 The parts, one module each: `config` (`CompareSettings`, `CompareConfig`, `load_compare_config`: the config,
-its checks and the grid's layout under ``OUT``), `runner` (`run_compare`: checks, shared inputs, training,
-resume, evaluation), `jobs` (`JobPool`: one job in this process or N spawned processes), `statistics` (the
+its checks and the grid's layout under ``OUT``), `estimate` (``--dry-run``: the grid, its tasks, each run's work
+and an estimated time from a calibrated cost model, `plan_text`), `runner` (`run_compare`: checks, shared
+inputs, training, resume, evaluation), `jobs` (`JobPool`: one job in this process or N spawned processes), `statistics` (the
 t-interval, trailing means, steps-to-threshold), `summary` (``summary.json`` and the table) and `curves`
 (``curves.png``). Everything a caller needs is importable from `amft_vlm.compare` itself.
 """
@@ -61,6 +62,17 @@ from amft_vlm.compare.config import (
     record_path,
 )
 from amft_vlm.compare.curves import CURVE_PANELS, plot_curves
+from amft_vlm.compare.estimate import (
+    TINY_CPU_COSTS,
+    CostModel,
+    GridPlan,
+    RunWork,
+    cost_model,
+    estimate_wall_seconds,
+    grid_plan,
+    plan_text,
+    run_work,
+)
 from amft_vlm.compare.runner import (
     CompareResult,
     EvalTask,
@@ -86,25 +98,34 @@ __all__ = [
     "SET_PER_RUN",
     "SHARED_INPUTS",
     "SUMMARY_VERSION",
+    "TINY_CPU_COSTS",
     "CompareConfig",
     "CompareResult",
     "CompareSettings",
+    "CostModel",
     "EvalSetting",
     "EvalTask",
+    "GridPlan",
     "Interval",
     "RunPlan",
+    "RunWork",
     "check_grid",
     "comparison_table",
+    "cost_model",
+    "estimate_wall_seconds",
     "final_model",
+    "grid_plan",
     "load_compare_config",
     "mean_interval",
     "parse_methods",
     "parse_seeds",
+    "plan_text",
     "plot_curves",
     "record_is_current",
     "record_path",
     "run_compare",
     "run_progress",
+    "run_work",
     "steps_to_threshold",
     "summarize",
     "t_quantile_975",

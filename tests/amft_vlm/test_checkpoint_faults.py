@@ -274,7 +274,8 @@ def _saved_run(tmp_path, *overrides):
 @pytest.mark.parametrize(
     ("settings", "done", "refused"),
     [
-        (["method=scheduled-mix", "lr_schedule=constant"], 2, r"would change mu of iteration 2 \(0.7755 -> 0.8431; scheduled-mix's"),
+        (["method=scheduled-mix", "lr_schedule=constant", "schedule_steps=null"], 2, r"would change mu of iteration 2 \(0.7755 -> 0.8431; scheduled-mix's"),
+        (["method=scheduled-mix", "lr_schedule=constant"], 2, None),  # CHORD-mu's 200-step decay does not depend on steps
         (["method=scheduled-mix", "lr_schedule=constant", "schedule_steps=4"], 2, None),
         (["method=sft-then-rl", "lr_schedule=constant"], 2, None),  # still in the SFT half of both lengths
         (["method=sft-then-rl", "lr_schedule=constant"], 3, r"would change mu of iteration 3 \(0 -> 1;"),

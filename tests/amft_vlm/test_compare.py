@@ -11,10 +11,16 @@ import yaml
 from amft_vlm.cli import main
 from amft_vlm.compare import (
     DEFAULT_CONFIG,
+    CostModel,
+    RunWork,
+    cost_model,
+    estimate_wall_seconds,
+    grid_plan,
     load_compare_config,
     mean_interval,
     parse_seeds,
     run_compare,
+    run_work,
     runner,
     steps_to_threshold,
     t_quantile_975,
@@ -198,7 +204,7 @@ def test_command_line_flags_replace_the_section():
 
 def test_shipped_configs():
     tiny = load_compare_config()
-    assert tiny.train.model == "tiny:qwen2-vl" and {"amft", "sft", "rl", "sft-then-rl", "fixed-mix"} <= set(tiny.compare.methods)
+    assert tiny.train.model == "tiny:qwen2-vl" and tiny.compare.methods == ["amft", "sft", "rl", "fixed-mix", "relift"]
     assert "SMOKE TEST, NOT A RESULT" in DEFAULT_CONFIG.read_text()
     listed = yaml.safe_load(PAPER_CONFIG.read_text())["compare"]["methods"]
     paper = load_compare_config(PAPER_CONFIG, methods=[name for name in listed if name in METHODS])
@@ -237,4 +243,73 @@ def test_threads_are_shared_by_the_jobs():
 
 def test_readme_documents_the_command():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert "amft-vlm compare" in readme and "compare-tiny-gp-l.yaml" in readme
+    assert "amft-vlm compare" in readme and "compare-tiny-gp-l.yaml" in readme and "`--dry-run`" in readme
+
+
+def test_readme_table_is_the_shipped_smoke_configs_output():
+    """The README's smoke table must come from the shipped config: its rows are the config's methods, its
+    footnote the config's steps, seeds and evaluation episodes (rerun the grid when the config changes)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Comparing methods") :]
+    table = section[section.index("| method |") : section.index("```", section.index("| method |"))]
+    tiny = load_compare_config()
+    assert list(table_rows(table))[1:] == tiny.compare.methods
+    assert f"final checkpoint (step {tiny.train.steps}), greedy, {tiny.compare.eval_episodes} episodes per setting" in table
+    assert f"mean over {len(tiny.compare.seeds)} seeds" in table
+
+
+def test_dry_run_prints_the_grid_and_its_estimate_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/compare-tiny-gp-l, would be made here
+    assert main(["compare", "--dry-run", "--methods", "amft,sft,relift", "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "grid: 3 methods x 2 seeds [0, 1] = 6 runs of" in printed and "runs/compare-tiny-gp-l" in printed
+    assert "tasks: 18 (6 trainings + 12 evaluations)" in printed
+    assert "GP-L id, held-out (test), " in printed and "GP-L ood-rule, " in printed
+    assert "estimated time: " in printed and "cost model (measured" in printed
+    assert list(tmp_path.iterdir()) == []
+    out = tmp_path / "elsewhere"
+    assert main(["compare", "--dry-run", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out and not out.exists()
+
+
+def test_dry_run_counts_each_runs_work_as_the_trainer_does(grid):
+    config, _, result = grid
+    plan = grid_plan(config)
+    for method in ("sft", "rl"):
+        work = plan.work[f"{method}/seed-0"]
+        budget = result.summary["results"][method]["budget"]
+        assert work.rollout_episodes == budget["budget_rollout_episodes"]
+        assert work.validation_episodes == budget["budget_validation_episodes"]
+        assert work.expert_examples == budget["budget_expert_examples"]
+    # AMFT on the smoke config, by hand: 6 warm-up steps of SFT, then 6 of both; meta-gradient at steps 7 and 10.
+    smoke = load_compare_config(methods=["amft", "luffy", "relift"], seeds=1)
+    works = {run.method: run_work(run.config) for run in smoke.grid("out")}
+    steps, states, group, sft = smoke.train.steps, smoke.train.episodes_per_step, smoke.train.group_size, smoke.train.sft_batch_size
+    warmup, interval = smoke.train.controller.warmup_steps, smoke.train.controller.meta_interval
+    meta_steps = len(range(warmup, steps, interval))
+    validation = smoke.train.controller.validation_states * smoke.train.controller.validation_samples
+    assert works["amft"] == RunWork(steps, (steps - warmup) * states * group, meta_steps * validation, steps * sft, works["amft"].checkpoints, smoke.train.max_new_tokens)
+    assert (works["luffy"].rollout_episodes, works["luffy"].expert_examples) == (steps * states * (group - 1), steps * states)
+    assert (works["relift"].rollout_episodes, works["relift"].expert_examples) == (steps * states * group, steps * states)
+
+
+def test_the_estimate_replays_the_runners_order_of_tasks():
+    costs = CostModel("by hand", run_start=10, step=0, policy_token=0, expert_example=0, checkpoint=0, evaluation_start=2,
+                      evaluation_token=0, grid_start=1)  # fmt: skip
+    config = load_compare_config(methods=["sft", "rl"], seeds=1)
+    plan = grid_plan(config)  # 2 trainings of 10 s, each followed by 2 evaluations of 2 s
+    assert estimate_wall_seconds(plan, costs, jobs=1, max_new_tokens=40) == (1 + 28, 28)
+    # Two workers: both trainings at once (0-10), then the four evaluations two by two (10-12, 12-14).
+    assert estimate_wall_seconds(plan, costs, jobs=2, max_new_tokens=40) == (1 + 14, 28)
+    three = grid_plan(load_compare_config(methods=["sft", "rl", "amft"], seeds=1))
+    # Trainings 0-10, 0-10 and 10-20 on the worker freed first; the first four evaluations fill the other to 18,
+    # the last two follow the third training: 20-22 and 20-22.
+    assert estimate_wall_seconds(three, costs, jobs=2, max_new_tokens=40) == (1 + 22, 42)
+
+
+def test_a_model_without_a_calibration_gets_counts_and_no_time(capsys):
+    listed = yaml.safe_load(PAPER_CONFIG.read_text())["compare"]["methods"]
+    assert main(["compare", "--dry-run", "--config", str(PAPER_CONFIG), "--methods", ",".join(listed)]) == 0
+    printed = capsys.readouterr().out
+    assert f"grid: {len(listed)} methods x 3 seeds" in printed and "estimated time: none" in printed
+    assert cost_model(load_compare_config(PAPER_CONFIG, methods=listed)) is None

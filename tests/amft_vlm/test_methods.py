@@ -41,8 +41,24 @@ def test_schedules_by_hand():
     quarter = 0.1 + 0.4 * (1 + math.sqrt(0.5))
     expected = [0.9, quarter, 0.5, 1.0 - quarter, 0.1, 0.1, 0.1, 0.1]
     assert mus("scheduled-mix", schedule_mu_start=0.9, schedule_mu_end=0.1, schedule_steps=4) == pytest.approx(expected)
-    whole = mus("scheduled-mix", schedule_mu_start=0.9, schedule_mu_end=0.1)  # schedule_steps None: all steps
+    whole = mus("scheduled-mix", schedule_mu_start=0.9, schedule_mu_end=0.1, schedule_steps=None)  # all steps
     assert whole[0] == 0.9 and whole[4] == pytest.approx(0.5) and all(a > b for a, b in itertools.pairwise(whole))
+
+
+def test_chord_mu_is_the_authors_schedule_by_default():
+    # CHORD-mu (Trinity-RFT's mix_chord example): no warm-up, 0.9 down to 0.05 on a cosine over 200 steps, then flat.
+    config = TrainConfig(method="scheduled-mix").validate()
+    assert [method_mu(config, step, None) for step in (0, 100, 200, 300)] == pytest.approx([0.9, 0.475, 0.05, 0.05])
+    phi = TrainConfig(method="chord-phi", chord_mu="scheduled").validate()  # chord-phi's scheduled mu is the same
+    assert [method_mu(phi, step, None) for step in (0, 100, 200, 300)] == pytest.approx([0.9, 0.475, 0.05, 0.05])
+
+
+def test_chord_mu_warm_up_rises_linearly_from_0_then_decays():
+    config = TrainConfig(method="scheduled-mix", schedule_warmup_steps=10, schedule_steps=20).validate()
+    values = [method_mu(config, step, None) for step in (0, 5, 10, 20, 30, 40)]
+    assert values == pytest.approx([0.0, 0.45, 0.9, 0.475, 0.05, 0.05])
+    whole = TrainConfig(method="scheduled-mix", steps=30, schedule_warmup_steps=10, schedule_steps=None).validate()
+    assert method_mu(whole, 20, None) == pytest.approx(0.475)  # the decay takes the 20 steps left after the warm-up
 
 
 def test_controller_methods_take_mu_from_the_controller_with_their_parts():

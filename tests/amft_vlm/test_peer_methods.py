@@ -1,22 +1,61 @@
-"""The peers' methods (CHORD-phi, DFT, LUFFY, SRFT, ReLIFT) end to end on the tiny model: each runs, and
-each does what sets it apart (its losses are checked against hand-computed values in test_peer_losses.py)."""
+"""The peers' methods (CHORD-phi, DFT, LUFFY, SRFT) end to end on the tiny model: each runs, and each does
+what sets it apart (its losses are checked against hand-computed values in test_peer_losses.py; ReLIFT's
+choices, end to end and by hand, in test_relift.py)."""
 
+import dataclasses
 import json
 import math
+import statistics
 
 import pytest
 import torch
 
+from amft_vlm.batch import score_trajectories
 from amft_vlm.config import load_config
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.trainer import Trainer
-from tests.amft_vlm.samples import assert_same_samples
 from tests.amft_vlm.test_trainer import FAST
 
 
 def run(tmp_path, name, *overrides, resume=False):
     config = load_config(overrides=[*FAST, f"output_dir={tmp_path / name}", *overrides])
     return Trainer(config, resume=resume, progress=False)
+
+
+def recorded_passes(trainer, name):
+    """Wrap the trainer's loss pass `name` (``_rl_gradient`` or ``_sft_gradient``): each call first scores its batch
+    without gradient at the parameters the pass runs at, so a test can recompute the pass's loss by hand from what
+    the pass was given (its trajectories and their rewards), not from what the trainer computed."""
+    passes = []
+    original = getattr(trainer, name)
+    temperature = 1.0 if name == "_sft_gradient" else trainer.engine.sampling_temperature
+
+    def recording(batch):
+        trajectories = batch if isinstance(batch, list) else batch.trajectories
+        with torch.no_grad():
+            passes.append((trajectories, score_trajectories(trainer.policy, trajectories, temperature=temperature)))
+        return original(batch)
+
+    setattr(trainer, name, recording)
+    return passes
+
+
+def per_token(values, scores):
+    """One value per trajectory, repeated over each of its tokens (`scores`' order)."""
+    return torch.cat([torch.full((n,), float(v), dtype=scores.logprobs.dtype) for v, n in zip(values, scores.episode_lengths, strict=True)])
+
+
+def group_advantages_by_hand(trajectories, *, scale_by_std):
+    """Each trajectory's return minus its (joint) group's mean return, divided by the group's std with `scale_by_std`."""
+    returns = {}
+    for t in trajectories:
+        returns.setdefault(t.group, []).append(sum(t.turn_rewards))
+    advantages = []
+    for t in trajectories:
+        mean, std = statistics.fmean(returns[t.group]), statistics.pstdev(returns[t.group])
+        centred = sum(t.turn_rewards) - mean
+        advantages.append(centred if not scale_by_std else centred / (std + 1e-6) if std > 1e-6 else 0.0)
+    return advantages
 
 
 @pytest.fixture
@@ -35,10 +74,12 @@ def collected_seeds(monkeypatch):
 
 
 def test_luffy_groups_hold_one_demonstration_from_the_same_start_state(tmp_path, collected_seeds):
-    trainer = run(tmp_path, "luffy", "method=luffy", "group_size=3")
+    # Two mini-batches per step (LUFFY's script: 2 unclipped optimiser steps per batch); float64 for exact recomputation.
+    trainer = run(tmp_path, "luffy", "method=luffy", "group_size=3", "mini_batch_size=3", "dtype=float64")
     batches = []
     collect_rollouts = trainer._collect_rollouts
     trainer._collect_rollouts = lambda step: batches.append(collect_rollouts(step)) or batches[-1]
+    passes = recorded_passes(trainer, "_rl_gradient")
     history = trainer.train()
     for seeds_and_size, (batch, _) in zip(collected_seeds, batches, strict=True):
         rollouts = [t for t in batch.trajectories if t.sampling_temperature is not None]
@@ -57,64 +98,116 @@ def test_luffy_groups_hold_one_demonstration_from_the_same_start_state(tmp_path,
         assert set(seeds) <= expert_seeds  # start states drawn from the expert set
     last = history[-1]
     assert last["budget_rollout_episodes"] == 4 * 2 * 2 and last["budget_expert_examples"] == 4 * 2
-    for m in history:
+    assert last["budget_updates"] == 4 * 2 and len(passes) == 8
+    # Each pass's loss recomputed from its trajectories: advantages = the joint group's returns minus their mean
+    # (no std: the untrained policy fails, the demonstration succeeds, so every group's std is far from 1),
+    # -A * ratio on the rollouts' tokens and -A * p / (p + 0.1) on the expert's, summed and divided by
+    # max_new_tokens (not also by the answers), minus 0.001 x the mean entropy of all the tokens.
+    expected = []
+    for step, (batch, _) in enumerate(batches):
+        advantages = dict(zip(map(id, batch.trajectories), group_advantages_by_hand(batch.trajectories, scale_by_std=False), strict=True))
+        assert all(abs(statistics.pstdev([sum(t.turn_rewards) for t in batch.trajectories if t.group == g]) - 1) > 0.5 for g in (0, 1))
+        for trajectories, scores in passes[2 * step : 2 * step + 2]:
+            a = per_token([advantages[id(t)] for t in trajectories], scores)
+            expert = per_token([t.sampling_temperature is None for t in trajectories], scores).bool()
+            p, ratio = scores.logprobs.exp(), (scores.logprobs - scores.old_logprobs).exp()
+            policy_gradient = torch.where(expert, -a * p / (p + 0.1), -a * ratio).sum() / 16
+            bonus = -0.001 * scores.entropy.mean()
+            assert sum(len(t.turn_rewards) for t in trajectories) > 1  # so per-answer division would differ
+            expected.append((float(policy_gradient), float(bonus), float(ratio[~expert].max())))
+    for step, m in enumerate(history):
+        first, second = expected[2 * step], expected[2 * step + 1]
         assert m["mu"] == 0 and "loss_sft" not in m
-        assert 0 < m["expert_token_share"] < 1 and 0 < m["shaped_probability"] < 1 / (1 + 0.1)
-        assert math.isfinite(m["loss_rl"])
+        assert m["luffy_policy_gradient"] == pytest.approx((first[0] + second[0]) / 2, rel=1e-6)
+        assert m["luffy_entropy_bonus"] == pytest.approx((first[1] + second[1]) / 2, rel=1e-6)
+        assert m["loss_rl"] == pytest.approx((first[0] + first[1] + second[0] + second[1]) / 2, rel=1e-6)
+        assert abs(second[2] - 1) > 1e-6  # the second update's ratio moved off 1, unclipped
 
 
-def test_srft_weights_are_its_entropy_weights(tmp_path):
-    # Two micro-batches per pass: H is still one number for the pass (the policy's own answers), so are the weights.
-    history = run(tmp_path, "srft", "method=srft", "group_size=3", "temperature=2.0", "gradient_accumulation_steps=2").train()
-    for m in history:
-        entropy = m["srft_entropy"]
-        assert m["srft_w_sft"] == pytest.approx(0.5 * math.exp(-entropy), rel=1e-5)
-        assert m["srft_w_rl"] == pytest.approx(0.1 * math.exp(entropy), rel=1e-5)
-        assert 0 < m["srft_w_sft"] < 0.5 and m["srft_w_rl"] > 0.1
-        parts = ("srft_demo_sft", "srft_demo_rl", "srft_self_positive", "srft_self_negative")
-        assert sum(m[key] for key in parts) == pytest.approx(m["loss_rl"], abs=1e-5)
-        assert m["srft_demo_sft"] > 0  # the demonstration's NLL is always there
+@pytest.mark.parametrize(
+    "form",
+    [
+        [],  # the authors' released code
+        ["srft_sft_entropy_sign=-1", "srft_entropy=rollouts", "srft_shaping_gamma=null", "srft_self_rl=sign", "srft_entropy_coef=0"],
+    ],
+    ids=["released", "paper"],
+)
+def test_srft_loss_parts_match_a_recomputation_by_hand(tmp_path, form):
+    paper = bool(form)
+    trainer = run(tmp_path, "srft", "method=srft", "group_size=3", "gradient_accumulation_steps=2", "dtype=float64", *form)
+    collect = trainer.engine.collect
+
+    def one_rollout_per_group_succeeds(seeds, **kwargs):
+        # The untrained policy fails everywhere: lift each group's first rollout's return above its group's mean, so
+        # the step has positive own tokens (w_RL's) as well as negative ones.
+        rollouts, stats = collect(seeds, **kwargs)
+        firsts = {}
+        for index, t in enumerate(rollouts):
+            firsts.setdefault(t.group, index)
+        lifted = [dataclasses.replace(t, turn_rewards=(*t.turn_rewards[:-1], t.turn_rewards[-1] + 30.0)) if i in firsts.values() else t for i, t in enumerate(rollouts)]
+        return lifted, stats
+
+    trainer.engine.collect = one_rollout_per_group_succeeds
+    passes = recorded_passes(trainer, "_rl_gradient")
+    history = trainer.train()
+    assert len(passes) == len(history) == 4
+    for (trajectories, scores), m in zip(passes, history, strict=True):
+        # GRPO's advantages over the joint group (with its std), from the rewards.
+        a = per_token(group_advantages_by_hand(trajectories, scale_by_std=True), scores)
+        demo = per_token([t.sampling_temperature is None for t in trajectories], scores).bool()
+        positive, negative = ~demo & (a > 0), ~demo & (a < 0)
+        assert demo.any() and positive.any() and negative.any()
+        logp, entropy, total = scores.logprobs, scores.entropy, scores.num_tokens
+        p = logp.exp()
+        if paper:
+            # One H, the policy's mean entropy on its own rollouts (not the demonstrations'): 0.5 exp(-H), 0.1 exp(H);
+            # each term the mean over its own tokens; the plain ratio p on the demonstrations; no entropy bonus.
+            h = entropy[~demo].mean()
+            assert abs(float(h - entropy.mean())) > 1e-3  # the demonstrations' tokens would move it
+            weights_entropy = torch.full_like(entropy, float(h))
+            w_sft, w_rl = 0.5 * torch.exp(-weights_entropy), 0.1 * torch.exp(weights_entropy)
+            parts = {
+                "srft_demo_sft": (w_sft * -logp)[demo].mean(), "srft_demo_rl": (-a * p)[demo].mean(),
+                "srft_self_positive": (w_rl * -logp)[positive].mean(), "srft_self_negative": logp[negative].mean(),
+                "srft_entropy_bonus": torch.tensor(0.0),
+            }  # fmt: skip
+        else:
+            # Each token's own H: 0.5 exp(+H_t) on the demonstration's tokens, 0.1 exp(H_t) on the positive ones; the
+            # policy-gradient terms one mean over all tokens (shaped demonstrations, PPO-clipped own tokens); the bonus.
+            weights_entropy = entropy
+            w_sft, w_rl = 0.5 * torch.exp(entropy), 0.1 * torch.exp(entropy)
+            ratio = (logp - scores.old_logprobs).exp()
+            own = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
+            parts = {
+                "srft_demo_sft": (w_sft * -logp)[demo].mean(), "srft_demo_rl": (-a * p / (p + 0.1))[demo].sum() / total,
+                "srft_self_positive": (w_rl * own)[positive].sum() / total, "srft_self_negative": own[negative].sum() / total,
+                "srft_entropy_bonus": -0.001 * entropy.mean(),
+            }  # fmt: skip
+        for key, value in parts.items():
+            assert m[key] == pytest.approx(float(value), rel=1e-6, abs=1e-12), key
+        assert m["loss_rl"] == pytest.approx(float(sum(parts.values())), rel=1e-6)
+        assert m["srft_w_sft"] == pytest.approx(float(w_sft[demo].mean()), rel=1e-6)
+        assert m["srft_w_rl"] == pytest.approx(float(w_rl[positive].mean()), rel=1e-6)
+        assert m["srft_entropy"] == pytest.approx(float(weights_entropy[demo].mean()), rel=1e-6)
 
 
-def test_relift_buffers_failed_start_states_and_makes_an_sft_update_when_full(tmp_path):
-    # The untrained tiny model solves nothing: every start state's rollouts fail and its demonstration is buffered.
-    history = run(tmp_path, "relift", "method=relift", "relift_buffer_size=4", "temperature=2.0").train()
-    added = [m["relift_added"] for m in history]
-    assert added == [2, 2, 2, 2]
-    sft_steps = [m["step"] for m in history if "relift_sft_loss" in m]
-    assert sft_steps == [2, 4] and all(history[s - 1]["relift_sft_examples"] == 4 for s in sft_steps)
-    assert [m["relift_buffer"] for m in history] == [2, 4, 2, 4]  # logged before the update empties it
-    assert history[-1]["budget_updates"] == 4 + 2 and history[-1]["budget_expert_examples"] == 8
-    assert all(m["mu"] == 0 for m in history)
-
-
-def test_relift_resumes_with_its_buffer(tmp_path):
-    settings = ["method=relift", "relift_buffer_size=5", "temperature=2.0"]
-    straight = run(tmp_path, "straight", *settings)
-    straight_history = straight.train()
-    interrupted = run(tmp_path, "resumed", *settings)
-    interrupted.train(stop_after=2)  # a kill after the step-2 checkpoint, 4 demonstrations buffered for step 3's update
-    assert len(interrupted.relift.items) == 4
-    resumed = run(tmp_path, "resumed", *settings, resume=True)
-    assert resumed.relift.items == interrupted.relift.items
-    assert_same_samples(resumed.train(), straight_history)
-    for a, b in zip(straight.policy.model.parameters(), resumed.policy.model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-
-
-def test_chord_phi_and_dft_weight_the_expert_tokens(tmp_path):
-    chord = run(tmp_path, "chord", "method=chord-phi", "fixed_mu=0.1").train()
-    assert [m["mu"] for m in chord] == pytest.approx([0.1] * 4)
-    scheduled = run(tmp_path, "chord-s", "method=chord-phi", "chord_mu=scheduled").train()
-    assert scheduled[0]["mu"] == pytest.approx(0.9) and scheduled[-1]["mu"] < scheduled[0]["mu"]
-    dft = run(tmp_path, "dft", "method=dft").train()
-    sft = run(tmp_path, "sft", "method=sft").train()
-    assert all("loss_rl" not in m for m in dft) and dft[-1]["budget_rollout_episodes"] == 0
-    # The same first batch: DFT's loss is the NLL weighted by p < 1, so smaller than SFT's.
-    assert 0 < dft[0]["loss_sft"] < sft[0]["loss_sft"]
-    assert 0 < chord[0]["loss_sft"] < sft[0]["loss_sft"]
-    lines = (tmp_path / "dft" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+def test_chord_and_dft_sft_losses_match_a_recomputation_by_hand(tmp_path):
+    # Each method's L_SFT recomputed from its expert batch: the NLL weighted by w(p) = p (DFT), p (1 - p) (CHORD-phi),
+    # 1 (CHORD-mu, whose mu follows CHORD's 200-step schedule, not one over the run's 4 steps).
+    weights = {"dft": lambda p: p, "chord-phi": lambda p: p * (1 - p), "scheduled-mix": lambda p: torch.ones_like(p)}
+    mus = {"dft": [1.0] * 4, "chord-phi": [0.1] * 4, "scheduled-mix": [0.05 + 0.85 * 0.5 * (1 + math.cos(math.pi * s / 200)) for s in range(4)]}
+    for method, weight in weights.items():
+        trainer = run(tmp_path, method, f"method={method}", "fixed_mu=0.1", "dtype=float64")
+        passes = recorded_passes(trainer, "_sft_gradient")
+        history = trainer.train()
+        assert [m["mu"] for m in history] == pytest.approx(mus[method]), method
+        for (_, scores), m in zip(passes, history, strict=True):
+            p = scores.logprobs.exp()
+            assert m["loss_sft"] == pytest.approx(float((weight(p) * -scores.logprobs).mean()), rel=1e-6), method
+        if method == "dft":
+            assert all("loss_rl" not in m for m in history) and history[-1]["budget_rollout_episodes"] == 0
+            lines = (tmp_path / "dft" / "metrics.jsonl").read_text().splitlines()
+            assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
@@ -123,9 +216,17 @@ def test_chord_phi_and_dft_weight_the_expert_tokens(tmp_path):
         (["method=luffy", "group_size=1"], "group_size must be >= 2 for luffy"),
         (["method=luffy", "credit=turn"], "set credit: episode"),
         (["method=srft", "advantage=ppo"], "srft computes group advantages"),
-        (["method=relift", "relift_buffer_size=0"], "relift_buffer_size"),
+        (["method=relift", "relift_buffer_ratio=0"], "relift_buffer_ratio"),
         (["method=luffy", "luffy_shaping_gamma=0"], "luffy_shaping_gamma"),
         (["method=chord-phi", "chord_mu=linear"], "chord_mu"),
+        (["method=luffy", "luffy_normaliser=answers"], "luffy_normaliser"),
+        (["method=luffy", "luffy_entropy_coef=-0.001"], "luffy_entropy_coef"),
+        (["method=srft", "srft_sft_entropy_sign=0"], "srft_sft_entropy_sign"),
+        (["method=srft", "srft_entropy=mean"], "srft_entropy"),
+        (["method=srft", "srft_self_rl=reinforce"], "srft_self_rl"),
+        (["method=srft", "srft_shaping_gamma=0"], "srft_shaping_gamma"),
+        (["method=srft", "srft_entropy_coef=-1"], "srft_entropy_coef"),
+        (["method=scheduled-mix", "schedule_warmup_steps=-1"], "schedule_warmup_steps"),
     ],
 )
 def test_peer_settings_are_checked(overrides, message):

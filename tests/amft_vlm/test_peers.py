@@ -7,7 +7,6 @@ import torch
 
 from amft_vlm.losses import SrftToken, srft_token_counts, srft_token_kinds
 from amft_vlm.peers import (
-    ReliftBuffer,
     expert_start_states,
     expert_token_mask,
     joint_group_advantages,
@@ -46,16 +45,6 @@ def test_start_states_are_a_pure_function_of_seed_and_step():
         expert_start_states(0, 0, 2, seed=0)
 
 
-def test_relift_buffer_agrees_across_processes():
-    states = [11, 12, 13, 14]  # process 0 plays 11 and 13, process 1 plays 12 and 14
-    # Process 0's groups: 11 failed, 13 did not; process 1 reports (through the reduction) that 14 failed.
-    buffer = ReliftBuffer(capacity=3)
-    added = buffer.add_failed(TwoProcesses([0.0, 0.0, 0.0, 1.0]), states, [True, False], process=0, processes=2)
-    assert added == 2 and buffer.items == [11, 14] and not buffer.full
-    buffer.add_failed(OneProcess(), [20, 21], [True, True], process=0, processes=1)
-    assert buffer.full and buffer.drain(3) == [11, 14, 20] and buffer.items == [21]
-
-
 def test_srft_counts_agree_with_the_token_kinds():
     trajectories = [episode([2, 3]), episode([4]), episode([1, 1], expert=True), episode([5])]
     advantages = [torch.tensor([0.5, -1.0]), torch.tensor([0.0]), torch.tensor([2.0, 2.0]), torch.tensor([-0.2])]
@@ -66,10 +55,16 @@ def test_srft_counts_agree_with_the_token_kinds():
     assert counts == {SrftToken.DEMO: 2, SrftToken.POSITIVE: 2, SrftToken.NEGATIVE: 8, SrftToken.NEUTRAL: 4}
 
 
-def test_luffy_scale_divides_by_answers_times_the_longest_answer():
+def test_luffy_scale_divides_the_token_sum_by_the_longest_answer_and_not_by_the_answers():
     trajectories = [episode([10, 20]), episode([30], expert=True)]  # 60 tokens in 3 answers
-    assert luffy_scale(OneProcess(), trajectories, max_new_tokens=40) == pytest.approx(60 / (3 * 40))
-    assert luffy_scale(TwoProcesses([60, 3]), trajectories, max_new_tokens=40) == pytest.approx(120 / (6 * 40))
+    # LUFFY's released normaliser: sum / max_new_tokens, whatever the number of answers.
+    assert luffy_scale(OneProcess(), trajectories, max_new_tokens=40, normaliser="max_length") == pytest.approx(60 / 40)
+    assert luffy_scale(TwoProcesses([60, 3]), trajectories, max_new_tokens=40, normaliser="max_length") == pytest.approx(120 / 40)
+    # Dr.GRPO's: sum / (answers x max_new_tokens).
+    assert luffy_scale(OneProcess(), trajectories, max_new_tokens=40, normaliser="dr_grpo") == pytest.approx(60 / (3 * 40))
+    assert luffy_scale(TwoProcesses([60, 3]), trajectories, max_new_tokens=40, normaliser="dr_grpo") == pytest.approx(120 / (6 * 40))
+    with pytest.raises(ValueError, match="normaliser"):
+        luffy_scale(OneProcess(), trajectories, max_new_tokens=40, normaliser="tokens")
 
 
 def test_joint_group_advantages_luffy_mean_centres_srft_scales():

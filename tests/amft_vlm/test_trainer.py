@@ -34,17 +34,18 @@ EXPECTED = {
     "rl": {"mu": [0, 0, 0, 0], "sft": False, "rl": True, "controller": False},
     "sft-then-rl": {"mu": [1, 1, 0, 0], "sft": True, "rl": True, "controller": False},
     "fixed-mix": {"mu": [0.5] * 4, "sft": True, "rl": True, "controller": False},
-    "scheduled-mix": {"mu": [_cosine(s) for s in range(4)], "sft": True, "rl": True, "controller": False},
+    "scheduled-mix": {"mu": [_cosine(s, steps=200) for s in range(4)], "sft": True, "rl": True, "controller": False},
     "amft": {"mu0": 1.0, "sft": True, "rl": True, "controller": True, "meta_steps": [2, 4], "entropy": True},
     "no-warmup": {"mu0": 0.5, "sft": True, "rl": True, "controller": True, "meta_steps": [1, 3], "entropy": True},
     "no-meta-gradient": {"mu0": 1.0, "sft": True, "rl": True, "controller": True, "meta_steps": [], "entropy": True},
     "no-entropy": {"mu0": 1.0, "sft": True, "rl": True, "controller": True, "meta_steps": [2, 4], "entropy": False},
     "chord-phi": {"mu": [0.5] * 4, "sft": True, "rl": True, "controller": False},
     "dft": {"mu": [1, 1, 1, 1], "sft": True, "rl": False, "controller": False},
-    # LUFFY and SRFT train on the expert inside L_RL (mu = 0); ReLIFT's buffer (128) does not fill in 4 steps.
+    # LUFFY and SRFT train on the expert inside L_RL (mu = 0); ReLIFT's buffer (one step's 2 start states, all
+    # failing) fills every step, for an SFT update after the RL one.
     "luffy": {"mu": [0, 0, 0, 0], "sft": True, "rl": True, "controller": False},
     "srft": {"mu": [0, 0, 0, 0], "sft": True, "rl": True, "controller": False},
-    "relift": {"mu": [0, 0, 0, 0], "sft": False, "rl": True, "controller": False},
+    "relift": {"mu": [0, 0, 0, 0], "sft": True, "rl": True, "controller": False},
 }
 
 

@@ -111,7 +111,7 @@ def test_baseline_mu_schedules(tmp_path):
     for method, mus in expected.items():
         history = run(tmp_path, method, f"method={method}", "fixed_mu=0.3").train()
         assert [m["mu"] for m in history] == mus, method
-    scheduled = run(tmp_path, "scheduled", "method=scheduled-mix", "schedule_mu_start=0.9", "schedule_mu_end=0.1").train()
+    scheduled = run(tmp_path, "scheduled", "method=scheduled-mix", "schedule_mu_start=0.9", "schedule_mu_end=0.1", "schedule_steps=4").train()
     assert [round(m["mu"], 6) for m in scheduled] == [0.9, round(0.1 + 0.8 * 0.5 * (1 + 0.7071067811865476), 6), 0.5, round(0.1 + 0.8 * 0.5 * (1 - 0.7071067811865476), 6)]
 
 
