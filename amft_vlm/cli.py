@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import logging.handlers
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -25,9 +28,10 @@ from amft_vlm.evaluate import (
     write_record,
 )
 from amft_vlm.expert_data import collect, read_manifest
-from amft_vlm.jobs import Terminated, interrupt_exit_status, sigterm_as_interrupt
+from amft_vlm.jobs import Terminated, interrupt_exit_status, log_to_file, quiet_console, sigterm_as_interrupt
 from amft_vlm.methods import METHODS
 from amft_vlm.preflight import check_output_file, writable_directory
+from amft_vlm.run_directory import TRAIN_LOG
 from amft_vlm.safe_io import load_json_text
 from amft_vlm.served import (
     DEFAULT_API_KEY_ENV,
@@ -100,18 +104,43 @@ def train_config_file(config_file: str | None, overrides: Sequence[str], *, resu
 
 def _train_command(args: argparse.Namespace) -> int:
     from amft_vlm.config import load_config
-    from amft_vlm.trainer import Trainer
 
     config = load_config(train_config_file(args.config, args.overrides, resume=args.resume), args.overrides)
-    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
-    try:
-        history = trainer.train()
-    finally:
-        trainer.close()
+    log_file = Path(config.output_dir) / TRAIN_LOG
+    with contextlib.ExitStack() as console:
+        if not args.verbose:  # INFO goes to the run's log file; the console keeps the progress bar and warnings
+            console.enter_context(quiet_console())
+        trainer, set_up_records = _claim_run_directory(config, args)
+        try:
+            file_handler = console.enter_context(log_to_file(log_file, prefix=_rank_prefix()))
+            for record in set_up_records:
+                file_handler.handle(record)
+            history = trainer.train()
+        finally:
+            trainer.close()
     if history:
         last = history[-1]
-        log.info("finished step %d: loss %.4f, mu %.3f; metrics in %s/metrics.jsonl", last["step"], last["loss"], last["mu"], config.output_dir)
+        print(f"finished step {last['step']}: loss {last['loss']:.4f}, mu {last['mu']:.3f}; metrics in {config.output_dir}/metrics.jsonl, log in {log_file}")
     return 0
+
+
+def _claim_run_directory(config: TrainConfig, args: argparse.Namespace) -> tuple[Any, list[logging.LogRecord]]:
+    """The `Trainer` and the log records of its set-up, kept for the run's log file: that file may only be opened once
+    the trainer has claimed its directory (locked it, refused or cleared an old run)."""
+    from amft_vlm.trainer import Trainer
+
+    early = logging.handlers.BufferingHandler(capacity=1 << 30)  # flushed by hand, never by size
+    logging.getLogger().addHandler(early)
+    try:
+        trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        logging.getLogger().removeHandler(early)
+    return trainer, early.buffer
+
+
+def _rank_prefix() -> str:
+    """``"rank R "`` for the lines a process of a several-process run appends to the shared log file, else nothing."""
+    return f"rank {os.environ.get('RANK', '0')} " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def _report_command(args: argparse.Namespace) -> int:
@@ -352,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--overwrite",
         action="store_true",
-        help="delete the run already in the output directory (metrics.jsonl, checkpoints/, config.yaml, the tiny "
-        "initial-model/; nothing else) and start again; without --resume or this, a run there is refused",
+        help="delete the run already in the output directory (metrics.jsonl, checkpoints/, config.yaml, train.log, "
+        "the tiny initial-model/; nothing else) and start again; without --resume or this, a run there is refused",
     )
     train_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train_parser.set_defaults(handler=_train_command)

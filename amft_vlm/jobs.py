@@ -2,7 +2,8 @@
 thread budget they get, and how a signal stops them.
 
 `JobPool` runs ``amft-vlm compare --jobs N`` and the demo's runs side by side: each worker process has
-``threads`` torch threads and logs each task to a file of its run. `choose_threads` picks the thread count
+``threads`` torch threads and logs each task to a file of its run (as a task run in this process does, its
+console showing warnings only). `choose_threads` picks the thread count
 from the cores other processes leave free (measured from ``/proc/stat``): on a shared machine one busy
 core makes two threads much slower than one.
 
@@ -146,10 +147,12 @@ class JobPool:
         return self
 
     def submit(self, function: Callable, *args: Any, log_file: Path) -> concurrent.futures.Future:
-        """Run ``function(*args)``: now in this process, or in a worker that logs to `log_file`."""
+        """Run ``function(*args)``: now in this process or in a worker; either way its logs go to `log_file` and only
+        its warnings and errors to the console."""
         if self.jobs == 1:
             future: concurrent.futures.Future = concurrent.futures.Future()
-            future.set_result(function(*args))  # an error propagates at once, before later tasks start
+            with log_to_file(log_file), quiet_console():  # as in a worker: INFO to the run's file, warnings to the console
+                future.set_result(function(*args))  # an error propagates at once, before later tasks start
             return future
         if self.pool is None:  # spawned, not forked: a fork of a process with torch's thread pools running can hang
             self.pool = concurrent.futures.ProcessPoolExecutor(
@@ -211,17 +214,55 @@ def _start_worker(threads: int, parent: int) -> None:
 
 
 def _in_worker(log_file: Path, function: Callable, args: tuple) -> Any:
-    """Call ``function(*args)`` in a worker, its logs appended to `log_file` (`amft_vlm.safe_io.open_for_append`: a
-    FIFO or device there is refused, where a ``logging.FileHandler`` would block on it or write into it)."""
+    """Call ``function(*args)`` in a worker, its logs appended to `log_file`."""
+    with log_to_file(log_file):
+        return function(*args)
+
+
+LOG_FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def log_to_file(log_file: Path, *, prefix: str = "") -> Iterator[logging.Handler]:
+    """Append every log record that reaches the root logger to `log_file` while the block runs; yields the handler.
+
+    The file is opened with `amft_vlm.safe_io.open_for_append` (a FIFO or device there is refused, where a
+    ``logging.FileHandler`` would block on it or write into it); its directory is made if missing. `prefix` starts
+    every line (e.g. ``"rank 1 "`` when several processes append to one file).
+    """
     output_directory(log_file.parent)
     stream = open_for_append(log_file)
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    handler.setFormatter(logging.Formatter(prefix + LOG_FILE_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
     try:
-        return function(*args)
+        yield handler
     finally:
-        logging.getLogger().removeHandler(handler)
+        root.removeHandler(handler)
         handler.close()
         stream.close()
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    """A handler that writes to the terminal: a stream handler on stderr or stdout (tqdm's redirect included)."""
+    consoles = {id(stream) for stream in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__) if stream is not None}
+    return isinstance(handler, logging.StreamHandler) and id(getattr(handler, "stream", None)) in consoles
+
+
+@contextlib.contextmanager
+def quiet_console(level: int = logging.WARNING) -> Iterator[None]:
+    """While the block runs, the root logger's console handlers show only records of `level` and above.
+
+    INFO lines printed between a progress bar's updates break it up; a run's INFO lines belong in its log file
+    (`log_to_file`). Handlers that do not write to the terminal (files, pytest's capture) keep their level.
+    """
+    quieted = [(handler, handler.level) for handler in logging.getLogger().handlers if _is_console(handler) and handler.level < level]
+    for handler, _ in quieted:
+        handler.setLevel(level)
+    try:
+        yield
+    finally:
+        for handler, previous in quieted:
+            handler.setLevel(previous)
 

@@ -44,7 +44,9 @@ COMMAND_CHARACTERS = 400
 """Most characters of the holder's command line kept in the lock file."""
 TRACKER_PROJECT = "amft-vlm"
 """accelerate's tracker project of a run (``init_trackers``); TensorBoard logs go to ``RUN/amft-vlm/``."""
-RUN_ENTRIES = ("metrics.jsonl", "config.yaml", "initial-model", ".initial-model.tmp", TRACKER_PROJECT)
+TRAIN_LOG = "train.log"
+"""The log of ``amft-vlm train`` in its run directory (the console shows the progress bar and warnings)."""
+RUN_ENTRIES = ("metrics.jsonl", "config.yaml", TRAIN_LOG, "initial-model", ".initial-model.tmp", TRACKER_PROJECT)
 """What a training run writes in its directory besides ``checkpoints/`` (`remove_run` deletes these)."""
 
 

@@ -1,6 +1,11 @@
-"""The ``amft-vlm train`` command: ``--resume`` without ``--config`` continues from the run's own config.yaml."""
+"""The ``amft-vlm train`` command: ``--resume`` without ``--config`` continues from the run's own config.yaml; the
+run's log goes to its ``train.log``, the console keeps the progress bar and warnings."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -8,6 +13,8 @@ import yaml
 from amft_vlm.cli import main, train_config_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[2]
 
 SFT = {
     "method": "sft", "sft_batch_size": 4, "expert_episodes": 12, "max_new_tokens": 16, "num_envs": 4,
@@ -34,3 +41,32 @@ def test_the_train_config_file(tmp_path):
     (run / "config.yaml").write_text("method: sft\n")
     assert train_config_file(None, [f"output_dir={run}"], resume=True) == run / "config.yaml"
     assert train_config_file(None, [f"output_dir={run}"], resume=False) is None
+
+
+def _train(run, *options, model):
+    """``amft-vlm train`` of two tiny RL steps (rollouts every step) in a subprocess, as a user runs it."""
+    command = [
+        sys.executable, "-m", "amft_vlm.cli", "train", "--config", "configs/tiny-gp-l.yaml", *options, f"model={model}", "method=rl",
+        "steps=2", "episodes_per_step=2", "group_size=2", "max_new_tokens=8", "num_envs=4", "save_every=2", f"output_dir={run}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_training_logs_go_to_the_run_log_and_the_console_keeps_the_progress_bar(tmp_path, tiny_checkpoints):
+    run = tmp_path / "run"
+    result = _train(run, model=tiny_checkpoints["qwen2-vl"])
+    console = result.stderr.replace("\r", "\n").splitlines()
+    assert [line for line in console if line.startswith("INFO ")] == []
+    assert "reward=" in result.stderr and "mu=" in result.stderr and "loss=" in result.stderr  # the bar's postfix
+    log = (run / "train.log").read_text()
+    assert log.count("INFO amft_vlm.rollout: rollout GeneralPoints-v0 (policy)") == 2  # one line per step
+    assert "INFO agents.policy.policy: loaded" in log  # set-up lines, logged before the directory was claimed
+    assert f"log in {run / 'train.log'}" in result.stdout
+
+    again = _train(run, "--overwrite", model=tiny_checkpoints["qwen2-vl"])
+    assert "WARNING amft_vlm.run_directory: overwrite: deleted the run" in again.stderr  # warnings stay on the console
+    log = (run / "train.log").read_text()
+    assert log.count("INFO amft_vlm.rollout: rollout") == 2  # the old run's log went with it
+    assert "WARNING amft_vlm.run_directory: overwrite: deleted the run" in log

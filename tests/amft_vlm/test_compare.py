@@ -3,7 +3,6 @@
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
@@ -239,23 +238,6 @@ def test_steps_to_threshold_reads_the_logged_success_only():
 
 def test_threads_are_shared_by_the_jobs():
     assert [threads_per_job(8, jobs) for jobs in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
-
-
-def test_readme_documents_the_command():
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert "amft-vlm compare" in readme and "compare-tiny-gp-l.yaml" in readme and "`--dry-run`" in readme
-
-
-def test_readme_table_is_the_shipped_smoke_configs_output():
-    """The README's smoke table must come from the shipped config: its rows are the config's methods, its
-    footnote the config's steps, seeds and evaluation episodes (rerun the grid when the config changes)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Comparing methods") :]
-    table = section[section.index("| method |") : section.index("```", section.index("| method |"))]
-    tiny = load_compare_config()
-    assert list(table_rows(table))[1:] == tiny.compare.methods
-    assert f"final checkpoint (step {tiny.train.steps}), greedy, {tiny.compare.eval_episodes} episodes per setting" in table
-    assert f"mean over {len(tiny.compare.seeds)} seeds" in table
 
 
 def test_dry_run_prints_the_grid_and_its_estimate_and_writes_nothing(tmp_path, capsys, monkeypatch):

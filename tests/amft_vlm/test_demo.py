@@ -29,7 +29,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def expected_budget(config, method):
-    """What a demo run of `method` consumes by its config: the README's budget table, and every quick run's metrics."""
+    """What a demo run of `method` consumes by its config: docs/demo.md's budget table, and every quick run's metrics."""
     train, controller = config.train, config.train.controller
     controlled = train.steps - controller.warmup_steps if method.startswith("amft") else 0
     rollouts_per_update = train.episodes_per_step * train.group_size

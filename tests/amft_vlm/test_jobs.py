@@ -3,6 +3,7 @@ what they wrote resumable: the worker processes of `amft_vlm.jobs.JobPool` and i
 request threads of a served evaluation. Every test runs the command (or a pool) in a real subprocess."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from amft_vlm.compare import load_compare_config, run_compare
+from amft_vlm.jobs import JobPool
 from tests.amft_vlm.test_served import GP_LANGUAGE, _cached, _served_args, _wait_until, expert_server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; workers die with their parent on Linux")
@@ -195,3 +197,31 @@ def test_a_served_evaluation_stopped_by_sigterm_ends_at_once_and_resumes_from_th
         out = tmp_path / "record.json"
         assert subprocess.run([*command, "--out", str(out)], cwd=REPO, capture_output=True, timeout=120).returncode == 0
         assert len(server.requests) - before == episodes - answered
+
+
+def _log_both(name: str) -> str:
+    logging.getLogger("amft_vlm.task").info("info from %s", name)
+    logging.getLogger("amft_vlm.task").warning("warning from %s", name)
+    return name
+
+
+def test_a_task_in_this_process_logs_to_its_file_and_warns_on_the_console(tmp_path, capsys):
+    """One job runs its tasks here; like a worker's, a task's INFO lines go to its log file, not between progress bars."""
+    console = logging.StreamHandler(sys.stderr)  # the console handler logging.basicConfig would add
+    root = logging.getLogger()
+    root.addHandler(console)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        with JobPool(1, 1) as pool:
+            assert pool.submit(_log_both, "one", log_file=tmp_path / "run" / "task.log").result() == "one"
+        logging.getLogger("amft_vlm.task").info("after the task")
+    finally:
+        root.removeHandler(console)
+        root.setLevel(level)
+    printed = capsys.readouterr().err
+    assert "warning from one" in printed and "info from one" not in printed
+    assert "after the task" in printed  # the console is as loud as before once the task is done
+    logged = (tmp_path / "run" / "task.log").read_text()
+    assert "INFO amft_vlm.task: info from one" in logged and "WARNING amft_vlm.task: warning from one" in logged
+    assert "after the task" not in logged
