@@ -732,6 +732,7 @@ def warm_start_checkpoint(config) -> Path:
     """``config.warm_start`` after checking that its first N iterations are this run's (see `TrainConfig.warm_start`)."""
     from amft_vlm.config import WARM_START_FIELDS, load_config
     from amft_vlm.methods import build_controller, method_mu
+    from amft_vlm.resolve import resolve_method
 
     path = Path(config.warm_start)
     if not (path / "trainer_state.json").is_file():
@@ -749,8 +750,9 @@ def warm_start_checkpoint(config) -> Path:
         details = "; ".join(f"{name}: {getattr(source, name)!r} there, {getattr(config, name)!r} here" for name in differing)
         raise ValueError(f"warm_start: {str(path)!r} comes from a run with other settings ({details}); its {step} iterations are not this run's")
     for who, run in (("its run", source), ("this run", config)):
-        controller = build_controller(run)
-        if any(method_mu(run, s, controller) != 1.0 for s in range(step)):
+        method = resolve_method(run)
+        controller = build_controller(method, run)
+        if any(method_mu(method, run, s, controller) != 1.0 for s in range(step)):
             raise ValueError(
                 f"warm_start: {who} ({run.method}) is not pure SFT for the checkpoint's {step} iterations; warm-start from "
                 f"an earlier step (an amft run needs controller.warmup_steps >= {step})"
@@ -830,6 +832,7 @@ def _check_extension(saved, config, done: int) -> None:
     holds the rate of the next iteration.
     """
     from amft_vlm.methods import build_controller, method_mu
+    from amft_vlm.resolve import resolve_method
     from amft_vlm.training_setup import learning_rate_factors
 
     change = f"steps {saved.steps} -> {config.steps}"
@@ -840,9 +843,10 @@ def _check_extension(saved, config, done: int) -> None:
                 f"lr_schedule: {config.lr_schedule} depends on steps), and the run has done {done}: only a run whose learning "
                 f"rate does not depend on steps (lr_schedule: constant) extends; resume with steps={saved.steps}, or start a new run"
             )
-    controllers = build_controller(saved), build_controller(config)
+    methods = resolve_method(saved), resolve_method(config)
+    controllers = build_controller(methods[0], saved), build_controller(methods[1], config)
     for step in range(done):
-        before, now = method_mu(saved, step, controllers[0]), method_mu(config, step, controllers[1])
+        before, now = method_mu(methods[0], saved, step, controllers[0]), method_mu(methods[1], config, step, controllers[1])
         if not math.isclose(before, now, rel_tol=1e-9, abs_tol=1e-12):
             raise ResumeSettingsError(
                 f"{change} would change mu of iteration {step + 1} ({before:.4g} -> {now:.4g}; {config.method}'s mu depends "

@@ -23,8 +23,6 @@ from typing import Any, ClassVar, get_type_hints
 
 import yaml
 
-from amft_vlm.methods import METHODS as METHODS  # re-exported for `from amft_vlm.config import METHODS`
-from amft_vlm.methods import get_method
 from amft_vlm.safe_io import InputFileError, read_regular_bytes
 
 ENTROPY_SOURCES = ("rollouts", "expert")
@@ -35,6 +33,19 @@ META_SIGNALS = ("standardized", "raw")
 """Forms of the meta-gradient signal (`ControllerConfig.meta_signal`)."""
 META_CREDITS = ("episode", "turn")
 """How validation answers are credited in grad U (`ControllerConfig.meta_credit`, `amft_vlm.meta.META_CREDITS`)."""
+
+
+@dataclass(frozen=True)
+class ControllerUse:
+    """Which parts of the AMFT controller a method runs (all of them: AMFT itself); a `amft_vlm.methods.Method`
+    row's ``controller``, kept here so the config, the controller and the methods table share it from below."""
+
+    warmup: bool = True
+    """Pure SFT for ``controller.warmup_steps`` steps before the controller starts (else it runs from step 0)."""
+    meta: bool = True
+    """The meta-gradient term, every ``controller.meta_interval`` steps (validation episodes)."""
+    entropy: bool = True
+    """The entropy term, every controller step."""
 
 
 @dataclass
@@ -124,13 +135,154 @@ class ControllerConfig:
         return self
 
 
+class MethodSettings:
+    """A section of settings that one training method reads (TRL keeps one config per trainer; here each method with
+    settings of its own has a section). Its key in the config is the `TrainConfig` field that holds it, and the
+    methods table names the section its row reads (`amft_vlm.methods.Method.settings`): a section changed from its
+    defaults under another method is refused when the method is resolved (`amft_vlm.resolve.resolve_method`)."""
+
+    def validate(self, config: TrainConfig, key: str) -> None:
+        """Raise ValueError naming ``key.field`` and what it accepts; `config` is the whole run (for settings that
+        depend on another one)."""
+
+
+@dataclass
+class SftThenRlSettings(MethodSettings):
+    """sft-then-rl: SFT first, then RL."""
+
+    switch: float = 0.5
+    """Fraction of the steps spent on SFT before switching to RL."""
+
+    def validate(self, config: TrainConfig, key: str) -> None:
+        """`switch` is a fraction in [0, 1]."""
+        _finite(f"{key}.switch", self.switch)
+        _fraction(f"{key}.switch", self.switch)
+
+
+@dataclass
+class ChordPhiSettings(MethodSettings):
+    """chord-phi: the mix with each expert token weighted by sg(p(1-p))."""
+
+    mu: str = "fixed"
+    """``fixed`` (mu = fixed_mu; CHORD-phi reports 0.1) or ``scheduled`` (scheduled-mix's cosine)."""
+
+    def validate(self, config: TrainConfig, key: str) -> None:
+        """`mu` is fixed or scheduled."""
+        _choice(f"{key}.mu", self.mu, ("fixed", "scheduled"))
+
+
+@dataclass
+class LuffySettings(MethodSettings):
+    """luffy: an expert trajectory in each rollout group, policy shaping on its tokens."""
+
+    shaping_gamma: float = 0.1
+    """gamma of the policy shaping f(p) = p / (p + gamma) on the expert's tokens (LUFFY's 0.1)."""
+    normaliser: str = "max_length"
+    """What its policy-gradient token sum is divided by. ``max_length`` (the authors' code,
+    ``loss_remove_token_mean``): max_new_tokens, a constant, not also the number of answers; ``dr_grpo``: answers
+    x max_new_tokens (Dr.GRPO's). ``docs/peers.md`` lists where each peer's code and paper differ."""
+    entropy_coef: float = 0.001
+    """Weight of the entropy bonus ``- coef x token-mean entropy`` over all its tokens, the expert's included
+    (the authors' code: ``entropy_coeff: 0.001``); 0: none."""
+
+    def validate(self, config: TrainConfig, key: str) -> None:
+        """The normaliser a known form, gamma > 0, the entropy weight >= 0."""
+        _choice(f"{key}.normaliser", self.normaliser, ("max_length", "dr_grpo"))
+        _finite(f"{key}.shaping_gamma", self.shaping_gamma)
+        if not self.shaping_gamma > 0:
+            raise ValueError(f"{key}.shaping_gamma must be > 0; got {self.shaping_gamma!r}")
+        _entropy_coef(f"{key}.entropy_coef", self.entropy_coef)
+
+
+@dataclass
+class SrftSettings(MethodSettings):
+    """srft: entropy-weighted SFT and off-policy RL on the demonstration in each group, self-RL on the rollouts."""
+
+    sft_entropy_sign: int = 1
+    """The sign in its demonstration SFT weight ``w_SFT = 0.5 exp(sign x H)``: +1 the authors' code
+    (``entropy.exp()`` with ``sft_loss_coef: -0.5``), -1 the paper's Eq. 8 (SFT weighs less while H is high)."""
+    entropy: str = "token"
+    """The H its weights read. ``token`` (the code, as far as it is known): each token's own entropy, so a
+    demonstration token's w_SFT reads the policy's entropy at that demonstration token and a positive sample's w_RL
+    its own; ``rollouts``: one H per step, the policy's mean token entropy on its own rollouts (the paper's
+    H(pi_theta), read as one number)."""
+    shaping_gamma: float | None = 0.1
+    """LUFFY's policy shaping p / (p + gamma) in the demonstrations' off-policy term (the code's
+    ``off_policy_reshape: p_div_p_0.1``); null: the plain ratio p / 1 (the paper's Eq. 9-10)."""
+    self_rl: str = "advantage"
+    """Its self-RL term on the policy's own samples. ``advantage`` (the code): the policy gradient -A x ratio
+    (PPO-clipped at clip_epsilon) on every own token, times 0.1 exp(H) on positive-advantage tokens, one token mean
+    with the demonstrations' policy-gradient term; ``sign`` (the paper's Eq. 12): 0.1 exp(H) x the mean NLL of the
+    positive samples + the mean log-likelihood of the negative ones."""
+    entropy_coef: float = 0.001
+    """Weight of the entropy bonus ``- coef x token-mean entropy`` (the authors' code: 0.001; the paper: none, 0)."""
+
+    def validate(self, config: TrainConfig, key: str) -> None:
+        """Each form a known one, gamma > 0 or null, the entropy weight >= 0."""
+        _choice(f"{key}.sft_entropy_sign", self.sft_entropy_sign, (1, -1))
+        _choice(f"{key}.entropy", self.entropy, ("token", "rollouts"))
+        _choice(f"{key}.self_rl", self.self_rl, ("advantage", "sign"))
+        if self.shaping_gamma is not None:
+            _finite(f"{key}.shaping_gamma", self.shaping_gamma)
+            if not self.shaping_gamma > 0:
+                raise ValueError(f"{key}.shaping_gamma must be > 0, or null for the plain ratio p (the paper's); got {self.shaping_gamma!r}")
+        _entropy_coef(f"{key}.entropy_coef", self.entropy_coef)
+
+
+@dataclass
+class ReliftSettings(MethodSettings):
+    """relift: GRPO steps, with all-failed start states' expert trajectories buffered for interleaved SFT updates."""
+
+    buffer_ratio: float = 1.0
+    """The buffer's size in start states per step: one SFT update whenever it holds ``buffer_ratio x
+    episodes_per_step`` expert trajectories of all-failed start states (a whole number >= 1). 1.0 is the authors'
+    (ReLIFT's released scripts: a buffer of 128 for 128 prompts per step, so one SFT update about once per RL step
+    while most prompts fail)."""
+    rl_loss: str = "released"
+    """The form of its RL steps. ``released`` (the authors' code): mean-centred group advantages (no std), the
+    unclipped ratio ``-A * ratio``, the token sum divided by max_new_tokens (``loss_remove_token_mean``, as LUFFY's
+    ``max_length``), and the entropy bonus ``entropy_coef``; needs ``credit: episode``. ``paper``: GRPO as the paper
+    writes it, the run's group advantages (with std) and PPO-clip, token mean, no entropy bonus."""
+    sft_lr_ratio: float = 1.0
+    """Learning rate of the SFT updates over the RL steps' (the schedule's current rate), applied to their own AdamW
+    (own moments, the run's weight decay). 1.0 is the authors' (1e-6 for both)."""
+    sft_max_grad_norm: float = 1.0
+    """Gradient-norm clip of the SFT updates (the authors' ``sft_grad_clip``: 1.0); 0 disables."""
+    entropy_coef: float = 0.001
+    """Weight of the entropy bonus ``- coef x token-mean entropy`` in the SFT updates and, in the released form, the
+    RL steps (the authors' ``sft.entropy_coeff`` and ``entropy_coeff``: 0.001 each)."""
+
+    def buffer_capacity(self, episodes_per_step: int) -> int:
+        """Start states the buffer holds when it makes its SFT update: ``buffer_ratio x episodes_per_step``."""
+        return round(self.buffer_ratio * episodes_per_step)
+
+    def validate(self, config: TrainConfig, key: str) -> None:
+        """The buffer a whole number of start states, the forms known ones, the step sizes positive."""
+        _choice(f"{key}.rl_loss", self.rl_loss, ("released", "paper"))
+        capacity = self.buffer_ratio * config.episodes_per_step
+        if not (math.isfinite(capacity) and capacity >= 1 and math.isclose(capacity, round(capacity), abs_tol=1e-9)):
+            raise ValueError(
+                f"{key}.buffer_ratio is ReLIFT's buffer in start states per step: {key}.buffer_ratio x episodes_per_step "
+                f"must be a whole number of start states, at least 1; got {self.buffer_ratio!r} x {config.episodes_per_step} "
+                f"= {capacity:g}. The authors' ratio is 1.0 (a buffer of one step's start states)"
+            )
+        for name in ("sft_lr_ratio", "sft_max_grad_norm", "entropy_coef"):
+            _finite(f"{key}.{name}", getattr(self, name))
+        if not self.sft_lr_ratio > 0:
+            raise ValueError(f"{key}.sft_lr_ratio must be > 0 (the SFT updates' learning rate over the RL steps'); got {self.sft_lr_ratio!r}")
+        for name in ("sft_max_grad_norm", "entropy_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{key}.{name} must be >= 0; got {getattr(self, name)!r}")
+
+
 @dataclass
 class TrainConfig:
+
     """Everything a training run needs; defaults run AMFT on GeneralPoints language with a tiny model on CPU."""
 
     method: str = "amft"
-    """The training method, a name in `amft_vlm.methods.METHODS`: sft, rl, sft-then-rl, fixed-mix, scheduled-mix,
-    amft, or an ablation of AMFT (no-warmup, no-meta-gradient, no-entropy); ``amft-vlm train --help`` describes each."""
+    """The training method, a row of the methods table (`amft_vlm.methods.METHODS`); ``amft-vlm train --help`` and
+    ``docs/settings.md`` list every one with its description, generated from the table."""
     model: str = "tiny:qwen2-vl"
     """Hugging Face model id or local path; 'tiny:qwen2-vl' / 'tiny:qwen2.5-vl' builds a tiny random model in the run directory."""
     dtype: str = "float32"
@@ -261,55 +413,16 @@ class TrainConfig:
     schedule_warmup_steps: int = 0
     """scheduled-mix: steps over which mu first rises linearly from 0 to schedule_mu_start (CHORD's
     ``mu_warmup_steps``; 0 for CHORD-mu and CHORD-phi)."""
-    sft_then_rl_switch: float = 0.5
-    """sft-then-rl: fraction of steps spent on SFT before switching to RL."""
-    chord_mu: str = "fixed"
-    """chord-phi: ``fixed`` (mu = fixed_mu; CHORD-phi reports 0.1) or ``scheduled`` (scheduled-mix's cosine)."""
-    luffy_shaping_gamma: float = 0.1
-    """luffy: gamma of the policy shaping f(p) = p / (p + gamma) on the expert's tokens (LUFFY's 0.1)."""
-    luffy_normaliser: str = "max_length"
-    """luffy: what its policy-gradient token sum is divided by. ``max_length`` (the authors' code,
-    ``loss_remove_token_mean``): max_new_tokens, a constant, not also the number of answers; ``dr_grpo``: answers
-    x max_new_tokens (Dr.GRPO's). ``docs/peers.md`` lists where each peer's code and paper differ."""
-    luffy_entropy_coef: float = 0.001
-    """luffy: weight of the entropy bonus ``- coef x token-mean entropy`` over all its tokens, the expert's included
-    (the authors' code: ``entropy_coeff: 0.001``); 0: none."""
-    srft_sft_entropy_sign: int = 1
-    """srft: the sign in its demonstration SFT weight ``w_SFT = 0.5 exp(sign x H)``: +1 the authors' code
-    (``entropy.exp()`` with ``sft_loss_coef: -0.5``), -1 the paper's Eq. 8 (SFT weighs less while H is high)."""
-    srft_entropy: str = "token"
-    """srft: the H its weights read. ``token`` (the code, as far as it is known): each token's own entropy, so a
-    demonstration token's w_SFT reads the policy's entropy at that demonstration token and a positive sample's w_RL
-    its own; ``rollouts``: one H per step, the policy's mean token entropy on its own rollouts (the paper's
-    H(pi_theta), read as one number)."""
-    srft_shaping_gamma: float | None = 0.1
-    """srft: LUFFY's policy shaping p / (p + gamma) in the demonstrations' off-policy term (the code's
-    ``off_policy_reshape: p_div_p_0.1``); null: the plain ratio p / 1 (the paper's Eq. 9-10)."""
-    srft_self_rl: str = "advantage"
-    """srft: its self-RL term on the policy's own samples. ``advantage`` (the code): the policy gradient -A x ratio
-    (PPO-clipped at clip_epsilon) on every own token, times 0.1 exp(H) on positive-advantage tokens, one token mean
-    with the demonstrations' policy-gradient term; ``sign`` (the paper's Eq. 12): 0.1 exp(H) x the mean NLL of the
-    positive samples + the mean log-likelihood of the negative ones."""
-    srft_entropy_coef: float = 0.001
-    """srft: weight of the entropy bonus ``- coef x token-mean entropy`` (the authors' code: 0.001; the paper: none, 0)."""
-    relift_buffer_ratio: float = 1.0
-    """relift: the buffer's size in start states per step: one SFT update whenever it holds
-    ``relift_buffer_ratio x episodes_per_step`` expert trajectories of all-failed start states (a whole number
-    >= 1). 1.0 is the authors' (ReLIFT's released scripts: a buffer of 128 for 128 prompts per step, so one SFT
-    update about once per RL step while most prompts fail)."""
-    relift_rl_loss: str = "released"
-    """relift: the form of its RL steps. ``released`` (the authors' code): mean-centred group advantages (no std),
-    the unclipped ratio ``-A * ratio``, the token sum divided by max_new_tokens (``loss_remove_token_mean``, as
-    LUFFY's ``max_length``), and the entropy bonus ``relift_entropy_coef``; needs ``credit: episode``. ``paper``: GRPO as the paper writes it, the run's group
-    advantages (with std) and PPO-clip, token mean, no entropy bonus."""
-    relift_sft_lr_ratio: float = 1.0
-    """relift: learning rate of the SFT updates over the RL steps' (the schedule's current rate), applied to their own
-    AdamW (own moments, the run's weight decay). 1.0 is the authors' (1e-6 for both)."""
-    relift_sft_max_grad_norm: float = 1.0
-    """relift: gradient-norm clip of the SFT updates (the authors' ``sft_grad_clip``: 1.0); 0 disables."""
-    relift_entropy_coef: float = 0.001
-    """relift: weight of the entropy bonus ``- coef x token-mean entropy`` in the SFT updates and, in the released
-    form, the RL steps (the authors' ``sft.entropy_coeff`` and ``entropy_coeff``: 0.001 each)."""
+    sft_then_rl: SftThenRlSettings = field(default_factory=SftThenRlSettings)
+    """sft-then-rl's settings (`SftThenRlSettings`)."""
+    chord_phi: ChordPhiSettings = field(default_factory=ChordPhiSettings)
+    """chord-phi's settings (`ChordPhiSettings`)."""
+    luffy: LuffySettings = field(default_factory=LuffySettings)
+    """luffy's settings (`LuffySettings`)."""
+    srft: SrftSettings = field(default_factory=SrftSettings)
+    """srft's settings (`SrftSettings`)."""
+    relift: ReliftSettings = field(default_factory=ReliftSettings)
+    """relift's settings (`ReliftSettings`)."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     """The AMFT controller (amft and its ablations)."""
 
@@ -351,48 +464,18 @@ class TrainConfig:
                 "adapters (lora_rank > 0; they are kept in float32)"
             )
 
-    def relift_buffer_capacity(self) -> int:
-        """Start states ReLIFT's buffer holds when it makes its SFT update: ``relift_buffer_ratio x episodes_per_step``."""
-        return round(self.relift_buffer_ratio * self.episodes_per_step)
-
-    def _check_luffy_and_srft(self) -> None:
-        """LUFFY's and SRFT's forms (code or paper) and coefficients."""
-        _choice("luffy_normaliser", self.luffy_normaliser, ("max_length", "dr_grpo"))
-        _choice("srft_sft_entropy_sign", self.srft_sft_entropy_sign, (1, -1))
-        _choice("srft_entropy", self.srft_entropy, ("token", "rollouts"))
-        _choice("srft_self_rl", self.srft_self_rl, ("advantage", "sign"))
-        if not self.luffy_shaping_gamma > 0:
-            raise ValueError(f"luffy_shaping_gamma must be > 0; got {self.luffy_shaping_gamma!r}")
-        if self.srft_shaping_gamma is not None and not self.srft_shaping_gamma > 0:
-            raise ValueError(f"srft_shaping_gamma must be > 0, or null for the plain ratio p (the paper's); got {self.srft_shaping_gamma!r}")
-        for name in ("luffy_entropy_coef", "srft_entropy_coef"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0 (0: no entropy bonus); got {getattr(self, name)!r}")
-
-    def _check_relift(self) -> None:
-        """ReLIFT's settings: its buffer a whole number of start states, its forms and step sizes."""
-        _choice("relift_rl_loss", self.relift_rl_loss, ("released", "paper"))
-        capacity = self.relift_buffer_ratio * self.episodes_per_step
-        if not (math.isfinite(capacity) and capacity >= 1 and math.isclose(capacity, round(capacity), abs_tol=1e-9)):
-            raise ValueError(
-                f"relift_buffer_ratio is ReLIFT's buffer in start states per step: relift_buffer_ratio x episodes_per_step "
-                f"must be a whole number of start states, at least 1; got {self.relift_buffer_ratio!r} x {self.episodes_per_step} "
-                f"= {capacity:g}. The authors' ratio is 1.0 (a buffer of one step's start states)"
-            )
-        if not self.relift_sft_lr_ratio > 0:
-            raise ValueError(f"relift_sft_lr_ratio must be > 0 (the SFT updates' learning rate over the RL steps'); got {self.relift_sft_lr_ratio!r}")
-        for name in ("relift_sft_max_grad_norm", "relift_entropy_coef"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
-        if get_method(self.method).sft_buffer and self.relift_rl_loss == "released" and self.credit != "episode":
-            raise ValueError(
-                "relift's released form mean-centres each group's episode returns (no std, no per-turn credit); "
-                "set credit: episode, or relift_rl_loss: paper for the run's GRPO estimator"
-            )
+    def method_sections(self) -> dict[str, MethodSettings]:
+        """The per-method sections by key: ``{"luffy": self.luffy, ...}``."""
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self) if isinstance(getattr(self, item.name), MethodSettings)}
 
     def validate(self) -> TrainConfig:
-        """Raise ValueError naming the first bad field and what it accepts; return self when valid."""
-        controller_use = get_method(self.method).controller
+        """Raise ValueError naming the first bad field and what it accepts; return self when valid.
+
+        Checks every value on its own and each section (`MethodSettings.validate`, `ControllerConfig.validate`); what
+        depends on the method's row (its name among them) is checked when the method is resolved
+        (`amft_vlm.resolve.resolve_method`), one floor up, where the methods table is."""
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"method must be the name of a training method (amft-vlm train --help lists them); got {self.method!r}")
         _choice("dtype", self.dtype, ("float32", "bfloat16", "float16", "float64"))
         _choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
@@ -404,18 +487,10 @@ class TrainConfig:
             )
         _choice("advantage", self.advantage, ("grpo", "ppo"))
         _choice("credit", self.credit, ("episode", "turn"))
-        _choice("chord_mu", self.chord_mu, ("fixed", "scheduled"))
-        method = get_method(self.method)
-        if (method.expert_in_group or method.sft_buffer) and self.advantage != "grpo":
-            raise ValueError(f"{self.method} computes group advantages (its expert trajectories have no critic values); set advantage: grpo")
-        if method.rl_objective == "luffy" and self.credit != "episode":
-            raise ValueError("luffy's advantages are its joint group's mean-centred episode returns; set credit: episode")
-        if method.expert_in_group and self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 for {self.method}: each group is group_size - 1 rollouts plus one expert trajectory")
-        self._check_luffy_and_srft()
         for name in ("steps", "episodes_per_step", "group_size", "sft_batch_size", "num_envs", "max_new_tokens", "gradient_accumulation_steps", "save_every", "expert_episodes", "ppo_epochs"):
             _positive(name, getattr(self, name))
-        self._check_relift()
+        for key, section in self.method_sections().items():
+            section.validate(self, key)
         if self.mini_batch_size is not None:
             _positive("mini_batch_size", self.mini_batch_size)
             parts = math.ceil(self.episodes_per_step * self.group_size / self.mini_batch_size)
@@ -431,7 +506,7 @@ class TrainConfig:
         for name in ("learning_rate", "temperature", "clip_epsilon", "value_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
-        for name in ("fixed_mu", "schedule_mu_start", "schedule_mu_end", "sft_then_rl_switch"):
+        for name in ("fixed_mu", "schedule_mu_start", "schedule_mu_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)!r}")
         for name in ("gamma", "gae_lambda"):
@@ -441,8 +516,6 @@ class TrainConfig:
             raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning); got {self.lora_rank}")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         if self.device == "cuda":
-            from amft_vlm.preflight import check_device
-
             check_device(self.device)
         _integer_at_least("lr_warmup_steps", self.lr_warmup_steps, 0)
         for name in ("weight_decay", "max_grad_norm"):
@@ -464,24 +537,11 @@ class TrainConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
         self._check_update_precision()
-        c = self.controller.validate()
-        if controller_use is not None and c.mu_max >= 1.0:
-            raise ValueError(
-                f"controller.mu_max must be < 1 for {self.method}: at mu = 1 no rollouts are collected, so the controller "
-                "would have no entropy or meta signal left to move mu back; the released value is 0.95"
-            )
-        if controller_use is not None and controller_use.warmup and c.warmup_steps >= self.steps:
-            raise ValueError(f"controller.warmup_steps must be in [0, steps) = [0, {self.steps}); got {c.warmup_steps}")
+        self.controller.validate()
         if self.expert_data is not None and not os.path.isdir(self.expert_data):
             raise ValueError(f"expert_data: {self.expert_data!r} is not a directory; run `amft-vlm collect --out DIR` or set expert_data=None")
-        if self.expert_data_after_warmup is not None:
-            if controller_use is None or not controller_use.warmup:
-                raise ValueError(
-                    f"expert_data_after_warmup replaces the expert data when the controller's warm-up ends; {self.method} has no "
-                    "such warm-up (use amft, no-meta-gradient or no-entropy), or leave it null"
-                )
-            if not os.path.isdir(self.expert_data_after_warmup):
-                raise ValueError(f"expert_data_after_warmup: {self.expert_data_after_warmup!r} is not a directory; give an expert dataset or null")
+        if self.expert_data_after_warmup is not None and not os.path.isdir(self.expert_data_after_warmup):
+            raise ValueError(f"expert_data_after_warmup: {self.expert_data_after_warmup!r} is not a directory; give an expert dataset or null")
         return self
 
 
@@ -494,9 +554,33 @@ WARM_START_FIELDS = (
 """Settings two runs must share for one to warm-start from the other's SFT iterations (`TrainConfig.warm_start`)."""
 
 
+MOVED_TO_SECTIONS = {
+    "sft_then_rl_switch": "sft_then_rl.switch",
+    "chord_mu": "chord_phi.mu",
+    "luffy_shaping_gamma": "luffy.shaping_gamma",
+    "luffy_normaliser": "luffy.normaliser",
+    "luffy_entropy_coef": "luffy.entropy_coef",
+    "srft_sft_entropy_sign": "srft.sft_entropy_sign",
+    "srft_entropy": "srft.entropy",
+    "srft_shaping_gamma": "srft.shaping_gamma",
+    "srft_self_rl": "srft.self_rl",
+    "srft_entropy_coef": "srft.entropy_coef",
+    "relift_buffer_ratio": "relift.buffer_ratio",
+    "relift_rl_loss": "relift.rl_loss",
+    "relift_sft_lr_ratio": "relift.sft_lr_ratio",
+    "relift_sft_max_grad_norm": "relift.sft_max_grad_norm",
+    "relift_entropy_coef": "relift.entropy_coef",
+}
+"""Flat settings of earlier versions that now live in a method's section: old key -> new dotted key."""
+
+
 REPLACED_FIELDS = {
-    "relift_buffer_size": "ReLIFT's buffer is sized in start states per step, relift_buffer_ratio (relift_buffer_size N "
-    "is relift_buffer_ratio N / episodes_per_step; the authors' is 1.0)",
+    "relift_buffer_size": "ReLIFT's buffer is sized in start states per step, relift.buffer_ratio (relift_buffer_size N "
+    "is relift.buffer_ratio N / episodes_per_step; the authors' is 1.0)",
+    **{
+        old: f"it moved into its method's section: write {new} (in YAML, {new.split('.')[0]}: {{{new.split('.')[1]}: ...}})"
+        for old, new in MOVED_TO_SECTIONS.items()
+    },
 }
 """Settings of earlier versions that a config may still name, and what took their place."""
 
@@ -513,6 +597,41 @@ def _finite(name: str, value: float) -> None:
 def _choice(name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1]; got {value!r}")
+
+
+def _entropy_coef(name: str, value: float) -> None:
+    _finite(name, value)
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0 (0: no entropy bonus); got {value!r}")
+
+
+def check_device(device: str, *, what: str = "device") -> None:
+    """Raise ``ValueError`` unless `device` is ``auto`` or a device this torch has (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{what}: {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise ValueError(f"{what}: {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{what}: {device} was asked for, but this torch ({torch.__version__}) sees no CUDA device; use cpu or auto"
+        )
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"{what}: {device} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
 
 
 def _positive(name: str, value: object) -> None:

@@ -59,9 +59,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from amft_vlm.config import ControllerConfig
+from amft_vlm.config import ControllerConfig, ControllerUse
 from amft_vlm.distributed import flat_dot, flat_dots, local_shard
-from amft_vlm.methods import ControllerUse
 
 EVERY_PART = ControllerUse()
 """The whole controller, as AMFT runs it (`MuController`'s default)."""

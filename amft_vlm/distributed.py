@@ -33,10 +33,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from amft_vlm.config import ControllerUse, TrainConfig
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
 """Values of `TrainConfig.distributed`."""
@@ -247,10 +250,9 @@ MIN_ROUNDS = 3
 """Fewest rounds of validation start states (one per process) the standardized meta signal takes its error over."""
 
 
-def check_training_layout(config, parallel: Parallel) -> None:
-    """Batches of `config` (a `TrainConfig`) that split evenly over the processes, and what the sharded
-    strategies do not support yet; a ValueError says what to change."""
-    from amft_vlm.methods import get_method
+def check_training_layout(config: TrainConfig, controller_use: ControllerUse | None, parallel: Parallel) -> None:
+    """Batches of `config` that split evenly over the processes, and what the sharded strategies do not support yet;
+    `controller_use` is the method's (`amft_vlm.methods.Method.controller`). A ValueError says what to change."""
 
     if not parallel.sharded:
         return
@@ -259,7 +261,7 @@ def check_training_layout(config, parallel: Parallel) -> None:
             f"LoRA trains on one process for now (distributed: {parallel.strategy} was chosen for "
             f"{parallel.world} processes); launch one process, or train all weights"
         )
-    use = get_method(config.method).controller
+    use = controller_use
     counts = {"sft_batch_size": config.sft_batch_size, "episodes_per_step": config.episodes_per_step}
     if use is not None:
         counts["controller.validation_states"] = config.controller.validation_states

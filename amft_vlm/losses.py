@@ -340,8 +340,8 @@ def srft_loss(
       its own tokens.
 
     NEUTRAL tokens (A = 0) get no term (in the ``"advantage"`` form they still count in the token mean).
-    `entropy` is the H the weights read, detached: one number for the pass (``srft_entropy: rollouts``), or one
-    per token (``srft_entropy: token``), each token's weight then reading the policy's entropy at that token: a
+    `entropy` is the H the weights read, detached: one number for the pass (``srft.entropy: rollouts``), or one
+    per token (``srft.entropy: token``), each token's weight then reading the policy's entropy at that token: a
     demonstration token's ``w_SFT`` its own H, a positive token's ``w_RL`` its own.
 
     `kinds` holds each token's `SrftToken` (`srft_token_kinds`). `counts` maps each kind to its GLOBAL

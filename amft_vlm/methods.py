@@ -15,11 +15,11 @@ follows its authors' released code by default, with the paper's form a setting w
 | method | mu | L_SFT's token weight | L_RL | expert trajectories |
 |---|---|---|---|---|
 | ``scheduled-mix`` (CHORD-mu) | cosine from 0.9 down to 0.05 over ``schedule_steps`` = 200 steps, then flat (no warm-up) | 1 | PPO-clip, group advantages | the expert batch |
-| ``chord-phi`` | ``fixed_mu``, or the cosine schedule (``chord_mu: scheduled``) | sg(p(1-p)) | PPO-clip, group advantages | the expert batch |
+| ``chord-phi`` | ``fixed_mu``, or the cosine schedule (``chord_phi.mu: scheduled``) | sg(p(1-p)) | PPO-clip, group advantages | the expert batch |
 | ``dft`` | 1 | sg(p) | none | the expert batch |
 | ``luffy`` | 0 | none | unclipped ratio on rollouts, p/(p+gamma) on the expert's tokens, token sum / max_new_tokens, - 0.001 x mean entropy | one joins each group (G-1 rollouts + 1), advantages over the joint group, mean-centred |
 | ``srft`` | 0 | inside L_RL: 0.5 sg(exp(+H_t)) NLL on the demonstration's tokens | demonstration: -A p/(p+0.1); self-RL: -A x ratio (PPO-clip), x 0.1 sg(exp(H_t)) where A > 0; one token mean; - 0.001 x mean entropy | one joins each group (G-1 rollouts + 1), GRPO advantages over the joint group |
-| ``relift`` | 0, but one SFT update (its own AdamW, NLL - 0.001 H) after the RL update whenever the buffer is full | none | released form (default): unclipped ratio, mean-centred advantages, token sum / max_new_tokens, - 0.001 x mean entropy; ``relift_rl_loss: paper``: PPO-clip, group advantages | start states whose G rollouts all failed, with their expert trajectory, wait in a buffer of ``relift_buffer_ratio x episodes_per_step``, newest first |
+| ``relift`` | 0, but one SFT update (its own AdamW, NLL - 0.001 H) after the RL update whenever the buffer is full | none | released form (default): unclipped ratio, mean-centred advantages, token sum / max_new_tokens, - 0.001 x mean entropy; ``relift.rl_loss: paper``: PPO-clip, group advantages | start states whose G rollouts all failed, with their expert trajectory, wait in a buffer of ``relift.buffer_ratio x episodes_per_step``, newest first |
 
 Multi-turn episodes: an expert trajectory is a whole dialogue (every turn of an episode, V-IRL's restarts
 included) and only the expert's answer tokens are trained; per-token weights (p, p(1-p), the shaping
@@ -44,21 +44,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from amft_vlm.config import ControllerUse, TrainConfig
+
 if TYPE_CHECKING:
-    from amft_vlm.config import TrainConfig
     from amft_vlm.controller import MuController
-
-
-@dataclass(frozen=True)
-class ControllerUse:
-    """Which parts of the AMFT controller a method runs (all of them: AMFT itself)."""
-
-    warmup: bool = True
-    """Pure SFT for ``controller.warmup_steps`` steps before the controller starts (else it runs from step 0)."""
-    meta: bool = True
-    """The meta-gradient term, every ``controller.meta_interval`` steps (validation episodes)."""
-    entropy: bool = True
-    """The entropy term, every controller step."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +78,9 @@ class Method:
     """Rollouts start from the expert set's start states, so each group has its demonstration."""
     sft_buffer: bool = False
     """ReLIFT: start states whose rollouts all failed buffer their expert trajectory for an SFT update."""
+    settings: str | None = None
+    """The key of the `amft_vlm.config.TrainConfig` section this method reads (`amft_vlm.config.MethodSettings`),
+    e.g. ``luffy``; None: none."""
 
 
 def _sft_only(config: TrainConfig, step: int) -> float:
@@ -100,8 +92,8 @@ def _rl_only(config: TrainConfig, step: int) -> float:
 
 
 def _sft_then_rl(config: TrainConfig, step: int) -> float:
-    """1 for the first ``sft_then_rl_switch`` of the steps, then 0."""
-    return 1.0 if step < round(config.sft_then_rl_switch * config.steps) else 0.0
+    """1 for the first ``sft_then_rl.switch`` of the steps, then 0."""
+    return 1.0 if step < round(config.sft_then_rl.switch * config.steps) else 0.0
 
 
 def _fixed_mix(config: TrainConfig, step: int) -> float:
@@ -121,8 +113,8 @@ def _cosine_decay(config: TrainConfig, step: int) -> float:
 
 
 def _chord_mu(config: TrainConfig, step: int) -> float:
-    """CHORD-phi's mu: ``fixed_mu`` (CHORD reports 0.1), or the cosine schedule with ``chord_mu: scheduled``."""
-    return config.fixed_mu if config.chord_mu == "fixed" else _cosine_decay(config, step)
+    """CHORD-phi's mu: ``fixed_mu`` (CHORD reports 0.1), or the cosine schedule with ``chord_phi.mu: scheduled``."""
+    return config.fixed_mu if config.chord_phi.mu == "fixed" else _cosine_decay(config, step)
 
 
 METHODS: dict[str, Method] = {
@@ -137,8 +129,8 @@ METHODS: dict[str, Method] = {
             schedule=_rl_only, controller=None, uses_expert_data=False, collects_rollouts=True,
         ),
         Method(
-            "sft-then-rl", "SFT for the first sft_then_rl_switch of the steps, then RL (two stages)",
-            schedule=_sft_then_rl, controller=None, uses_expert_data=True, collects_rollouts=True,
+            "sft-then-rl", "SFT for the first sft_then_rl.switch of the steps, then RL (two stages)",
+            schedule=_sft_then_rl, controller=None, uses_expert_data=True, collects_rollouts=True, settings="sft_then_rl",
         ),
         Method(
             "fixed-mix", "a constant mix, mu = fixed_mu",
@@ -165,8 +157,9 @@ METHODS: dict[str, Method] = {
             schedule=None, controller=ControllerUse(entropy=False), uses_expert_data=True, collects_rollouts=True,
         ),
         Method(
-            "chord-phi", "CHORD-phi: the mix with each expert token weighted by sg(p(1-p)); mu = fixed_mu or scheduled (chord_mu)",
+            "chord-phi", "CHORD-phi: the mix with each expert token weighted by sg(p(1-p)); mu = fixed_mu or scheduled (chord_phi.mu)",
             schedule=_chord_mu, controller=None, uses_expert_data=True, collects_rollouts=True, sft_weighting="chord_phi",
+            settings="chord_phi",
         ),
         Method(
             "dft", "dynamic fine-tuning: SFT with each expert token weighted by sg(p) (mu = 1)",
@@ -175,17 +168,17 @@ METHODS: dict[str, Method] = {
         Method(
             "luffy", "LUFFY: an expert trajectory in each rollout group, joint advantages, policy shaping p/(p+gamma) on its tokens",
             schedule=_rl_only, controller=None, uses_expert_data=True, collects_rollouts=True,
-            rl_objective="luffy", expert_in_group=True, rollouts_from_expert_states=True,
+            rl_objective="luffy", expert_in_group=True, rollouts_from_expert_states=True, settings="luffy",
         ),
         Method(
             "srft", "SRFT: entropy-weighted SFT and off-policy RL on the demonstration in each group, self-RL on the rollouts",
             schedule=_rl_only, controller=None, uses_expert_data=True, collects_rollouts=True,
-            rl_objective="srft", expert_in_group=True, rollouts_from_expert_states=True,
+            rl_objective="srft", expert_in_group=True, rollouts_from_expert_states=True, settings="srft",
         ),
         Method(
             "relift", "ReLIFT: GRPO steps; all-failed start states' expert trajectories buffered for interleaved SFT updates",
             schedule=_rl_only, controller=None, uses_expert_data=True, collects_rollouts=True,
-            rl_objective="relift", rollouts_from_expert_states=True, sft_buffer=True,
+            rl_objective="relift", rollouts_from_expert_states=True, sft_buffer=True, settings="relift",
         ),
     )
 }
@@ -200,9 +193,8 @@ def get_method(name: str) -> Method:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {name!r}") from None
 
 
-def method_mu(config: TrainConfig, step: int, controller: MuController | None) -> float:
-    """The weight of ``L_SFT`` at `step` (0-based): the method's schedule, or `controller`'s mu (1 in its warm-up)."""
-    method = get_method(config.method)
+def method_mu(method: Method, config: TrainConfig, step: int, controller: MuController | None) -> float:
+    """The weight of ``L_SFT`` at `step` (0-based): `method`'s schedule, or `controller`'s mu (1 in its warm-up)."""
     if method.schedule is not None:
         return method.schedule(config, step)
     if controller is None:
@@ -210,11 +202,11 @@ def method_mu(config: TrainConfig, step: int, controller: MuController | None) -
     return controller.mu_for_step(step)
 
 
-def build_controller(config: TrainConfig) -> MuController | None:
-    """The mu controller of `config`'s method with the parts it runs (None for a schedule)."""
-    use = get_method(config.method).controller
+def build_controller(method: Method, config: TrainConfig) -> MuController | None:
+    """`method`'s mu controller with the parts it runs (None for a schedule)."""
+    use = method.controller
     if use is None:
         return None
-    from amft_vlm.controller import MuController  # controller.py imports ControllerUse from here
+    from amft_vlm.controller import MuController  # torch loads only when a method has a controller
 
     return MuController(config.controller, use)

@@ -12,7 +12,7 @@ An objective has two parts:
 |---|---|---|
 | ``clipped`` | nothing | `clipped_policy_loss` (PPO-clip) |
 | ``luffy`` | its normalisation (`luffy_scale`) | `luffy_policy_loss` with the expert's tokens marked, plus `entropy_bonus` |
-| ``srft`` | token count per kind (`srft_counts`); with ``srft_entropy: rollouts``, H on the policy's answers (`mean_token_entropy`) | `srft_loss` (with ``srft_entropy: token``, each token's own H), plus `entropy_bonus` |
+| ``srft`` | token count per kind (`srft_counts`); with ``srft.entropy: rollouts``, H on the policy's answers (`mean_token_entropy`) | `srft_loss` (with ``srft.entropy: token``, each token's own H), plus `entropy_bonus` |
 | ``relift`` | released form: the token sum over max_new_tokens (`luffy_scale`, ``max_length``); paper form: nothing | `relift_policy_loss` (entropy scored with its graph), or `clipped_policy_loss` |
 
 `RLObjective.loss_of` joins the two into the ``loss_of`` that `accumulate_gradient` calls.
@@ -83,17 +83,17 @@ def _clipped(run: RLPass, batch: RolloutBatch) -> MicroBatchLoss:
 
 
 def _luffy(run: RLPass, batch: RolloutBatch) -> MicroBatchLoss:
-    """LUFFY: the mixed-policy loss over its normalisation (``luffy_normaliser``) plus the entropy bonus."""
+    """LUFFY: the mixed-policy loss over its normalisation (``luffy.normaliser``) plus the entropy bonus."""
     config = run.config
-    scale = luffy_scale(run.parallel, batch.trajectories, config.max_new_tokens, normaliser=config.luffy_normaliser)
+    scale = luffy_scale(run.parallel, batch.trajectories, config.max_new_tokens, normaliser=config.luffy.normaliser)
 
     def loss(part: RolloutBatch, scores: TokenScores) -> tuple[torch.Tensor, dict[str, float]]:
         expert = expert_token_mask(part.trajectories, scores.logprobs.device)
         value, shaped = luffy_policy_loss(
             scores.logprobs, scores.old_logprobs, scores.advantages, expert,
-            shaping_gamma=config.luffy_shaping_gamma, scale=scale,
+            shaping_gamma=config.luffy.shaping_gamma, scale=scale,
         )  # fmt: skip
-        bonus = entropy_bonus(scores.entropy, config.luffy_entropy_coef)
+        bonus = entropy_bonus(scores.entropy, config.luffy.entropy_coef)
         return value + bonus, {
             "ratio": shaped.mean_on_policy_ratio, "shaped_probability": shaped.mean_shaped_probability,
             "expert_token_share": shaped.expert_token_share, "luffy_policy_gradient": float(value.detach()),
@@ -108,7 +108,7 @@ def _srft(run: RLPass, batch: RolloutBatch) -> MicroBatchLoss:
     config = run.config
     counts, total = srft_counts(run.parallel, batch.trajectories, batch.turn_advantages)
     entropy: float | None = None
-    if config.srft_entropy == "rollouts":
+    if config.srft.entropy == "rollouts":
         # The policy's mean token entropy on its own answers of the whole pass, one number for every
         # micro-batch and process, so SRFT's weights do not depend on how the pass is split.
         own = [t for t in batch.trajectories if not is_demonstration(t)]
@@ -119,23 +119,23 @@ def _srft(run: RLPass, batch: RolloutBatch) -> MicroBatchLoss:
         value, terms = srft_loss(
             scores.logprobs, scores.old_logprobs, scores.advantages, kinds,
             entropy=scores.entropy.detach() if entropy is None else entropy, counts=counts, total_tokens=total,
-            sft_entropy_sign=config.srft_sft_entropy_sign, shaping_gamma=config.srft_shaping_gamma,
-            self_rl=config.srft_self_rl, clip_epsilon=config.clip_epsilon,
+            sft_entropy_sign=config.srft.sft_entropy_sign, shaping_gamma=config.srft.shaping_gamma,
+            self_rl=config.srft.self_rl, clip_epsilon=config.clip_epsilon,
         )  # fmt: skip
-        bonus = entropy_bonus(scores.entropy, config.srft_entropy_coef)
+        bonus = entropy_bonus(scores.entropy, config.srft.entropy_coef)
         return value + bonus, {
             "srft_w_sft": terms.w_sft, "srft_w_rl": terms.w_rl, "srft_demo_sft": terms.demo_sft, "srft_demo_rl": terms.demo_rl,
             "srft_self_positive": terms.self_positive, "srft_self_negative": terms.self_negative,
-            "srft_entropy": terms.demo_entropy, "srft_entropy_bonus": float(bonus.detach()),
+            "srft.entropy": terms.demo_entropy, "srft_entropy_bonus": float(bonus.detach()),
         }  # fmt: skip
 
     return loss
 
 
 def _relift(run: RLPass, batch: RolloutBatch) -> MicroBatchLoss:
-    """ReLIFT's RL steps: its authors' released form (``relift_rl_loss: released``) or the paper's GRPO (PPO-clip)."""
+    """ReLIFT's RL steps: its authors' released form (``relift.rl_loss: released``) or the paper's GRPO (PPO-clip)."""
     config = run.config
-    if config.relift_rl_loss == "paper":
+    if config.relift.rl_loss == "paper":
         clipped = _clipped(run, batch)
 
         def paper_loss(part: RolloutBatch, scores: TokenScores) -> tuple[torch.Tensor, dict[str, float]]:
@@ -147,7 +147,7 @@ def _relift(run: RLPass, batch: RolloutBatch) -> MicroBatchLoss:
 
     def released_loss(part: RolloutBatch, scores: TokenScores) -> tuple[torch.Tensor, dict[str, float]]:
         value, stats = relift_policy_loss(
-            scores.logprobs, scores.old_logprobs, scores.advantages, scores.entropy, scale=scale, entropy_coef=config.relift_entropy_coef
+            scores.logprobs, scores.old_logprobs, scores.advantages, scores.entropy, scale=scale, entropy_coef=config.relift.entropy_coef
         )
         return value, {"ratio": stats.mean_ratio, "clip_fraction": 0.0}
 
@@ -155,7 +155,7 @@ def _relift(run: RLPass, batch: RolloutBatch) -> MicroBatchLoss:
 
 
 def _relift_entropy_grad(config: TrainConfig) -> bool:
-    return config.relift_rl_loss == "released" and config.relift_entropy_coef > 0
+    return config.relift.rl_loss == "released" and config.relift.entropy_coef > 0
 
 
 @dataclass(frozen=True)
@@ -190,12 +190,12 @@ RL_OBJECTIVES: dict[str, RLObjective] = {
     "clipped": RLObjective(_clipped, ("clip_fraction", "approx_kl", "ratio")),
     "luffy": RLObjective(
         _luffy, ("ratio", "shaped_probability", "expert_token_share", "luffy_policy_gradient", "luffy_entropy_bonus"),
-        entropy_grad=lambda config: config.luffy_entropy_coef > 0,
+        entropy_grad=lambda config: config.luffy.entropy_coef > 0,
     ),
     "srft": RLObjective(_srft, (
-        "srft_w_sft", "srft_w_rl", "srft_demo_sft", "srft_demo_rl", "srft_self_positive", "srft_self_negative", "srft_entropy",
+        "srft_w_sft", "srft_w_rl", "srft_demo_sft", "srft_demo_rl", "srft_self_positive", "srft_self_negative", "srft.entropy",
         "srft_entropy_bonus",
-    ), entropy_grad=lambda config: config.srft_entropy_coef > 0),  # fmt: skip
+    ), entropy_grad=lambda config: config.srft.entropy_coef > 0),  # fmt: skip
     "relift": RLObjective(_relift, ("ratio", "clip_fraction"), entropy_grad=_relift_entropy_grad),
 }
 """The objectives by `amft_vlm.methods.Method.rl_objective`."""

@@ -10,7 +10,7 @@ passes' global counts, and ReLIFT's buffer (`amft_vlm.methods` says which method
   kind (`srft_counts`), which their objectives compute once per pass (`amft_vlm.objectives`).
 - ReLIFT buffers the expert trajectories of start states whose rollouts all failed (`all_failed_groups`,
   `ReliftBuffer`, newest first) and, after the step's RL update, makes one SFT update on the newest
-  ``relift_buffer_ratio x episodes_per_step`` of them when it holds that many.
+  ``relift.buffer_ratio x episodes_per_step`` of them when it holds that many.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def expert_token_mask(trajectories: Sequence[Trajectory], device: torch.device |
 
 
 LUFFY_NORMALISERS = ("max_length", "dr_grpo")
-"""What `luffy_scale` divides the pass's token sum by (``TrainConfig.luffy_normaliser``)."""
+"""What `luffy_scale` divides the pass's token sum by (``TrainConfig.luffy.normaliser``)."""
 
 
 def luffy_scale(parallel: Parallel, trajectories: Sequence[Trajectory], max_new_tokens: int, *, normaliser: str) -> float:
@@ -126,7 +126,7 @@ class ReliftBuffer:
     """
 
     capacity: int
-    """Start states that trigger an SFT update (``TrainConfig.relift_buffer_capacity``)."""
+    """Start states that trigger an SFT update (``ReliftSettings.buffer_capacity``)."""
     items: list[int] = dataclasses.field(default_factory=list)
     """The buffered start states, newest first."""
 

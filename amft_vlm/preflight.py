@@ -21,6 +21,8 @@ import gymnasium as gym
 from gymnasium.envs.registration import load_env_creator
 
 import environments
+from amft_vlm.config import check_device as check_device  # the device check lives with the setting it checks
+from amft_vlm.expert_format import read_manifest, solved_dialogue_count
 from amft_vlm.safe_io import OutputPathError, output_directory, output_file_target
 
 if TYPE_CHECKING:
@@ -30,16 +32,15 @@ TINY_PREFIX = "tiny:"
 """Model specs that build a tiny random model (`agents.tiny.resolve_model_spec`)."""
 
 
-def check_run_inputs(config: TrainConfig) -> None:
-    """Everything a training run reads or writes, checked before its model loads (see the module docstring)."""
+def check_run_inputs(config: TrainConfig, *, uses_expert_data: bool) -> None:
+    """Everything a training run reads or writes, checked before its model loads (see the module docstring);
+    the expert datasets only when the run's method trains on them (`amft_vlm.methods.Method.uses_expert_data`)."""
     check_environment(config.env_id, config.env_kwargs, what="env_kwargs", id_what="env_id")
     check_environment(
         config.env_id, config.validation_env_kwargs, what="validation_env_kwargs", id_what="env_id"
     )
     check_model_source(config.model)
-    from amft_vlm.methods import get_method
-
-    if get_method(config.method).uses_expert_data:
+    if uses_expert_data:
         for what in ("expert_data", "expert_data_after_warmup"):
             if getattr(config, what) is not None:
                 check_expert_dataset(getattr(config, what), config.env_id, config.env_kwargs, what=what)
@@ -168,11 +169,6 @@ def check_expert_dataset(dataset_dir: str | os.PathLike, env_id: str, env_kwargs
     (every argument equal, defaults filled in): a V-IRL dataset cannot train a GeneralPoints run, nor a
     vision dataset a language one. Returns the number of dialogues of solved episodes (those SFT uses).
     """
-    from amft_vlm.expert_data import (  # expert_data checks its own inputs with this module
-        read_manifest,
-        solved_dialogue_count,
-    )
-
     manifest = read_manifest(dataset_dir)
     where = f"{what}: {dataset_dir}"
     if (registered_id(manifest["env_id"]) or manifest["env_id"]) != (registered_id(env_id) or env_id):
@@ -245,30 +241,6 @@ def check_output_file(path: str | os.PathLike, *, what: str) -> Path:
         raise ValueError(f"{what}: {error}") from None
     writable_directory(written.parent, what=what)
     return target
-
-
-def check_device(device: str, *, what: str = "device") -> None:
-    """Raise ``ValueError`` unless `device` is ``auto`` or a device this torch has (``cpu``, ``cuda``, ``cuda:1``, ...)."""
-    if device == "auto":
-        return
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"{what}: {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if parsed.type == "cpu":
-        return
-    if parsed.type != "cuda":
-        raise ValueError(f"{what}: {device!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ValueError(
-            f"{what}: {device} was asked for, but this torch ({torch.__version__}) sees no CUDA device; use cpu or auto"
-        )
-    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"{what}: {device} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
 
 
 def _first_line(error: BaseException) -> str:

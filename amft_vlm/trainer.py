@@ -80,7 +80,7 @@ from amft_vlm.critic import Critic
 from amft_vlm.distributed import Parallel, check_training_layout
 from amft_vlm.losses import mix, relift_sft_loss, weighted_sft_loss
 from amft_vlm.meta import MetaMeasurement, meta_gradient
-from amft_vlm.methods import build_controller, get_method, method_mu
+from amft_vlm.methods import build_controller, method_mu
 from amft_vlm.objectives import RL_OBJECTIVES, RLPass, mean_token_entropy
 from amft_vlm.peers import (
     ReliftBuffer,
@@ -90,6 +90,7 @@ from amft_vlm.peers import (
     with_demonstrations,
 )
 from amft_vlm.preflight import check_run_inputs
+from amft_vlm.resolve import resolve_method
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.run_directory import TRACKER_PROJECT, DirectoryLock, start_new_run
 from amft_vlm.sft_data import load_sft_trajectories
@@ -124,8 +125,8 @@ class Trainer:
         if resume and overwrite:
             raise ValueError("resume continues the run in output_dir and overwrite deletes it: choose one (--resume or --overwrite)")
         self.config = config.validate()
-        check_run_inputs(config)  # environments, model, expert data and output directory, before any model loads
-        self.method = get_method(config.method)
+        self.method = resolve_method(config)  # the method's row, once: everything below reads it, not the name
+        check_run_inputs(config, uses_expert_data=self.method.uses_expert_data)  # before any model loads
         self.progress = progress
         self.output_dir = Path(config.output_dir)
         self.checkpoints = self.output_dir / "checkpoints"
@@ -139,7 +140,7 @@ class Trainer:
                 "support; use an accelerate config for several processes (DDP) or FSDP (configs/accelerate/), or torchrun"
             )
         self.parallel = Parallel(config.distributed, self.accelerator)
-        check_training_layout(config, self.parallel)
+        check_training_layout(config, self.method.controller, self.parallel)
         set_seed(config.seed)
         self.start_step, self.sft_position, self.budget = 0, 0, Budget()
         # Decided by the main process alone (its warnings once) and sent to the others: all load the same one, or all
@@ -161,7 +162,7 @@ class Trainer:
                 hidden_size, learning_rate=config.value_learning_rate, clip_epsilon=config.clip_epsilon,
                 gamma=config.gamma, lam=config.gae_lambda, credit=config.credit, device=self.accelerator.device,
             )  # fmt: skip
-        self.controller = build_controller(config)
+        self.controller = build_controller(self.method, config)
 
         engine_kwargs = {"num_envs": config.num_envs, "temperature": config.temperature, "max_new_tokens": config.max_new_tokens}
         self.engine = RolloutEngine(self.policy, config.env_id, env_kwargs=config.env_kwargs, **engine_kwargs)
@@ -174,12 +175,12 @@ class Trainer:
         self.entropy_probe = [t.with_image_inputs(self.policy.encoder) for t in probe]
 
         # ReLIFT: the buffer, and an AdamW of its own for the SFT updates (the authors' second optimiser: own moments).
-        self.relift = ReliftBuffer(config.relift_buffer_capacity()) if self.method.sft_buffer else None
+        self.relift = ReliftBuffer(config.relift.buffer_capacity(config.episodes_per_step)) if self.method.sft_buffer else None
         self.relift_optimizer = None
         self.relift_sft_updates = 0
         if self.relift is not None:
             self.relift_optimizer = torch.optim.AdamW(
-                self.parameters, lr=config.relift_sft_lr_ratio * config.learning_rate, weight_decay=config.weight_decay,
+                self.parameters, lr=config.relift.sft_lr_ratio * config.learning_rate, weight_decay=config.weight_decay,
                 fused=self.accelerator.device.type == "cuda",
             )  # fmt: skip
         if checkpoint is not None:
@@ -202,7 +203,7 @@ class Trainer:
         bar = tqdm(range(self.start_step, last), desc=f"train {config.method}", disable=not (self.progress and self.accelerator.is_main_process))
         for step in bar:
             started = time.perf_counter()
-            mu = method_mu(config, step, controller)
+            mu = method_mu(self.method, config, step, controller)
             metrics: dict = {"step": step + 1, "mu": mu, "lr": self.scheduler.get_last_lr()[0]}
             controlled = controller is not None and not controller.in_warmup(step)
 
@@ -309,7 +310,7 @@ class Trainer:
             with self.parallel.full_weights():
                 advantages, critic_targets = self.critic.advantages(self.policy, rollouts)
             batch = RolloutBatch(rollouts, advantages, critic_targets)
-        elif method.sft_buffer and config.relift_rl_loss == "released":  # ReLIFT's code: mean-centred, no std
+        elif method.sft_buffer and config.relift.rl_loss == "released":  # ReLIFT's code: mean-centred, no std
             batch = RolloutBatch(rollouts, joint_group_advantages(rollouts, credit=config.credit, scale_by_std=False))
         else:
             estimator = GROUP_ADVANTAGES[config.credit]
@@ -421,11 +422,11 @@ class Trainer:
 
     def _relift_update(self) -> dict:
         """ReLIFT: one SFT update on the newest ``capacity`` buffered demonstrations (this process's share of them),
-        taken out of the buffer, with ReLIFT's own AdamW at ``relift_sft_lr_ratio`` x the step's learning rate."""
+        taken out of the buffer, with ReLIFT's own AdamW at ``relift.sft_lr_ratio`` x the step's learning rate."""
         config = self.config
         items = self.relift.drain()
         batch = self._expert_share(items)
-        coef = config.relift_entropy_coef
+        coef = config.relift.entropy_coef
 
         def loss_of(indices):
             scores = score_trajectories(self.policy, [batch[i] for i in indices], temperature=1.0, entropy_grad=coef > 0)
@@ -434,8 +435,8 @@ class Trainer:
         with self._training_mode():
             g_sft, totals = accumulate_gradient(self.parallel, self.parameters, batch, loss_of, micro_batch_count=config.gradient_accumulation_steps)
         for group in self.relift_optimizer.param_groups:
-            group["lr"] = config.relift_sft_lr_ratio * self.scheduler.get_last_lr()[0]
-        update = mixed_adamw_step(self.parameters, self.relift_optimizer, g_sft, None, mu=1.0, max_grad_norm=config.relift_sft_max_grad_norm)
+            group["lr"] = config.relift.sft_lr_ratio * self.scheduler.get_last_lr()[0]
+        update = mixed_adamw_step(self.parameters, self.relift_optimizer, g_sft, None, mu=1.0, max_grad_norm=config.relift.sft_max_grad_norm)
         self.budget.updates += 1
         self.budget.expert_examples += totals["examples"]
         self.budget.trained_tokens += totals["tokens"]

@@ -28,7 +28,7 @@ from agents.policy.scoring import MIN_SHARED_PREFIX, at_least_float32
 from agents.vision_inputs import ImageInputs
 
 if TYPE_CHECKING:
-    from agents.policy.policy import VLMPolicy
+    from agents.policy.loaded_model import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def choose_tokens(
 
 @torch.no_grad()
 def generate(
-    policy: VLMPolicy,
+    policy: LoadedModel,
     prompts: Sequence[TokenSequence],
     *,
     temperature: float,
@@ -173,7 +173,7 @@ def generate(
 
 
 def _decode(
-    policy: VLMPolicy,
+    policy: LoadedModel,
     prompts: Sequence[TokenSequence],
     reusable_caches: Sequence[DialogueCache | None],
     *,
@@ -269,12 +269,12 @@ def _decode(
     return generations
 
 
-def _plain_decoder(policy: VLMPolicy) -> bool:
+def _plain_decoder(policy: LoadedModel) -> bool:
     """Whether every decoder layer attends to the whole cache, so `_decode_step` may run the layers itself."""
     return set(policy.model.config.get_text_config().layer_types) == {"full_attention"}
 
 
-def _text_rope_table(policy: VLMPolicy, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _text_rope_table(policy: LoadedModel, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rope cos and sin ``(length, head_dim)`` of text positions ``0 .. length - 1``.
 
     A text token's three mrope rows are equal, which is plain rope at its position: the model's own
@@ -286,7 +286,7 @@ def _text_rope_table(policy: VLMPolicy, length: int) -> tuple[torch.Tensor, torc
 
 
 def _decode_step(
-    policy: VLMPolicy,
+    policy: LoadedModel,
     token_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     positions: torch.Tensor,
@@ -342,7 +342,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _share_prompt_prefix(
-    policy: VLMPolicy, prompts: Sequence[TokenSequence], reusable_caches: Sequence[DialogueCache | None]
+    policy: LoadedModel, prompts: Sequence[TokenSequence], reusable_caches: Sequence[DialogueCache | None]
 ) -> list[DialogueCache | None]:
     """`reusable_caches`, each uncached text-only prompt given the cache of the tokens all of them begin with.
 
@@ -383,7 +383,7 @@ def _share_prompt_prefix(
 
 
 def _prefill(
-    policy: VLMPolicy,
+    policy: LoadedModel,
     prompts: Sequence[TokenSequence],
     reusable_caches: Sequence[DialogueCache | None],
     *,

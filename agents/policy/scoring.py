@@ -23,7 +23,7 @@ from agents.policy import batching
 from agents.policy.encoder import TokenSequence
 
 if TYPE_CHECKING:
-    from agents.policy.policy import VLMPolicy
+    from agents.policy.loaded_model import LoadedModel
 
 MIN_SHARED_PREFIX = 16
 """`token_logprobs` runs a shared prefix of at least this many tokens once per batch."""
@@ -34,7 +34,7 @@ tensors alive at once to ``SCORE_CHUNK x vocab``."""
 
 
 def token_logprobs(
-    policy: VLMPolicy,
+    policy: LoadedModel,
     sequences: Sequence[TokenSequence],
     target_positions: Sequence[Sequence[int]],
     *,
@@ -108,7 +108,7 @@ def shared_prefix_length(sequences: Sequence[TokenSequence], positions: Sequence
 
 
 def _logits_left_padded(
-    policy: VLMPolicy, sequences: Sequence[TokenSequence], positions: list[list[int]]
+    policy: LoadedModel, sequences: Sequence[TokenSequence], positions: list[list[int]]
 ) -> list[torch.Tensor]:
     """Per sequence, the logits ``(len(targets), vocab)`` that predict its targets: one left-padded pass."""
     batch = policy.collate(sequences)
@@ -133,7 +133,7 @@ def _logits_left_padded(
 
 
 def _logits_after_shared_prefix(
-    policy: VLMPolicy, sequences: Sequence[TokenSequence], positions: list[list[int]], shared: int
+    policy: LoadedModel, sequences: Sequence[TokenSequence], positions: list[list[int]], shared: int
 ) -> list[torch.Tensor]:
     """As `_logits_left_padded`, but the first `shared` tokens (the same in every row) are run once.
 
@@ -204,7 +204,7 @@ def _chunk_entropy(logits: torch.Tensor, suppressed: torch.Tensor, temperature: 
 
 @torch.no_grad()
 def hidden_states(
-    policy: VLMPolicy, sequences: Sequence[TokenSequence], positions: Sequence[Sequence[int]]
+    policy: LoadedModel, sequences: Sequence[TokenSequence], positions: Sequence[Sequence[int]]
 ) -> list[torch.Tensor]:
     """`VLMPolicy.hidden_states` (documented there) with `policy`'s model."""
     if len(positions) != len(sequences):

@@ -21,6 +21,7 @@ from amft_vlm.config import TrainConfig, dataclass_from_dict, load_values
 from amft_vlm.evaluate import SETTINGS, SPLITS, paper_setting
 from amft_vlm.methods import METHODS
 from amft_vlm.preflight import effective_environment_arguments
+from amft_vlm.resolve import resolve_method
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "compare-tiny-gp-l.yaml"
 """The shipped smoke-scale comparison (``amft-vlm compare`` without ``--config``)."""
@@ -310,7 +311,7 @@ def check_grid(config: CompareConfig, out: str | os.PathLike = "OUT") -> None:
     """Validate every run's config and the evaluation settings (no file is read or written)."""
     for run in config.grid(out):
         # Validated with the base's model and expert data: the shared ones do not exist before `run_compare` makes them.
-        dataclasses.replace(run.config, model=config.train.model, expert_data=config.train.expert_data).validate()
+        resolve_method(dataclasses.replace(run.config, model=config.train.model, expert_data=config.train.expert_data).validate())
     for item in config.eval_settings():
         paper_setting(config.train.env_id, item.setting, config.modality)  # ood-visual in language is refused here
 

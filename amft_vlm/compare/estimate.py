@@ -23,7 +23,8 @@ from pathlib import Path
 from agents.tiny import TINY_PREFIX
 from amft_vlm.compare.config import CompareConfig, RunPlan
 from amft_vlm.config import TrainConfig
-from amft_vlm.methods import build_controller, get_method, method_mu
+from amft_vlm.methods import build_controller, method_mu
+from amft_vlm.resolve import resolve_method
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,12 @@ class RunWork:
 def run_work(config: TrainConfig) -> RunWork:
     """`config`'s work, step by step: mu (the schedule, or the controller: 1 in its warm-up, inside (0, 1) after)
     says whether a step has an expert batch (mu > 0) and rollouts (mu < 1)."""
-    method = get_method(config.method)
-    controller = build_controller(config)
+    method = resolve_method(config)
+    controller = build_controller(method, config)
     members = config.group_size - 1 if method.expert_in_group else config.group_size
     rollouts = validation = expert = 0
     for step in range(config.steps):
-        mu = method_mu(config, step, controller) if controller is None or controller.in_warmup(step) else 0.5
+        mu = method_mu(method, config, step, controller) if controller is None or controller.in_warmup(step) else 0.5
         if mu > 0:
             expert += config.sft_batch_size
         if mu < 1:

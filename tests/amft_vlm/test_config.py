@@ -1,11 +1,19 @@
 """Config loading: YAML + overrides, types, and validation messages that name the field."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from amft_vlm.config import TrainConfig, config_to_dict, load_config, parse_key_value, parse_yaml
+from amft_vlm.config import (
+    MOVED_TO_SECTIONS,
+    config_to_dict,
+    load_config,
+    parse_key_value,
+    parse_yaml,
+)
+from amft_vlm.resolve import resolve_method
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 """The shipped configs (the demo's has a demo: section besides its TrainConfig)."""
@@ -46,7 +54,6 @@ def test_overrides_reach_nested_fields_and_are_typed(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        (["method=ppo2"], "method"),
         (["steps=0"], "steps"),
         (["steps=ten"], "steps"),
         (["learning_rate=-1"], "learning_rate"),
@@ -89,7 +96,7 @@ def test_overrides_reach_nested_fields_and_are_typed(tmp_path):
 )
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        load_config(overrides=overrides)
+        resolve_method(load_config(overrides=overrides))  # values on their own, then what depends on the method
 
 
 def test_a_config_file_must_be_a_mapping(tmp_path):
@@ -99,9 +106,32 @@ def test_a_config_file_must_be_a_mapping(tmp_path):
         load_config(path)
 
 
-def test_validate_returns_the_config():
-    config = TrainConfig()
-    assert config.validate() is config
+def test_method_settings_live_in_their_section_from_yaml_or_the_command_line(tmp_path):
+    path = tmp_path / "luffy.yaml"
+    path.write_text("method: luffy\nluffy: {shaping_gamma: 0.2}\n")
+    from_file = load_config(path)
+    assert from_file.luffy.shaping_gamma == 0.2 and from_file.luffy.normaliser == "max_length"  # the rest keep defaults
+    assert load_config(overrides=["method=luffy", "luffy.shaping_gamma=0.2"]) == from_file
+    assert resolve_method(from_file).name == "luffy"
+
+
+def test_a_setting_of_another_method_is_refused_naming_its_method():
+    config = load_config(overrides=["method=amft", "luffy.shaping_gamma=0.2"])
+    with pytest.raises(ValueError, match=r"luffy\.shaping_gamma is a setting of luffy, but method is amft: remove it, or set method: luffy"):
+        resolve_method(config)
+    assert resolve_method(load_config(overrides=["method=amft", "luffy.shaping_gamma=0.1"])).name == "amft"  # the default: no change
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(MOVED_TO_SECTIONS.items()))
+def test_old_flat_keys_name_their_new_section_key(old, new):
+    with pytest.raises(ValueError, match=f"'{old}' was replaced: it moved into its method's section: write {re.escape(new)}"):
+        load_config(overrides=[f"{old}=1"])
+
+
+def test_an_unknown_method_lists_the_table():
+    config = load_config(overrides=["method=ppo2"])
+    with pytest.raises(ValueError, match="method must be one of sft, rl, .*relift; got 'ppo2'"):
+        resolve_method(config)
 
 
 def test_every_shipped_config_loads_and_validates():

@@ -148,14 +148,20 @@ def test_too_few_validation_rounds_for_the_standardized_meta_signal_are_refused(
 
     from amft_vlm.config import load_config
     from amft_vlm.distributed import Parallel, check_training_layout
+    from amft_vlm.resolve import resolve_method
 
     parallel = Parallel("auto", SimpleNamespace(num_processes=8, process_index=0, distributed_type="MULTI_GPU"))
+
+    def layout(overrides):
+        config = load_config(overrides=overrides)
+        check_training_layout(config, resolve_method(config).controller, parallel)
+
     with pytest.raises(ValueError, match="gives 1 round.*set validation_states to 24"):
-        check_training_layout(load_config(overrides=["sft_batch_size=8", "controller.validation_states=8"]), parallel)
-    check_training_layout(load_config(overrides=["sft_batch_size=8", "controller.validation_states=24"]), parallel)
+        layout(["sft_batch_size=8", "controller.validation_states=8"])
+    layout(["sft_batch_size=8", "controller.validation_states=24"])
     raw = load_config(overrides=["sft_batch_size=8", "controller.validation_states=8", "controller.meta_signal=raw"])
-    check_training_layout(raw, parallel)
+    check_training_layout(raw, resolve_method(raw).controller, parallel)
     # Without the meta-gradient there are no rounds to count; the batches must still split evenly.
-    check_training_layout(load_config(overrides=["sft_batch_size=8", "controller.validation_states=8", "method=no-meta-gradient"]), parallel)
+    layout(["sft_batch_size=8", "controller.validation_states=8", "method=no-meta-gradient"])
     with pytest.raises(ValueError, match="sft_batch_size"):
-        check_training_layout(load_config(overrides=["sft_batch_size=12", "controller.validation_states=24"]), parallel)
+        layout(["sft_batch_size=12", "controller.validation_states=24"])

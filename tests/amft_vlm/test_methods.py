@@ -6,16 +6,18 @@ import math
 
 import pytest
 
-from amft_vlm.config import ControllerConfig, TrainConfig, load_config
+from amft_vlm.config import ChordPhiSettings, ControllerConfig, SftThenRlSettings, TrainConfig, load_config
 from amft_vlm.methods import METHODS, ControllerUse, build_controller, get_method, method_mu
+from amft_vlm.resolve import resolve_method
 
 STEPS = 8
 
 
 def mus(method, **settings):
     config = TrainConfig(method=method, steps=STEPS, **settings).validate()
-    controller = build_controller(config)
-    return [method_mu(config, step, controller) for step in range(STEPS)]
+    row = resolve_method(config)
+    controller = build_controller(row, config)
+    return [method_mu(row, config, step, controller) for step in range(STEPS)]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -34,8 +36,8 @@ def test_an_unknown_method_lists_the_choices():
 def test_schedules_by_hand():
     assert mus("sft") == [1.0] * 8
     assert mus("rl") == [0.0] * 8
-    assert mus("sft-then-rl", sft_then_rl_switch=0.5) == [1.0] * 4 + [0.0] * 4
-    assert mus("sft-then-rl", sft_then_rl_switch=0.3) == [1.0] * 2 + [0.0] * 6  # round(0.3 x 8) = 2
+    assert mus("sft-then-rl", sft_then_rl=SftThenRlSettings(switch=0.5)) == [1.0] * 4 + [0.0] * 4
+    assert mus("sft-then-rl", sft_then_rl=SftThenRlSettings(switch=0.3)) == [1.0] * 2 + [0.0] * 6  # round(0.3 x 8) = 2
     assert mus("fixed-mix", fixed_mu=0.3) == [0.3] * 8
     # 0.1 + 0.8 x (1 + cos(pi step / 4)) / 2 over schedule_steps = 4, then flat at the end value.
     quarter = 0.1 + 0.4 * (1 + math.sqrt(0.5))
@@ -48,17 +50,17 @@ def test_schedules_by_hand():
 def test_chord_mu_is_the_authors_schedule_by_default():
     # CHORD-mu (Trinity-RFT's mix_chord example): no warm-up, 0.9 down to 0.05 on a cosine over 200 steps, then flat.
     config = TrainConfig(method="scheduled-mix").validate()
-    assert [method_mu(config, step, None) for step in (0, 100, 200, 300)] == pytest.approx([0.9, 0.475, 0.05, 0.05])
-    phi = TrainConfig(method="chord-phi", chord_mu="scheduled").validate()  # chord-phi's scheduled mu is the same
-    assert [method_mu(phi, step, None) for step in (0, 100, 200, 300)] == pytest.approx([0.9, 0.475, 0.05, 0.05])
+    assert [method_mu(get_method(config.method), config, step, None) for step in (0, 100, 200, 300)] == pytest.approx([0.9, 0.475, 0.05, 0.05])
+    phi = TrainConfig(method="chord-phi", chord_phi=ChordPhiSettings(mu="scheduled")).validate()  # chord-phi's scheduled mu is the same
+    assert [method_mu(get_method(phi.method), phi, step, None) for step in (0, 100, 200, 300)] == pytest.approx([0.9, 0.475, 0.05, 0.05])
 
 
 def test_chord_mu_warm_up_rises_linearly_from_0_then_decays():
     config = TrainConfig(method="scheduled-mix", schedule_warmup_steps=10, schedule_steps=20).validate()
-    values = [method_mu(config, step, None) for step in (0, 5, 10, 20, 30, 40)]
+    values = [method_mu(get_method(config.method), config, step, None) for step in (0, 5, 10, 20, 30, 40)]
     assert values == pytest.approx([0.0, 0.45, 0.9, 0.475, 0.05, 0.05])
     whole = TrainConfig(method="scheduled-mix", steps=30, schedule_warmup_steps=10, schedule_steps=None).validate()
-    assert method_mu(whole, 20, None) == pytest.approx(0.475)  # the decay takes the 20 steps left after the warm-up
+    assert method_mu(get_method(whole.method), whole, 20, None) == pytest.approx(0.475)  # the decay takes the 20 steps left after the warm-up
 
 
 def test_controller_methods_take_mu_from_the_controller_with_their_parts():
@@ -66,17 +68,17 @@ def test_controller_methods_take_mu_from_the_controller_with_their_parts():
     for name in ("amft", "no-meta-gradient", "no-entropy"):
         assert mus(name, controller=controller) == [1.0] * 3 + [0.7] * 5, name
     assert mus("no-warmup", controller=controller) == [0.7] * 8
-    parts = {name: build_controller(TrainConfig(method=name)) for name in ("amft", "no-warmup", "no-meta-gradient", "no-entropy")}
+    parts = {name: build_controller(get_method(name), TrainConfig(method=name)) for name in ("amft", "no-warmup", "no-meta-gradient", "no-entropy")}
     assert [(c.warmup_steps, c.use_meta, c.use_entropy) for c in parts.values()] == [(50, True, True), (0, True, True), (50, False, True), (50, True, False)]
     assert get_method("amft").controller == ControllerUse()
     with pytest.raises(ValueError, match="build_controller"):
-        method_mu(TrainConfig(method="amft"), 0, None)
+        method_mu(get_method("amft"), TrainConfig(method="amft"), 0, None)
 
 
 def test_schedules_have_no_controller():
     for name, method in METHODS.items():
         if method.schedule is not None:
-            assert build_controller(TrainConfig(method=name)) is None, name
+            assert build_controller(get_method(name), TrainConfig(method=name)) is None, name
 
 
 def test_data_needs_are_right():
@@ -93,13 +95,15 @@ def test_data_needs_agree_with_the_mu_a_schedule_can_take():
     """uses_expert_data: mu > 0 at some step for some valid config; collects_rollouts: mu < 1 likewise."""
     ends = (0.0, 0.5, 1.0)
     grid = [
-        {"fixed_mu": fixed, "sft_then_rl_switch": switch, "schedule_mu_start": start, "schedule_mu_end": end}
+        {"fixed_mu": fixed, "sft_then_rl": SftThenRlSettings(switch=switch), "schedule_mu_start": start, "schedule_mu_end": end}
         for fixed, switch, start, end in itertools.product(ends, ends, ends, ends)
     ]
     for name, method in METHODS.items():
         if method.schedule is None:
             continue
-        seen = [mu for settings in grid for mu in mus(name, **settings)]
+        # A section is only set for the method that reads it (another method refuses it).
+        own = [{key: value for key, value in settings.items() if key != "sft_then_rl" or method.settings == "sft_then_rl"} for settings in grid]
+        seen = [mu for settings in own for mu in mus(name, **settings)]
         in_rl = method.expert_in_group or method.sft_buffer  # expert tokens in L_RL, or ReLIFT's SFT updates
         assert method.uses_expert_data == (in_rl or any(mu > 0 for mu in seen)), name
         assert method.collects_rollouts == any(mu < 1 for mu in seen), name
@@ -109,8 +113,8 @@ def test_config_checks_follow_the_table():
     # mu_max = 1 would stop the controller's rollouts: refused for controller methods only.
     assert load_config(overrides=["method=fixed-mix", "controller.mu_max=1.0"]).controller.mu_max == 1.0
     with pytest.raises(ValueError, match="controller.mu_max must be < 1 for no-warmup"):
-        load_config(overrides=["method=no-warmup", "controller.mu_max=1.0"])
+        resolve_method(load_config(overrides=["method=no-warmup", "controller.mu_max=1.0"]))
     # A warm-up as long as the run is refused only where the method warms up.
     assert load_config(overrides=["method=no-warmup", "steps=10", "controller.warmup_steps=10"]).steps == 10
     with pytest.raises(ValueError, match="controller.warmup_steps"):
-        load_config(overrides=["method=no-entropy", "steps=10", "controller.warmup_steps=10"])
+        resolve_method(load_config(overrides=["method=no-entropy", "steps=10", "controller.warmup_steps=10"]))

@@ -12,6 +12,7 @@ import torch
 
 from amft_vlm.batch import score_trajectories
 from amft_vlm.config import load_config
+from amft_vlm.resolve import resolve_method
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.trainer import Trainer
 from tests.amft_vlm.test_trainer import FAST
@@ -128,7 +129,7 @@ def test_luffy_groups_hold_one_demonstration_from_the_same_start_state(tmp_path,
     "form",
     [
         [],  # the authors' released code
-        ["srft_sft_entropy_sign=-1", "srft_entropy=rollouts", "srft_shaping_gamma=null", "srft_self_rl=sign", "srft_entropy_coef=0"],
+        ["srft.sft_entropy_sign=-1", "srft.entropy=rollouts", "srft.shaping_gamma=null", "srft.self_rl=sign", "srft.entropy_coef=0"],
     ],
     ids=["released", "paper"],
 )
@@ -188,7 +189,7 @@ def test_srft_loss_parts_match_a_recomputation_by_hand(tmp_path, form):
         assert m["loss_rl"] == pytest.approx(float(sum(parts.values())), rel=1e-6)
         assert m["srft_w_sft"] == pytest.approx(float(w_sft[demo].mean()), rel=1e-6)
         assert m["srft_w_rl"] == pytest.approx(float(w_rl[positive].mean()), rel=1e-6)
-        assert m["srft_entropy"] == pytest.approx(float(weights_entropy[demo].mean()), rel=1e-6)
+        assert m["srft.entropy"] == pytest.approx(float(weights_entropy[demo].mean()), rel=1e-6)
 
 
 def test_chord_and_dft_sft_losses_match_a_recomputation_by_hand(tmp_path):
@@ -216,19 +217,19 @@ def test_chord_and_dft_sft_losses_match_a_recomputation_by_hand(tmp_path):
         (["method=luffy", "group_size=1"], "group_size must be >= 2 for luffy"),
         (["method=luffy", "credit=turn"], "set credit: episode"),
         (["method=srft", "advantage=ppo"], "srft computes group advantages"),
-        (["method=relift", "relift_buffer_ratio=0"], "relift_buffer_ratio"),
-        (["method=luffy", "luffy_shaping_gamma=0"], "luffy_shaping_gamma"),
-        (["method=chord-phi", "chord_mu=linear"], "chord_mu"),
-        (["method=luffy", "luffy_normaliser=answers"], "luffy_normaliser"),
-        (["method=luffy", "luffy_entropy_coef=-0.001"], "luffy_entropy_coef"),
-        (["method=srft", "srft_sft_entropy_sign=0"], "srft_sft_entropy_sign"),
-        (["method=srft", "srft_entropy=mean"], "srft_entropy"),
-        (["method=srft", "srft_self_rl=reinforce"], "srft_self_rl"),
-        (["method=srft", "srft_shaping_gamma=0"], "srft_shaping_gamma"),
-        (["method=srft", "srft_entropy_coef=-1"], "srft_entropy_coef"),
+        (["method=relift", "relift.buffer_ratio=0"], "relift.buffer_ratio"),
+        (["method=luffy", "luffy.shaping_gamma=0"], "luffy.shaping_gamma"),
+        (["method=chord-phi", "chord_phi.mu=linear"], "chord_phi.mu"),
+        (["method=luffy", "luffy.normaliser=answers"], "luffy.normaliser"),
+        (["method=luffy", "luffy.entropy_coef=-0.001"], "luffy.entropy_coef"),
+        (["method=srft", "srft.sft_entropy_sign=0"], "srft.sft_entropy_sign"),
+        (["method=srft", "srft.entropy=mean"], "srft.entropy"),
+        (["method=srft", "srft.self_rl=reinforce"], "srft.self_rl"),
+        (["method=srft", "srft.shaping_gamma=0"], "srft.shaping_gamma"),
+        (["method=srft", "srft.entropy_coef=-1"], "srft.entropy_coef"),
         (["method=scheduled-mix", "schedule_warmup_steps=-1"], "schedule_warmup_steps"),
     ],
 )
 def test_peer_settings_are_checked(overrides, message):
     with pytest.raises(ValueError, match=message):
-        load_config(overrides=overrides)
+        resolve_method(load_config(overrides=overrides))

@@ -16,6 +16,7 @@ from amft_vlm.checkpoint import RELIFT_OPTIMIZER, CheckpointError, check_checkpo
 from amft_vlm.config import load_config
 from amft_vlm.losses import relift_policy_loss, relift_sft_loss
 from amft_vlm.peers import ReliftBuffer, all_failed_groups, expert_start_states
+from amft_vlm.resolve import resolve_method
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.trainer import Trainer
 from tests.amft_vlm.samples import assert_same_samples
@@ -73,33 +74,34 @@ def test_each_steps_failures_go_in_front_and_an_update_takes_the_newest():
 
 def test_the_buffer_is_sized_in_start_states_per_step():
     def capacity(*overrides):
-        return load_config(overrides=["method=relift", *overrides]).relift_buffer_capacity()
+        config = load_config(overrides=["method=relift", *overrides])
+        return config.relift.buffer_capacity(config.episodes_per_step)
 
     assert capacity("episodes_per_step=8") == 8  # the authors' ratio: one step's start states (128 of 128)
     assert capacity("episodes_per_step=128") == 128
-    assert capacity("episodes_per_step=8", "relift_buffer_ratio=2") == 16
-    assert capacity("episodes_per_step=8", "relift_buffer_ratio=0.25") == 2
+    assert capacity("episodes_per_step=8", "relift.buffer_ratio=2") == 16
+    assert capacity("episodes_per_step=8", "relift.buffer_ratio=0.25") == 2
     for ratio in ("0.3", "0", "0.1", "-1"):  # 2.4, 0 and 0.8 start states, and a negative size
-        with pytest.raises(ValueError, match=r"relift_buffer_ratio x episodes_per_step must be a whole number of start states, at least 1"):
-            load_config(overrides=["method=relift", "episodes_per_step=8", f"relift_buffer_ratio={ratio}"])
-    with pytest.raises(ValueError, match="relift_buffer_size' was replaced: .*relift_buffer_ratio"):
+        with pytest.raises(ValueError, match=r"relift.buffer_ratio x episodes_per_step must be a whole number of start states, at least 1"):
+            load_config(overrides=["method=relift", "episodes_per_step=8", f"relift.buffer_ratio={ratio}"])
+    with pytest.raises(ValueError, match="relift_buffer_size' was replaced: .*relift.buffer_ratio"):
         load_config(overrides=["method=relift", "relift_buffer_size=128"])
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["relift_rl_loss=mixed"], "relift_rl_loss must be one of released, paper"),
+        (["relift.rl_loss=mixed"], "relift.rl_loss must be one of released, paper"),
         (["credit=turn"], "relift's released form mean-centres"),
-        (["relift_sft_lr_ratio=0"], "relift_sft_lr_ratio must be > 0"),
-        (["relift_sft_max_grad_norm=-1"], "relift_sft_max_grad_norm must be >= 0"),
-        (["relift_entropy_coef=-0.001"], "relift_entropy_coef must be >= 0"),
+        (["relift.sft_lr_ratio=0"], "relift.sft_lr_ratio must be > 0"),
+        (["relift.sft_max_grad_norm=-1"], "relift.sft_max_grad_norm must be >= 0"),
+        (["relift.entropy_coef=-0.001"], "relift.entropy_coef must be >= 0"),
     ],
 )
 def test_relift_settings_are_checked(overrides, message):
     with pytest.raises(ValueError, match=message):
-        load_config(overrides=["method=relift", *overrides])
-    assert load_config(overrides=["method=relift", "credit=turn", "relift_rl_loss=paper"]).credit == "turn"
+        resolve_method(load_config(overrides=["method=relift", *overrides]))
+    assert load_config(overrides=["method=relift", "credit=turn", "relift.rl_loss=paper"]).credit == "turn"
 
 
 # ---- The losses, by hand.
@@ -170,7 +172,7 @@ def updates(monkeypatch):
 
 
 def test_partial_success_is_not_buffered_and_the_sft_update_follows_the_rl_update(tmp_path, group_zero_partly_succeeds, updates):
-    trainer = run(tmp_path, "relift", "max_grad_norm=0.7", "relift_sft_lr_ratio=0.5")
+    trainer = run(tmp_path, "relift", "max_grad_norm=0.7", "relift.sft_lr_ratio=0.5")
     batches, drained = [], []
     collect_rollouts, drain = trainer._collect_rollouts, trainer.relift.drain
     trainer._collect_rollouts = lambda step: batches.append(collect_rollouts(step)) or batches[-1]
@@ -229,7 +231,7 @@ def test_the_sft_update_scores_its_entropy_with_a_graph(tmp_path, monkeypatch):
 
 
 def test_the_paper_form_is_grpo_with_std_and_the_clip(tmp_path, group_zero_partly_succeeds):
-    trainer = run(tmp_path, "paper", "relift_rl_loss=paper", "steps=1")
+    trainer = run(tmp_path, "paper", "relift.rl_loss=paper", "steps=1")
     batches = []
     collect_rollouts = trainer._collect_rollouts
     trainer._collect_rollouts = lambda step: batches.append(collect_rollouts(step)) or batches[-1]
@@ -246,7 +248,7 @@ def test_the_paper_form_is_grpo_with_std_and_the_clip(tmp_path, group_zero_partl
 
 def test_resume_restores_the_buffer_and_the_sft_optimiser_exactly(tmp_path):
     # A buffer of 3 (1.5 x 2 start states): step 2 holds 4, updates on 3 and keeps 1 for step 3.
-    settings = ["relift_buffer_ratio=1.5"]
+    settings = ["relift.buffer_ratio=1.5"]
     straight = run(tmp_path, "straight", *settings)
     straight_history = straight.train()
     interrupted = run(tmp_path, "resumed", *settings)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from amft_vlm.config import METHODS, load_config
+from amft_vlm.config import load_config
+from amft_vlm.methods import METHODS
 from amft_vlm.trainer import Trainer
 from tests.amft_vlm.samples import assert_same_samples
 
