@@ -50,7 +50,7 @@ class ControllerUse:
 
 @dataclass
 class ControllerConfig:
-    """The AMFT mu controller (see :mod:`amft_vlm.controller`): `MuController`'s only settings and checks."""
+    """The AMFT mu controller (see `amft_vlm.controller`): `MuController`'s only settings and checks."""
 
     mu_init: float = 0.5
     """mu when the controller takes over after warm-up (the released configuration used 0.8 and 0.5)."""
