@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean gpu-check gpu-wheels
+.PHONY: setup demo test bench lint docs clean gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# docs/settings.md from the config's field docstrings and the methods table (a test fails while it is stale).
+docs: setup
+	$(BIN)/python -m amft_vlm.settings_docs docs/settings.md
 
 # On a CUDA machine without network, with torch/transformers/accelerate preinstalled: install the small
 # wheels carried in .gpu-wheels/ (made here by `make gpu-wheels`), then run the check (exits non-zero on failure).

@@ -29,7 +29,6 @@ from amft_vlm.evaluate import (
 )
 from amft_vlm.expert_data import collect, read_manifest
 from amft_vlm.jobs import Terminated, interrupt_exit_status, log_to_file, quiet_console, sigterm_as_interrupt
-from amft_vlm.methods import METHODS
 from amft_vlm.preflight import check_output_file, writable_directory
 from amft_vlm.run_directory import TRAIN_LOG
 from amft_vlm.safe_io import load_json_text
@@ -41,6 +40,7 @@ from amft_vlm.served import (
     ServedEndpoint,
     default_cache_dir,
 )
+from amft_vlm.settings_docs import methods_help, train_help
 from environments.general_points.settings import PAPER_EPISODES, PAPER_SETTINGS
 
 log = logging.getLogger("amft_vlm")
@@ -364,10 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser(
         "train",
         help="train a policy with AMFT or a baseline (config file + key=value overrides)",
-        description="Train with the method in the config (method: NAME, one of those below).\n"
+        description="Train with the method in the config (method: NAME) and its settings, both listed below.\n"
         "Overrides are key=value, dotted for sections, values read as YAML:\n"
         "  steps=100 controller.eta_mu=0.1 expert_data=null",
-        epilog="methods:\n" + "\n".join(f"  {name:<17} {method.description}" for name, method in METHODS.items()),
+        epilog=train_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train_parser.add_argument("--config", help="YAML config file (default: the built-in defaults)")
@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/curves.png and OUT/summary.json; prints the table. Run it again to resume: finished runs and current\n"
         "evaluations are kept, unfinished runs continue from their checkpoints. Overrides are key=value as for train:\n"
         "  amft-vlm compare --config configs/compare-tiny-gp-l.yaml --methods amft,sft --seeds 3 --jobs 2 steps=20",
-        epilog="methods:\n" + "\n".join(f"  {name:<17} {method.description}" for name, method in METHODS.items()),
+        epilog=methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     compare_parser.add_argument("--config", metavar="FILE", help="compare config (default: the shipped configs/compare-tiny-gp-l.yaml)")

@@ -50,7 +50,7 @@ class ControllerUse:
 
 @dataclass
 class ControllerConfig:
-    """The AMFT mu controller (see :mod:`amft_vlm.controller`): `MuController`'s only settings and checks."""
+    """The AMFT mu controller (see `amft_vlm.controller`): `MuController`'s only settings and checks."""
 
     mu_init: float = 0.5
     """mu when the controller takes over after warm-up (the released configuration used 0.8 and 0.5)."""
@@ -178,7 +178,7 @@ class LuffySettings(MethodSettings):
     shaping_gamma: float = 0.1
     """gamma of the policy shaping f(p) = p / (p + gamma) on the expert's tokens (LUFFY's 0.1)."""
     normaliser: str = "max_length"
-    """What its policy-gradient token sum is divided by. ``max_length`` (the authors' code,
+    """What its policy-gradient token sum is divided by: ``max_length`` or ``dr_grpo``. ``max_length`` (the authors' code,
     ``loss_remove_token_mean``): max_new_tokens, a constant, not also the number of answers; ``dr_grpo``: answers
     x max_new_tokens (Dr.GRPO's). ``docs/peers.md`` lists where each peer's code and paper differ."""
     entropy_coef: float = 0.001
@@ -202,7 +202,7 @@ class SrftSettings(MethodSettings):
     """The sign in its demonstration SFT weight ``w_SFT = 0.5 exp(sign x H)``: +1 the authors' code
     (``entropy.exp()`` with ``sft_loss_coef: -0.5``), -1 the paper's Eq. 8 (SFT weighs less while H is high)."""
     entropy: str = "token"
-    """The H its weights read. ``token`` (the code, as far as it is known): each token's own entropy, so a
+    """The H its weights read: ``token`` or ``rollouts``. ``token`` (the code, as far as it is known): each token's own entropy, so a
     demonstration token's w_SFT reads the policy's entropy at that demonstration token and a positive sample's w_RL
     its own; ``rollouts``: one H per step, the policy's mean token entropy on its own rollouts (the paper's
     H(pi_theta), read as one number)."""
@@ -210,7 +210,7 @@ class SrftSettings(MethodSettings):
     """LUFFY's policy shaping p / (p + gamma) in the demonstrations' off-policy term (the code's
     ``off_policy_reshape: p_div_p_0.1``); null: the plain ratio p / 1 (the paper's Eq. 9-10)."""
     self_rl: str = "advantage"
-    """Its self-RL term on the policy's own samples. ``advantage`` (the code): the policy gradient -A x ratio
+    """Its self-RL term on the policy's own samples: ``advantage`` or ``sign``. ``advantage`` (the code): the policy gradient -A x ratio
     (PPO-clipped at clip_epsilon) on every own token, times 0.1 exp(H) on positive-advantage tokens, one token mean
     with the demonstrations' policy-gradient term; ``sign`` (the paper's Eq. 12): 0.1 exp(H) x the mean NLL of the
     positive samples + the mean log-likelihood of the negative ones."""
@@ -239,7 +239,7 @@ class ReliftSettings(MethodSettings):
     (ReLIFT's released scripts: a buffer of 128 for 128 prompts per step, so one SFT update about once per RL step
     while most prompts fail)."""
     rl_loss: str = "released"
-    """The form of its RL steps. ``released`` (the authors' code): mean-centred group advantages (no std), the
+    """The form of its RL steps: ``released`` or ``paper``. ``released`` (the authors' code): mean-centred group advantages (no std), the
     unclipped ratio ``-A * ratio``, the token sum divided by max_new_tokens (``loss_remove_token_mean``, as LUFFY's
     ``max_length``), and the entropy bonus ``entropy_coef``; needs ``credit: episode``. ``paper``: GRPO as the paper
     writes it, the run's group advantages (with std) and PPO-clip, token mean, no entropy bonus."""
@@ -403,7 +403,7 @@ class TrainConfig:
     fixed_mu: float = 0.5
     """mu of the fixed-mix baseline."""
     schedule_mu_start: float = 0.9
-    """scheduled-mix (CHORD-mu; and chord-phi with ``chord_mu: scheduled``): mu when the cosine decay starts
+    """scheduled-mix (CHORD-mu; and chord-phi with ``chord_phi.mu: scheduled``): mu when the cosine decay starts
     (CHORD's ``mu_peak``; 0.9 for CHORD-mu)."""
     schedule_mu_end: float = 0.05
     """scheduled-mix: mu at the end of the decay and after it (CHORD's ``mu_valley``; 0.05 for CHORD-mu)."""

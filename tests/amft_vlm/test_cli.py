@@ -70,3 +70,19 @@ def test_training_logs_go_to_the_run_log_and_the_console_keeps_the_progress_bar(
     log = (run / "train.log").read_text()
     assert log.count("INFO amft_vlm.rollout: rollout") == 2  # the old run's log went with it
     assert "WARNING amft_vlm.run_directory: overwrite: deleted the run" in log
+
+
+def test_train_help_lists_every_setting_and_every_method(capsys):
+    from amft_vlm.methods import METHODS
+    from tests.amft_vlm.test_settings_docs import config_keys
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    lines = [line.strip() for line in text.splitlines()]
+    for key in config_keys():
+        assert any(line.startswith(f"{key} (") for line in lines), f"train --help does not list {key}"
+    for name, method in METHODS.items():
+        assert any(line.split()[:1] == [name] and method.description.split()[0] in line for line in lines), f"train --help does not list {name}"
+    assert "luffy.shaping_gamma (float, 0.1): gamma of the policy shaping" in text
