@@ -35,7 +35,6 @@ import math
 import os
 import pickle
 import random
-import re
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from amft_vlm.run_directory import LATEST, METRICS, STEP_DIRECTORY
 from amft_vlm.safe_io import (
     InputFileError,
     OutputPathError,
@@ -58,10 +58,7 @@ from amft_vlm.safe_io import (
     write_text_atomic,
 )
 
-LATEST = "latest"
-METRICS = "metrics.jsonl"
 RNG_FILE = "rng.json"
-STEP_DIRECTORY = re.compile(r"step-(\d{6,})")
 """Name of a checkpoint directory: ``step-`` and the number of iterations done (six digits, `checkpoint_name`)."""
 MAX_JSON_BYTES = 256 * 2**20
 """Most bytes of a checkpoint's JSON file read: the largest, a policy's ``tokenizer.json``, is ~10 MB."""

@@ -45,7 +45,7 @@ def check_run_inputs(config: TrainConfig, *, uses_expert_data: bool) -> None:
             if getattr(config, what) is not None:
                 check_expert_dataset(getattr(config, what), config.env_id, config.env_kwargs, what=what)
     writable_directory(config.output_dir, what="output_dir")
-    from amft_vlm.checkpoint import METRICS
+    from amft_vlm.run_directory import METRICS
 
     for name in ("config.yaml", METRICS):  # the run writes them: refused now, not once the model has loaded
         try:

@@ -24,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -46,7 +47,14 @@ TRACKER_PROJECT = "amft-vlm"
 """accelerate's tracker project of a run (``init_trackers``); TensorBoard logs go to ``RUN/amft-vlm/``."""
 TRAIN_LOG = "train.log"
 """The log of ``amft-vlm train`` in its run directory (the console shows the progress bar and warnings)."""
-RUN_ENTRIES = ("metrics.jsonl", "config.yaml", TRAIN_LOG, "initial-model", ".initial-model.tmp", TRACKER_PROJECT)
+METRICS = "metrics.jsonl"
+"""One JSON line per training step, under the run directory."""
+LATEST = "latest"
+"""The pointer file naming the newest checkpoint, under ``RUN/checkpoints``."""
+STEP_DIRECTORY = re.compile(r"step-(\d{6,})")
+"""A checkpoint's directory name under ``RUN/checkpoints``: ``step-`` and the step, zero-padded to 6 digits."""
+
+RUN_ENTRIES = (METRICS, "config.yaml", TRAIN_LOG, "initial-model", ".initial-model.tmp", TRACKER_PROJECT)
 """What a training run writes in its directory besides ``checkpoints/`` (`remove_run` deletes these)."""
 
 
@@ -192,8 +200,7 @@ def is_empty(directory: str | os.PathLike) -> bool:
 
 def _checkpoint_entries(run_dir: Path) -> list[Path]:
     """What the trainer writes under ``RUN/checkpoints``: ``step-N`` directories, the ``latest`` pointer, and the
-    hidden temporaries of a save that was stopped part-way. (amft_vlm.checkpoint loads torch: imported here only.)"""
-    from amft_vlm.checkpoint import LATEST, STEP_DIRECTORY
+    hidden temporaries of a save that was stopped part-way."""
 
     root = run_dir / "checkpoints"
     if not root.is_dir():
@@ -203,8 +210,6 @@ def _checkpoint_entries(run_dir: Path) -> list[Path]:
 
 def existing_run(run_dir: str | os.PathLike) -> str | None:
     """What of a training run `run_dir` already holds (``metrics.jsonl with 30 lines, 8 checkpoints``), or None."""
-    from amft_vlm.checkpoint import METRICS, STEP_DIRECTORY
-
     path = Path(run_dir)
     parts = []
     metrics = path / METRICS
