@@ -1,4 +1,4 @@
-"""The rollout engine: the one loop that plays episodes, for the VLM policy and for model-free agents.
+"""The rollout engine: the one loop that plays episodes, for every responder (the policy, agents, served models).
 
 `RolloutEngine` keeps ``num_envs`` environments (slots) and a queue of episodes. Each round every
 active slot gets an answer, its environment is stepped with it, and what happened is recorded. A slot
@@ -37,7 +37,8 @@ text responder and records only text; ``collect`` (token trajectories) needs a p
 Episodes and groups. ``play(seeds, group_size=G)`` (and ``collect``) plays G episodes per seed, all
 reset with that seed (the same start state) and sharing a group id (the seed's position in `seeds`),
 as GRPO needs. Outcomes and trajectories come back in queue order (seed by seed, G each) whatever
-slot played them; ``on_episode`` sees each episode as it ends.
+slot played them; ``on_episode`` sees each episode once it has ended and the next batch of requests
+is out (so a callback that waits never holds back the requests of the other slots).
 
 Randomness. Environments draw only from their ``reset`` seed and the answers. With
 ``sampling_seed=s`` each policy episode draws its tokens from its own generator, seeded by
@@ -120,9 +121,9 @@ class Episode:
 class DialogueRecorder:
     """Records an episode as text dialogues, with each answer's reward: the record of an engine without a policy.
 
-    It has the methods of `TrajectoryBuilder` that a model-free answer needs, so the engine's loop
-    drives both the same way. A served model's episodes (`amft_vlm.served`) keep their dialogue so far
-    with one too.
+    It has the methods of `TrajectoryBuilder` that a text answer needs, so the engine's loop drives both
+    the same way. The engine keeps one for every episode: its dialogue so far is what a text responder
+    is asked (`agents.responder.Request.dialogue`).
     """
 
     def __init__(self) -> None:
@@ -391,7 +392,8 @@ class RolloutEngine:
                         generate_seconds += time.perf_counter() - respond_start
                         generate_calls += 1
                     pending.update(zip(asking, answers, strict=True))
-                # Report the episodes of the last round only now: a callback that waits holds no request back.
+                # Report the episodes that ended only now, once the next requests are out: a callback that waits
+                # (an interrupted evaluation's) holds no other slot's request back.
                 for episode in ended:
                     if episode.trajectory is not None:
                         response_tokens += episode.trajectory.num_response_tokens
