@@ -490,17 +490,18 @@ def evaluate(
         # Evaluation chooses who answers; the rollout engine plays every one of them the same way.
         if agent is not None:
             # One environment, episode after episode: an agent drawing from its own generator answers in that order.
-            policy, responder, num_envs = None, agent, 1
+            policy, responder, envs_together = None, agent, 1
         elif served is not None:
             sampling = Sampling(temperature=temperature, max_tokens=max_new_tokens, sampling_seed=sampling_seed, extra_body=dict(extra_body or {}))
             responder = stack.enter_context(served_responder(served, sampling, seeds))
-            policy, num_envs = None, max(1, min(served.concurrency, count))
+            policy, envs_together = None, max(1, min(served.concurrency, count))
             decoding["extra_body"] = dict(responder.client.extra_body)
         else:
+            envs_together = num_envs
             decoding.update(num_envs=num_envs, dtype=dtype, device=_resolved_device(device))
             policy = _load_policy(model, dtype=dtype, device=decoding["device"])
             responder = policy.responder(temperature=temperature or 1.0, max_new_tokens=max_new_tokens, greedy=temperature is None)
-        engine = stack.enter_context(RolloutEngine(policy, env_id, env_kwargs=kwargs, num_envs=num_envs))
+        engine = stack.enter_context(RolloutEngine(policy, env_id, env_kwargs=kwargs, num_envs=envs_together))
         outcomes, _ = engine.play(seeds, responder=responder, sampling_seed=None if policy is None else sampling_seed, progress=progress)
         run = responder.run(outcomes) if served is not None else None
     metrics, shares = compute_metrics(outcomes, env_id, modality)
