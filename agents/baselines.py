@@ -8,10 +8,11 @@ import string
 import gymnasium as gym
 import numpy as np
 
+from agents.base import Agent
 from environments.general_points.cards import RANK_NAMES
 
 
-class ExpertAgent:
+class ExpertAgent(Agent):
     """The oracle: answers with the environment's own correct answer (``expert_response()``).
 
     Both environments provide it: GeneralPoints gives the true cards, their values and a solution
@@ -25,7 +26,7 @@ class ExpertAgent:
         return env.unwrapped.expert_response()
 
 
-class RandomTextAgent:
+class RandomTextAgent(Agent):
     """Answers with random printable text (0 to ``max_length`` characters): a floor for any metric."""
 
     name = "random"
@@ -41,7 +42,7 @@ class RandomTextAgent:
         return "".join(self.rng.choice(self._alphabet, size=length))
 
 
-class GeneralPointsFormatAgent:
+class GeneralPointsFormatAgent(Agent):
     """Answers GeneralPoints in the right JSON format with random cards, numbers and formula.
 
     It shows what format alone earns: every answer parses, and it scores only by luck.

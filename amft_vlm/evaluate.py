@@ -13,11 +13,13 @@ OpenAI-compatible API (``served=`` a `amft_vlm.served.ServedEndpoint`: vLLM, SGL
 the same dialogues through the ``openai`` client, with retries, a response cache and token usage, see
 `amft_vlm.served`); or a model-free agent (``agent=`` e.g.
 `agents.baselines.ExpertAgent`), with no model at all, one environment, episode after episode. The
-expert and random agents give the sanity rows of every table (100% and 0%). Both play through
-`amft_vlm.rollout.RolloutEngine` (an agent through an engine without a policy), which records each
-answer's ``info["verdict"]`` and reward and the episode's ``info["success"]``; the metrics are
-computed from those records only (`amft_vlm.episode_metrics.compute_metrics`), so a model and an
-agent are measured by exactly the same code.
+expert and random agents give the sanity rows of every table (100% and 0%). `evaluate` only chooses
+the responder (`agents.responder.Responder`: the model's `agents.policy.PolicyResponder`, the served
+model's `amft_vlm.served.ServedResponder` or the agent itself); all three play through the one episode
+loop, `amft_vlm.rollout.RolloutEngine` (the served model and the agent through an engine without a
+policy), which records each answer's ``info["verdict"]`` and reward and the episode's
+``info["success"]``; the metrics are computed from those records only
+(`amft_vlm.episode_metrics.compute_metrics`), so every answerer is measured by exactly the same code.
 
 Settings and defaults (the papers' protocol, Chu et al. 2025):
 
@@ -40,6 +42,7 @@ that failed by transport (retries exhausted) are left out of them and counted as
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -52,11 +55,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import environments  # noqa: F401  (registers the environments)
 from agents.base import Agent
-from amft_vlm.episode_metrics import EpisodeOutcome, Metric, compute_metrics
+from amft_vlm.episode_metrics import Metric, compute_metrics
 from amft_vlm.preflight import (
     check_device,
     check_environment,
@@ -66,9 +69,12 @@ from amft_vlm.preflight import (
 )
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.safe_io import load_json_text, read_regular_text, write_text_atomic
-from amft_vlm.served import Sampling, ServedEndpoint, ServedInfo, play_served
+from amft_vlm.served import Sampling, ServedEndpoint, ServedInfo, served_responder
 from environments.general_points import settings as general_points_settings
 from environments.virl import settings as virl_settings
+
+if TYPE_CHECKING:
+    from agents.policy import VLMPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -473,35 +479,31 @@ def evaluate(
         check_model_source(model)
         check_device(device)
     start = time.perf_counter()
-    if agent is not None:
-        # One environment, episode after episode: an agent drawing from its own generator answers in that order.
-        with RolloutEngine(None, env_id, env_kwargs=kwargs) as engine:
-            outcomes, _ = engine.play(seeds, responder=agent, progress=progress)
-        decoding = None
-    elif served is not None:
-        decoding = {
-            "greedy": temperature is None,
-            "temperature": temperature,
-            "sampling_seed": None if temperature is None else seed,
-            "max_new_tokens": max_new_tokens,
-        }
-        sampling = Sampling(
-            temperature=temperature, max_tokens=max_new_tokens, sampling_seed=decoding["sampling_seed"], extra_body=dict(extra_body or {})
-        )
-        run = play_served(served, env_id, kwargs, seeds, sampling, progress=progress)
-        decoding["extra_body"] = run.extra_body
-        outcomes = run.outcomes
-    else:
-        decoding = {
-            "greedy": temperature is None,
-            "temperature": temperature,
-            "sampling_seed": None if temperature is None else seed,
-            "max_new_tokens": max_new_tokens,
-            "num_envs": num_envs,
-            "dtype": dtype,
-            "device": device,
-        }
-        outcomes = _play_model(model, env_id, kwargs, seeds, decoding, progress=progress)
+    sampling_seed = None if temperature is None else seed
+    decoding = None if agent is not None else {
+        "greedy": temperature is None,
+        "temperature": temperature,
+        "sampling_seed": sampling_seed,
+        "max_new_tokens": max_new_tokens,
+    }
+    with contextlib.ExitStack() as stack:
+        # Evaluation chooses who answers; the rollout engine plays every one of them the same way.
+        if agent is not None:
+            # One environment, episode after episode: an agent drawing from its own generator answers in that order.
+            policy, responder, envs_together = None, agent, 1
+        elif served is not None:
+            sampling = Sampling(temperature=temperature, max_tokens=max_new_tokens, sampling_seed=sampling_seed, extra_body=dict(extra_body or {}))
+            responder = stack.enter_context(served_responder(served, sampling, seeds))
+            policy, envs_together = None, max(1, min(served.concurrency, count))
+            decoding["extra_body"] = dict(responder.client.extra_body)
+        else:
+            envs_together = num_envs
+            decoding.update(num_envs=num_envs, dtype=dtype, device=_resolved_device(device))
+            policy = _load_policy(model, dtype=dtype, device=decoding["device"])
+            responder = policy.responder(temperature=temperature or 1.0, max_new_tokens=max_new_tokens, greedy=temperature is None)
+        engine = stack.enter_context(RolloutEngine(policy, env_id, env_kwargs=kwargs, num_envs=envs_together))
+        outcomes, _ = engine.play(seeds, responder=responder, sampling_seed=None if policy is None else sampling_seed, progress=progress)
+        run = responder.run(outcomes) if served is not None else None
     metrics, shares = compute_metrics(outcomes, env_id, modality)
     return EvalRecord(
         model=agent.name if agent is not None else served.model if served is not None else model,
@@ -518,40 +520,31 @@ def evaluate(
         wall_seconds=time.perf_counter() - start,
         metrics=metrics,
         verdict_shares=shares,
-        served=None if served is None else run.info(served),
+        served=None if run is None else run.info(served),
     )
 
 
-def _play_model(
-    model: str, env_id: str, env_kwargs: dict[str, Any], seeds: Sequence[int], decoding: dict[str, Any], *, progress: bool
-) -> list[EpisodeOutcome]:
-    """Play one episode per seed with a model through the batched rollout engine; fills ``decoding["device"]``."""
-    # torch and transformers load only when a model plays, so agent evaluations and the CLI start fast.
+def _resolved_device(device: str) -> str:
+    """`device`, with ``"auto"`` resolved to ``"cuda"`` when CUDA is available and ``"cpu"`` otherwise."""
+    if device != "auto":
+        return device
+    # torch loads only when a model plays, so agent evaluations and the CLI start fast.
     import torch
 
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_policy(model: str, *, dtype: str, device: str) -> VLMPolicy:
+    """The policy of a checkpoint directory, a Hub id or a ``tiny:ARCH`` model (built on the fly)."""
+    # transformers loads only when a model plays, so agent evaluations and the CLI start fast.
     from agents.tiny import resolve_model_spec
     from amft_vlm.lora import load_policy
 
-    if decoding["device"] == "auto":
-        decoding["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="amft-vlm-eval-") as tiny_dir:
         path = resolve_model_spec(model, tiny_dir, seed=TINY_MODEL_SEED)
         try:
-            policy = load_policy(path, dtype=decoding["dtype"], device=decoding["device"])
+            return load_policy(path, dtype=dtype, device=device)
         except OSError as error:
             raise ValueError(
                 f"could not load model {model!r} ({error}); give a checkpoint directory, a Hub id, or tiny:qwen2-vl / tiny:qwen2.5-vl"
             ) from error
-    engine = RolloutEngine(
-        policy,
-        env_id,
-        env_kwargs=env_kwargs,
-        num_envs=decoding["num_envs"],
-        temperature=decoding["temperature"] or 1.0,
-        max_new_tokens=decoding["max_new_tokens"],
-        greedy=decoding["greedy"],
-    )
-    with engine:
-        outcomes, stats = engine.play(seeds, sampling_seed=decoding["sampling_seed"], progress=progress)
-    logger.info("eval %s (%s): %s", env_id, model, stats.summary())
-    return outcomes

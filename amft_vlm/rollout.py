@@ -1,4 +1,4 @@
-"""The rollout engine: the one loop that plays episodes, for the VLM policy and for model-free agents.
+"""The rollout engine: the one loop that plays episodes, for every responder (the policy, agents, served models).
 
 `RolloutEngine` keeps ``num_envs`` environments (slots) and a queue of episodes. Each round every
 active slot gets an answer, its environment is stepped with it, and what happened is recorded. A slot
@@ -9,9 +9,14 @@ until the environment ends them (its attempt budget); when the environment resta
 Training rollouts, the trainer's expert data, evaluation, ``amft-vlm play`` and ``amft-vlm collect``
 all play through this loop.
 
-Who answers. With a `VLMPolicy` and no responder, one batched, left-padded ``generate`` call over the
-prompts of all active slots per round. With a responder (a model-free `agents.base.Agent`, e.g. the
-oracle `ExpertAgent`), its ``act`` for each active slot, in slot order; no model is called.
+Who answers. A responder (`agents.responder.Responder`) answers the active slots' dialogues in one
+batch per round: the engine's policy by default (its `agents.policy.PolicyResponder` with the
+engine's sampling settings, one batched, left-padded ``generate`` call per round), a model-free
+agent (`agents.base.Agent`, e.g. the oracle `ExpertAgent`; no model is called) or a served model
+(`amft_vlm.served.ServedResponder`). Each answer comes back as a future: a slot whose answer is in
+is stepped at once, and a slot that needs an answer gets it asked for in the next batch, so a
+responder answering in the background (a served model) never has a row wait for the slowest one,
+while one that answers in the call (the policy, an agent) is played round by round.
 
 What is recorded. An engine with a policy records token trajectories
 (`amft_vlm.trajectory.TrajectoryBuilder`: the policy's generated ids as they came out, an agent's
@@ -21,17 +26,19 @@ engine without one, ``RolloutEngine(None, env)``, needs no model, tokenizer or t
 dialogues (`RecordedDialogue`: the `Dialogue` and the reward of each answer). Either way every
 episode also yields an `EpisodeOutcome` (each answer's ``info["verdict"]`` and reward, and
 ``info["success"]``), from which `RolloutStats` and every metric are computed
-(`amft_vlm.episode_metrics.compute_metrics`).
+(`amft_vlm.episode_metrics.compute_metrics`). A responder that cannot answer a request
+(`agents.responder.NoAnswer`) ends its episode there, unsolved, with the verdict it names.
 
 Why ``policy=None`` and not a second class: the two modes differ only in who answers and in the
 recorder; the queue, the slots, the seeds, the ``new_dialogue`` rule and the outcome records are one
 piece of code, and ``None`` says exactly what is missing. A policy-free engine answers only through a
-responder and records only text; ``collect`` (token trajectories) needs a policy.
+text responder and records only text; ``collect`` (token trajectories) needs a policy.
 
 Episodes and groups. ``play(seeds, group_size=G)`` (and ``collect``) plays G episodes per seed, all
 reset with that seed (the same start state) and sharing a group id (the seed's position in `seeds`),
 as GRPO needs. Outcomes and trajectories come back in queue order (seed by seed, G each) whatever
-slot played them; ``on_episode`` sees each episode as it ends.
+slot played them; ``on_episode`` sees each episode once it has ended and the next batch of requests
+is out (so a callback that waits never holds back the requests of the other slots).
 
 Randomness. Environments draw only from their ``reset`` seed and the answers. With
 ``sampling_seed=s`` each policy episode draws its tokens from its own generator, seeded by
@@ -51,6 +58,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,12 +67,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from agents.base import Agent
 from agents.chat import Dialogue
+from agents.responder import Answer, NoAnswer, Request, Responder
 from amft_vlm.episode_metrics import EpisodeOutcome, RolloutStats
 
 if TYPE_CHECKING:
-    from agents.policy import DialogueCache, Generation, VLMPolicy
+    from agents.policy import DialogueCache, VLMPolicy
     from agents.vision_inputs import ImageLike
     from amft_vlm.trajectory import Trajectory, TrajectoryBuilder
 
@@ -113,9 +121,9 @@ class Episode:
 class DialogueRecorder:
     """Records an episode as text dialogues, with each answer's reward: the record of an engine without a policy.
 
-    It has the methods of `TrajectoryBuilder` that a model-free answer needs, so the engine's loop
-    drives both the same way. A served model's episodes (`amft_vlm.served`) keep their dialogue so far
-    with one too.
+    It has the methods of `TrajectoryBuilder` that a text answer needs, so the engine's loop drives both
+    the same way. The engine keeps one for every episode: its dialogue so far is what a text responder
+    is asked (`agents.responder.Request.dialogue`).
     """
 
     def __init__(self) -> None:
@@ -174,7 +182,10 @@ class _Episode:
 
     index: int
     spec: EpisodeSpec
-    recorder: TrajectoryBuilder | DialogueRecorder
+    dialogue: DialogueRecorder
+    """The episode as text: what a text responder answers, and the record of an engine without a policy."""
+    tokens: TrajectoryBuilder | None
+    """The episode as tokens, from an engine with a policy: what a token responder answers, and its record."""
     observation: dict[str, Any]
     verdicts: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
@@ -184,20 +195,20 @@ class _Episode:
 
 
 class RolloutEngine:
-    """Plays batches of episodes of ``num_envs`` environments, answered by a `VLMPolicy` or a model-free agent.
+    """Plays batches of episodes of ``num_envs`` environments, answered by a `VLMPolicy` or any other responder.
 
     Args:
-        policy: the policy that answers (and whose tokenizer and image processor build the tokens);
-            None for an engine that only plays model-free agents and records text (see the module
-            docstring).
+        policy: the policy whose tokenizer and image processor build the token records, and which
+            answers when ``play`` is given no other responder; None for an engine that plays only text
+            responders (model-free agents, served models) and records text (see the module docstring).
         env: an environment id for ``gym.make`` (e.g. ``"GeneralPoints-v0"``) or a function returning a
             new environment.
         env_kwargs: ``gym.make`` keyword arguments when `env` is an id, e.g. ``{"modality": "language"}``.
-        num_envs: environments played together; each ``generate`` call has up to this many prompts.
-        temperature: sampling temperature (ignored when `greedy`).
-        max_new_tokens: the most tokens per response; a longer response is cut off and closed with a
-            non-trainable ``<|im_end|>`` before the environment's reply.
-        greedy: take the arg-max token instead of sampling.
+        num_envs: environments played together; each batch of requests has up to this many.
+        temperature: the policy's sampling temperature (ignored when `greedy`).
+        max_new_tokens: the most tokens per policy response; a longer response is cut off and closed
+            with a non-trainable ``<|im_end|>`` before the environment's reply.
+        greedy: the policy takes the arg-max token instead of sampling.
         reuse_cache: keep each dialogue's attention keys and values between its turns, so a turn's
             prefill runs only over the environment's reply instead of the whole dialogue; costs the
             memory of one cache per slot. Off gives the same trajectories (up to float rounding).
@@ -229,9 +240,12 @@ class RolloutEngine:
             raise ValueError("env_kwargs only apply to an environment id; bind them in your env function")
         else:
             self._make_env = env
+        # The policy's own responder; building it validates the settings now rather than at the first round.
+        self.policy_responder: Responder | None = None
         if policy is not None:
-            # Validate the settings now rather than at the first generate call.
-            policy.check_sampling(temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy)
+            self.policy_responder = policy.responder(
+                temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy, keep_cache=reuse_cache
+            )
         self.policy = policy
         self.reuse_cache = reuse_cache
         self.num_envs = num_envs
@@ -240,7 +254,7 @@ class RolloutEngine:
 
     @property
     def sampling_temperature(self) -> float:
-        """The temperature of the sampling distribution (1.0 for greedy decoding)."""
+        """The temperature of the policy's sampling distribution (1.0 for greedy decoding)."""
         return 1.0 if self.greedy else self.temperature
 
     def play(
@@ -248,7 +262,7 @@ class RolloutEngine:
         seeds: Sequence[int],
         *,
         group_size: int = 1,
-        responder: Agent | None = None,
+        responder: Responder | None = None,
         sampling_seed: int | None = None,
         progress: bool = True,
         on_episode: Callable[[Episode], None] | None = None,
@@ -258,10 +272,12 @@ class RolloutEngine:
         Args:
             seeds: ``reset`` seeds; seed ``seeds[i]`` gives group ``i``.
             group_size: episodes per seed (G of GRPO).
-            responder: a model-free agent answering instead of the policy (e.g. `ExpertAgent`);
-                required by an engine without a policy.
+            responder: who answers (`agents.responder.Responder`): a model-free agent (e.g.
+                `ExpertAgent`), a served model, another token responder; None for the engine's policy.
+                Required by an engine without a policy.
             sampling_seed: seeds torch's generator for this collection (the caller's state is
-                restored afterwards); None samples from the current state. Only for a policy.
+                restored afterwards) and gives each episode its own token generator; None samples
+                from the current state. Only for an engine with a policy.
             progress: show a progress bar over episodes.
             on_episode: called with every `Episode` (outcome and record) as it ends, in the order
                 episodes end (queue order with one environment); the engine keeps no record itself,
@@ -274,29 +290,32 @@ class RolloutEngine:
         if group_size < 1:
             raise ValueError(f"group_size must be at least 1; got {group_size}")
         if self.policy is None and responder is None:
-            raise ValueError("an engine without a policy needs a responder: a model-free agent to answer")
+            raise ValueError("an engine without a policy needs a responder: a model-free agent or a served model to answer")
         if self.policy is None and sampling_seed is not None:
             raise ValueError("sampling_seed seeds the policy's sampling; an engine without a policy samples nothing")
+        responder = self.policy_responder if responder is None else responder
+        if responder.answers_in_tokens and self.policy is None:
+            raise ValueError(f"{responder.name} answers token prompts; play it in an engine with a policy to encode them")
         specs = [
             EpisodeSpec(seed=int(seed), group=group, member=member)
             for group, seed in enumerate(seeds)
             for member in range(group_size)
         ]
         if self.policy is None:
-            return self._run(specs, responder=responder, progress=progress, on_episode=on_episode)
+            return self._run(specs, responder, progress=progress, on_episode=on_episode)
         device = self.policy.device
         fork_devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices, enabled=sampling_seed is not None):
             if sampling_seed is not None:
                 torch.manual_seed(sampling_seed)
-            return self._run(specs, responder=responder, progress=progress, on_episode=on_episode, sampling_seed=sampling_seed)
+            return self._run(specs, responder, progress=progress, on_episode=on_episode, sampling_seed=sampling_seed)
 
     def collect(
         self,
         seeds: Sequence[int],
         *,
         group_size: int = 1,
-        responder: Agent | None = None,
+        responder: Responder | None = None,
         sampling_seed: int | None = None,
         progress: bool = True,
     ) -> tuple[list[Trajectory], RolloutStats]:
@@ -305,7 +324,7 @@ class RolloutEngine:
         Args:
             seeds: ``reset`` seeds; seed ``seeds[i]`` gives group ``i``.
             group_size: episodes per seed (G of GRPO).
-            responder: a model-free agent answering instead of the policy (e.g. `ExpertAgent`).
+            responder: who answers instead of the policy (e.g. `ExpertAgent`); None for the policy.
             sampling_seed: seeds torch's generator for this collection (the caller's state is
                 restored afterwards); None samples from the current state.
             progress: show a progress bar over episodes.
@@ -338,8 +357,8 @@ class RolloutEngine:
     def _run(
         self,
         specs: list[EpisodeSpec],
+        responder: Responder,
         *,
-        responder: Agent | None,
         progress: bool,
         on_episode: Callable[[Episode], None] | None,
         sampling_seed: int | None = None,
@@ -350,7 +369,8 @@ class RolloutEngine:
         queue = deque(enumerate(specs))
         outcomes: list[EpisodeOutcome | None] = [None] * len(specs)
         slots: list[_Episode | None] = [None] * min(len(self.envs), len(specs))
-        source = POLICY_SOURCE if responder is None else responder.name
+        pending: dict[int, Future[Answer]] = {}
+        source = POLICY_SOURCE if responder is self.policy_responder else responder.name
         env_id = self._env_id(0) if self.envs else ""
         generate_seconds, generate_calls, finished, successes = 0.0, 0, 0, 0
         response_tokens, total_tokens = 0, 0
@@ -361,31 +381,20 @@ class RolloutEngine:
         with tqdm(total=len(specs), desc=f"rollout {env_id} / {source}", unit="episode", disable=not progress) as bar:
             for slot in range(len(slots)):
                 refill(slot)
-            while active := [slot for slot, episode in enumerate(slots) if episode is not None]:
-                # One batched generate over every active slot (or the agent's answers).
-                if responder is None:
-                    generate_start = time.perf_counter()
-                    generations: list[Generation | None] = list(
-                        self.policy.generate(
-                            [slots[slot].recorder.prompt() for slot in active],
-                            temperature=self.temperature,
-                            max_new_tokens=self.max_new_tokens,
-                            greedy=self.greedy,
-                            caches=[slots[slot].cache for slot in active],
-                            keep_cache=self.reuse_cache,
-                            generators=None if sampling_seed is None else [slots[slot].generator for slot in active],
-                        )
-                    )
-                    generate_seconds += time.perf_counter() - generate_start
-                    generate_calls += 1
-                else:
-                    generations = [None] * len(active)
-                # Step every environment; a finished slot starts its next episode before the next round.
-                for slot, generation in zip(active, generations, strict=True):
-                    episode = self._step(slot, slots[slot], generation, responder)
-                    if episode is None:
-                        continue
-                    outcomes[episode.index] = episode.outcome
+            ended: list[Episode] = []
+            while True:
+                # One batch of requests: every active slot that is not waiting for an answer already.
+                asking = [slot for slot, episode in enumerate(slots) if episode is not None and slot not in pending]
+                if asking:
+                    respond_start = time.perf_counter()
+                    answers = responder.respond([self._request(slot, slots[slot]) for slot in asking])
+                    if responder.answers_in_tokens:
+                        generate_seconds += time.perf_counter() - respond_start
+                        generate_calls += 1
+                    pending.update(zip(asking, answers, strict=True))
+                # Report the episodes that ended only now, once the next requests are out: a callback that waits
+                # (an interrupted evaluation's) holds no other slot's request back.
+                for episode in ended:
                     if episode.trajectory is not None:
                         response_tokens += episode.trajectory.num_response_tokens
                         total_tokens += episode.trajectory.num_tokens
@@ -395,7 +404,20 @@ class RolloutEngine:
                     successes += episode.outcome.success
                     bar.set_postfix(success=f"{successes / finished:.0%}", refresh=False)
                     bar.update(1)
-                    refill(slot)
+                if not pending:
+                    break
+                ready = [slot for slot in sorted(pending) if pending[slot].done()]
+                if not ready:
+                    wait(pending.values(), return_when=FIRST_COMPLETED)
+                    ready = [slot for slot in sorted(pending) if pending[slot].done()]
+                # Step every answered environment; a finished slot starts its next episode before the next batch.
+                ended = []
+                for slot in ready:
+                    episode = self._step(slot, slots[slot], pending.pop(slot).result())
+                    if episode is not None:
+                        outcomes[episode.index] = episode.outcome
+                        ended.append(episode)
+                        refill(slot)
         played = [outcome for outcome in outcomes if outcome is not None]
         stats = RolloutStats.from_outcomes(
             played,
@@ -413,54 +435,77 @@ class RolloutEngine:
         return env.spec.id if env.spec is not None else type(env.unwrapped).__name__
 
     def _start_episode(
-        self, slot: int, index: int, spec: EpisodeSpec, source: str, responder: Agent | None, sampling_seed: int | None = None
+        self, slot: int, index: int, spec: EpisodeSpec, source: str, responder: Responder, sampling_seed: int | None = None
     ) -> _Episode:
         observation, _ = self.envs[slot].reset(seed=spec.seed)
-        generator = None
-        if self.policy is None:
-            recorder: TrajectoryBuilder | DialogueRecorder = DialogueRecorder()
-        else:
+        tokens, generator = None, None
+        if self.policy is not None:
             # Imported here: it loads transformers, which only an engine with a policy needs.
             from amft_vlm.trajectory import TrajectoryBuilder
 
-            recorder = TrajectoryBuilder(
+            tokens = TrajectoryBuilder(
                 self.policy.encoder,
                 seed=spec.seed,
                 group=spec.group,
                 env_id=self._env_id(slot),
                 source=source,
-                sampling_temperature=self.sampling_temperature if responder is None else None,
+                sampling_temperature=responder.sampling_temperature if responder.answers_in_tokens else None,
             )
+            tokens.start_dialogue(observation["text"], image=observation.get("image"))
             if sampling_seed is not None:
                 # Seeded by (sampling seed, reset seed, place in group) alone: the same draws whichever slot,
                 # batch, num_envs or process plays the episode.
                 state = np.random.SeedSequence([sampling_seed, spec.seed, spec.member]).generate_state(1)[0]
                 generator = torch.Generator().manual_seed(int(state))
-        recorder.start_dialogue(observation["text"], image=observation.get("image"))
-        return _Episode(index=index, spec=spec, recorder=recorder, observation=observation, generator=generator)
+        dialogue = DialogueRecorder()
+        dialogue.start_dialogue(observation["text"], image=observation.get("image"))
+        return _Episode(index=index, spec=spec, dialogue=dialogue, tokens=tokens, observation=observation, generator=generator)
 
-    def _step(self, slot: int, episode: _Episode, generation: Generation | None, responder: Agent | None) -> Episode | None:
-        """Answer in `slot`'s environment; the finished `Episode` if the episode ended, else None."""
-        env = self.envs[slot]
-        text = responder.act(episode.observation, env) if generation is None else generation.text
-        observation, reward, terminated, truncated, info = env.step(text)
+    def _request(self, slot: int, episode: _Episode) -> Request:
+        """What the responder is asked for `slot`'s episode: its dialogue so far, as text and (with a policy) as tokens."""
+        return Request(
+            episode=episode.index,
+            seed=episode.spec.seed,
+            member=episode.spec.member,
+            turn=len(episode.rewards),
+            dialogue=episode.dialogue.dialogue,
+            observation=episode.observation,
+            env=self.envs[slot],
+            prompt=None if episode.tokens is None else episode.tokens.prompt(),
+            cache=episode.cache,
+            generator=episode.generator,
+        )
+
+    def _step(self, slot: int, episode: _Episode, answer: Answer) -> Episode | None:
+        """Step `slot`'s environment with `answer`; the finished `Episode` if the episode ended, else None."""
+        if isinstance(answer, NoAnswer):
+            if episode.tokens is not None:
+                raise ValueError(f"an engine recording tokens cannot record an unanswered turn ({answer.reason})")
+            episode.verdicts.append(answer.verdict)
+            episode.rewards.append(0.0)
+            return self._finish(episode, success=False)
+        text = answer if isinstance(answer, str) else answer.text
+        observation, reward, terminated, truncated, info = self.envs[slot].step(text)
         episode.verdicts.append(str(info.get("verdict", "")))
         episode.rewards.append(float(reward))
-        if generation is None:
-            episode.recorder.add_text_response(text, float(reward))
-        else:
-            episode.recorder.add_generation(generation, float(reward))
+        episode.dialogue.add_text_response(text, float(reward))
+        if episode.tokens is not None:
+            if isinstance(answer, str):
+                episode.tokens.add_text_response(answer, float(reward))
+            else:
+                episode.tokens.add_generation(answer, float(reward))
         if terminated or truncated:
             return self._finish(episode, success=bool(info.get("success", False)))
-        new_dialogue = record_environment_message(episode.recorder, observation, info)
+        new_dialogue = record_environment_message(episode.dialogue, observation, info)
+        if episode.tokens is not None:
+            record_environment_message(episode.tokens, observation, info)
         # A new dialogue shares no attention keys and values with the last one.
-        episode.cache = None if generation is None or new_dialogue else generation.cache
+        episode.cache = None if isinstance(answer, str) or new_dialogue else answer.cache
         episode.observation = observation
         return None
 
     def _finish(self, episode: _Episode, *, success: bool) -> Episode:
         outcome = EpisodeOutcome(episode.spec.seed, tuple(episode.verdicts), tuple(episode.rewards), success)
-        if isinstance(episode.recorder, DialogueRecorder):
-            return Episode(episode.index, episode.spec.group, outcome, dialogues=episode.recorder.finish())
-        return Episode(episode.index, episode.spec.group, outcome, trajectory=episode.recorder.finish(success=success))
-
+        if episode.tokens is None:
+            return Episode(episode.index, episode.spec.group, outcome, dialogues=episode.dialogue.finish())
+        return Episode(episode.index, episode.spec.group, outcome, trajectory=episode.tokens.finish(success=success))

@@ -3,8 +3,9 @@
 `generate` draws each token from ``softmax(logits / T)`` and nothing else (`choose_tokens`), returns
 each response's tokens with their log-probs under that distribution (`Generation`), and can keep each
 dialogue's key-value cache (`DialogueCache`) so its next turn prefills only the new tokens.
-`GenerationBackend` is that contract as a protocol: `VLMPolicy` fills it with the Hugging Face model
-in this process; a vLLM or SGLang server would plug in behind the same call.
+`agents.policy.PolicyResponder` puts it behind the answering seam (`agents.responder.Responder`): a vLLM or
+SGLang engine would be another token responder with the same contract (tokens from ``softmax(logits /
+temperature)`` exactly, vision placeholders never drawn, log-probs that teacher forcing reproduces).
 
 Why our own decoding loop rather than ``model.generate``: resuming each dialogue from its own cache
 puts padding between a row's cached keys and its new tokens, which ``generate``'s position bookkeeping
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -51,34 +52,6 @@ class Generation:
     text: str
     finished: bool
     cache: DialogueCache | None = None
-
-
-@runtime_checkable
-class GenerationBackend(Protocol):
-    """Generates responses to token prompts, with each token's log-prob under its sampling distribution.
-
-    The contract, whatever runs the model: tokens come from ``softmax(logits / temperature)`` exactly
-    (greedy: the arg-max, log-probs at temperature 1), the vision placeholders never come out, a
-    response ends at a stop token or after `max_new_tokens`, and teacher forcing the returned tokens
-    reproduces the returned log-probs. `caches` / `keep_cache` let a backend that keeps dialogue caches
-    skip recomputing earlier turns; one that does not ignores `caches` and returns ``cache=None``.
-    `generators` (one CPU generator per prompt) make a row's draws independent of its batch.
-    `VLMPolicy` is one; see its ``generate`` for the arguments.
-    """
-
-    def generate(
-        self,
-        prompts: Sequence[TokenSequence],
-        *,
-        temperature: float = 1.0,
-        max_new_tokens: int = 256,
-        greedy: bool = False,
-        caches: Sequence[DialogueCache | None] | None = None,
-        keep_cache: bool = False,
-        generators: Sequence[torch.Generator] | None = None,
-    ) -> list[Generation]:
-        """One `Generation` per prompt, in order."""
-        ...
 
 
 def check_sampling(*, temperature: float, max_new_tokens: int, greedy: bool) -> None:

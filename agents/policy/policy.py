@@ -10,6 +10,8 @@ and a learner need, each implemented in its own module:
 - `collate` / `position_ids` (`agents.policy.batching`): left-padded batches and their rope positions;
 - `generate` (`agents.policy.generation`): batched decoding with explicit sampling, each response's
   log-probs and optionally each dialogue's key-value cache (`agents.policy.kv_cache`);
+- `responder`: the policy as a token `agents.responder.Responder` with its sampling settings bound
+  (`PolicyResponder`), which the rollout engine plays like any other answerer;
 - `token_logprobs` / `hidden_states` (`agents.policy.scoring`): teacher-forced log-probs that reproduce
   the sampling ones, entropies, and the hidden states a critic reads.
 """
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import types
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from agents.policy.batching import PaddedBatch
 from agents.policy.encoder import IMAGE_TOKEN, ChatEncoder, TokenSequence
 from agents.policy.generation import Generation
 from agents.policy.kv_cache import DialogueCache
+from agents.responder import Answer, Request, answered
 from agents.vision_inputs import ImageInputs, ImageLike
 
 logger = logging.getLogger(__name__)
@@ -309,6 +313,12 @@ class VLMPolicy:
             generators=generators,
         )
 
+    def responder(
+        self, *, temperature: float = 1.0, max_new_tokens: int = 256, greedy: bool = False, keep_cache: bool = True
+    ) -> PolicyResponder:
+        """This policy as a token responder with these sampling settings (see `generate`); checks them now."""
+        return PolicyResponder(self, temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy, keep_cache=keep_cache)
+
     def token_logprobs(
         self,
         sequences: Sequence[TokenSequence],
@@ -365,3 +375,48 @@ class VLMPolicy:
             One float32 tensor ``(len(positions[i]), hidden_size)`` per sequence.
         """
         return scoring.hidden_states(self, sequences, positions)
+
+
+class PolicyResponder:
+    """A `VLMPolicy` with its sampling settings: a token `agents.responder.Responder`.
+
+    Each `respond` call is one batched `VLMPolicy.generate` over the requests' prompts, with their
+    caches and generators; the answers are the `Generation`s, already done.
+
+    Args:
+        policy: the policy that answers.
+        temperature: sampling temperature (ignored when `greedy`).
+        max_new_tokens: the most tokens per response.
+        greedy: take the arg-max token instead of sampling.
+        keep_cache: return each dialogue's keys and values with its answer, so its next turn prefills
+            only the environment's reply (`Generation.cache`).
+    """
+
+    answers_in_tokens = True
+    name = "policy"
+
+    def __init__(self, policy: VLMPolicy, *, temperature: float, max_new_tokens: int, greedy: bool, keep_cache: bool) -> None:
+        policy.check_sampling(temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy)
+        self.policy = policy
+        self.temperature, self.max_new_tokens, self.greedy, self.keep_cache = temperature, max_new_tokens, greedy, keep_cache
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature of the distribution the tokens are drawn from (1.0 for greedy decoding)."""
+        return 1.0 if self.greedy else self.temperature
+
+    def respond(self, requests: list[Request]) -> list[Future[Answer]]:
+        """One `Generation` per request's prompt, decoded together in one batch."""
+        if any(request.prompt is None for request in requests):
+            raise ValueError("a policy answers token prompts; play it in an engine that records tokens: RolloutEngine(policy, ...)")
+        generators = [request.generator for request in requests]
+        generations = self.policy.generate(
+            [request.prompt for request in requests],
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            greedy=self.greedy,
+            caches=[request.cache for request in requests],
+            keep_cache=self.keep_cache,
+            generators=None if any(generator is None for generator in generators) else generators,
+        )
+        return [answered(generation) for generation in generations]

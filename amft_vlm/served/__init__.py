@@ -1,7 +1,7 @@
 """Evaluation of a model served behind an OpenAI-compatible chat-completions API (vLLM, SGLang, hosted APIs).
 
 Each episode is the dialogue the environment gives a local model (`amft_vlm.rollout.RolloutEngine`
-plays it; a `ServedResponder` answers, reading the dialogue the engine's own recorder keeps): the
+plays it; a `ServedResponder` answers the dialogue the engine's recorder keeps, like any responder): the
 first user turn carries the observation image as a ``data:image/png;base64,`` URL, smart-resized to
 the pixel budget a local Qwen-VL model uses (`agents.vision_inputs.resize_image`, ``[min_pixels,
 max_pixels]``, Qwen2.5-VL's defaults unless given: pass a trained checkpoint's own values to match
@@ -11,8 +11,8 @@ conversation. Requests go through the official ``openai`` client, with its own r
 
 Layout: `endpoint` (the settings: `ServedEndpoint`, `RetryPolicy`, `Sampling`; `LogRedactor`), `cache`
 (`ResponseCache`), `client` (`ChatClient`: requests, retries, the circuit breaker), `response` (a
-response as untrusted input: the size cap, the deadline, the JSON depth), `play` (the dialogue and
-the threads that play the episodes, `play_served`), `record` (`ServedInfo`, the evaluation record's
+response as untrusted input: the size cap, the deadline, the JSON depth), `play` (`ServedResponder`:
+the dialogue each request carries and the threads that send them; `play_served`), `record` (`ServedInfo`, the evaluation record's
 ``served`` entry, and `EpisodeUsage`).
 
 Decoding: greedy is sent as temperature 0, sampling as the temperature with a per-request seed; top_p
@@ -24,9 +24,10 @@ carries ``top_k: -1, repetition_penalty: 1.0, min_p: 0.0`` (`NEUTRAL_SAMPLING_FI
 never get them (hosted APIs refuse unknown fields). `Sampling.extra_body` (``--extra-body``) adds
 fields of the user's on top. The fields sent are recorded (``decoding["extra_body"]``) and keyed.
 
-Concurrency: ``concurrency`` threads, each with its own environment (a V-IRL vision environment holds
-about 50 MB, a GeneralPoints vision one about 20 MB), play whole episodes; outcomes are collected in
-seed order, so the record is the one a sequential run gives. An interrupt (Ctrl-C) stops the run at
+Concurrency: the engine plays ``concurrency`` environments (a V-IRL vision environment holds about 50
+MB, a GeneralPoints vision one about 20 MB), and the responder sends each one's request in a thread of
+its own; an environment is stepped as soon as its answer is in, so up to ``concurrency`` requests are
+in flight. Outcomes are collected in seed order, so the record is the one a sequential run gives. An interrupt (Ctrl-C) stops the run at
 once: backoff waits end, no request is sent after it, requests in flight are abandoned.
 
 Faults (`ChatClient.complete`):
@@ -112,12 +113,13 @@ from amft_vlm.served.endpoint import (
     retry_after_seconds,
 )
 from amft_vlm.served.play import (
-    DialogueTracker,
+    ServedResponder,
     ServedRun,
     dialogue_messages,
     neutralise_special_tokens,
     play_served,
     png_data_url,
+    served_responder,
 )
 from amft_vlm.served.record import EpisodeUsage, ServedInfo
 
@@ -129,7 +131,6 @@ __all__ = [
     "QWEN_MIN_PIXELS",
     "ChatClient",
     "Completion",
-    "DialogueTracker",
     "EndpointRefused",
     "EpisodeUsage",
     "LogRedactor",
@@ -138,6 +139,7 @@ __all__ = [
     "Sampling",
     "ServedEndpoint",
     "ServedInfo",
+    "ServedResponder",
     "ServedRun",
     "ServerError",
     "TransportFailure",
@@ -150,5 +152,6 @@ __all__ = [
     "png_data_url",
     "redact_url",
     "retry_after_seconds",
+    "served_responder",
     "server_identity",
 ]

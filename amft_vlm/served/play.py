@@ -1,26 +1,26 @@
-"""Playing episodes with a served model: the dialogue each request carries, and the threads that play the episodes."""
+"""A served model as a responder: the dialogue each request carries, and the threads that send the requests."""
 
 from __future__ import annotations
 
 import base64
 import io
 import logging
-import queue
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import gymnasium as gym
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agents.chat import Dialogue
+from agents.responder import Answer, NoAnswer, Request
 from agents.vision_inputs import ImageLike, resize_image
 from amft_vlm.episode_metrics import TRANSPORT_FAILURE, EpisodeOutcome
-from amft_vlm.rollout import DialogueRecorder, RolloutEngine, record_environment_message
+from amft_vlm.rollout import Episode, RolloutEngine
 from amft_vlm.served.client import (
     MIN_PROBE_EPISODES,
     SERVER_ERROR,
@@ -77,78 +77,128 @@ def dialogue_messages(dialogue: Dialogue, image_url: str | None) -> list[dict[st
     return messages
 
 
-class DialogueTracker(gym.Wrapper):
-    """Keeps an episode's dialogue so far, recorded as the rollout engine records it, and each answer's verdict and reward.
+class ServedResponder:
+    """A model behind an OpenAI-compatible API as a text `agents.responder.Responder`: one chat request per row.
 
-    The engine hands a responder only the observation and the environment, not its record of the
-    dialogue, so a `ServedResponder` reads the dialogue from this wrapper. It records with the engine's
-    own `DialogueRecorder` and `record_environment_message` (the feedback and V-IRL restart rule), so
-    the dialogue sent is the one the engine records for a local model.
+    Each request of a batch is sent in a thread of its own (a daemon thread: an interrupted run never
+    waits for a request in flight), with its dialogue so far (`dialogue_messages`, the image as a PNG
+    data URL encoded once per dialogue); its future resolves to the answer with its special tokens
+    taken out (`neutralise_special_tokens`), which the environment judges and the dialogue carries. A
+    request that fails by transport (`TransportFailure`) or by a server error on every attempt
+    (`ServerError`) resolves to a `agents.responder.NoAnswer` with the verdict ``transport_failure`` or
+    ``server_error`` (the episode ends there, unsolved); any other error (the circuit breaker's
+    `EndpointRefused`) is raised by the future. `usage` keeps what each episode cost, by its place in
+    the engine's queue. Open one with `served_responder`, which closes its client.
     """
 
-    def __init__(self, env: gym.Env) -> None:
-        super().__init__(env)
-        self.recorder = DialogueRecorder()
-        self.verdicts: list[str] = []
-        self.rewards: list[float] = []
+    answers_in_tokens = False
 
-    @property
-    def dialogue(self) -> Dialogue | None:
-        """The dialogue in progress."""
-        return self.recorder.dialogue
-
-    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-        """Reset and start the episode's first dialogue."""
-        observation, info = self.env.reset(**kwargs)
-        self.recorder = DialogueRecorder()
-        self.recorder.start_dialogue(observation["text"], image=observation.get("image"))
-        self.verdicts, self.rewards = [], []
-        return observation, info
-
-    def step(self, action: str) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-        """Step and extend the dialogue with the answer and the environment's next message."""
-        observation, reward, terminated, truncated, info = self.env.step(action)
-        self.verdicts.append(str(info.get("verdict", "")))
-        self.rewards.append(float(reward))
-        self.recorder.add_text_response(action, float(reward))
-        if not (terminated or truncated):
-            record_environment_message(self.recorder, observation, info)
-        return observation, reward, terminated, truncated, info
-
-
-class ServedResponder:
-    """An `agents.base.Agent` that asks the served model, with the dialogue so far, for each answer of one episode."""
-
-    def __init__(self, client: ChatClient, usage: EpisodeUsage) -> None:
+    def __init__(self, client: ChatClient) -> None:
         self.name = client.endpoint.model
-        self.client, self.usage = client, usage
-        self._image: ImageLike | None = None
-        self._image_url: str | None = None
+        self.client = client
+        self.usage: dict[int, EpisodeUsage] = {}
+        """Each episode's usage, by its place in the queue (`agents.responder.Request.episode`)."""
+        self._image_urls: OrderedDict[int, tuple[ImageLike, str]] = OrderedDict()
+        self._image_urls_kept = 2 * max(client.endpoint.concurrency, MIN_PROBE_EPISODES)
+        self._lock = threading.Lock()
 
-    def act(self, observation: dict, env: gym.Env) -> str:
-        """The served model's answer to the dialogue the `DialogueTracker` `env` holds, its special tokens taken out
-        (`neutralise_special_tokens`): the environment judges it and the dialogue carries it without them."""
-        dialogue = env.dialogue
-        if dialogue.image is not None and dialogue.image is not self._image:
-            # Encoded once per dialogue: every turn of it resends the same image.
-            endpoint = self.client.endpoint
-            self._image = dialogue.image
-            self._image_url = png_data_url(dialogue.image, min_pixels=endpoint.min_pixels, max_pixels=endpoint.max_pixels)
-        messages = dialogue_messages(dialogue, self._image_url if dialogue.image is not None else None)
-        completion = self.client.complete(messages, episode_seed=self.usage.seed, request_index=self.usage.answers)
-        self.usage.answers += 1
-        self.usage.truncated_answers += completion.truncated
-        self.usage.invalid_usage += completion.invalid_usage
+    def respond(self, requests: list[Request]) -> list[Future[Answer]]:
+        """Send every request at once, each in its own thread; the futures resolve as the answers come in."""
+        futures = []
+        for request in requests:
+            usage = self.usage.setdefault(request.episode, EpisodeUsage(seed=request.seed))
+            future: Future[Answer] = Future()
+            name = f"served-{request.episode}-{request.turn}"
+            threading.Thread(target=self._answer_into, args=(future, request, usage), name=name, daemon=True).start()
+            futures.append(future)
+        return futures
+
+    def run(self, outcomes: list[EpisodeOutcome]) -> ServedRun:
+        """What the run did: the `outcomes` (queue order), each episode's usage and the client's counters."""
+        return ServedRun(
+            outcomes=outcomes,
+            usage=[self.usage[index] for index in range(len(outcomes))],
+            counters=self.client.counters,
+            server_identity=self.client.server,
+            extra_body=dict(self.client.extra_body),
+            max_answer_chars=self.client.max_answer_chars,
+            max_response_bytes=self.client.max_response_bytes,
+        )
+
+    def _answer_into(self, future: Future[Answer], request: Request, usage: EpisodeUsage) -> None:
+        try:
+            future.set_result(self._answer(request, usage))
+        except (TransportFailure, ServerError) as failure:
+            transport = isinstance(failure, TransportFailure)
+            if transport:
+                usage.transport_failure = str(failure)
+            else:
+                usage.server_error = str(failure)
+            if not self.client.stop.is_set():  # once the run has stopped, an episode still in flight is no news
+                how = "by transport" if transport else "by a server error on every attempt (counted as unsolved)"
+                logger.warning("episode with seed %d failed %s: %s", request.seed, how, failure)
+            future.set_result(NoAnswer(TRANSPORT_FAILURE if transport else SERVER_ERROR, str(failure)))
+        except BaseException as error:  # raised in the engine's thread, which stops the run
+            future.set_exception(error)
+
+    def _answer(self, request: Request, usage: EpisodeUsage) -> str:
+        dialogue = request.dialogue
+        image_url = None if dialogue.image is None else self._image_url(request.episode, dialogue.image)
+        completion = self.client.complete(dialogue_messages(dialogue, image_url), episode_seed=request.seed, request_index=request.turn)
+        usage.answers += 1
+        usage.truncated_answers += completion.truncated
+        usage.invalid_usage += completion.invalid_usage
         text, special_tokens = neutralise_special_tokens(completion.text)
-        self.usage.neutralised_answers += special_tokens > 0
+        usage.neutralised_answers += special_tokens > 0
         if completion.from_cache:
-            self.usage.from_cache += 1
-            self.usage.replayed_prompt_tokens += completion.prompt_tokens
-            self.usage.replayed_completion_tokens += completion.completion_tokens
+            usage.from_cache += 1
+            usage.replayed_prompt_tokens += completion.prompt_tokens
+            usage.replayed_completion_tokens += completion.completion_tokens
         else:
-            self.usage.prompt_tokens += completion.prompt_tokens
-            self.usage.completion_tokens += completion.completion_tokens
+            usage.prompt_tokens += completion.prompt_tokens
+            usage.completion_tokens += completion.completion_tokens
         return text
+
+    def _image_url(self, episode: int, image: ImageLike) -> str:
+        """`image` as a data URL, encoded once per dialogue: every turn of a dialogue resends the same image.
+
+        The last few episodes' URLs are kept (a slot's episode asks again within a few batches); an
+        episode pushed out just encodes its image again.
+        """
+        with self._lock:
+            kept = self._image_urls.get(episode)
+            if kept is not None and kept[0] is image:
+                self._image_urls.move_to_end(episode)
+                return kept[1]
+        endpoint = self.client.endpoint
+        url = png_data_url(image, min_pixels=endpoint.min_pixels, max_pixels=endpoint.max_pixels)
+        with self._lock:
+            self._image_urls[episode] = (image, url)
+            self._image_urls.move_to_end(episode)
+            while len(self._image_urls) > self._image_urls_kept:
+                self._image_urls.popitem(last=False)
+        return url
+
+
+@contextmanager
+def served_responder(endpoint: ServedEndpoint, sampling: Sampling, seeds: Sequence[int]) -> Iterator[ServedResponder]:
+    """A `ServedResponder` for a run over `seeds`, its client closed when the block ends.
+
+    The first ``max(concurrency, MIN_PROBE_EPISODES)`` seeds are the client's probes (`ChatClient`). Log lines go
+    above the progress bar (``tqdm.contrib.logging.logging_redirect_tqdm``), with the client's `LogRedactor` on them.
+    An error in the block (the circuit breaker's `EndpointRefused`, a callback's error, ``KeyboardInterrupt``) stops
+    the run at once: no further request is sent, backoff waits end, and requests still in flight are abandoned.
+    """
+    # The redirect comes first: the client puts its log filter on the handlers there are when it starts.
+    with logging_redirect_tqdm():
+        client = ChatClient(endpoint, sampling, probe_seeds=[int(seed) for seed in seeds[: max(endpoint.concurrency, MIN_PROBE_EPISODES)]])
+        try:
+            yield ServedResponder(client)
+        except BaseException:
+            client.stop.set()
+            raise
+        finally:
+            client.close()
 
 
 @dataclass(frozen=True)
@@ -200,39 +250,6 @@ class ServedRun:
         )
 
 
-@contextmanager
-def _quiet_engine_summaries() -> Iterator[None]:
-    """Silence the engine's per-`play` INFO summary: here every episode is its own `play` call."""
-    engine_logger = logging.getLogger("amft_vlm.rollout")
-    level = engine_logger.level
-    engine_logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        engine_logger.setLevel(level)
-
-
-def _play_episode(engine: RolloutEngine, client: ChatClient, seed: int) -> tuple[EpisodeOutcome, EpisodeUsage]:
-    """One episode; one whose turn failed by transport ends with the verdict ``transport_failure`` (reward 0), one whose
-    request the server failed alike on every attempt with the verdict ``server_error`` (reward 0, unsolved)."""
-    usage = EpisodeUsage(seed=seed)
-    try:
-        outcomes, _ = engine.play([seed], responder=ServedResponder(client, usage), progress=False)
-        return outcomes[0], usage
-    except (TransportFailure, ServerError) as failure:
-        transport = isinstance(failure, TransportFailure)
-        if transport:
-            usage.transport_failure = str(failure)
-        else:
-            usage.server_error = str(failure)
-        if not client.stop.is_set():  # once the run has stopped, an episode still in flight is no news
-            how = "by transport" if transport else "by a server error on every attempt (counted as unsolved)"
-            logger.warning("episode with seed %d failed %s: %s", seed, how, failure)
-        tracker = engine.envs[0]
-        verdict = TRANSPORT_FAILURE if transport else SERVER_ERROR
-        return EpisodeOutcome(seed, (*tracker.verdicts, verdict), (*tracker.rewards, 0.0), success=False), usage
-
-
 def play_served(
     endpoint: ServedEndpoint,
     env_id: str,
@@ -244,6 +261,8 @@ def play_served(
     on_episode: Callable[[int, EpisodeOutcome, EpisodeUsage], None] | None = None,
 ) -> ServedRun:
     """Play one episode per seed with the served model, ``endpoint.concurrency`` at a time; outcomes in seed order.
+
+    The rollout engine plays the episodes (``endpoint.concurrency`` environments) and a `ServedResponder` answers.
 
     Args:
         endpoint: the served model.
@@ -257,77 +276,19 @@ def play_served(
 
     An episode whose turn failed by transport is recorded with the answers it had and a last verdict
     ``transport_failure`` (reward 0, unsolved; left out of the rates); one whose request the server failed alike on
-    every attempt while it answered others, with a last verdict ``server_error`` (reward 0, unsolved, in the rates). The first ``max(concurrency, 2)`` episodes are the client's
-    probes (`ChatClient`): if none of their first requests gets a completion, the run stops. The first error
-    of an episode (the circuit breaker's `EndpointRefused`), or of `on_episode`, or an interrupt
-    (``KeyboardInterrupt``) stops the run at once: no further request is sent, backoff waits end, the
-    client is closed and the error is raised without waiting for the requests in flight. Every turn
-    answered so far is in the cache, so a rerun pays only for the rest. Log lines go above the progress
-    bar (``tqdm.contrib.logging.logging_redirect_tqdm``), the client's `LogRedactor` on them.
+    every attempt while it answered others, with a last verdict ``server_error`` (reward 0, unsolved, in the rates).
+    The first ``max(concurrency, 2)`` episodes are the client's probes (`ChatClient`): if none of their first
+    requests gets a completion, the run stops. The first error of an episode (the circuit breaker's
+    `EndpointRefused`), or of `on_episode`, or an interrupt (``KeyboardInterrupt``) stops the run at once: no
+    further request is sent, backoff waits end, the client is closed and the error is raised without waiting for
+    the requests in flight. Every turn answered so far is in the cache, so a rerun pays only for the rest.
     """
     seeds = [int(seed) for seed in seeds]
-    queued: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
-    for index, seed in enumerate(seeds):
-        queued.put((index, seed))
-    finished: queue.SimpleQueue[tuple[int, tuple[EpisodeOutcome, EpisodeUsage] | BaseException]] = queue.SimpleQueue()
-    results: list[tuple[EpisodeOutcome, EpisodeUsage] | None] = [None] * len(seeds)
+    num_envs = max(1, min(endpoint.concurrency, len(seeds)))
+    with RolloutEngine(None, env_id, env_kwargs=env_kwargs, num_envs=num_envs) as engine, served_responder(endpoint, sampling, seeds) as responder:
 
-    def work(client: ChatClient) -> None:
-        engine = RolloutEngine(None, lambda: DialogueTracker(gym.make(env_id, **env_kwargs)))
-        try:
-            while not client.stop.is_set():
-                try:
-                    index, seed = queued.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    finished.put((index, _play_episode(engine, client, seed)))
-                except BaseException as error:  # handed to the calling thread, which stops the run
-                    finished.put((index, error))
-                    return
-        finally:
-            engine.close()
+        def report(episode: Episode) -> None:
+            on_episode(episode.index, episode.outcome, responder.usage[episode.index])
 
-    # The redirect comes first: the client puts its log filter on the handlers there are when it starts.
-    with logging_redirect_tqdm(), _quiet_engine_summaries():
-        client = ChatClient(endpoint, sampling, probe_seeds=seeds[: max(endpoint.concurrency, MIN_PROBE_EPISODES)])
-        # Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so an
-        # interrupted run would linger until its requests in flight time out (--request-timeout, 120 s).
-        workers = [
-            threading.Thread(target=work, args=(client,), name=f"served-{n}", daemon=True)
-            for n in range(min(endpoint.concurrency, len(seeds)))
-        ]
-        try:
-            with tqdm(total=len(seeds), desc=f"eval {env_id} / {endpoint.model}", unit="episode", disable=not progress) as bar:
-                for worker in workers:
-                    worker.start()
-                solved = failed = server_errors = 0
-                for _ in seeds:
-                    index, result = finished.get()
-                    if isinstance(result, BaseException):
-                        raise result
-                    results[index] = outcome, usage = result
-                    solved += outcome.success
-                    failed += usage.transport_failure is not None
-                    server_errors += usage.server_error is not None
-                    bar.update(1)
-                    bar.set_postfix(success=solved, transport_failures=failed, server_errors=server_errors, refresh=False)
-                    if on_episode is not None:
-                        on_episode(index, outcome, usage)
-            for worker in workers:
-                worker.join()  # each is closing its environment: the queue is empty
-        except BaseException:
-            # Threads still waiting on a request see `stop` (or their closed connection) and end; nobody waits for them.
-            client.stop.set()
-            raise
-        finally:
-            client.close()
-    return ServedRun(
-        outcomes=[result[0] for result in results],
-        usage=[result[1] for result in results],
-        counters=client.counters,
-        server_identity=client.server,
-        extra_body=dict(client.extra_body),
-        max_answer_chars=client.max_answer_chars,
-        max_response_bytes=client.max_response_bytes,
-    )
+        outcomes, _ = engine.play(seeds, responder=responder, progress=progress, on_episode=None if on_episode is None else report)
+        return responder.run(outcomes)

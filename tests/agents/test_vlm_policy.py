@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from agents.chat import ChatTurn, Dialogue
-from agents.policy import DialogueCache, GenerationBackend, TokenSequence, VLMPolicy, choose_tokens
+from agents.policy import DialogueCache, TokenSequence, VLMPolicy, choose_tokens
 from agents.policy import generation as decoding
 from agents.policy.scoring import shared_prefix_length
+from agents.responder import Request
 from agents.tiny import ARCHITECTURES
 from tests.conftest import MAX_PIXELS
 from tests.model_hooks import LogitBias
@@ -50,8 +51,40 @@ def test_generated_multi_turn_trajectory_decodes_to_the_rendered_dialogue(tiny_p
     assert policy.decode(trajectory.token_ids) == expected_text
 
 
-def test_the_policy_is_a_generation_backend(tiny_policies):
-    assert isinstance(tiny_policies["qwen2-vl"], GenerationBackend)
+def _requests(prompts, generators=None):
+    """One request per prompt, as the rollout engine asks a token responder (the dialogue is not what it reads)."""
+    generators = generators or [None] * len(prompts)
+    return [
+        Request(episode=index, seed=index, member=0, turn=0, dialogue=Dialogue.start("unused"), observation={}, env=None,
+                prompt=prompt, generator=generator)
+        for index, (prompt, generator) in enumerate(zip(prompts, generators, strict=True))
+    ]
+
+
+def test_the_policys_responder_answers_a_batch_as_generate_does(tiny_policies):
+    """The token responder is `generate` with its settings bound: the same tokens and log-probs, a row's draws from its
+    own generator whatever shares the batch, and caches kept so a next turn can continue them."""
+    policy = tiny_policies["qwen2.5-vl"]
+    prompts = _prompts(policy)
+    responder = policy.responder(temperature=1.3, max_new_tokens=6)
+    assert responder.answers_in_tokens and responder.sampling_temperature == 1.3
+    alone = [torch.Generator().manual_seed(5)]
+    (by_itself,) = [future.result() for future in responder.respond(_requests(prompts[1:2], alone))]
+    generators = [torch.Generator().manual_seed(seed) for seed in (4, 5, 6)]
+    answers = [future.result() for future in responder.respond(_requests(prompts, generators))]
+    assert answers[1].token_ids == by_itself.token_ids
+    assert all(answer.cache is not None for answer in answers)
+    generators = [torch.Generator().manual_seed(seed) for seed in (4, 5, 6)]
+    direct = policy.generate(prompts, temperature=1.3, max_new_tokens=6, generators=generators)
+    assert [answer.token_ids for answer in answers] == [generation.token_ids for generation in direct]
+    assert all(torch.equal(a.logprobs, b.logprobs) for a, b in zip(answers, direct, strict=True))
+    greedy = policy.responder(greedy=True, max_new_tokens=6, keep_cache=False)
+    assert greedy.sampling_temperature == 1.0
+    assert all(future.result().cache is None for future in greedy.respond(_requests(prompts)))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        policy.responder(temperature=0.0)
+    with pytest.raises(ValueError, match="answers token prompts"):
+        responder.respond([Request(0, 0, 0, 0, Dialogue.start("Reach 24."), {}, None)])
 
 
 def test_greedy_generation_is_deterministic_and_picks_the_arg_max(tiny_policies_float64):
@@ -238,44 +271,26 @@ def test_teacher_forced_logprobs_reproduce_sampling_logprobs(tiny_policies, arch
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_generate_and_teacher_forcing_use_the_same_rope_positions(tiny_policies, arch, monkeypatch):
+def test_every_decoded_token_is_scored_where_the_models_own_forward_puts_it(tiny_policies, arch):
+    """Prefill and the per-token steps put each token at the rope position (multimodal for images) the model's own
+    forward over the whole left-padded batch gives it: each generated token's log-prob is the one that forward gives,
+    for two rows with images of different sizes and a text-only row decoded together."""
     policy = tiny_policies[arch]
     prompts = _prompts(policy)
-    seen = []
-
-    def record(module, args, kwargs):
-        seen.append(kwargs["position_ids"])
-
-    decode_step = decoding._decode_step
-
-    def record_step(policy, token_ids, attention_mask, positions, batch_cache, rope):
-        seen.append(positions.view(1, -1, 1).expand(3, -1, 1))  # a text token's three rope rows are equal
-        return decode_step(policy, token_ids, attention_mask, positions, batch_cache, rope)
-
-    monkeypatch.setattr(decoding, "_decode_step", record_step)
-    handle = policy.model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        generations = policy.generate(prompts, max_new_tokens=5, greedy=True)
-    finally:
-        handle.remove()
-    # Prefill sees (3, batch, prompt) rope positions, each decode step (3, batch, 1); no row finishes
-    # within 5 tokens here, so the batch keeps its rows.
-    assert not any(g.finished for g in generations)
-    generate_positions = torch.cat(seen, dim=-1)
-    prompt_length = max(len(prompt) for prompt in prompts)
-
+    torch.manual_seed(3)
+    generations = policy.generate(prompts, temperature=1.0, max_new_tokens=5)
     full = [prompt.extended(g.token_ids) for prompt, g in zip(prompts, generations, strict=True)]
     batch = policy.collate(full)
-    teacher_positions = policy.position_ids(batch)
+    positions = policy.position_ids(batch)
+    assert not torch.equal(positions[1], positions[2])  # the image rows really have 2D grid positions
+    with torch.no_grad():
+        logits = policy.model(**batch.model_inputs(policy.dtype), position_ids=positions, use_cache=False).logits
     for row, (prompt, generation) in enumerate(zip(prompts, generations, strict=True)):
-        fed = len(prompt) + len(generation.token_ids) - 1  # the last token is never fed back
-        from_generate = generate_positions[:, row, prompt_length - len(prompt) :][:, :fed]
-        from_teacher = teacher_positions[:, row, batch.pad_lengths[row] :][:, :fed]
-        assert torch.equal(from_generate, from_teacher)
-    # Image tokens really get 2D grid positions (height and width rows differ from time).
-    image_row = 0
-    image_positions = teacher_positions[:, image_row][:, batch.input_ids[image_row] == policy.image_token_id]
-    assert not torch.equal(image_positions[1], image_positions[2])
+        start = batch.pad_lengths[row] + len(prompt) - 1
+        scores = logits[row, start : start + len(generation.token_ids)].double()
+        scores[:, list(policy.suppressed_token_ids)] = float("-inf")
+        expected = torch.log_softmax(scores, dim=-1)[range(len(generation.token_ids)), generation.token_ids]
+        assert (expected - generation.logprobs.double()).abs().max().item() < 1e-4
 
 
 def test_text_only_batches_and_eager_attention_agree(tiny_checkpoints, tiny_policies):

@@ -5,6 +5,8 @@ import string
 import gymnasium as gym
 from gymnasium import spaces
 
+from agents.base import Agent
+
 ENV_ID = "VowelBandit-v0"
 
 TARGETS = {"vowels": set("aeiou"), "consonants": set(string.ascii_lowercase) - set("aeiou")}
@@ -31,7 +33,7 @@ class VowelBandit(gym.Env):
         return {"text": "Thanks."}, reward, True, False, {"success": reward > 0.5}
 
 
-class ConstantAgent:
+class ConstantAgent(Agent):
     """A model-free agent that always gives the same answer (an expert for the bandit, or a wrong one)."""
 
     def __init__(self, text: str):

@@ -15,6 +15,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
+from agents.base import Agent
 from amft_vlm.config import load_config
 from amft_vlm.controller import MetaEstimate
 from amft_vlm.distributed import Parallel
@@ -33,7 +34,7 @@ ANSWERS = (
 SAMPLES = len(ANSWERS[0])
 
 
-class ScriptedAgent:
+class ScriptedAgent(Agent):
     """Answers with `ANSWERS` in order, one answer per episode (the bandit has one turn)."""
 
     name = "scripted"

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from agents.base import Agent
 from agents.baselines import ExpertAgent, GeneralPointsFormatAgent, RandomTextAgent
 
 ORACLE = json.loads((Path(__file__).parent / "data" / "model_free_play.json").read_text())
 
 
-class OnceWrongThenExpert:
+class OnceWrongThenExpert(Agent):
     """Answers wrong, then right, then wrong...: a retry at every V-IRL decision point (and a fresh dialogue after it)."""
 
     name = "once-wrong"

@@ -25,6 +25,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from agents.base import Agent
 from agents.baselines import ExpertAgent
 from agents.vision_inputs import resize_image
 from amft_vlm.cli import main
@@ -66,7 +67,7 @@ SECRET = "sk-test-do-not-record-0123456789"
 GP_LANGUAGE = ("GeneralPoints-v0", {"modality": "language"})
 
 
-class ConstantAgent:
+class ConstantAgent(Agent):
     """The agent path's twin of the garbage server: always the same answer."""
 
     name = "constant"
@@ -196,7 +197,7 @@ def test_the_dialogue_sent_is_the_engines(tmp_path):
     """Turn k of a dialogue is sent as the rollout engine's `Dialogue.to_messages()` of that episode cut after turn k:
     2k-1 messages, user and assistant alternating, the image with the first; a V-IRL restart starts over."""
 
-    class ScriptedAgent:
+    class ScriptedAgent(Agent):
         name = "scripted"
 
         def __init__(self, answers):

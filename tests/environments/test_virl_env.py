@@ -98,16 +98,18 @@ def test_expert_solves_routes_in_vision(city: str) -> None:
 
 
 def test_expert_answer_is_what_the_verifier_wants() -> None:
+    """At every point the expert's answer is what the environment says it expects there (``info``), and it is judged correct."""
     env = _make(modality="language")
-    env.reset(seed=3)
-    terminated = False
+    _, info = env.reset(seed=3)
+    terminated, verdicts = False, []
     while not terminated:
         answer = json.loads(env.expert_response())
-        point = env.rail.points[env._point_index]
-        assert answer["action"] == point.absolute_action
-        assert answer["current instruction"] == env.rail.instructions[point.instruction_index]
-        assert ("You observe an intersection" in answer["current observation"]) == point.at_intersection
-        _, _, terminated, _, _ = env.step(json.dumps(answer))
+        assert answer["action"] == info["expected_action"]
+        assert answer["current instruction"] == info["current_instruction"]
+        assert ("You observe an intersection" in answer["current observation"]) == info["at_intersection"]
+        _, _, terminated, _, info = env.step(json.dumps(answer))
+        verdicts.append(info["verdict"])
+    assert info["success"] and len(verdicts) > 1 and set(verdicts) == {"correct"}
 
 
 def test_actions_at_every_turn_kind() -> None:
