@@ -26,7 +26,9 @@ from agents.chat import Dialogue
 if TYPE_CHECKING:
     import torch
 
-    from agents.policy import DialogueCache, Generation, TokenSequence
+    from agents.policy.encoder import TokenSequence
+    from agents.policy.generation import Generation
+    from agents.policy.kv_cache import DialogueCache
 
 T = TypeVar("T")
 
