@@ -266,6 +266,18 @@ class MuController:
         state.mu = min(config.mu_max, max(config.mu_min, state.mu + (entropy_term or 0.0) + (meta_term or 0.0)))
         return state.mu
 
+    def step_metrics(self, *, controlled: bool) -> dict:
+        """The controller's part of a step's metrics after `update` (the terms are 0 on a step it did not control:
+        a warm-up step)."""
+        state = self.state
+        return {
+            "target_entropy": state.target_entropy,
+            "entropy_term": state.last_entropy_term if controlled else 0.0,
+            "meta_term": state.last_meta_term if controlled else 0.0,
+            "skipped_signals": state.skipped_signals,
+            "next_mu": state.mu,
+        }
+
     def state_dict(self) -> dict:
         """The controller's state, for checkpoints."""
         return asdict(self.state)

@@ -1,6 +1,5 @@
 """The mu controller: the meta estimate and its pooling, the entropy and meta terms, guards (the look-ahead: test_optimiser.py)."""
 
-import copy
 import json
 import math
 
