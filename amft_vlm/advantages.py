@@ -1,22 +1,27 @@
-"""Advantage estimators: pure functions from episode rewards to one advantage per turn.
+"""Advantage estimators: pure functions from episode rewards to one advantage per turn, in one table.
 
-Every estimator returns one tensor per episode with one advantage per response turn; the scorer
-(`amft_vlm.batch`) spreads a turn's advantage over that turn's tokens. Which one a run uses is a row
-of `GROUP_ADVANTAGES` (chosen by the config's ``credit``) unless a critic estimates them:
+Every estimator reads an `EpisodeRewards` (each episode's turn rewards, its group, the run's ``credit`` and,
+for GAE, the critic's values per turn) and returns `TurnAdvantages`: one tensor per episode with one
+advantage per response turn (and GAE's value targets). The scorer (`amft_vlm.batch`) spreads a turn's
+advantage over that turn's tokens. A method's row (`amft_vlm.methods.Method.advantage`) names the entry of
+`ADVANTAGE_ESTIMATORS` a run uses:
 
-| ``advantage`` | ``credit`` | estimator | baseline |
+| name | ``credit`` | estimator | baseline |
 |---|---|---|---|
 | ``grpo`` | ``episode`` | `grpo_episode_advantages` | the group's mean return, scaled by its std (GRPO) |
 | ``grpo`` | ``turn`` | `grpo_turn_advantages` | the same turn of the group's other episodes |
-| ``ppo`` | either | `gae_turn_advantages` | a learned value per turn (`amft_vlm.critic`) |
+| ``mean_centred`` | ``episode`` | `mean_centred_advantages` | the group's mean return, no std (LUFFY's, ReLIFT's released code) |
+| ``gae`` | either | `gae_advantages` | a learned value per turn (`amft_vlm.critic`, ``advantage: ppo``) |
 
-A group is the set of episodes started from one start state (`Trajectory.group`). `leave_one_out_advantages`
-is the meta-gradient's baseline (AMFT's validation episodes), kept here with the others.
+A group is the set of episodes started from one start state (`Trajectory.group`; LUFFY's and SRFT's joint
+groups hold a demonstration too). `leave_one_out_advantages` is the meta-gradient's baseline (AMFT's
+validation episodes), kept here with the others.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -175,12 +180,89 @@ def leave_one_out_turn_advantages(turn_rewards: Sequence[Sequence[float]], group
     return advantages
 
 
-GroupEstimator = Callable[[Sequence[Sequence[float]], Sequence[int]], list[torch.Tensor]]
-"""``(turn rewards per episode, group id per episode) -> one advantage per turn, per episode``."""
+def credited_turn_rewards(turn_rewards: Sequence[float], credit: str) -> torch.Tensor:
+    """Per-turn rewards as a critic sees them: each turn's own (``"turn"``), or the episode's return at its last turn
+    (``"episode"``: the same total, given later)."""
+    rewards = torch.tensor(list(turn_rewards), dtype=torch.float32)
+    if credit == "turn":
+        return rewards
+    if credit == "episode":
+        credited = torch.zeros_like(rewards)
+        credited[-1] = float(sum(turn_rewards))
+        return credited
+    raise ValueError(f"credit must be 'turn' or 'episode'; got {credit!r}")
 
-GROUP_ADVANTAGES: dict[str, GroupEstimator] = {
+
+GRPO_CREDITS: dict[str, Callable[[Sequence[Sequence[float]], Sequence[int]], list[torch.Tensor]]] = {
     "episode": grpo_episode_advantages,
     "turn": grpo_turn_advantages,
 }
-"""``advantage: grpo``'s estimator for each ``credit``. ``advantage: ppo`` takes its advantages from the
-critic instead (`amft_vlm.critic.Critic.advantages`: `gae_turn_advantages` over its values)."""
+"""GRPO's estimator for each ``credit``: ``(turn rewards per episode, group id per episode) -> advantages per turn``."""
+
+
+@dataclass(frozen=True)
+class EpisodeRewards:
+    """What an advantage estimator reads about a batch of episodes."""
+
+    turn_rewards: Sequence[Sequence[float]]
+    """Per episode, the reward of each of its turns."""
+    groups: Sequence[int]
+    """Per episode, its group (the episodes from one start state)."""
+    credit: str = "episode"
+    """``episode`` (every turn gets the episode's credit) or ``turn`` (each turn its own)."""
+    values: Sequence[torch.Tensor] | None = None
+    """Per episode, a critic's value of each turn at collection (GAE only)."""
+    gamma: float = 1.0
+    """GAE's discount per turn."""
+    lam: float = 0.95
+    """GAE's lambda over turns."""
+
+
+@dataclass(frozen=True)
+class TurnAdvantages:
+    """An estimator's answer: one advantage per turn of each episode (and a critic's regression targets)."""
+
+    advantages: list[torch.Tensor]
+    value_targets: list[torch.Tensor] | None = None
+    """GAE's returns ``advantages + values`` (raw, before normalisation); None for the estimators without a critic."""
+
+
+def grpo_advantages(episodes: EpisodeRewards) -> TurnAdvantages:
+    """GRPO: `grpo_episode_advantages` or `grpo_turn_advantages`, as ``credit`` says."""
+    if episodes.credit not in GRPO_CREDITS:
+        raise ValueError(f"credit must be one of {', '.join(GRPO_CREDITS)}; got {episodes.credit!r}")
+    return TurnAdvantages(GRPO_CREDITS[episodes.credit](episodes.turn_rewards, episodes.groups))
+
+
+def mean_centred_advantages(episodes: EpisodeRewards) -> TurnAdvantages:
+    """Each episode's return minus its group's mean return (no std, Dr. GRPO's baseline), on every turn of the episode."""
+    returns = torch.tensor([float(sum(rewards)) for rewards in episodes.turn_rewards], dtype=torch.float32)
+    per_episode = group_advantages(returns, episodes.groups, scale_by_std=False)
+    return TurnAdvantages([per_episode[i].expand(len(rewards)).clone() for i, rewards in enumerate(episodes.turn_rewards)])
+
+
+def gae_advantages(episodes: EpisodeRewards) -> TurnAdvantages:
+    """GAE over each episode's turns from the critic's values (`gae_turn_advantages`, normalised over the batch),
+    the rewards credited as ``credit`` says (`credited_turn_rewards`)."""
+    if episodes.values is None:
+        raise ValueError("gae needs the critic's values per turn (EpisodeRewards.values)")
+    rewards = [credited_turn_rewards(r, episodes.credit).to(v.device) for r, v in zip(episodes.turn_rewards, episodes.values, strict=True)]
+    advantages, targets = gae_turn_advantages(rewards, episodes.values, gamma=episodes.gamma, lam=episodes.lam)
+    return TurnAdvantages(advantages, targets)
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """An entry of `ADVANTAGE_ESTIMATORS`."""
+
+    estimate: Callable[[EpisodeRewards], TurnAdvantages]
+    needs_values: bool = False
+    """Whether it reads a critic's values (the trainer then keeps a critic, `amft_vlm.critic.Critic`)."""
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "grpo": AdvantageEstimator(grpo_advantages),
+    "mean_centred": AdvantageEstimator(mean_centred_advantages),
+    "gae": AdvantageEstimator(gae_advantages, needs_values=True),
+}
+"""The advantage estimators by the name a method's row gives (`amft_vlm.methods.Method.advantage`)."""

@@ -7,14 +7,17 @@ The data path from trajectories to a gradient, one shape per stage:
 - `score_trajectories`: a batch of trajectories -> `TokenScores`, flat over their trainable tokens
   (teacher-forced log-probs with gradients, entropies, the sampling log-probs, each turn's advantage
   spread over its tokens);
-- `accumulate_gradient`: the gradient of a token-mean loss over a batch split across processes and
-  micro-batches, exactly the global token mean.
+- `GradientAccumulator`: the gradient of a token-mean loss over a batch split across processes and
+  micro-batches, exactly the global token mean, with the pass's totals and its objective's statistics
+  (a dataclass of floats, token-weighted) in a `PassResult`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,15 +45,17 @@ class CriticTargets:
 
 @dataclass(frozen=True)
 class RolloutBatch:
-    """An iteration's rollouts (this process's share) with one advantage per turn."""
+    """An iteration's rollouts (this process's share) with one advantage per turn, or an expert batch without."""
 
     trajectories: list[Trajectory]
-    turn_advantages: list[torch.Tensor]
-    """Per trajectory, ``(num_turns,)``: every token of turn t gets ``turn_advantages[i][t]``."""
+    turn_advantages: list[torch.Tensor] | None = None
+    """Per trajectory, ``(num_turns,)``: every token of turn t gets ``turn_advantages[i][t]`` (None: an SFT batch)."""
     critic: CriticTargets | None = None
     """``advantage: ppo`` only."""
 
     def __post_init__(self) -> None:
+        if self.turn_advantages is None:
+            return
         if len(self.turn_advantages) != len(self.trajectories):
             raise ValueError(f"{len(self.turn_advantages)} advantage rows for {len(self.trajectories)} trajectories")
         for index, (trajectory, advantages) in enumerate(zip(self.trajectories, self.turn_advantages, strict=True)):
@@ -64,7 +69,7 @@ class RolloutBatch:
         """The trajectories of `indices` with their advantages (and critic rows), in that order."""
         return RolloutBatch(
             [self.trajectories[i] for i in indices],
-            [self.turn_advantages[i] for i in indices],
+            [self.turn_advantages[i] for i in indices] if self.turn_advantages is not None else None,
             self.critic.select(indices) if self.critic is not None else None,
         )
 
@@ -132,8 +137,11 @@ def score_trajectories(
     )
 
 
-LossOf = Callable[[Sequence[int]], tuple[torch.Tensor, TokenScores, dict[str, float]]]
-"""``indices -> (token-mean loss of those trajectories, their scores, extra metrics)``."""
+def mini_batches(count: int, parts: int, *, seed: Sequence[int]) -> list[list[int]]:
+    """``parts`` near-equal index lists covering ``range(count)`` (empty ones kept, so every process makes the same
+    number of updates): in order for one part, else a permutation seeded by `seed`."""
+    order = np.arange(count) if parts == 1 else np.random.default_rng(list(seed)).permutation(count)
+    return [part.tolist() for part in np.array_split(order, parts)]
 
 
 def micro_batches(count: int, parts: int) -> list[list[int]]:
@@ -141,39 +149,61 @@ def micro_batches(count: int, parts: int) -> list[list[int]]:
     return [part.tolist() for part in np.array_split(np.arange(count), parts) if len(part)]
 
 
-def accumulate_gradient(
-    parallel: Parallel,
-    parameters: Sequence[torch.Tensor],
-    trajectories: Sequence[Trajectory],
-    loss_of: LossOf,
-    *,
-    micro_batch_count: int,
-    extra_keys: Sequence[str] = (),
-) -> tuple[list[torch.Tensor | None], dict[str, float]]:
-    """Gradient of the token-mean loss over all trajectories of every process, one micro-batch at a time.
+@dataclass(frozen=True)
+class PassResult:
+    """One loss pass over every process's batch: its gradient and its global totals."""
 
-    Each micro-batch's loss is weighted by its share of the global trainable tokens and its backward pass
-    adds into the parameters' ``.grad`` (summed over processes by the distributed strategy), so the result
-    is exactly the global token mean. The gradients are then taken out of ``.grad`` (None for a parameter
-    no token reached): no copies, no zero lists. Returns them with the pass's global ``loss``,
-    ``entropy_sum``, ``tokens``, ``examples`` and the token-weighted `extra_keys`.
+    gradient: list[torch.Tensor | None]
+    """Per parameter (None where no token reached it); handed to the optimiser step, which takes it over."""
+    loss: float
+    """The token-mean loss."""
+    entropy_sum: float
+    """Sum of the token entropies."""
+    tokens: int
+    """Trainable tokens."""
+    examples: int
+    """Trajectories."""
+    stats: Any
+    """The objective's statistics (its stats dataclass), token-weighted over the pass; None for an objective without."""
+
+
+class GradientAccumulator:
+    """The gradient of a token-mean loss over a batch split across processes and micro-batches.
+
+    Each micro-batch's loss (`add`) is weighted by its share of the global trainable tokens and its backward
+    pass adds into the parameters' ``.grad`` (summed over processes by the distributed strategy), so the
+    result is exactly the global token mean. `finish` takes the gradients out of ``.grad`` (no copies, no
+    zero lists) with the pass's global totals.
+
+    Args:
+        parallel: the processes.
+        trajectories: this process's whole batch for the pass.
+        stats_type: the dataclass of floats the objective reports per micro-batch (None: none); every process
+            reduces its fields, whether or not it has a micro-batch.
     """
-    check_images_everywhere(parallel, trajectories)
-    (total_tokens,) = parallel.sums([sum(t.num_response_tokens for t in trajectories)])
-    sums = dict.fromkeys(("loss", "entropy_sum", *extra_keys), 0.0)
-    for indices in micro_batches(len(trajectories), micro_batch_count):
-        loss, scores, extra = loss_of(indices)
-        weight = scores.num_tokens / max(total_tokens, 1)
+
+    def __init__(self, parallel: Parallel, trajectories: Sequence[Trajectory], stats_type: type | None = None) -> None:
+        check_images_everywhere(parallel, trajectories)
+        self.parallel, self.stats_type, self.examples = parallel, stats_type, len(trajectories)
+        (self.total_tokens,) = parallel.sums([sum(t.num_response_tokens for t in trajectories)])
+        self.loss = self.entropy_sum = 0.0
+        self.stat_sums = dict.fromkeys((field.name for field in dataclasses.fields(stats_type)) if stats_type else (), 0.0)
+
+    def add(self, loss: torch.Tensor, scores: TokenScores, stats: Any = None) -> None:
+        """Back-propagate one micro-batch's token-mean `loss` at its token share and add its statistics."""
+        weight = scores.num_tokens / max(self.total_tokens, 1)
         (loss * weight).backward()
-        sums["loss"] += float(loss.detach()) * weight
-        sums["entropy_sum"] += float(scores.entropy.detach().sum())
-        for key in extra_keys:
-            sums[key] += extra[key] * weight
-    gradients = take_gradients(parameters)
-    *values, examples = parallel.sums([*sums.values(), len(trajectories)])
-    totals = dict(zip(sums, values, strict=True))
-    totals["tokens"], totals["examples"] = int(total_tokens), int(examples)
-    return gradients, totals
+        self.loss += float(loss.detach()) * weight
+        self.entropy_sum += float(scores.entropy.detach().sum())
+        for name in self.stat_sums:
+            self.stat_sums[name] += getattr(stats, name) * weight
+
+    def finish(self, parameters: Sequence[torch.Tensor]) -> PassResult:
+        """The gradient (taken out of ``.grad``) and the pass's totals over every process."""
+        gradients = take_gradients(parameters)
+        loss, entropy_sum, *stat_values, examples = self.parallel.sums([self.loss, self.entropy_sum, *self.stat_sums.values(), self.examples])
+        stats = self.stats_type(**dict(zip(self.stat_sums, stat_values, strict=True))) if self.stats_type else None
+        return PassResult(gradients, loss, entropy_sum, int(self.total_tokens), int(examples), stats)
 
 
 def check_images_everywhere(parallel: Parallel, trajectories: Sequence[Trajectory]) -> None:

@@ -14,8 +14,8 @@ leaves the previous checkpoint intact and at most an ignorable ``.tmp-*`` direct
 Resuming (`resumable_checkpoint`) starts from the checkpoint ``latest`` names and checks it first, without
 loading any weights (`check_checkpoint`): every file present and whole, the JSON files parse, the trainer
 state's step agrees with the directory's name. A damaged one is skipped with a warning naming the file, for
-the one before it; when none is usable, `CheckpointError` names each. `check_resume_settings` refuses
-settings that a resumed run may not change (`RESUME_MAY_CHANGE`).
+the one before it; when none is usable, `CheckpointError` names each. (`amft_vlm.resume` refuses the
+settings that a resumed run may not change.)
 
 Every file of a checkpoint is read as data, never as code: JSON (the trainer's position, the RNG states),
 safetensors (the weights, LoRA adapters), and pickles only through unpicklers that rebuild data alone
@@ -69,14 +69,6 @@ RELIFT_OPTIMIZER = "relift_optimizer"
 """Name of ReLIFT's SFT optimiser state in a checkpoint (``relift_optimizer/``, or ``relift_optimizer.pt`` with LoRA),
 written once it has stepped (``relift_sft_updates`` in the trainer state)."""
 
-RESUME_MAY_CHANGE = (
-    "steps", "save_every", "report_to", "output_dir", "warm_start", "device", "distributed", "num_envs",
-    "image_cache_mb", "gradient_checkpointing",
-)  # fmt: skip
-"""Settings a resumed run may change (`check_resume_settings`): where and how the run is carried out and
-recorded, not what it computes. ``steps`` may grow when the iterations already done keep their learning
-rate and mu. Every other setting shaped the iterations already done and must stay as the run's ``config.yaml`` has it."""
-
 log = logging.getLogger(__name__)
 
 
@@ -87,10 +79,6 @@ class CheckpointError(ValueError):
 class CheckpointWriteError(OSError):
     """A checkpoint that could not be written (a full disk, ...): its temporary directory is removed and the
     previous checkpoint is as it was."""
-
-
-class ResumeSettingsError(ValueError):
-    """Settings a resumed run may not change; the message lists each with the run's value and the new one."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -320,7 +308,7 @@ NEARLY_FULL_BYTES = 2**20
 def _describe_write_failure(error: BaseException, where: Path) -> str:
     """One line for a failed checkpoint write: what failed, and "the disk is full" with the space left when it is."""
     causes = [cause for cause, _ in error.failures.values()] if hasattr(error, "failures") else [error]
-    text = "; ".join(_first_line(cause) for cause in causes)
+    text = "; ".join(first_line(cause) for cause in causes)
     full = None
     for cause in causes:
         number = getattr(cause, "errno", None)
@@ -335,7 +323,7 @@ def _describe_write_failure(error: BaseException, where: Path) -> str:
     return f"{full}{space} ({text})" if full else f"{text}{space}"
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """``Type: first line of the message`` (torch and DCP messages run over several lines)."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
@@ -384,7 +372,7 @@ def load_optimizer_state(checkpoint: Path, policy, optimizer, *, name: str = "op
         except (Exception, CheckpointException) as error:  # every process gets the same CheckpointException
             causes = [cause for cause, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]
             raise CheckpointError(
-                f"{directory} does not load ({'; '.join(map(_first_line, causes))}); delete {checkpoint} "
+                f"{directory} does not load ({'; '.join(map(first_line, causes))}); delete {checkpoint} "
                 "to resume from the checkpoint before it"
             ) from None
         set_optimizer_state_dict(policy.model, optimizer, optim_state_dict=state["optimizer"])
@@ -580,7 +568,7 @@ def _check_torch_file(file: Path) -> None:
             archive.infolist()
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(file)
     except (OSError, zipfile.BadZipFile, RuntimeError, pickle.UnpicklingError) as error:
-        raise CheckpointError(f"{file} is cut short or damaged ({_first_line(error)})") from None
+        raise CheckpointError(f"{file} is cut short or damaged ({first_line(error)})") from None
     if unsafe:
         raise CheckpointError(_refusal(file, f"it names {', '.join(unsafe)}: code that unpickling would call, not data", file.parent))
 
@@ -618,7 +606,7 @@ def _check_sharded_state(directory: Path) -> None:
     except UnsafePickleError as error:
         raise CheckpointError(_refusal(metadata_file, str(error), directory.parent)) from None
     except Exception as error:  # unpickling a damaged file can raise almost anything
-        raise CheckpointError(f"{metadata_file} is cut short or damaged ({_first_line(error)})") from None
+        raise CheckpointError(f"{metadata_file} is cut short or damaged ({first_line(error)})") from None
     lengths: dict[str, int] = {}
     for item in (metadata.storage_data or {}).values():
         lengths[item.relative_path] = max(lengths.get(item.relative_path, 0), item.offset + item.length)
@@ -657,7 +645,7 @@ def load_state_file(file: Path) -> Any:
         raise CheckpointError(_refusal(file, str(error), file.parent)) from None
     except Exception as error:  # unpickling damaged data can raise almost anything
         raise CheckpointError(
-            f"{file} does not load ({_first_line(error)}); delete {file.parent} to resume from the checkpoint before it"
+            f"{file} does not load ({first_line(error)}); delete {file.parent} to resume from the checkpoint before it"
         ) from None
 
 
@@ -723,129 +711,3 @@ class MetricsLog:
             return
         kept = [json.dumps(record) + "\n" for record in read_metrics(path) if record["step"] <= step]
         write_text_atomic(self.path, "".join(kept))
-
-
-def warm_start_checkpoint(config) -> Path:
-    """``config.warm_start`` after checking that its first N iterations are this run's (see `TrainConfig.warm_start`)."""
-    from amft_vlm.config import WARM_START_FIELDS, load_config
-    from amft_vlm.methods import build_controller, method_mu
-    from amft_vlm.resolve import resolve_method
-
-    path = Path(config.warm_start)
-    if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"warm_start: {str(path)!r} is not a checkpoint; give a RUN/checkpoints/step-N directory written by the trainer")
-    source_path = path.parent.parent / "config.yaml"
-    if not source_path.is_file():
-        raise ValueError(f"warm_start: {str(path)!r} has no {source_path.name} two levels up; give a checkpoint inside its run directory")
-    try:
-        step = check_checkpoint(path)["step"]
-    except CheckpointError as error:
-        raise CheckpointError(f"warm_start: {error}") from None
-    source = load_config(source_path)
-    differing = [name for name in WARM_START_FIELDS if getattr(source, name) != getattr(config, name)]
-    if differing:
-        details = "; ".join(f"{name}: {getattr(source, name)!r} there, {getattr(config, name)!r} here" for name in differing)
-        raise ValueError(f"warm_start: {str(path)!r} comes from a run with other settings ({details}); its {step} iterations are not this run's")
-    for who, run in (("its run", source), ("this run", config)):
-        method = resolve_method(run)
-        controller = build_controller(method, run)
-        if any(method_mu(method, run, s, controller) != 1.0 for s in range(step)):
-            raise ValueError(
-                f"warm_start: {who} ({run.method}) is not pure SFT for the checkpoint's {step} iterations; warm-start from "
-                f"an earlier step (an amft run needs controller.warmup_steps >= {step})"
-            )
-    return path
-
-
-def check_resume_settings(config, run_config: Path, done: int) -> None:
-    """Refuse to continue a run that has done `done` iterations with `config` unless it continues the same run.
-
-    - ``steps`` below `done` is refused (``steps = done`` ends the run where it is).
-    - Any setting outside `RESUME_MAY_CHANGE` that differs from `run_config` (the run's ``config.yaml``) is
-      refused: the checkpoint carries the optimiser, schedule and data position those settings produced, so
-      a new learning rate, method, batch size, seed... would be recorded but not applied, or would
-      splice two different runs into one.
-    - A larger ``steps`` continues the run as if it had been set from the start: refused when that would
-      have changed the learning rate (a cosine schedule decays to 0 at ``steps``) or mu (scheduled-mix over
-      all steps) of an iteration already done. A constant schedule, or a cosine one still in its warm-up,
-      extends; so do the sft, rl, fixed-mix and AMFT methods, whose mu does not depend on ``steps``.
-
-    A missing or unreadable `run_config` is reported as a warning and skips the comparison.
-
-    Raises:
-        ResumeSettingsError: naming each refused setting with the run's value and the new one.
-    """
-    if config.steps < done:
-        raise ResumeSettingsError(
-            f"steps={config.steps} is below the {done} iterations this run has done; resume with steps >= {done} "
-            f"(steps={done} stops where it is)"
-        )
-    saved = _saved_config(run_config)
-    if saved is None:
-        return
-    before, now = _settings(saved), _settings(config)
-    changed = [name for name in now if name not in RESUME_MAY_CHANGE and before.get(name) != now[name]]
-    if changed:
-        details = ", ".join(f"{name}: {before.get(name)!r} -> {now[name]!r}" for name in changed)
-        raise ResumeSettingsError(
-            f"--resume cannot change what shaped the {done} iterations already done ({details}; the run's settings are "
-            f"in {run_config}): resume with those, or start a new run in another output_dir. A resumed run may change "
-            f"only {', '.join(RESUME_MAY_CHANGE)}"
-        )
-    if saved.steps != config.steps:
-        _check_extension(saved, config, done)
-
-
-def _saved_config(path: Path):
-    """The `TrainConfig` of a run's ``config.yaml`` (fields it lacks at their defaults), or None with a warning."""
-    from amft_vlm.config import TrainConfig, dataclass_from_dict, read_yaml_file
-
-    try:
-        values = read_yaml_file(path)
-        if not isinstance(values, dict):
-            raise ValueError(f"not a mapping of settings but {type(values).__name__}")
-        return dataclass_from_dict(TrainConfig, values)
-    except ValueError as error:
-        log.warning("%s does not read (%s): the resumed run's settings are not compared with the run's", path, _first_line(error))
-        return None
-
-
-def _settings(config) -> dict[str, Any]:
-    """A config's settings by name, sections' fields dotted (``controller.eta_mu``)."""
-    flat = {}
-    for item in dataclasses.fields(config):
-        value = getattr(config, item.name)
-        if dataclasses.is_dataclass(value):
-            flat.update({f"{item.name}.{name}": inner for name, inner in _settings(value).items()})
-        else:
-            flat[item.name] = value
-    return flat
-
-
-def _check_extension(saved, config, done: int) -> None:
-    """Refuse a new ``steps`` that changes the learning rate or mu of the `done` iterations already run.
-
-    The learning rate is compared up to iteration `done` included: the optimiser in the checkpoint already
-    holds the rate of the next iteration.
-    """
-    from amft_vlm.methods import build_controller, method_mu
-    from amft_vlm.resolve import resolve_method
-    from amft_vlm.training_setup import learning_rate_factors
-
-    change = f"steps {saved.steps} -> {config.steps}"
-    for step, (before, now) in enumerate(zip(learning_rate_factors(saved, done + 1), learning_rate_factors(config, done + 1), strict=True)):
-        if not math.isclose(before, now, rel_tol=1e-9, abs_tol=1e-12):
-            raise ResumeSettingsError(
-                f"{change} would change the learning rate of iteration {step + 1} ({before:.4g} -> {now:.4g} x learning_rate; "
-                f"lr_schedule: {config.lr_schedule} depends on steps), and the run has done {done}: only a run whose learning "
-                f"rate does not depend on steps (lr_schedule: constant) extends; resume with steps={saved.steps}, or start a new run"
-            )
-    methods = resolve_method(saved), resolve_method(config)
-    controllers = build_controller(methods[0], saved), build_controller(methods[1], config)
-    for step in range(done):
-        before, now = method_mu(methods[0], saved, step, controllers[0]), method_mu(methods[1], config, step, controllers[1])
-        if not math.isclose(before, now, rel_tol=1e-9, abs_tol=1e-12):
-            raise ResumeSettingsError(
-                f"{change} would change mu of iteration {step + 1} ({before:.4g} -> {now:.4g}; {config.method}'s mu depends "
-                f"on steps), and the run has done {done}: start a new run, or resume with steps={saved.steps}"
-            )

@@ -23,9 +23,9 @@ fixed set of validation start states from the ``val`` split) through the policy 
 
 The look-ahead theta' is the real update: the trainer takes its clipped AdamW step(s) and evaluates
 grad U at the parameters it lands on, so no parameters are saved, moved and restored.
-``d theta'/d mu`` is the derivative of that step with respect to mu, carried forward (`MuTangent`,
-`adamw_tangent`): the mix ``g(mu) = mu g_SFT + (1 - mu) g_RL`` goes through the gradient-norm clip and
-the Adam moment updates, so a change of mu moves theta along the *preconditioned* difference of the two
+``d theta'/d mu`` is the derivative of that step with respect to mu, carried forward by the optimiser
+module (`amft_vlm.optimiser.MuTangent`, `amft_vlm.optimiser.adamw_tangent`); this module only decides mu.
+The mix ``g(mu) = mu g_SFT + (1 - mu) g_RL`` goes through the gradient-norm clip and the Adam moment updates, so a change of mu moves theta along the *preconditioned* difference of the two
 gradients, not along ``g_SFT - g_RL``. With one update per iteration (the default) it is exact; with
 several, the moments' derivatives are carried from update to update and only the Hessian term (how an
 earlier update's change of theta moves a later gradient) is left out. ``lookahead: sgd`` keeps Eq. 6's
@@ -57,10 +57,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from amft_vlm.config import ControllerConfig, ControllerUse
-from amft_vlm.distributed import flat_dot, flat_dots, local_shard
 
 EVERY_PART = ControllerUse()
 """The whole controller, as AMFT runs it (`MuController`'s default)."""
@@ -135,206 +132,6 @@ class MetaPool:
         spread = max(self.total_sq / self.weight - mean * mean, 0.0)
         variance = spread * self.weight**2 / (self.weight**2 - self.weight_sq)
         return MetaEstimate(mean, math.sqrt(variance / effective), effective)
-
-
-@dataclass(frozen=True)
-class ClipDerivative:
-    """How the gradient-norm clip of ``g(mu)`` changes with mu: ``dg_clipped/dmu = scale * delta + rate * g_clipped``.
-
-    Without clipping (norm <= max_norm) ``scale = 1`` and ``rate = 0``. With it, torch's clip multiplies by
-    ``c = max_norm / (n + 1e-6)`` where ``n = |g|``, so ``dc/dmu = -c <g, delta> / (n (n + 1e-6))``.
-    """
-
-    scale: float
-    rate: float
-
-    @classmethod
-    def of(cls, *, total_norm: float, max_norm: float, mix_dot_delta: float) -> ClipDerivative:
-        """From the unclipped norm ``n``, the clip's ``max_norm`` (<= 0: no clipping) and ``<g, g_SFT - g_RL>``."""
-        coefficient = max_norm / (total_norm + 1e-6) if max_norm > 0 else 1.0
-        if coefficient >= 1.0 or total_norm == 0.0:
-            return cls(1.0, 0.0)
-        return cls(coefficient, -mix_dot_delta / (total_norm * (total_norm + 1e-6)))
-
-
-def adamw_tangent(
-    delta: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    step: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    clip: ClipDerivative,
-    exp_avg_tangent: torch.Tensor | None = None,
-    exp_avg_sq_tangent: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Derivatives in mu of one parameter's AdamW step just taken (torch's AdamW, amsgrad off).
-
-    The step was ``theta' = theta (1 - lr wd) - lr / b1 * m / (sqrt(v) / sqrt(b2) + eps)`` with
-    ``m = beta1 m_prev + (1 - beta1) g``, ``v = beta2 v_prev + (1 - beta2) g^2``, ``b_i = 1 - beta_i^step``
-    and ``g`` the clipped gradient ``(1 - mu) g_RL + mu g_SFT``. Arguments are the values *after* the
-    step: ``grad`` the clipped g, ``exp_avg``/``exp_avg_sq`` m and v; ``delta = g_SFT - g_RL``;
-    ``exp_avg_tangent``/``exp_avg_sq_tangent`` the derivatives of m_prev and v_prev in mu (None: 0, the
-    first update after mu was chosen). Returns (d of the step's change of theta, dm, dv); the weight
-    decay factor does not depend on mu.
-    """
-    beta1, beta2 = betas
-    bias1, bias2_sqrt = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
-    dtype = torch.promote_types(grad.dtype, torch.float32)  # half-precision state is differentiated in float32
-    grad, exp_avg = grad.to(dtype), exp_avg.to(dtype)
-    dgrad = clip.scale * delta.to(dtype) + clip.rate * grad
-    dexp_avg = (1.0 - beta1) * dgrad
-    dexp_avg_sq = 2.0 * (1.0 - beta2) * grad * dgrad
-    if exp_avg_tangent is not None:
-        dexp_avg = dexp_avg + beta1 * exp_avg_tangent
-    if exp_avg_sq_tangent is not None:
-        dexp_avg_sq = dexp_avg_sq + beta2 * exp_avg_sq_tangent
-    root = exp_avg_sq.to(dtype).sqrt()
-    denom = root / bias2_sqrt + eps
-    # d sqrt(v) = dv / (2 sqrt(v)); where v = 0 every gradient so far was 0 and the step did not move.
-    droot = torch.where(root > 0, dexp_avg_sq / (2.0 * root.clamp_min(1e-30)), torch.zeros_like(root))
-    dstep = -(lr / bias1) * (dexp_avg / denom - exp_avg * (droot / bias2_sqrt) / denom**2)
-    return dstep, dexp_avg, dexp_avg_sq
-
-
-class MuTangent:
-    """``d theta/d mu`` carried forward through one iteration's optimiser updates (forward mode).
-
-    Each update adds its own dependence on mu: through the mix and the clip of its gradient and, for
-    ``lookahead="adam"``, through AdamW's moments, whose derivatives are carried from one update to
-    the next (kept only while more updates follow). The gradients themselves are treated as fixed:
-    how an earlier update's change of theta moves a later gradient (a Hessian term) is left out, so
-    with one update per iteration (the default) the result is exact and with several it is the
-    linearisation the look-ahead stands for. ``lookahead="sgd"`` is Eq. 6's ``-lr (g_SFT - g_RL)`` per update.
-    """
-
-    def __init__(self, lookahead: str) -> None:
-        if lookahead not in ("adam", "sgd"):
-            raise ValueError(f"lookahead must be 'adam' or 'sgd'; got {lookahead!r}")
-        self.lookahead = lookahead
-        self.theta: list[torch.Tensor] | None = None
-        """d theta/d mu per parameter so far (None before the first update or after an invalid one)."""
-        self.valid = True
-        self._exp_avg: list[torch.Tensor] | None = None
-        self._exp_avg_sq: list[torch.Tensor] | None = None
-
-    def invalidate(self) -> None:
-        """An update without both gradients: mu did not enter it the way the look-ahead assumes."""
-        self.valid, self.theta, self._exp_avg, self._exp_avg_sq = False, None, None, None
-
-    def advance(self, parameters: Sequence[torch.Tensor], adamw: torch.optim.Optimizer, delta: list[torch.Tensor], clip: ClipDerivative, *, more_updates: bool) -> None:
-        """Add the update just taken (``delta = g_SFT - g_RL`` is consumed: it becomes this update's direction)."""
-        if not self.valid:
-            return
-        (group,) = adamw.param_groups
-        lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
-        exp_avg, exp_avg_sq = [], []
-        for index, (parameter, difference) in enumerate(zip(parameters, delta, strict=True)):
-            if difference is None:  # no gradient on either side: the step did not involve mu here
-                exp_avg.append(None)
-                exp_avg_sq.append(None)
-                continue
-            local = local_shard(difference)  # shard-local arithmetic: the same on a DTensor's shards
-            if self.lookahead == "sgd":
-                local.mul_(-lr)
-            else:
-                state = adamw.state[parameter]
-                dstep, dm, dv = adamw_tangent(
-                    local,
-                    local_shard(parameter.grad),
-                    local_shard(state["exp_avg"]),
-                    local_shard(state["exp_avg_sq"]),
-                    step=int(state["step"]),
-                    lr=lr,
-                    betas=group["betas"],
-                    eps=group["eps"],
-                    clip=clip,
-                    exp_avg_tangent=self._exp_avg[index] if self._exp_avg is not None else None,
-                    exp_avg_sq_tangent=self._exp_avg_sq[index] if self._exp_avg_sq is not None else None,
-                )
-                local.copy_(dstep)
-                exp_avg.append(dm if more_updates else None)
-                exp_avg_sq.append(dv if more_updates else None)
-            if self.theta is not None and self.theta[index] is not None:
-                local.add_(local_shard(self.theta[index]), alpha=decay if self.lookahead == "adam" else 1.0)
-        self.theta = delta
-        self._exp_avg, self._exp_avg_sq = (exp_avg, exp_avg_sq) if more_updates and self.lookahead == "adam" else (None, None)
-
-
-@dataclass(frozen=True)
-class MixedStep:
-    """What `mixed_adamw_step` did."""
-
-    grad_norm: float | None
-    """Norm of the mixed gradient before clipping (None without clipping)."""
-    cos_sft_rl: float | None
-    """Cosine of g_SFT and g_RL (None unless both were given)."""
-
-
-def mixed_adamw_step(
-    parameters: Sequence[torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    g_sft: list[torch.Tensor] | None,
-    g_rl: list[torch.Tensor] | None,
-    *,
-    mu: float,
-    max_grad_norm: float,
-    tangent: MuTangent | None = None,
-    more_updates: bool = False,
-) -> MixedStep:
-    """One update: ``g = mu g_SFT + (1 - mu) g_RL`` (a missing part counts as 0), norm clip, AdamW step.
-
-    With a `tangent` it also carries ``d theta/d mu`` through this update (`MuTangent.advance`;
-    `more_updates` says whether the iteration has more updates after this one). The gradient lists
-    are consumed: they are reused in place for the mix, ``g_SFT - g_RL`` and the derivative, so the step
-    allocates no parameter-sized tensor of its own beyond what the tangent keeps. ``optimizer`` is a
-    plain torch AdamW (amsgrad off) over `parameters` in one group (any optimiser without a tangent).
-    """
-    if tangent is not None and tangent.lookahead == "adam" and (
-        not isinstance(optimizer, torch.optim.AdamW) or optimizer.param_groups[0]["amsgrad"] or optimizer.param_groups[0]["maximize"]
-    ):
-        raise ValueError(f"lookahead 'adam' differentiates torch.optim.AdamW without amsgrad or maximize; got {optimizer!r}")
-    cosine = None
-    if g_sft is not None and g_rl is not None:
-        sft_sq, rl_sq, cross = flat_dots([(g_sft, g_sft), (g_rl, g_rl), (g_sft, g_rl)])
-        cosine = cross / math.sqrt(sft_sq * rl_sq) if sft_sq > 0 and rl_sq > 0 else 0.0
-        # g_rl becomes delta = g_SFT - g_RL and g_sft the mix mu g_SFT + (1 - mu) g_RL = g_SFT - (1 - mu) delta.
-        # A parameter with no gradient on either side stays None; with one side only, the other is 0.
-        for index, (sft, rl) in enumerate(zip(g_sft, g_rl, strict=True)):
-            if sft is None and rl is None:
-                continue
-            if sft is None:
-                sft = g_sft[index] = torch.zeros_like(rl)
-            if rl is None:
-                rl = g_rl[index] = torch.zeros_like(sft)
-            rl.sub_(sft).neg_()
-            sft.sub_(rl, alpha=1.0 - mu)
-        mixed, delta = g_sft, g_rl
-    else:
-        mixed, delta = (g_sft, None) if g_sft is not None else (g_rl, None)
-        if mixed is None:
-            raise ValueError("a step needs g_SFT, g_RL or both")
-        scale = mu if g_sft is not None else 1.0 - mu
-        if scale != 1.0:
-            for gradient in mixed:
-                if gradient is not None:
-                    gradient.mul_(scale)
-    if tangent is not None and delta is None:
-        tangent.invalidate()
-    track = tangent is not None and tangent.valid
-    mix_dot_delta = flat_dot(mixed, delta) if track and tangent.lookahead == "adam" else 0.0
-    for parameter, gradient in zip(parameters, mixed, strict=True):
-        parameter.grad = gradient
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)) if max_grad_norm > 0 else None
-    optimizer.step()
-    if track:
-        clip = ClipDerivative.of(total_norm=grad_norm or 0.0, max_norm=max_grad_norm, mix_dot_delta=mix_dot_delta)
-        tangent.advance(parameters, optimizer, delta, clip, more_updates=more_updates)
-    optimizer.zero_grad(set_to_none=True)
-    return MixedStep(grad_norm, cosine)
 
 
 @dataclass
@@ -467,6 +264,18 @@ class MuController:
         state.last_entropy_term, state.last_meta_term = entropy_term, meta_term
         state.mu = min(config.mu_max, max(config.mu_min, state.mu + (entropy_term or 0.0) + (meta_term or 0.0)))
         return state.mu
+
+    def step_metrics(self, *, controlled: bool) -> dict:
+        """The controller's part of a step's metrics after `update` (the terms are 0 on a step it did not control:
+        a warm-up step)."""
+        state = self.state
+        return {
+            "target_entropy": state.target_entropy,
+            "entropy_term": state.last_entropy_term if controlled else 0.0,
+            "meta_term": state.last_meta_term if controlled else 0.0,
+            "skipped_signals": state.skipped_signals,
+            "next_mu": state.mu,
+        }
 
     def state_dict(self) -> dict:
         """The controller's state, for checkpoints."""

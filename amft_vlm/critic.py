@@ -3,7 +3,7 @@
 A multi-turn episode is a sequence of decisions: turn t answers from the dialogue so far and gets the
 turn's reward. The critic predicts, for each turn, the return from that decision on, reading the
 policy's final hidden state at the decision point (the last token before the response, which is the
-state the first response token is sampled from). `amft_vlm.advantages.gae_turn_advantages` then runs GAE over the turns of
+state the first response token is sampled from). `amft_vlm.advantages.gae_advantages` then runs GAE over the turns of
 each episode (``gamma``, ``lambda`` per turn, value 0 after the last turn) and normalises the
 advantages over the batch; every token of a turn gets its turn's advantage, exactly as GRPO's
 group-normalised advantages are spread.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from agents.policy import VLMPolicy
-from amft_vlm.advantages import gae_turn_advantages
+from amft_vlm.advantages import credited_turn_rewards
 from amft_vlm.batch import CriticTargets
 from amft_vlm.distributed import Parallel
 from amft_vlm.losses import value_loss
@@ -62,46 +62,37 @@ def decision_states(policy: VLMPolicy, trajectories: Sequence[Trajectory]) -> li
 
 
 def credited_rewards(trajectory: Trajectory, credit: str) -> torch.Tensor:
-    """Per-turn rewards as the critic sees them: each turn's own (``"turn"``) or the return at the end."""
-    rewards = torch.tensor(trajectory.turn_rewards, dtype=torch.float32)
-    if credit == "turn":
-        return rewards
-    if credit == "episode":
-        credited = torch.zeros_like(rewards)
-        credited[-1] = float(trajectory.episode_return)
-        return credited
-    raise ValueError(f"credit must be 'turn' or 'episode'; got {credit!r}")
+    """Per-turn rewards as the critic sees them: each turn's own (``"turn"``) or the return at the end
+    (`amft_vlm.advantages.credited_turn_rewards`)."""
+    return credited_turn_rewards(trajectory.turn_rewards, credit)
 
 
 class Critic:
-    """The value head with its own AdamW: turn advantages for a batch of rollouts, and its clipped-value update.
+    """The value head with its own AdamW: values per turn of a batch of rollouts (GAE's input,
+    `amft_vlm.advantages.gae_advantages`), and its clipped-value update.
 
     Args:
         hidden_size: the policy's text hidden size.
         learning_rate: the head's AdamW learning rate (``value_learning_rate``).
         clip_epsilon: the value clip around the values at collection.
-        gamma, lam: GAE's discount and lambda over turns.
-        credit: ``"turn"`` or ``"episode"`` (`credited_rewards`).
         device: where the head lives.
     """
 
-    def __init__(self, hidden_size: int, *, learning_rate: float, clip_epsilon: float, gamma: float, lam: float, credit: str, device: torch.device | str) -> None:
+    def __init__(self, hidden_size: int, *, learning_rate: float, clip_epsilon: float, device: torch.device | str) -> None:
         self.head = ValueHead(hidden_size).to(device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=learning_rate)
-        self.clip_epsilon, self.gamma, self.lam, self.credit = clip_epsilon, gamma, lam, credit
+        self.clip_epsilon = clip_epsilon
         self.device = torch.device(device)
 
-    def advantages(self, policy: VLMPolicy, rollouts: Sequence[Trajectory]) -> tuple[list[torch.Tensor], CriticTargets]:
-        """GAE advantages per turn of each rollout, and the value head's inputs and targets for its update.
+    def values(self, policy: VLMPolicy, rollouts: Sequence[Trajectory]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per rollout, the decision states of its turns (the head's inputs) and the head's values of them.
 
         The policy's hidden states are read without gradient (wrap in the strategy's ``full_weights``).
         """
         features = [states.to(self.device) for states in decision_states(policy, rollouts)]
         with torch.no_grad():
-            old_values = [self.head(states) for states in features]
-        rewards = [credited_rewards(t, self.credit).to(self.device) for t in rollouts]
-        advantages, returns = gae_turn_advantages(rewards, old_values, gamma=self.gamma, lam=self.lam)
-        return advantages, CriticTargets(features, old_values, returns)
+            values = [self.head(states) for states in features]
+        return features, values
 
     def update(self, targets: CriticTargets, parallel: Parallel) -> dict[str, float]:
         """One AdamW step on the global turn mean of the clipped value loss over `targets` of every process."""

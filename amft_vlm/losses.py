@@ -3,7 +3,7 @@
 Names follow the papers: ``L_SFT`` is the negative log-likelihood of the expert's tokens, ``L_RL`` the
 clipped policy-gradient surrogate on the policy's own rollouts, and
 ``L_total = (1 - mu) * L_RL + mu * L_SFT`` (`mix`: AMFT mixes the two gradients with the same weights,
-one backward pass each, so its controller can compare them; see `amft_vlm.controller.mixed_adamw_step`).
+one backward pass each, so its controller can compare them; see `amft_vlm.optimiser.mixed_adamw_step`).
 
 Every per-token tensor is flat over the trainable tokens of a batch (`amft_vlm.batch.TokenScores`): one
 entry per response token, in order, nothing else. Token-level aggregation: a loss is the sum over all
@@ -12,7 +12,7 @@ the length of its sequence), as in DAPO and TRL's ``loss_type="dapo"``.
 
 The peers' losses (`weighted_sft_loss` for CHORD-phi and DFT, `luffy_policy_loss`, `srft_loss`, ReLIFT's
 `relift_policy_loss` and `relift_sft_loss`) keep that contract: each returns the token mean over the
-tokens it is given, so `amft_vlm.batch.accumulate_gradient` (micro-batch loss times its share of the
+tokens it is given, so `amft_vlm.batch.GradientAccumulator` (micro-batch loss times its share of the
 global tokens) still yields exactly the global value. Two consequences:
 
 - A term averaged over a subset S of the tokens (SRFT's demonstration, positive and negative tokens) is
@@ -211,7 +211,7 @@ def luffy_policy_loss(
     a low-probability token than the plain ``p`` would give. `old_logprobs` are ignored on expert tokens.
     `scale` is the global normalisation: `max_length_scale` for LUFFY's released ``sum / max_length``,
     `dr_grpo_scale` for Dr.GRPO's, 1 for a token mean. The advantages come in as they are (LUFFY's: the joint
-    group's mean-centred returns, `amft_vlm.peers.joint_group_advantages`).
+    group's mean-centred returns, `amft_vlm.advantages.mean_centred_advantages`).
     """
     _check_flat(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, off_policy=off_policy)
     if off_policy.dtype != torch.bool:
@@ -347,7 +347,7 @@ def srft_loss(
     `kinds` holds each token's `SrftToken` (`srft_token_kinds`). `counts` maps each kind to its GLOBAL
     token count and `total_tokens` is the global token total (`srft_token_counts`, summed over processes
     and micro-batches): a term averaged over the tokens of kind k carries the coefficient
-    ``total_tokens / counts[k]`` on them, so the global token mean of `accumulate_gradient` is the subset mean.
+    ``total_tokens / counts[k]`` on them, so the global token mean of `GradientAccumulator` is the subset mean.
     A kind with count 0 (or absent from `counts`) contributes nothing to such a term.
     """
     _check_flat(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, kinds=kinds)

@@ -1,13 +1,14 @@
 """The meta-gradient's measurement: dU/dmu from validation episodes, along the update's derivative in mu.
 
 `amft_vlm.controller` holds what the controller does with it (`MetaEstimate`, the pooling across meta
-steps, the look-ahead's derivative `MuTangent`); this module needs the policy and the validation
-episodes, which the controller's arithmetic does not.
+steps) and `amft_vlm.optimiser` the look-ahead's derivative (`MuTangent`); this module needs the policy and
+the validation episodes, which their arithmetic does not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 from agents.policy import VLMPolicy
 from amft_vlm.advantages import leave_one_out_advantages, leave_one_out_turn_advantages
 from amft_vlm.batch import check_images_everywhere, micro_batches, score_trajectories, take_gradients
+from amft_vlm.controller import MetaEvidence
 from amft_vlm.distributed import Parallel, flat_dot
 from amft_vlm.trajectory import Trajectory
 
@@ -95,3 +97,22 @@ def meta_gradient(
         per_round.append(flat_dot(take_gradients(parameters), direction) / parallel.world)
     total_states, tied_states = parallel.sums([len(states), sum(own_tied)])
     return MetaMeasurement(per_round, int(total_states), int(tied_states))
+
+
+def evidence_metrics(evidence: MetaEvidence, measurement: MetaMeasurement, digest: str) -> dict:
+    """A meta step's metrics: its own dU/dmu, standard error and t, the pooled t (and effective states) the
+    signal comes from, the share of validation states that tied, and the validation episodes' token digest."""
+    own, pooled = evidence.step, evidence.pooled
+    return {
+        "meta_dU_dmu": own and own.value,
+        "meta_stderr": own and own.stderr,
+        "meta_t": own and _finite_or_none(own.t_statistic),
+        "meta_pooled_t": pooled and _finite_or_none(pooled.t_statistic),
+        "meta_pooled_states": pooled and pooled.states,
+        "meta_tied_share": measurement.tied_states / max(measurement.states, 1),
+        "validation_digest": digest,
+    }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

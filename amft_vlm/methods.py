@@ -4,8 +4,10 @@
 A method either follows a **schedule** (a pure function of the config and the step: ``sft``, ``rl``,
 ``sft-then-rl``, ``fixed-mix``, ``scheduled-mix``) or hands mu to the AMFT **controller**
 (`amft_vlm.controller.MuController`), of which the ablations switch one part off (``no-warmup``,
-``no-meta-gradient``, ``no-entropy``). The trainer, the config's checks and the documentation read
-this table; a method is added by adding a row.
+``no-meta-gradient``, ``no-entropy``). Each row also names its advantage estimator (an entry of
+`amft_vlm.advantages.ADVANTAGE_ESTIMATORS`) and its objectives (entries of `amft_vlm.objectives.OBJECTIVES`).
+The trainer, the config's checks and the documentation read this table; a method is added by adding a row
+(and, if the method needs one, an estimator or an objective to its table).
 
 The single-stage peers (``../shared/spec/peers.md``) differ in what their losses weigh, not in the loop,
 and each difference is a field of `Method` whose default keeps the rows before them as they were. Each
@@ -50,6 +52,11 @@ if TYPE_CHECKING:
     from amft_vlm.controller import MuController
 
 
+def _grpo_or_gae(config: TrainConfig) -> str:
+    """GRPO's group baseline, or GAE over a critic's values with ``advantage: ppo``."""
+    return "gae" if config.advantage == "ppo" else "grpo"
+
+
 @dataclass(frozen=True)
 class Method:
     """One training method: a row of `METHODS`."""
@@ -66,10 +73,14 @@ class Method:
     """The run trains on expert trajectories at some step (mu > 0, or inside its RL objective)."""
     collects_rollouts: bool
     """mu < 1 at some step for some valid config: the run plays the policy's own episodes."""
-    sft_weighting: str = "nll"
-    """How ``L_SFT`` weighs each expert token (`amft_vlm.losses.SFT_WEIGHTINGS`): nll (1), chord_phi, dft."""
+    advantage: Callable[[TrainConfig], str] = _grpo_or_gae
+    """The run's advantage estimator, a key of `amft_vlm.advantages.ADVANTAGE_ESTIMATORS`, from its config: by
+    default ``grpo``, or ``gae`` with a critic (``advantage: ppo``)."""
+    sft_objective: str = "nll"
+    """``L_SFT``, a key of `amft_vlm.objectives.OBJECTIVES` weighing each expert token: nll (1), chord_phi
+    (sg(p(1-p))), dft (sg(p))."""
     rl_objective: str = "clipped"
-    """``L_RL``, a key of `amft_vlm.objectives.RL_OBJECTIVES`: clipped (PPO-clip on group advantages), luffy
+    """``L_RL``, a key of `amft_vlm.objectives.OBJECTIVES`: clipped (PPO-clip on group advantages), luffy
     (`amft_vlm.losses.luffy_policy_loss`), srft (`amft_vlm.losses.srft_loss`) or relift (its released form,
     `amft_vlm.losses.relift_policy_loss`, or the paper's PPO-clip)."""
     expert_in_group: bool = False
@@ -81,6 +92,16 @@ class Method:
     settings: str | None = None
     """The key of the `amft_vlm.config.TrainConfig` section this method reads (`amft_vlm.config.MethodSettings`),
     e.g. ``luffy``; None: none."""
+
+
+def _mean_centred(config: TrainConfig) -> str:
+    """LUFFY's released code: the joint group's mean-centred returns, no std."""
+    return "mean_centred"
+
+
+def _relift_advantage(config: TrainConfig) -> str:
+    """ReLIFT's released code mean-centres the group's returns (no std); its paper's form is GRPO's."""
+    return "mean_centred" if config.relift.rl_loss == "released" else "grpo"
 
 
 def _sft_only(config: TrainConfig, step: int) -> float:
@@ -158,17 +179,18 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "chord-phi", "CHORD-phi: the mix with each expert token weighted by sg(p(1-p)); mu = fixed_mu or scheduled (chord_phi.mu)",
-            schedule=_chord_mu, controller=None, uses_expert_data=True, collects_rollouts=True, sft_weighting="chord_phi",
+            schedule=_chord_mu, controller=None, uses_expert_data=True, collects_rollouts=True, sft_objective="chord_phi",
             settings="chord_phi",
         ),
         Method(
             "dft", "dynamic fine-tuning: SFT with each expert token weighted by sg(p) (mu = 1)",
-            schedule=_sft_only, controller=None, uses_expert_data=True, collects_rollouts=False, sft_weighting="dft",
+            schedule=_sft_only, controller=None, uses_expert_data=True, collects_rollouts=False, sft_objective="dft",
         ),
         Method(
             "luffy", "LUFFY: an expert trajectory in each rollout group, joint advantages, policy shaping p/(p+gamma) on its tokens",
             schedule=_rl_only, controller=None, uses_expert_data=True, collects_rollouts=True,
-            rl_objective="luffy", expert_in_group=True, rollouts_from_expert_states=True, settings="luffy",
+            advantage=_mean_centred, rl_objective="luffy", expert_in_group=True, rollouts_from_expert_states=True,
+            settings="luffy",
         ),
         Method(
             "srft", "SRFT: entropy-weighted SFT and off-policy RL on the demonstration in each group, self-RL on the rollouts",
@@ -178,7 +200,8 @@ METHODS: dict[str, Method] = {
         Method(
             "relift", "ReLIFT: GRPO steps; all-failed start states' expert trajectories buffered for interleaved SFT updates",
             schedule=_rl_only, controller=None, uses_expert_data=True, collects_rollouts=True,
-            rl_objective="relift", rollouts_from_expert_states=True, sft_buffer=True, settings="relift",
+            advantage=_relift_advantage, rl_objective="relift", rollouts_from_expert_states=True, sft_buffer=True,
+            settings="relift",
         ),
     )
 }
@@ -198,7 +221,7 @@ def method_mu(method: Method, config: TrainConfig, step: int, controller: MuCont
     if method.schedule is not None:
         return method.schedule(config, step)
     if controller is None:
-        raise ValueError(f"{method.name} takes mu from its controller: pass build_controller(config)")
+        raise ValueError(f"{method.name} takes mu from its controller: pass build_controller(method, config)")
     return controller.mu_for_step(step)
 
 

@@ -3,9 +3,9 @@ passes' global counts, and ReLIFT's buffer (`amft_vlm.methods` says which method
 
 - LUFFY and SRFT put one expert trajectory into each group of rollouts. Their start states are drawn
   from the expert set (`expert_start_states`), so the group's demonstration starts where its rollouts
-  do; `with_demonstrations` appends it to the process's rollouts with its group id, and the advantage is
-  computed over the joint group (`joint_group_advantages`).
-- Their losses normalise over global counts that must be known before the pass (`accumulate_gradient`
+  do; `with_demonstrations` appends it to the process's rollouts with its group id, and the method's
+  advantage estimator (`amft_vlm.advantages`) sees the joint group.
+- Their losses normalise over global counts that must be known before the pass (`GradientAccumulator`
   takes a token mean per micro-batch): LUFFY's normalisation (`luffy_scale`) and SRFT's token count per
   kind (`srft_counts`), which their objectives compute once per pass (`amft_vlm.objectives`).
 - ReLIFT buffers the expert trajectories of start states whose rollouts all failed (`all_failed_groups`,
@@ -21,7 +21,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from amft_vlm.advantages import GROUP_ADVANTAGES, group_advantages
 from amft_vlm.distributed import Parallel
 from amft_vlm.losses import SrftToken, dr_grpo_scale, max_length_scale
 from amft_vlm.trajectory import Trajectory
@@ -43,21 +42,6 @@ def with_demonstrations(rollouts: list[Trajectory], demonstrations: Sequence[Tra
     """The rollouts followed by demonstration ``g`` as a member of group ``g`` (this process's groups are
     numbered in the order of its start states, as `RolloutEngine.collect` numbers them)."""
     return rollouts + [dataclasses.replace(demo, group=group) for group, demo in enumerate(demonstrations)]
-
-
-def joint_group_advantages(trajectories: Sequence[Trajectory], *, credit: str, scale_by_std: bool) -> list[torch.Tensor]:
-    """One advantage per turn over the joint groups (rollouts and demonstrations together).
-
-    ``scale_by_std=False`` (LUFFY): each episode's return minus its group's mean, on every turn of the
-    episode. Otherwise the run's GRPO estimator for `credit` (SRFT).
-    """
-    rewards = [t.turn_rewards for t in trajectories]
-    groups = [t.group for t in trajectories]
-    if scale_by_std:
-        return GROUP_ADVANTAGES[credit](rewards, groups)
-    returns = torch.tensor([float(sum(r)) for r in rewards], dtype=torch.float32)
-    per_episode = group_advantages(returns, groups, scale_by_std=False)
-    return [per_episode[i].expand(len(r)).clone() for i, r in enumerate(rewards)]
 
 
 def is_demonstration(trajectory: Trajectory) -> bool:

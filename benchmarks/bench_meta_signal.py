@@ -180,8 +180,8 @@ def measure(expert: str, name: str, inputs: dict) -> tuple[list[Draw], dict]:
     config.num_envs = 96  # validation episodes of a draw in one wave; the sampling law does not depend on it
     trainer = Trainer(config.validate(), progress=False)
     step = config.controller.warmup_steps
-    sft = trainer._next_sft_batch(step)
-    rollouts, _ = trainer._collect_rollouts(step)
+    sft = trainer.collector.sft_batch(step)
+    rollouts, _ = trainer.collector.rollouts(step)
     update, direction = trainer._update(step, trainer.controller.mu_for_step(step), sft, rollouts, lookahead=True)
     policy64 = VLMPolicy.from_pretrained(inputs["model"], dtype="float64")
     policy64.model.load_state_dict(trainer.policy.model.state_dict())

@@ -23,11 +23,7 @@ from tqdm import tqdm
 
 from agents.baselines import ExpertAgent
 from agents.tiny import TINY_PREFIX, resolve_model_spec
-from amft_vlm.checkpoint import (
-    check_resume_settings,
-    load_trainer_state,
-    resumable_checkpoint,
-)
+from amft_vlm.checkpoint import load_trainer_state, resumable_checkpoint
 from amft_vlm.compare.config import CompareConfig, EvalSetting, RunPlan, load_compare_config, record_path
 from amft_vlm.compare.curves import plot_curves
 from amft_vlm.compare.summary import comparison_table, summarize
@@ -36,6 +32,7 @@ from amft_vlm.evaluate import evaluate, load_record, paper_setting, write_record
 from amft_vlm.expert_data import collect, read_manifest
 from amft_vlm.jobs import JobPool, choose_threads
 from amft_vlm.preflight import check_environment, check_expert_dataset, check_model_source, writable_directory
+from amft_vlm.resume import check_resume_settings
 from amft_vlm.run_directory import DirectoryLock
 from amft_vlm.safe_io import output_directory, output_file_target, resolve_inside, write_text_atomic
 

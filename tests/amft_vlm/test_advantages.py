@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from amft_vlm.advantages import (
-    GROUP_ADVANTAGES,
+    ADVANTAGE_ESTIMATORS,
+    EpisodeRewards,
     generalized_advantages,
     group_advantages,
     grpo_episode_advantages,
@@ -14,6 +15,8 @@ from amft_vlm.advantages import (
     leave_one_out_advantages,
     leave_one_out_turn_advantages,
 )
+from amft_vlm.config import load_config
+from amft_vlm.methods import get_method
 
 
 def test_group_advantages_normalise_within_groups_and_zero_variance_is_zero():
@@ -63,8 +66,53 @@ def test_episode_credit_gives_every_turn_its_episode_advantage():
     assert advantages[2].tolist() == [0.0, 0.0]
 
 
-def test_the_table_maps_each_credit_to_its_estimator():
-    assert {"episode": grpo_episode_advantages, "turn": grpo_turn_advantages} == GROUP_ADVANTAGES
+# Group 0: a 2-turn failure (-1, -1), a 1-turn success (+5) and a demonstration (success, +5); group 1: 0 and 1.
+REWARDS = [[-1.0, -1.0], [5.0], [5.0], [0.0], [1.0]]
+GROUPS = [0, 0, 0, 1, 1]
+STD_0 = math.sqrt(((-2 - 8 / 3) ** 2 + 2 * (5 - 8 / 3) ** 2) / 3)
+EPISODE_CREDIT = {  # returns minus the group mean (8/3 and 1/2); GRPO divides by the group's std too
+    "grpo": [[(-2 - 8 / 3) / STD_0] * 2, [(5 - 8 / 3) / STD_0], [(5 - 8 / 3) / STD_0], [-1.0], [1.0]],
+    "mean_centred": [[-2 - 8 / 3] * 2, [5 - 8 / 3], [5 - 8 / 3], [-0.5], [0.5]],
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "settings", "estimator"),
+    [
+        ("rl", [], "grpo"), ("amft", [], "grpo"), ("srft", [], "grpo"), ("chord-phi", [], "grpo"),
+        ("rl", ["advantage=ppo"], "gae"), ("amft", ["advantage=ppo"], "gae"),
+        ("luffy", [], "mean_centred"), ("relift", [], "mean_centred"), ("relift", ["relift.rl_loss=paper"], "grpo"),
+    ],
+)  # fmt: skip
+def test_each_method_row_names_its_estimator_and_the_estimator_gives_its_values(method, settings, estimator):
+    config = load_config(overrides=[f"method={method}", *settings])
+    name = get_method(method).advantage(config)
+    assert name == estimator
+    entry = ADVANTAGE_ESTIMATORS[name]
+    if entry.needs_values:  # GAE with lambda 1 and no discount: the return to go minus the value, then normalised
+        values = [torch.full((len(r),), 0.5) for r in REWARDS]
+        result = entry.estimate(EpisodeRewards(REWARDS, GROUPS, credit="turn", values=values, gamma=1.0, lam=1.0))
+        raw = [-2.5, -1.5, 4.5, 4.5, -0.5, 0.5]
+        mean, std = sum(raw) / 6, math.sqrt(sum((a - sum(raw) / 6) ** 2 for a in raw) / 6)
+        assert torch.cat(result.advantages).tolist() == pytest.approx([(a - mean) / std for a in raw], rel=1e-5)
+        assert [t.tolist() for t in result.value_targets] == [[-2.0, -1.0], [5.0], [5.0], [0.0], [1.0]]
+        return
+    result = entry.estimate(EpisodeRewards(REWARDS, GROUPS, credit="episode"))
+    assert result.value_targets is None
+    for got, want in zip(result.advantages, EPISODE_CREDIT[name], strict=True):
+        assert got.tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_grpo_follows_the_runs_credit():
+    by_turn = ADVANTAGE_ESTIMATORS["grpo"].estimate(EpisodeRewards(REWARDS, GROUPS, credit="turn")).advantages
+    for got, want in zip(by_turn, grpo_turn_advantages(REWARDS, GROUPS), strict=True):
+        assert torch.equal(got, want)
+    by_episode = ADVANTAGE_ESTIMATORS["grpo"].estimate(EpisodeRewards(REWARDS, GROUPS, credit="episode")).advantages
+    for got, want in zip(by_episode, grpo_episode_advantages(REWARDS, GROUPS), strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(by_turn[0], by_episode[0])  # turn credit compares turn 2 of the failure with nothing: 0
+    with pytest.raises(ValueError, match="credit must be one of episode, turn"):
+        ADVANTAGE_ESTIMATORS["grpo"].estimate(EpisodeRewards(REWARDS, GROUPS, credit="step"))
 
 
 def test_leave_one_out_turn_advantages_by_hand():

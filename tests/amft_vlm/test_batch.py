@@ -1,12 +1,14 @@
 """From trajectories to flat token tensors and gradients: advantages reach the right tokens, micro-batches change nothing."""
 
+import dataclasses
+
 import pytest
 import torch
 from accelerate import Accelerator
 
 from agents.baselines import ExpertAgent, RandomTextAgent
 from amft_vlm.advantages import grpo_turn_advantages
-from amft_vlm.batch import RolloutBatch, accumulate_gradient, score_trajectories
+from amft_vlm.batch import GradientAccumulator, RolloutBatch, micro_batches, score_trajectories
 from amft_vlm.distributed import Parallel
 from amft_vlm.losses import sft_loss
 from amft_vlm.rollout import RolloutEngine
@@ -96,21 +98,35 @@ def test_a_batch_selects_rows_with_their_advantages(episodes):
     assert [float(a[0]) for a in part.turn_advantages] == [2.0, 0.0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Counted:
+    """A stats type for the test: one float field."""
+
+    tokens: float
+
+
 @pytest.mark.parametrize("parts", [2, 3])
 def test_micro_batches_give_the_token_mean_gradient_of_one_pass(tiny_policies, episodes, parts):
     policy = tiny_policies["qwen2-vl"]
     parameters = [p for p in policy.model.parameters() if p.requires_grad]
     parallel = Parallel("none", Accelerator(cpu=True))
 
-    def loss_of(indices):
-        scores = score_trajectories(policy, [episodes[i] for i in indices], temperature=1.0)
-        return sft_loss(scores.logprobs), scores, {}
+    def one_pass(count):
+        accumulator = GradientAccumulator(parallel, episodes, Counted)
+        for indices in micro_batches(len(episodes), count):
+            scores = score_trajectories(policy, [episodes[i] for i in indices], temperature=1.0)
+            accumulator.add(sft_loss(scores.logprobs), scores, Counted(tokens=float(scores.num_tokens)))
+        return accumulator.finish(parameters)
 
-    whole, totals = accumulate_gradient(parallel, parameters, episodes, loss_of, micro_batch_count=1)
-    split, split_totals = accumulate_gradient(parallel, parameters, episodes, loss_of, micro_batch_count=parts)
-    assert totals["tokens"] == split_totals["tokens"] == sum(t.num_response_tokens for t in episodes)
-    assert split_totals["loss"] == pytest.approx(totals["loss"], rel=1e-5)
-    reached = [(a, b) for a, b in zip(whole, split, strict=True) if a is not None]
+    whole, split = one_pass(1), one_pass(parts)
+    assert whole.tokens == split.tokens == sum(t.num_response_tokens for t in episodes)
+    assert whole.examples == split.examples == len(episodes)
+    assert split.loss == pytest.approx(whole.loss, rel=1e-5)
+    # A statistic is weighted by its micro-batch's token share: a micro-batch's token count so weighted sums to the
+    # sum of squares of the shares times the total, the whole batch's count when it is one micro-batch.
+    assert whole.stats == Counted(tokens=pytest.approx(whole.tokens))
+    assert split.stats.tokens < whole.tokens
+    reached = [(a, b) for a, b in zip(whole.gradient, split.gradient, strict=True) if a is not None]
     assert reached and all(p.grad is None for p in parameters)  # taken out of .grad
     for a, b in reached:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

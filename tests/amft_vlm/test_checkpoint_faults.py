@@ -24,12 +24,11 @@ from agents.tiny import resolve_model_spec, tiny_model_problem
 from amft_vlm.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
-    ResumeSettingsError,
     check_checkpoint,
-    check_resume_settings,
     latest_checkpoint_name,
 )
 from amft_vlm.config import config_to_dict, load_config
+from amft_vlm.resume import ResumeSettingsError, check_resume_settings
 from amft_vlm.trainer import Trainer
 from tests.amft_vlm.test_distributed import free_port
 

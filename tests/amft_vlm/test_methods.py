@@ -1,14 +1,20 @@
 """The methods table: every row validates, each schedule gives the mu written out by hand, and each row's
 data needs (expert trajectories, rollouts) agree with the mu it can take."""
 
+import dataclasses
 import itertools
 import math
 
 import pytest
+import torch
 
+from amft_vlm.advantages import ADVANTAGE_ESTIMATORS, AdvantageEstimator, TurnAdvantages
 from amft_vlm.config import ChordPhiSettings, ControllerConfig, SftThenRlSettings, TrainConfig, load_config
-from amft_vlm.methods import METHODS, ControllerUse, build_controller, get_method, method_mu
+from amft_vlm.methods import METHODS, ControllerUse, Method, build_controller, get_method, method_mu
+from amft_vlm.objectives import OBJECTIVES, Objective
 from amft_vlm.resolve import resolve_method
+from amft_vlm.trainer import Trainer
+from tests.amft_vlm.test_trainer import FAST
 
 STEPS = 8
 
@@ -118,3 +124,45 @@ def test_config_checks_follow_the_table():
     assert load_config(overrides=["method=no-warmup", "steps=10", "controller.warmup_steps=10"]).steps == 10
     with pytest.raises(ValueError, match="controller.warmup_steps"):
         resolve_method(load_config(overrides=["method=no-entropy", "steps=10", "controller.warmup_steps=10"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyStats:
+    """The toy objective's one statistic."""
+
+    toy_mean_advantage: float
+
+
+def test_a_new_method_is_a_row_and_a_function(tmp_path, monkeypatch):
+    """A toy method added through the public tables only (a row, a new estimator, a new objective) trains on the tiny
+    model: nothing in the trainer or the config's checks names it. The tables are restored after the test."""
+
+    def return_minus_half(episodes):  # the toy estimator: every turn gets its episode's return minus 0.5
+        return TurnAdvantages([torch.full((len(r),), float(sum(r)) - 0.5) for r in episodes.turn_rewards])
+
+    seen = []
+
+    def reinforce(part, scores, prepared, config):  # the toy objective: REINFORCE on the token mean
+        seen.append((part.trajectories, scores.logprobs.detach().clone()))
+        return -(scores.advantages * scores.logprobs).mean(), ToyStats(float(scores.advantages.mean()))
+
+    monkeypatch.setitem(ADVANTAGE_ESTIMATORS, "return_minus_half", AdvantageEstimator(return_minus_half))
+    monkeypatch.setitem(OBJECTIVES, "reinforce", Objective(reinforce, stats=ToyStats))
+    toy = Method(
+        "toy", "REINFORCE with a fixed baseline", schedule=lambda config, step: 0.0, controller=None, uses_expert_data=False,
+        collects_rollouts=True, advantage=lambda config: "return_minus_half", rl_objective="reinforce",
+    )  # fmt: skip
+    monkeypatch.setitem(METHODS, "toy", toy)
+    config = load_config(overrides=[*FAST, "method=toy", "steps=2", f"output_dir={tmp_path / 'toy'}"])
+    trainer = Trainer(config, progress=False)
+    before = [p.detach().clone() for p in trainer.parameters]
+    history = trainer.train()
+
+    assert len(seen) == len(history) == 2  # one micro-batch per step
+    for (trajectories, logprobs), m in zip(seen, history, strict=True):
+        # The advantages the objective was given are the toy estimator's, from the rollouts' rewards.
+        advantages = torch.cat([torch.full((n,), sum(t.turn_rewards) - 0.5) for t in trajectories for n in t.turn_lengths])
+        assert m["toy_mean_advantage"] == pytest.approx(float(advantages.mean()), rel=1e-5)
+        assert m["loss_rl"] == pytest.approx(float(-(advantages * logprobs.to(advantages.dtype)).mean()), rel=1e-5)
+        assert m["mu"] == 0.0 and "loss_sft" not in m
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.parameters, strict=True))

@@ -338,7 +338,7 @@ def test_srft_micro_batches_weighted_by_token_share_equal_the_whole_batch(form):
     entropy = None if not form else 0.7
     whole_logprobs, whole_loss, whole_stats = srft_example(entropy=entropy, **form)
     whole_loss.backward()
-    # accumulate_gradient: each micro-batch's loss times its share of the global tokens, summed.
+    # GradientAccumulator: each micro-batch's loss times its share of the global tokens, summed.
     logprobs, total, stat_sums = leaf(SRFT_LOGPROBS), 0.0, dict.fromkeys(("w_sft", "w_rl", "demo_entropy", "self_negative"), 0.0)
     for part in ([0, 3], [1, 2, 4, 5]):
         _, loss, stats = srft_example(logprobs, part, entropy=entropy, **form)

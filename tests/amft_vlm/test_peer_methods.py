@@ -10,8 +10,10 @@ import statistics
 import pytest
 import torch
 
-from amft_vlm.batch import score_trajectories
+from amft_vlm.batch import RolloutBatch, score_trajectories
 from amft_vlm.config import load_config
+from amft_vlm.methods import get_method
+from amft_vlm.objectives import OBJECTIVES
 from amft_vlm.resolve import resolve_method
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.trainer import Trainer
@@ -23,22 +25,28 @@ def run(tmp_path, name, *overrides, resume=False):
     return Trainer(config, resume=resume, progress=False)
 
 
-def recorded_passes(trainer, name):
-    """Wrap the trainer's loss pass `name` (``_rl_gradient`` or ``_sft_gradient``): each call first scores its batch
-    without gradient at the parameters the pass runs at, so a test can recompute the pass's loss by hand from what
-    the pass was given (its trajectories and their rewards), not from what the trainer computed."""
+def recorded_passes(monkeypatch, objective):
+    """Every pass of `objective` (a name in the public objectives table), recorded where the pass starts: its batch
+    (trajectories with their advantages) and the batch scored without gradient at the parameters the pass runs at,
+    so a test can recompute the pass's loss by hand from what the pass was given (its trajectories and their
+    rewards), not from what the trainer computed."""
     passes = []
-    original = getattr(trainer, name)
-    temperature = 1.0 if name == "_sft_gradient" else trainer.engine.sampling_temperature
+    entry = OBJECTIVES[objective]
 
-    def recording(batch):
-        trajectories = batch if isinstance(batch, list) else batch.trajectories
+    def prepare(context, batch):
+        temperature = context.temperature if entry.on_rollouts else 1.0
         with torch.no_grad():
-            passes.append((trajectories, score_trajectories(trainer.policy, trajectories, temperature=temperature)))
-        return original(batch)
+            passes.append((batch, score_trajectories(context.policy, batch.trajectories, temperature=temperature)))
+        return entry.prepare(context, batch)
 
-    setattr(trainer, name, recording)
+    monkeypatch.setitem(OBJECTIVES, objective, dataclasses.replace(entry, prepare=prepare))
     return passes
+
+
+def step_batches(passes, per_step):
+    """The batch of each step from its `per_step` passes (its mini-batches), in the passes' order."""
+    steps = [passes[i : i + per_step] for i in range(0, len(passes), per_step)]
+    return [RolloutBatch([t for b, _ in step for t in b.trajectories], [a for b, _ in step for a in b.turn_advantages]) for step in steps]
 
 
 def per_token(values, scores):
@@ -74,17 +82,15 @@ def collected_seeds(monkeypatch):
     return calls
 
 
-def test_luffy_groups_hold_one_demonstration_from_the_same_start_state(tmp_path, collected_seeds):
+def test_luffy_groups_hold_one_demonstration_from_the_same_start_state(tmp_path, collected_seeds, monkeypatch):
     # Two mini-batches per step (LUFFY's script: 2 unclipped optimiser steps per batch); float64 for exact recomputation.
     trainer = run(tmp_path, "luffy", "method=luffy", "group_size=3", "mini_batch_size=3", "dtype=float64")
-    batches = []
-    collect_rollouts = trainer._collect_rollouts
-    trainer._collect_rollouts = lambda step: batches.append(collect_rollouts(step)) or batches[-1]
-    passes = recorded_passes(trainer, "_rl_gradient")
+    passes = recorded_passes(monkeypatch, "luffy")
     history = trainer.train()
-    for seeds_and_size, (batch, _) in zip(collected_seeds, batches, strict=True):
+    batches = step_batches(passes, 2)
+    for seeds_and_size, batch in zip(collected_seeds, batches, strict=True):
         rollouts = [t for t in batch.trajectories if t.sampling_temperature is not None]
-        demos = [t for t in batch.trajectories if t.sampling_temperature is None]
+        demos = sorted((t for t in batch.trajectories if t.sampling_temperature is None), key=lambda t: t.group)
         assert [d.seed for d in demos] == seeds_and_size[0]  # demonstration g starts where group g's rollouts do
         for group, demo in enumerate(demos):
             members = [t for t in rollouts if t.group == group]
@@ -105,10 +111,11 @@ def test_luffy_groups_hold_one_demonstration_from_the_same_start_state(tmp_path,
     # -A * ratio on the rollouts' tokens and -A * p / (p + 0.1) on the expert's, summed and divided by
     # max_new_tokens (not also by the answers), minus 0.001 x the mean entropy of all the tokens.
     expected = []
-    for step, (batch, _) in enumerate(batches):
+    for step, batch in enumerate(batches):
         advantages = dict(zip(map(id, batch.trajectories), group_advantages_by_hand(batch.trajectories, scale_by_std=False), strict=True))
         assert all(abs(statistics.pstdev([sum(t.turn_rewards) for t in batch.trajectories if t.group == g]) - 1) > 0.5 for g in (0, 1))
-        for trajectories, scores in passes[2 * step : 2 * step + 2]:
+        for part, scores in passes[2 * step : 2 * step + 2]:
+            trajectories = part.trajectories
             a = per_token([advantages[id(t)] for t in trajectories], scores)
             expert = per_token([t.sampling_temperature is None for t in trajectories], scores).bool()
             p, ratio = scores.logprobs.exp(), (scores.logprobs - scores.old_logprobs).exp()
@@ -133,7 +140,7 @@ def test_luffy_groups_hold_one_demonstration_from_the_same_start_state(tmp_path,
     ],
     ids=["released", "paper"],
 )
-def test_srft_loss_parts_match_a_recomputation_by_hand(tmp_path, form):
+def test_srft_loss_parts_match_a_recomputation_by_hand(tmp_path, form, monkeypatch):
     paper = bool(form)
     trainer = run(tmp_path, "srft", "method=srft", "group_size=3", "gradient_accumulation_steps=2", "dtype=float64", *form)
     collect = trainer.engine.collect
@@ -149,10 +156,11 @@ def test_srft_loss_parts_match_a_recomputation_by_hand(tmp_path, form):
         return lifted, stats
 
     trainer.engine.collect = one_rollout_per_group_succeeds
-    passes = recorded_passes(trainer, "_rl_gradient")
+    passes = recorded_passes(monkeypatch, "srft")
     history = trainer.train()
     assert len(passes) == len(history) == 4
-    for (trajectories, scores), m in zip(passes, history, strict=True):
+    for (batch, scores), m in zip(passes, history, strict=True):
+        trajectories = batch.trajectories
         # GRPO's advantages over the joint group (with its std), from the rewards.
         a = per_token(group_advantages_by_hand(trajectories, scale_by_std=True), scores)
         demo = per_token([t.sampling_temperature is None for t in trajectories], scores).bool()
@@ -189,17 +197,17 @@ def test_srft_loss_parts_match_a_recomputation_by_hand(tmp_path, form):
         assert m["loss_rl"] == pytest.approx(float(sum(parts.values())), rel=1e-6)
         assert m["srft_w_sft"] == pytest.approx(float(w_sft[demo].mean()), rel=1e-6)
         assert m["srft_w_rl"] == pytest.approx(float(w_rl[positive].mean()), rel=1e-6)
-        assert m["srft.entropy"] == pytest.approx(float(weights_entropy[demo].mean()), rel=1e-6)
+        assert m["srft_entropy"] == pytest.approx(float(weights_entropy[demo].mean()), rel=1e-6)
 
 
-def test_chord_and_dft_sft_losses_match_a_recomputation_by_hand(tmp_path):
+def test_chord_and_dft_sft_losses_match_a_recomputation_by_hand(tmp_path, monkeypatch):
     # Each method's L_SFT recomputed from its expert batch: the NLL weighted by w(p) = p (DFT), p (1 - p) (CHORD-phi),
     # 1 (CHORD-mu, whose mu follows CHORD's 200-step schedule, not one over the run's 4 steps).
     weights = {"dft": lambda p: p, "chord-phi": lambda p: p * (1 - p), "scheduled-mix": lambda p: torch.ones_like(p)}
     mus = {"dft": [1.0] * 4, "chord-phi": [0.1] * 4, "scheduled-mix": [0.05 + 0.85 * 0.5 * (1 + math.cos(math.pi * s / 200)) for s in range(4)]}
     for method, weight in weights.items():
         trainer = run(tmp_path, method, f"method={method}", "fixed_mu=0.1", "dtype=float64")
-        passes = recorded_passes(trainer, "_sft_gradient")
+        passes = recorded_passes(monkeypatch, get_method(method).sft_objective)
         history = trainer.train()
         assert [m["mu"] for m in history] == pytest.approx(mus[method]), method
         for (_, scores), m in zip(passes, history, strict=True):

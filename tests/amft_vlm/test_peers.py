@@ -5,11 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from amft_vlm.advantages import ADVANTAGE_ESTIMATORS, EpisodeRewards
+from amft_vlm.config import TrainConfig
 from amft_vlm.losses import SrftToken, srft_token_counts, srft_token_kinds
+from amft_vlm.methods import get_method
 from amft_vlm.peers import (
     expert_start_states,
     expert_token_mask,
-    joint_group_advantages,
     luffy_scale,
     srft_counts,
 )
@@ -67,10 +69,16 @@ def test_luffy_scale_divides_the_token_sum_by_the_longest_answer_and_not_by_the_
         luffy_scale(OneProcess(), trajectories, max_new_tokens=40, normaliser="tokens")
 
 
+def joint_group_advantages(method, group):
+    """The advantages `method`'s estimator gives the joint group (its rollouts and its demonstration)."""
+    estimator = ADVANTAGE_ESTIMATORS[get_method(method).advantage(TrainConfig(method=method))]
+    return estimator.estimate(EpisodeRewards([t.turn_rewards for t in group], [t.group for t in group])).advantages
+
+
 def test_joint_group_advantages_luffy_mean_centres_srft_scales():
     group = [episode([3], rewards=[0.0]), episode([3], rewards=[0.0]), episode([3], expert=True, rewards=[1.0])]
-    luffy = joint_group_advantages(group, credit="episode", scale_by_std=False)
+    luffy = joint_group_advantages("luffy", group)
     assert [float(a[0]) for a in luffy] == pytest.approx([-1 / 3, -1 / 3, 2 / 3])  # the demonstration carries the signal
-    srft = joint_group_advantages(group, credit="episode", scale_by_std=True)
+    srft = joint_group_advantages("srft", group)
     std = torch.tensor([0.0, 0.0, 1.0]).std(unbiased=False).item()
     assert [float(a[0]) for a in srft] == pytest.approx([-1 / 3 / std, -1 / 3 / std, 2 / 3 / std], rel=1e-4)

@@ -337,7 +337,7 @@ def test_training_refuses_an_unwritable_run_directory_and_empty_data(tmp_path, e
 def test_an_expert_that_solves_nothing_is_refused(tmp_path, tiny_checkpoints, monkeypatch):
     from amft_vlm.trainer import Trainer
 
-    monkeypatch.setattr("amft_vlm.trainer.ExpertAgent", lambda: RandomTextAgent(seed=0))
+    monkeypatch.setattr("amft_vlm.training_setup.ExpertAgent", lambda: RandomTextAgent(seed=0))
     config = load_config(None, [f"output_dir={tmp_path}", f"model={tiny_checkpoints['qwen2-vl']}", "method=sft", "expert_episodes=2"])
     with pytest.raises(ValueError, match=r"the expert solved none of 2 episodes of GeneralPoints-v0"):
         Trainer(config, progress=False)

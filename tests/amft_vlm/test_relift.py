@@ -11,15 +11,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from amft_vlm import trainer as trainer_module
 from amft_vlm.checkpoint import RELIFT_OPTIMIZER, CheckpointError, check_checkpoint
 from amft_vlm.config import load_config
 from amft_vlm.losses import relift_policy_loss, relift_sft_loss
+from amft_vlm.objectives import OBJECTIVES
 from amft_vlm.peers import ReliftBuffer, all_failed_groups, expert_start_states
 from amft_vlm.resolve import resolve_method
 from amft_vlm.rollout import RolloutEngine
 from amft_vlm.trainer import Trainer
 from tests.amft_vlm.samples import assert_same_samples
+from tests.amft_vlm.test_peer_methods import recorded_passes
 from tests.amft_vlm.test_trainer import FAST
 
 
@@ -159,23 +160,28 @@ def group_zero_partly_succeeds(monkeypatch):
 
 @pytest.fixture
 def updates(monkeypatch):
-    """Every optimiser update of a run: (which optimiser, its clip), in order."""
-    seen = []
-    step = trainer_module.mixed_adamw_step
+    """Every optimiser update of a run: (which optimiser, the gradient-norm clip before it), in order, as torch sees
+    them (its clip and AdamW's step)."""
+    seen, clips = [], []
+    clip, step = torch.nn.utils.clip_grad_norm_, torch.optim.AdamW.step
 
-    def recording(parameters, optimizer, *args, max_grad_norm, **kwargs):
-        seen.append((optimizer, max_grad_norm))
-        return step(parameters, optimizer, *args, max_grad_norm=max_grad_norm, **kwargs)
+    def clipping(parameters, max_norm, *args, **kwargs):
+        clips.append(max_norm)
+        return clip(parameters, max_norm, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "mixed_adamw_step", recording)
+    def stepping(optimizer, *args, **kwargs):
+        seen.append((optimizer, clips.pop() if clips else None))
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clipping)
+    monkeypatch.setattr(torch.optim.AdamW, "step", stepping)
     return seen
 
 
-def test_partial_success_is_not_buffered_and_the_sft_update_follows_the_rl_update(tmp_path, group_zero_partly_succeeds, updates):
+def test_partial_success_is_not_buffered_and_the_sft_update_follows_the_rl_update(tmp_path, group_zero_partly_succeeds, updates, monkeypatch):
     trainer = run(tmp_path, "relift", "max_grad_norm=0.7", "relift.sft_lr_ratio=0.5")
-    batches, drained = [], []
-    collect_rollouts, drain = trainer._collect_rollouts, trainer.relift.drain
-    trainer._collect_rollouts = lambda step: batches.append(collect_rollouts(step)) or batches[-1]
+    passes, drained = recorded_passes(monkeypatch, "relift"), []
+    drain = trainer.relift.drain
     trainer.relift.drain = lambda: drained.append(drain()) or drained[-1]
     history = trainer.train()
 
@@ -193,7 +199,7 @@ def test_partial_success_is_not_buffered_and_the_sft_update_follows_the_rl_updat
     assert history[-1]["budget_updates"] == 4 + 2 and history[-1]["budget_expert_examples"] == 4
 
     max_new_tokens = trainer.config.max_new_tokens
-    for (batch, _), m in zip(batches, history, strict=True):
+    for (batch, _), m in zip(passes, history, strict=True):  # one pass per step
         # Mean-centred returns, no std: group 0's [1, 0] -> [0.5, -0.5] on every turn (with std it would be [1, -1]).
         for t, advantages in zip(batch.trajectories, batch.turn_advantages, strict=True):
             expected = (0.5 if t.success else -0.5) if t.group == 0 else 0.0
@@ -219,24 +225,22 @@ def test_the_sft_optimiser_keeps_moments_of_its_own(tmp_path):
 
 def test_the_sft_update_scores_its_entropy_with_a_graph(tmp_path, monkeypatch):
     seen = []
-    loss = trainer_module.relift_sft_loss
+    entry = OBJECTIVES["relift_sft"]
 
-    def recording(logprobs, entropy, *, entropy_coef):
-        seen.append((entropy.requires_grad, entropy_coef))
-        return loss(logprobs, entropy, entropy_coef=entropy_coef)
+    def recording(part, scores, prepared, config):
+        seen.append((scores.entropy.requires_grad, config.relift.entropy_coef))
+        return entry.loss(part, scores, prepared, config)
 
-    monkeypatch.setattr(trainer_module, "relift_sft_loss", recording)
+    monkeypatch.setitem(OBJECTIVES, "relift_sft", dataclasses.replace(entry, loss=recording))
     run(tmp_path, "relift", "steps=1").train()
     assert seen == [(True, 0.001)]
 
 
-def test_the_paper_form_is_grpo_with_std_and_the_clip(tmp_path, group_zero_partly_succeeds):
+def test_the_paper_form_is_grpo_with_std_and_the_clip(tmp_path, group_zero_partly_succeeds, monkeypatch):
     trainer = run(tmp_path, "paper", "relift.rl_loss=paper", "steps=1")
-    batches = []
-    collect_rollouts = trainer._collect_rollouts
-    trainer._collect_rollouts = lambda step: batches.append(collect_rollouts(step)) or batches[-1]
+    passes = recorded_passes(monkeypatch, "relift")
     (m,) = trainer.train()
-    (batch, _), = batches
+    ((batch, _),) = passes
     for t, advantages in zip(batch.trajectories, batch.turn_advantages, strict=True):
         expected = (1.0 if t.success else -1.0) if t.group == 0 else 0.0  # (r - mean) / std over [1, 0]
         assert advantages.tolist() == pytest.approx([expected] * t.num_turns, abs=1e-3)

@@ -212,14 +212,14 @@ def test_deepspeed_accelerate_setups_are_refused_with_a_message(tmp_path, monkey
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    import amft_vlm.trainer as trainer_module
+    import amft_vlm.training_setup as training_setup
 
     class DeepSpeedAccelerator(Accelerator):
         distributed_type = DistributedType.DEEPSPEED
 
     with pytest.raises(ValueError, match="fsdp2 needs several processes"):
         run(tmp_path, "fsdp2", "distributed=fsdp2")
-    monkeypatch.setattr(trainer_module, "Accelerator", DeepSpeedAccelerator)
+    monkeypatch.setattr(training_setup, "Accelerator", DeepSpeedAccelerator)
     with pytest.raises(ValueError, match="DEEPSPEED.*configs/accelerate"):
         run(tmp_path, "deepspeed")
 

@@ -14,11 +14,11 @@ import tracemalloc
 
 import pytest
 
-from amft_vlm.checkpoint import check_resume_settings
 from amft_vlm.compare.config import load_compare_config
 from amft_vlm.config import config_to_dict, load_config, parse_yaml
 from amft_vlm.demo import load_demo_config
 from amft_vlm.report import load_run
+from amft_vlm.resume import check_resume_settings
 
 LEVELS = 9
 REFUSED = "once its aliases are expanded"
