@@ -1,9 +1,9 @@
 """The answering seam: a `Responder` answers a batch of dialogues, each answer possibly still on its way.
 
-Every answerer plays through the one episode loop (`amft_vlm.rollout.RolloutEngine`): the VLM policy in
+Every answerer plays through the one episode loop (`amft_vlm.rollout.engine.RolloutEngine`): the VLM policy in
 this process (`agents.policy.PolicyResponder`, token ids in, token ids with their sampling log-probs
 out), the model-free agents (`agents.base.Agent`: text), and a model behind an OpenAI-compatible API
-(`amft_vlm.served.ServedResponder`: text). The engine hands a responder one `Request` per episode
+(`amft_vlm.evaluation.served.ServedResponder`: text). The engine hands a responder one `Request` per episode
 that waits for an answer and gets one future per request back; it steps an environment as soon as
 its answer is ready. A responder that computes its answers in the call (the policy, the agents)
 returns futures that are already done, so the engine plays it round by round, one batch per round;
@@ -70,7 +70,7 @@ class NoAnswer:
     """A responder could not answer a request (e.g. a served model's request failed on every attempt).
 
     The engine ends the episode there, unsolved, with `verdict` as the last answer's verdict and a
-    reward of 0; the metrics decide what that verdict counts as (`amft_vlm.episode_metrics`).
+    reward of 0; the metrics decide what that verdict counts as (`amft_vlm.rollout.episode_metrics`).
     """
 
     verdict: str

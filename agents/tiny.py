@@ -53,7 +53,7 @@ from transformers import (
 from transformers.models.qwen2 import Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from amft_vlm.safe_io import (
+from amft_vlm.run.safe_io import (
     load_json_text,
     output_directory,
     output_file_target,
@@ -382,7 +382,7 @@ def build_tiny_model(
         arch: ``"qwen2-vl"`` (``Qwen2VLForConditionalGeneration``) or ``"qwen2.5-vl"``
             (``Qwen2_5_VLForConditionalGeneration``).
         output_dir: directory to write; created if missing (a symlink to one is followed). The model is saved beside
-            it first and its files then replace those of the same name there, as any output (`amft_vlm.safe_io`: a
+            it first and its files then replace those of the same name there, as any output (`amft_vlm.run.safe_io`: a
             symlink is written through; a FIFO, socket, device or directory is refused before any file is replaced).
         seed: seed of the weight initialisation; the same seed gives identical weights.
         vocab_size: trained BPE vocabulary size (the model's vocabulary adds the 14 special tokens).

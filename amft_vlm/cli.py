@@ -16,8 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import environments  # noqa: F401  (registers the environments)
 from agents.baselines import BASELINE_AGENTS, baseline_agent
-from amft_vlm.config import TrainConfig, load_values, parse_key_value
-from amft_vlm.evaluate import (
+from amft_vlm.evaluation.evaluate import (
     ENV_IDS,
     MODALITIES,
     SETTINGS,
@@ -27,12 +26,7 @@ from amft_vlm.evaluate import (
     summary_table,
     write_record,
 )
-from amft_vlm.expert_data import collect, read_manifest
-from amft_vlm.jobs import Terminated, interrupt_exit_status, log_to_file, quiet_console, sigterm_as_interrupt
-from amft_vlm.preflight import check_output_file, writable_directory
-from amft_vlm.run_directory import TRAIN_LOG
-from amft_vlm.safe_io import load_json_text
-from amft_vlm.served import (
+from amft_vlm.evaluation.served import (
     DEFAULT_API_KEY_ENV,
     QWEN_MAX_PIXELS,
     QWEN_MIN_PIXELS,
@@ -40,6 +34,18 @@ from amft_vlm.served import (
     ServedEndpoint,
     default_cache_dir,
 )
+from amft_vlm.rollout.expert_data import collect, read_manifest
+from amft_vlm.run.config import TrainConfig, load_values, parse_key_value
+from amft_vlm.run.jobs import (
+    Terminated,
+    interrupt_exit_status,
+    log_to_file,
+    quiet_console,
+    sigterm_as_interrupt,
+)
+from amft_vlm.run.preflight import check_output_file, writable_directory
+from amft_vlm.run.run_directory import TRAIN_LOG
+from amft_vlm.run.safe_io import load_json_text
 from amft_vlm.settings_docs import methods_help, train_help
 from environments.general_points.settings import PAPER_EPISODES, PAPER_SETTINGS
 
@@ -72,7 +78,7 @@ def _play_command(args: argparse.Namespace) -> int:
 
 
 def parse_env_args(pairs: list[str]) -> dict[str, object]:
-    """``--env-arg`` values as gym.make keywords, read like every ``key=value`` (`amft_vlm.config.parse_key_value`):
+    """``--env-arg`` values as gym.make keywords, read like every ``key=value`` (`amft_vlm.run.config.parse_key_value`):
     ``["modality=language", "num_cards=4", "resolution=None"]`` -> ``{"modality": "language", "num_cards": 4, "resolution": None}``."""
     return dict(parse_key_value(pair, what="--env-arg", example="modality=language") for pair in pairs)
 
@@ -103,7 +109,7 @@ def train_config_file(config_file: str | None, overrides: Sequence[str], *, resu
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from amft_vlm.config import load_config
+    from amft_vlm.run.config import load_config
 
     config = load_config(train_config_file(args.config, args.overrides, resume=args.resume), args.overrides)
     log_file = Path(config.output_dir) / TRAIN_LOG
@@ -127,7 +133,7 @@ def _train_command(args: argparse.Namespace) -> int:
 def _claim_run_directory(config: TrainConfig, args: argparse.Namespace) -> tuple[Any, list[logging.LogRecord]]:
     """The `Trainer` and the log records of its set-up, kept for the run's log file: that file may only be opened once
     the trainer has claimed its directory (locked it, refused or cleared an old run)."""
-    from amft_vlm.trainer import Trainer
+    from amft_vlm.learning.trainer import Trainer
 
     early = logging.handlers.BufferingHandler(capacity=1 << 30)  # flushed by hand, never by size
     logging.getLogger().addHandler(early)
@@ -144,7 +150,7 @@ def _rank_prefix() -> str:
 
 
 def _report_command(args: argparse.Namespace) -> int:
-    from amft_vlm.report import FIGURES, write_report
+    from amft_vlm.evaluation.report import FIGURES, write_report
 
     writable_directory(args.out, what="--out", create=False)  # made by write_report once the runs are read
     report = write_report(args.run_dirs, args.out, eval_files=args.eval)
@@ -518,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CLEAN_STOP_COMMANDS = ("compare", "demo", "eval")
-"""Commands that SIGTERM stops like Ctrl-C (`amft_vlm.jobs.sigterm_as_interrupt`): what they started (worker
+"""Commands that SIGTERM stops like Ctrl-C (`amft_vlm.run.jobs.sigterm_as_interrupt`): what they started (worker
 processes, request threads) is stopped and what they wrote is left resumable. ``train`` keeps SIGTERM's default,
 an immediate end (its files are written atomically): under torchrun a process told to stop must not wait at a
 barrier for processes already gone."""

@@ -15,7 +15,7 @@ model's sizes and the evaluations' size. ``--quick`` is the same file with the `
    ``sft`` (SFT only) into ``OUT/sft`` and ``amft`` (SFT warm-up, then the mu controller with RL
    rollouts for the last quarter of the steps) into ``OUT/amft``. AMFT's warm-up is SFT's first
    ``warmup_steps`` steps exactly (same data, order, optimiser and schedule), so AMFT starts from the
-   SFT run's checkpoint at that step (`amft_vlm.config.TrainConfig.warm_start`, tested to equal a run
+   SFT run's checkpoint at that step (`amft_vlm.run.config.TrainConfig.warm_start`, tested to equal a run
    from scratch) instead of computing them twice. The controller validates on the ``val`` split.
    RL alone is left out: without an SFT start it does not learn this task (Chu et al. 2025), and its
    rollouts would not fit the budget.
@@ -24,13 +24,13 @@ model's sizes and the evaluations' size. ``--quick`` is the same file with the `
    rollouts), and on the rule-OOD setting (J, Q, K = 11, 12, 13) greedy, plus the oracle expert and a
    random-text agent as sanity rows. Records go to ``RUN/eval/*.json`` (``OUT/baselines/eval`` for the
    agents).
-5. **Report**: `amft_vlm.report.write_report` over both runs into ``OUT/report`` (``report.md`` and
+5. **Report**: `amft_vlm.evaluation.report.write_report` over both runs into ``OUT/report`` (``report.md`` and
    PNG plots), and ``OUT/demo.md`` with the table (``amft-vlm demo`` prints it).
 
 ``OUT`` must be empty or absent; with ``force=True`` (``--force``) the demo's own entries in it are
 replaced and nothing else is touched (a FIFO, device or symlink under one of their names is refused; links to
 ``demo.md`` and ``summary.json`` are kept and written through). The demo locks ``OUT`` while it runs
-(`amft_vlm.run_directory.DirectoryLock`; each run's trainer locks its own directory too): a second demo
+(`amft_vlm.run.run_directory.DirectoryLock`; each run's trainer locks its own directory too): a second demo
 into it is refused, naming the first.
 
 The torch thread count is the number of cores other processes leave free unless given (measured
@@ -54,15 +54,15 @@ from typing import Any
 
 from agents.baselines import ExpertAgent, baseline_agent
 from agents.tiny import ARCHITECTURES, TINY_PREFIX, build_tiny_model, tiny_model_problem
-from amft_vlm.checkpoint import latest_checkpoint
-from amft_vlm.config import TrainConfig, dataclass_from_dict, load_values
-from amft_vlm.evaluate import EvalRecord, evaluate, write_record
-from amft_vlm.expert_data import collect, corrupt_dataset
-from amft_vlm.jobs import JobPool, choose_threads, machine_description, torch_threads
-from amft_vlm.preflight import writable_directory
-from amft_vlm.report import FIGURES, load_run, markdown_table, write_report
-from amft_vlm.run_directory import DirectoryLock, is_empty
-from amft_vlm.safe_io import (
+from amft_vlm.evaluation.evaluate import EvalRecord, evaluate, write_record
+from amft_vlm.evaluation.report import FIGURES, load_run, markdown_table, write_report
+from amft_vlm.learning.checkpoint import latest_checkpoint
+from amft_vlm.rollout.expert_data import collect, corrupt_dataset
+from amft_vlm.run.config import TrainConfig, dataclass_from_dict, load_values
+from amft_vlm.run.jobs import JobPool, choose_threads, machine_description, torch_threads
+from amft_vlm.run.preflight import writable_directory
+from amft_vlm.run.run_directory import DirectoryLock, is_empty
+from amft_vlm.run.safe_io import (
     OutputPathError,
     output_directory,
     output_file_target,
@@ -127,7 +127,7 @@ SET_PER_RUN = ("method", "expert_data", "expert_data_after_warmup", "output_dir"
 @dataclass(frozen=True)
 class Corruption:
     """The ``demo.corruption`` section: how the second AMFT run's expert is poisoned after the shared warm-up
-    (`amft_vlm.expert_data.corrupt_dataset`)."""
+    (`amft_vlm.rollout.expert_data.corrupt_dataset`)."""
 
     kind: str
     """``random`` (a random-text agent's answers), ``shuffled`` (another hand's solution) or ``single-quoted``."""
@@ -138,7 +138,7 @@ class Corruption:
 
     def validate(self) -> Corruption:
         """Raise ValueError naming the first bad field; return self when valid."""
-        from amft_vlm.expert_data import CORRUPTIONS
+        from amft_vlm.rollout.expert_data import CORRUPTIONS
 
         if self.kind not in CORRUPTIONS:
             raise ValueError(f"demo.corruption.kind must be one of {', '.join(CORRUPTIONS)}; got {self.kind!r}")
@@ -296,7 +296,7 @@ def _prepare(out: Path, force: bool) -> DirectoryLock:
 
 def _make_way(path: Path) -> None:
     """Make way for the demo's entry `path` under ``--force``: a directory or a file there is removed; a symlink to a
-    file is kept for ``demo.md`` and ``summary.json`` (written through at the end, as any output: `amft_vlm.safe_io`).
+    file is kept for ``demo.md`` and ``summary.json`` (written through at the end, as any output: `amft_vlm.run.safe_io`).
     Anything else, which the demo did not write, is refused: a FIFO, socket or device, another symlink."""
     if path.is_symlink():
         if path.name not in ("demo.md", "summary.json"):
@@ -381,7 +381,7 @@ def _run_config(run: DemoRun, config: DemoConfig, out: Path, inputs: tuple[Path,
 def _train_and_evaluate(run: DemoRun, config: DemoConfig, out: Path, inputs: tuple[Path, Path, Path], progress: bool) -> RunOutcome:
     """Train `run` to the end (the SFT run resumes from its warm-up checkpoint, the AMFT runs start from it), then
     play every evaluation with its final checkpoint. Runs in a worker process when the demo runs side by side."""
-    from amft_vlm.trainer import Trainer  # loads accelerate: only where a run trains
+    from amft_vlm.learning.trainer import Trainer  # loads accelerate: only where a run trains
 
     started = time.perf_counter()
     Trainer(_run_config(run, config, out, inputs), resume=run.method == "sft", progress=progress).train()
@@ -547,7 +547,7 @@ def _run_locked(out: Path, config: DemoConfig, thread_count: int, *, progress: b
         log.info("1/5 the tiny model, the expert data and its corrupted copy")
         inputs = prepare_inputs(out, config, progress=progress)
 
-        from amft_vlm.trainer import Trainer  # loads accelerate: only once the cheap steps have run
+        from amft_vlm.learning.trainer import Trainer  # loads accelerate: only once the cheap steps have run
 
         log.info("2/5 training sft's first %d steps (the AMFT runs' warm-up)", warmup)
         warmup_started = time.perf_counter()

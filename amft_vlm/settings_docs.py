@@ -1,8 +1,8 @@
-"""The training settings documented from one source: the docstring under each field of `amft_vlm.config`.
+"""The training settings documented from one source: the docstring under each field of `amft_vlm.run.config`.
 
 `markdown` renders ``docs/settings.md`` (every setting with its type, default and whole docstring, and the methods
 table with the section each method reads); `train_help` renders the same for ``amft-vlm train --help``, one line
-per setting. After editing a field's docstring (or a row of `amft_vlm.methods.METHODS`), regenerate the page with
+per setting. After editing a field's docstring (or a row of `amft_vlm.learning.methods.METHODS`), regenerate the page with
 ``make docs``, i.e. ``python -m amft_vlm.settings_docs``; a test fails while the committed page is stale.
 
 This module sits above the config and the methods table, which it reads; the config never imports it.
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from amft_vlm.config import ControllerConfig, MethodSettings, TrainConfig
-from amft_vlm.methods import METHODS
+from amft_vlm.learning.methods import METHODS
+from amft_vlm.run.config import ControllerConfig, MethodSettings, TrainConfig
 
 PAGE = "docs/settings.md"
 """Where `main` writes the page by default, relative to the repository root (the directory ``make docs`` runs in)."""
@@ -77,7 +77,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def yaml_text(value: Any) -> str:
-    """`value` written as a YAML 1.2 value that `amft_vlm.config.parse_yaml` reads back as it: ``None`` -> ``null``,
+    """`value` written as a YAML 1.2 value that `amft_vlm.run.config.parse_yaml` reads back as it: ``None`` -> ``null``,
     ``True`` -> ``true``, ``{"a": 1}`` -> ``{a: 1}``."""
     if value is None:
         return "null"
@@ -120,7 +120,7 @@ def _settings(cls: type, prefix: str) -> tuple[Setting, ...]:
 
 def sections(config: type = TrainConfig) -> list[Section]:
     """Every setting of `config`, by section: the top level first, then each other section (``controller``), then
-    each method's section (`amft_vlm.config.MethodSettings`), each with the methods that read it (a method section:
+    each method's section (`amft_vlm.run.config.MethodSettings`), each with the methods that read it (a method section:
     the rows naming it as their ``settings``; the controller's: the rows with a ``controller``)."""
     hints = get_type_hints(config)
     found = [Section("", inspect.getdoc(config) or "", (), _settings(config, ""))]
@@ -169,7 +169,7 @@ def _wrapped(text: str, *, indent: str = "", hanging: str = "  ", width: int = 1
 def markdown(config: type = TrainConfig) -> str:
     """The page ``docs/settings.md``: the methods table, then every setting of `config` with its type, default and doc."""
     lines = [
-        f"<!-- generated from the field docstrings in amft_vlm/config.py and the methods table in amft_vlm/methods.py "
+        f"<!-- generated from the field docstrings in amft_vlm/run/config.py and the methods table in amft_vlm/learning/methods.py "
         f"by {REGENERATE}; edit those, not this page -->",
         "# Training settings",
         "",
@@ -185,7 +185,7 @@ def markdown(config: type = TrainConfig) -> str:
         "## Methods",
         "",
         _wrapped(
-            "`method: NAME` picks a row of the methods table ([`amft_vlm/methods.py`](../amft_vlm/methods.py)). A "
+            "`method: NAME` picks a row of the methods table ([`amft_vlm/learning/methods.py`](../amft_vlm/learning/methods.py)). A "
             "method with a section of its own reads its settings there; changing a section's settings under another "
             "method is refused.",
             hanging="",

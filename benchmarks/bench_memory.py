@@ -64,9 +64,9 @@ def _rss_bytes() -> int:
 
 def _measure(kind: str, model_dir: str, output_dir: str) -> dict:
     """In this process: load the trainer, run its one step while sampling the resident memory; the figures as a dict."""
-    from amft_vlm.config import load_config
-    from amft_vlm.expert_data import collect
-    from amft_vlm.trainer import Trainer
+    from amft_vlm.learning.trainer import Trainer
+    from amft_vlm.rollout.expert_data import collect
+    from amft_vlm.run.config import load_config
     from tests.amft_vlm import bandit
 
     expert = Path(output_dir) / "expert"

@@ -5,7 +5,7 @@ update. How much one estimate says is measured here at a fixed point: the demo's
 AMFT's warm-up (``configs/demo.yaml``: the tiny Qwen2-VL at the end of the SFT warm-up, step 276, GeneralPoints language; built
 once into ``runs/bench/meta-signal``), the first controller step's update (mu 0.8, 2x4 rollouts, 48 expert
 dialogues), once with the clean expert and once with the demo's corrupted one (half of its dialogues'
-answers replaced by random text, `amft_vlm.expert_data.corrupt_dataset`). For each, the validation
+answers replaced by random text, `amft_vlm.rollout.expert_data.corrupt_dataset`). For each, the validation
 episodes are drawn `DRAWS` times (`STATES` start states of the ``val`` split x `SAMPLES` episodes, new
 sampling seeds each time, the same seeds for both experts: common random numbers) by the updated
 policy, as the trainer draws them.
@@ -14,14 +14,14 @@ Every variant of the estimator is computed from the same draws. Per episode and 
 the answer's log-prob along d theta'/d mu is taken by central differences in float64 (the update's
 weights copied into a float64 model; a step of 2e-6 of the direction's largest entry), so any subset of
 states and samples and any credit can be scored without another backward pass; on the first draw it is
-checked against the trainer's own `amft_vlm.meta.meta_gradient` (float32 autograd). Reported per variant:
+checked against the trainer's own `amft_vlm.learning.meta.meta_gradient` (float32 autograd). Reported per variant:
 the mean, standard deviation and signal-to-noise ratio (|mean| / sd) of dU/dmu over the estimates, the
 mean and spread of its t-statistic, the share of start states whose episodes tie (no information), the
 episodes per estimate and the seconds one estimate costs the trainer (sampling plus its backward passes,
 timed on the first draw). Variants: states x samples; ``episode`` credit (each answer weighted by the
 episode's return, leave-one-out baseline: Eq. 6 as written) or ``turn`` (by the reward to go from that
 answer, leave-one-out per turn); tied states kept (their value is 0) or skipped; pooled over 8 meta steps
-(decay 0.8, `amft_vlm.controller.MetaPool`). The paired rows give corrupted minus clean on the same seeds.
+(decay 0.8, `amft_vlm.learning.controller.MetaPool`). The paired rows give corrupted minus clean on the same seeds.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from agents.policy import VLMPolicy
-from amft_vlm.batch import score_trajectories
-from amft_vlm.controller import MetaPool
 from amft_vlm.demo import load_demo_config, prepare_inputs
-from amft_vlm.meta import meta_gradient
+from amft_vlm.learning.batch import score_trajectories
+from amft_vlm.learning.controller import MetaPool
+from amft_vlm.learning.meta import meta_gradient
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _turn_derivatives(policy64: VLMPolicy, direction: list[torch.Tensor | None],
 
 def measure(expert: str, name: str, inputs: dict) -> tuple[list[Draw], dict]:
     """The clean or corrupted update at the warm-up checkpoint, then `DRAWS` draws of validation episodes."""
-    from amft_vlm.trainer import Trainer
+    from amft_vlm.learning.trainer import Trainer
 
     config = inputs["config"].train_config(
         "amft", model=inputs["model"], expert_data=inputs["expert"], output_dir=str(ROOT / f"update-{name}"), warm_start=inputs["checkpoint"]
@@ -212,7 +212,7 @@ def measure(expert: str, name: str, inputs: dict) -> tuple[list[Draw], dict]:
 
 def prepare() -> dict:
     """The demo's inputs and its SFT run up to the warm-up checkpoint (built once), and the corrupted expert."""
-    from amft_vlm.trainer import Trainer
+    from amft_vlm.learning.trainer import Trainer
 
     config = load_demo_config()
     warmup = config.train.controller.warmup_steps

@@ -48,8 +48,8 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationC
 
 from agents.policy import VLMPolicy, generation
 from agents.tiny import build_tiny_model
-from amft_vlm.episode_metrics import OUT_OF_ATTEMPTS, EpisodeOutcome, RolloutStats
-from amft_vlm.rollout import RolloutEngine
+from amft_vlm.rollout.engine import RolloutEngine
+from amft_vlm.rollout.episode_metrics import OUT_OF_ATTEMPTS, EpisodeOutcome, RolloutStats
 from benchmarks.common import Measurement
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Served evaluation throughput (GeneralPoints-v0 vision against a local chat server with latency)
 
-`amft_vlm.served.play_served` plays 32 GP-VL episodes against the test suite's OpenAI-compatible
+`amft_vlm.evaluation.served.play_served` plays 32 GP-VL episodes against the test suite's OpenAI-compatible
 server (`tests.amft_vlm.chat_server`), which answers each request with the expert's answer after a
 fixed delay standing in for the model's generation time (`LATENCY_SECONDS`). Every episode is
 solved in one turn, so each costs one request: the image sent as a PNG data URL, the answer parsed,
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import environments  # noqa: F401
-from amft_vlm.served import QWEN_MAX_PIXELS, Sampling, ServedEndpoint, play_served
+from amft_vlm.evaluation.served import QWEN_MAX_PIXELS, Sampling, ServedEndpoint, play_served
 from benchmarks.common import Measurement
 from tests.amft_vlm.chat_server import ChatServer, expert_answer, expert_table
 

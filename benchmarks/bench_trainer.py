@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from amft_vlm.config import ControllerConfig, TrainConfig
-from amft_vlm.trainer import Trainer
+from amft_vlm.learning.trainer import Trainer
+from amft_vlm.run.config import ControllerConfig, TrainConfig
 from benchmarks.common import Measurement
 
 log = logging.getLogger(__name__)

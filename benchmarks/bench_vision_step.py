@@ -33,10 +33,10 @@ import torch
 from agents.baselines import ExpertAgent
 from agents.policy import VLMPolicy
 from agents.tiny import build_tiny_model
-from amft_vlm.advantages import grpo_episode_advantages
-from amft_vlm.batch import score_trajectories
-from amft_vlm.losses import clipped_policy_loss, sft_loss
-from amft_vlm.rollout import RolloutEngine
+from amft_vlm.learning.advantages import grpo_episode_advantages
+from amft_vlm.learning.batch import score_trajectories
+from amft_vlm.learning.losses import clipped_policy_loss, sft_loss
+from amft_vlm.rollout.engine import RolloutEngine
 from benchmarks.common import Measurement
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 import benchmarks
-from amft_vlm.jobs import machine_description
+from amft_vlm.run.jobs import machine_description
 from benchmarks.common import Measurement
 
 REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"

@@ -52,7 +52,7 @@ def rollout_speed(model_dir: Path, device: str, max_new_tokens: int, *, trainer_
     """Generated tokens per second of a batched GeneralPoints-VL collection: bf16 weights, or (`trainer_precision`)
     float32 weights under bf16 autocast as in training."""
     from agents.policy import VLMPolicy
-    from amft_vlm.rollout import RolloutEngine
+    from amft_vlm.rollout.engine import RolloutEngine
 
     _reset_memory(device)
     cuda = device.startswith("cuda")
@@ -71,14 +71,14 @@ def rollout_speed(model_dir: Path, device: str, max_new_tokens: int, *, trainer_
 
 def training_step(method: str, model_dir: Path, out: Path, device: str, max_new_tokens: int) -> dict:
     """One step of `method` through the trainer: float32 masters, bf16 autocast (on a GPU), gradient checkpointing."""
-    from amft_vlm.config import ControllerConfig, TrainConfig
-    from amft_vlm.trainer import Trainer
+    from amft_vlm.learning.trainer import Trainer
+    from amft_vlm.run.config import ControllerConfig, TrainConfig
 
     _reset_memory(device)
     amft = method == "amft"
     task = {"env_id": "GeneralPoints-v0", "env_kwargs": {**ENV, "split": "train"}, "validation_env_kwargs": {**ENV, "split": "val"}}
     if amft:
-        from amft_vlm.expert_data import collect
+        from amft_vlm.rollout.expert_data import collect
         from tests.amft_vlm import bandit
 
         expert = out / "bandit-expert"

@@ -10,7 +10,7 @@ import pytest
 
 from amft_vlm.cli import build_parser
 from amft_vlm.compare import load_compare_config
-from amft_vlm.config import load_config
+from amft_vlm.run.config import load_config
 from scripts.make_env_docs import DOCS, pages
 
 ROOT = Path(__file__).resolve().parent.parent

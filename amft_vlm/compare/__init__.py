@@ -15,7 +15,7 @@ output directory ``OUT``:
 3. **Training**: every method x seed in ``OUT/runs/METHOD/seed-S`` (an ordinary ``amft-vlm train``
    output directory) with the base config and only ``method``, ``seed`` and ``output_dir`` set per run (and
    what ``compare.method_settings`` sets for one method, listed under the table), so every run is charged
-   the same way by the trainer (`amft_vlm.budget`: optimiser updates, rollout and validation episodes,
+   the same way by the trainer (`amft_vlm.run.budget`: optimiser updates, rollout and validation episodes,
    expert examples, trained tokens). A finished run (its checkpoint at ``steps``) is
    skipped; an unfinished one resumes from its newest checkpoint (``Trainer(config, resume=True)``).
 4. **Evaluation** of every final checkpoint with `amft_vlm.evaluate.evaluate`, greedy, on the paper
@@ -37,7 +37,7 @@ no rollouts (``sft``) has no training success curve and shows ``—`` there.
 ``--jobs N`` (``compare.jobs``) trains and evaluates N runs at once, each in its own process (spawned)
 with ``threads // N`` torch threads; the logs of a run go to ``RUN/compare.log``. With one job everything
 runs in this process. The total ``threads`` is the cores other processes leave free unless given
-(`amft_vlm.jobs.choose_threads`).
+(`amft_vlm.run.jobs.choose_threads`).
 
 The parts, one module each: `config` (`CompareSettings`, `CompareConfig`, `load_compare_config`: the config,
 its checks and the grid's layout under ``OUT``), `estimate` (``--dry-run``: the grid, its tasks, each run's work

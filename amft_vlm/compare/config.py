@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from agents.tiny import TINY_PREFIX
-from amft_vlm.config import TrainConfig, dataclass_from_dict, load_values
-from amft_vlm.evaluate import SETTINGS, SPLITS, paper_setting
-from amft_vlm.methods import METHODS
-from amft_vlm.preflight import effective_environment_arguments
-from amft_vlm.resolve import resolve_method
+from amft_vlm.evaluation.evaluate import SETTINGS, SPLITS, paper_setting
+from amft_vlm.learning.methods import METHODS
+from amft_vlm.learning.resolve import resolve_method
+from amft_vlm.run.config import TrainConfig, dataclass_from_dict, load_values
+from amft_vlm.run.preflight import effective_environment_arguments
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "compare-tiny-gp-l.yaml"
 """The shipped smoke-scale comparison (``amft-vlm compare`` without ``--config``)."""
@@ -38,7 +38,7 @@ class CompareSettings:
     """The ``compare:`` section of a compare config: what is not a `TrainConfig` field."""
 
     methods: list[str]
-    """Methods to compare, names in `amft_vlm.methods.METHODS`, in the order of the table's rows."""
+    """Methods to compare, names in `amft_vlm.learning.methods.METHODS`, in the order of the table's rows."""
     seeds: list[int]
     """Training seeds, one run per method and seed. In the file either a count N (the base ``seed`` and the
     N - 1 after it) or a list of seeds; ``--seeds`` overrides it."""
@@ -210,7 +210,7 @@ class CompareConfig:
 
     def eval_episodes(self, setting: str) -> int:
         """Episodes of each evaluation of `setting`: ``eval_episodes``, or the papers' number."""
-        from amft_vlm.evaluate import BENCHMARKS
+        from amft_vlm.evaluation.evaluate import BENCHMARKS
 
         count = self.compare.eval_episodes
         return BENCHMARKS[self.train.env_id].paper_episodes[setting] if count is None else count

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from amft_vlm.compare.config import CompareConfig, RunPlan
 from amft_vlm.compare.statistics import trailing_mean
-from amft_vlm.report import finish_step_axis, is_finite_number, load_run, panel_row, save_figure
+from amft_vlm.evaluation.report import finish_step_axis, is_finite_number, load_run, panel_row, save_figure
 
 CURVE_PANELS = (
     ("success", "Training success (trailing mean)", True),

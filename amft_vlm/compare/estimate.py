@@ -1,6 +1,6 @@
 """What a comparison will do and about how long it takes, before anything runs (``amft-vlm compare --dry-run``).
 
-`grid_plan` counts each run's work from its config the way the trainer will do it (`amft_vlm.methods`: which
+`grid_plan` counts each run's work from its config the way the trainer will do it (`amft_vlm.learning.methods`: which
 steps play rollouts, which train on expert data, which run the meta-gradient's validation episodes) and the
 evaluations that follow each run; `CostModel` turns that work into seconds; `estimate_wall_seconds` replays
 `amft_vlm.compare.runner`'s order of tasks on ``jobs`` workers (every training queued first, a run's
@@ -22,9 +22,9 @@ from pathlib import Path
 
 from agents.tiny import TINY_PREFIX
 from amft_vlm.compare.config import CompareConfig, RunPlan
-from amft_vlm.config import TrainConfig
-from amft_vlm.methods import build_controller, method_mu
-from amft_vlm.resolve import resolve_method
+from amft_vlm.learning.methods import build_controller, method_mu
+from amft_vlm.learning.resolve import resolve_method
+from amft_vlm.run.config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 A run already in ``OUT`` is resumed from its newest checkpoint or skipped when finished (`run_progress`); an
 evaluation record that is current for its checkpoint and settings is kept (`record_is_current`). Training
-and evaluation tasks go through `amft_vlm.jobs.JobPool` (``--jobs``). ``OUT`` is locked for the whole call
-(`amft_vlm.run_directory.DirectoryLock`): a second compare into it is refused, naming the first; each run's
+and evaluation tasks go through `amft_vlm.run.jobs.JobPool` (``--jobs``). ``OUT`` is locked for the whole call
+(`amft_vlm.run.run_directory.DirectoryLock`): a second compare into it is refused, naming the first; each run's
 trainer locks its own directory too.
 """
 
@@ -23,18 +23,23 @@ from tqdm import tqdm
 
 from agents.baselines import ExpertAgent
 from agents.tiny import TINY_PREFIX, resolve_model_spec
-from amft_vlm.checkpoint import load_trainer_state, resumable_checkpoint
 from amft_vlm.compare.config import CompareConfig, EvalSetting, RunPlan, load_compare_config, record_path
 from amft_vlm.compare.curves import plot_curves
 from amft_vlm.compare.summary import comparison_table, summarize
-from amft_vlm.config import TrainConfig
-from amft_vlm.evaluate import evaluate, load_record, paper_setting, write_record
-from amft_vlm.expert_data import collect, read_manifest
-from amft_vlm.jobs import JobPool, choose_threads
-from amft_vlm.preflight import check_environment, check_expert_dataset, check_model_source, writable_directory
-from amft_vlm.resume import check_resume_settings
-from amft_vlm.run_directory import DirectoryLock
-from amft_vlm.safe_io import output_directory, output_file_target, resolve_inside, write_text_atomic
+from amft_vlm.evaluation.evaluate import evaluate, load_record, paper_setting, write_record
+from amft_vlm.learning.checkpoint import load_trainer_state, resumable_checkpoint
+from amft_vlm.learning.resume import check_resume_settings
+from amft_vlm.rollout.expert_data import collect, read_manifest
+from amft_vlm.run.config import TrainConfig
+from amft_vlm.run.jobs import JobPool, choose_threads
+from amft_vlm.run.preflight import (
+    check_environment,
+    check_expert_dataset,
+    check_model_source,
+    writable_directory,
+)
+from amft_vlm.run.run_directory import DirectoryLock
+from amft_vlm.run.safe_io import output_directory, output_file_target, resolve_inside, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +296,7 @@ def record_is_current(task: EvalTask, out: Path) -> bool:
 
 def _train_run(config: TrainConfig, progress: bool) -> float:
     """Train (or resume) one run to ``config.steps``; returns the seconds it took."""
-    from amft_vlm import trainer as trainer_module  # accelerate loads only when a run trains
+    from amft_vlm.learning import trainer as trainer_module  # accelerate loads only when a run trains
 
     started = time.perf_counter()
     trainer = trainer_module.Trainer(config, resume=True, progress=progress)

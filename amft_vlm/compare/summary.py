@@ -14,9 +14,9 @@ from typing import Any
 
 from amft_vlm.compare.config import CompareConfig, RunPlan, record_path
 from amft_vlm.compare.statistics import mean_interval, steps_to_threshold
-from amft_vlm.evaluate import load_record
-from amft_vlm.methods import METHODS
-from amft_vlm.report import BUDGET_COLUMNS, is_finite_number, load_run, markdown_table
+from amft_vlm.evaluation.evaluate import load_record
+from amft_vlm.evaluation.report import BUDGET_COLUMNS, is_finite_number, load_run, markdown_table
+from amft_vlm.learning.methods import METHODS
 
 SUMMARY_VERSION = 1
 """Version of the layout of ``summary.json``."""

@@ -448,8 +448,8 @@ def _completion(body: dict[str, Any], answer: str | None, handling: str) -> dict
 
 def main(argv: list[str] | None = None) -> None:
     """Serve the expert's answers for a setting's episodes, with faults, until interrupted; then print the requests by handling."""
-    from amft_vlm.evaluate import paper_setting
-    from amft_vlm.served import QWEN_MAX_PIXELS
+    from amft_vlm.evaluation.evaluate import paper_setting
+    from amft_vlm.evaluation.served import QWEN_MAX_PIXELS
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model", default="test-model", help="the model name GET /v1/models lists")

@@ -1,8 +1,8 @@
 """``python -m tests.amft_vlm.meta_fixed MODEL STRATEGY OUT``: the meta-gradient of fixed episodes along a fixed direction.
 
-Run under torchrun by ``tests/amft_vlm/test_meta.py``: every process loads the same weights (float64), plays
+Run under torchrun by ``tests/amft_vlm/learning/test_meta.py``: every process loads the same weights (float64), plays
 the same model-free answers (`ANSWERS`) on the vowel bandit, takes its share of the start states and
-measures dU/dmu with `amft_vlm.meta.meta_gradient` along a direction drawn from a fixed seed. Nothing is
+measures dU/dmu with `amft_vlm.learning.meta.meta_gradient` along a direction drawn from a fixed seed. Nothing is
 sampled, so one process and several must agree to rounding. The main process writes the measurement to OUT
 as JSON.
 """
@@ -16,12 +16,12 @@ import torch
 from accelerate import Accelerator
 
 from agents.base import Agent
-from amft_vlm.config import load_config
-from amft_vlm.controller import MetaEstimate
-from amft_vlm.distributed import Parallel
-from amft_vlm.meta import meta_gradient
-from amft_vlm.rollout import RolloutEngine
-from amft_vlm.training_setup import load_training_policy
+from amft_vlm.learning.controller import MetaEstimate
+from amft_vlm.learning.distributed import Parallel
+from amft_vlm.learning.meta import meta_gradient
+from amft_vlm.learning.training_setup import load_training_policy
+from amft_vlm.rollout.engine import RolloutEngine
+from amft_vlm.run.config import load_config
 from tests.amft_vlm import bandit
 
 ANSWERS = (

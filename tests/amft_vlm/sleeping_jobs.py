@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from amft_vlm.jobs import JobPool, interrupt_exit_status, sigterm_as_interrupt
+from amft_vlm.run.jobs import JobPool, interrupt_exit_status, sigterm_as_interrupt
 
 SLEEP_SECONDS = 600.0
 

@@ -61,19 +61,19 @@ def test_training_logs_go_to_the_run_log_and_the_console_keeps_the_progress_bar(
     assert [line for line in console if line.startswith("INFO ")] == []
     assert "reward=" in result.stderr and "mu=" in result.stderr and "loss=" in result.stderr  # the bar's postfix
     log = (run / "train.log").read_text()
-    assert log.count("INFO amft_vlm.rollout: rollout GeneralPoints-v0 (policy)") == 2  # one line per step
+    assert log.count("INFO amft_vlm.rollout.engine: rollout GeneralPoints-v0 (policy)") == 2  # one line per step
     assert "INFO agents.policy.policy: loaded" in log  # set-up lines, logged before the directory was claimed
     assert f"log in {run / 'train.log'}" in result.stdout
 
     again = _train(run, "--overwrite", model=tiny_checkpoints["qwen2-vl"])
-    assert "WARNING amft_vlm.run_directory: overwrite: deleted the run" in again.stderr  # warnings stay on the console
+    assert "WARNING amft_vlm.run.run_directory: overwrite: deleted the run" in again.stderr  # warnings stay on the console
     log = (run / "train.log").read_text()
-    assert log.count("INFO amft_vlm.rollout: rollout") == 2  # the old run's log went with it
-    assert "WARNING amft_vlm.run_directory: overwrite: deleted the run" in log
+    assert log.count("INFO amft_vlm.rollout.engine: rollout") == 2  # the old run's log went with it
+    assert "WARNING amft_vlm.run.run_directory: overwrite: deleted the run" in log
 
 
 def test_train_help_lists_every_setting_and_every_method(capsys):
-    from amft_vlm.methods import METHODS
+    from amft_vlm.learning.methods import METHODS
     from tests.amft_vlm.test_settings_docs import config_keys
 
     with pytest.raises(SystemExit) as stopped:

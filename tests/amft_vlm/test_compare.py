@@ -26,8 +26,8 @@ from amft_vlm.compare import (
     threads_per_job,
     trailing_mean,
 )
-from amft_vlm.evaluate import load_record
-from amft_vlm.methods import METHODS
+from amft_vlm.evaluation.evaluate import load_record
+from amft_vlm.learning.methods import METHODS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PAPER_CONFIG = DEFAULT_CONFIG.with_name("compare-gp-vl.yaml")
@@ -113,7 +113,7 @@ def test_a_second_run_skips_every_finished_run_and_record(grid, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("nothing should train or evaluate")
 
-    monkeypatch.setattr("amft_vlm.trainer.Trainer", refuse)
+    monkeypatch.setattr("amft_vlm.learning.trainer.Trainer", refuse)
     monkeypatch.setattr(runner, "evaluate", refuse)
     again = run_compare(config, out, progress=False)
     assert (again.trained, again.evaluated) == ([], [])
@@ -125,7 +125,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(grid, monkeypatch):
     run = out / "runs" / "rl" / "seed-1"
     before = (run / "metrics.jsonl").read_text().splitlines()
     shutil.rmtree(run / "checkpoints" / "step-000003")  # as if killed before the last checkpoint: `latest` names a missing one
-    from amft_vlm import trainer
+    from amft_vlm.learning import trainer
 
     started = []
 
@@ -151,7 +151,7 @@ def test_parallel_jobs_run_the_same_runs_in_their_own_processes(grid, tiny_check
     assert sorted(result.trained) == ["sft/seed-0", "sft/seed-1"] and len(result.evaluated) == 4
     for seed in (0, 1):
         run = tmp_path / "runs" / "sft" / f"seed-{seed}"
-        assert "amft_vlm.trainer" in (run / "compare.log").read_text()  # the worker's log
+        assert "amft_vlm.learning.trainer" in (run / "compare.log").read_text()  # the worker's log
         parallel = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         serial = [json.loads(line)["loss"] for line in (serial_out / "runs" / "sft" / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()]
         assert parallel == pytest.approx(serial, rel=1e-5)

@@ -22,8 +22,8 @@ from amft_vlm.demo import (
     run_demo,
     settings_note,
 )
-from amft_vlm.jobs import busy_cores, choose_threads
-from amft_vlm.report import FIGURES
+from amft_vlm.evaluation.report import FIGURES
+from amft_vlm.run.jobs import busy_cores, choose_threads
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -197,11 +197,11 @@ def test_a_demo_config_needs_its_demo_section(tmp_path):
 
 def test_threads_follow_the_load(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    monkeypatch.setattr("amft_vlm.jobs.busy_cores", lambda: 1.0)
+    monkeypatch.setattr("amft_vlm.run.jobs.busy_cores", lambda: 1.0)
     assert choose_threads() == 1
-    monkeypatch.setattr("amft_vlm.jobs.busy_cores", lambda: 0.1)
+    monkeypatch.setattr("amft_vlm.run.jobs.busy_cores", lambda: 0.1)
     assert choose_threads() == 2
-    monkeypatch.setattr("amft_vlm.jobs.busy_cores", lambda: 5.0)
+    monkeypatch.setattr("amft_vlm.run.jobs.busy_cores", lambda: 5.0)
     assert choose_threads() == 1
     assert choose_threads(3) == 3
     with pytest.raises(ValueError, match="at least 1"):

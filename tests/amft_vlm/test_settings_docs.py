@@ -9,7 +9,7 @@ from typing import get_type_hints
 
 import pytest
 
-from amft_vlm.config import TrainConfig, load_config
+from amft_vlm.run.config import TrainConfig, load_config
 from amft_vlm.settings_docs import PAGE, REGENERATE, first_sentence, markdown, sections
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,8 +3,8 @@ after N steps with a checkpoint (as a kill right after one would); run under tor
 
 import sys
 
-from amft_vlm.config import load_config
-from amft_vlm.trainer import Trainer
+from amft_vlm.learning.trainer import Trainer
+from amft_vlm.run.config import load_config
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,1 @@
+"""The learner: the methods table, advantage estimators and objectives, the losses, the optimiser step, AMFT's mu controller and meta-gradient, the critic, distributed training, LoRA, checkpoints and the trainer's loop."""

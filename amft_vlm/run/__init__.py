@@ -1,0 +1,1 @@
+"""The run's plumbing, the floor every stage stands on: the validated configuration, the run directory and its lock, bounded and atomic file I/O, data-only loading, worker processes, the budget counters and the checks made before a model loads."""
