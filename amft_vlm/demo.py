@@ -57,6 +57,7 @@ from agents.tiny import ARCHITECTURES, TINY_PREFIX, build_tiny_model, tiny_model
 from amft_vlm.evaluation.evaluate import EvalRecord, evaluate, write_record
 from amft_vlm.evaluation.report import FIGURES, load_run, markdown_table, write_report
 from amft_vlm.learning.checkpoint import latest_checkpoint
+from amft_vlm.learning.resolve import resolve_method
 from amft_vlm.rollout.expert_data import collect, corrupt_dataset
 from amft_vlm.run.config import TrainConfig, dataclass_from_dict, load_values
 from amft_vlm.run.jobs import JobPool, choose_threads, machine_description, torch_threads
@@ -252,7 +253,8 @@ def load_demo_config(
         warmup = train.controller.warmup_steps
         warmup = min(steps - 1, max(1, round(warmup * steps / train.steps)))  # keeps the controller's share of the steps
         train = dataclasses.replace(train, steps=steps, controller=dataclasses.replace(train.controller, warmup_steps=warmup))
-    return DemoConfig(train.validate(), dataclass_from_dict(DemoSettings, section, prefix="demo.").validate())
+    resolve_method(train.validate())  # the checks that depend on the method (AMFT's warm-up within its steps, ...), now
+    return DemoConfig(train, dataclass_from_dict(DemoSettings, section, prefix="demo.").validate())
 
 
 @dataclass(frozen=True)
