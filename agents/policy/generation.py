@@ -112,6 +112,7 @@ def generate(
     caches: Sequence[DialogueCache | None] | None,
     keep_cache: bool,
     generators: Sequence[torch.Generator] | None,
+    share_prefix: bool = True,
 ) -> list[Generation]:
     """`VLMPolicy.generate` (documented there): check the arguments, then run the decoding loop."""
     check_sampling(temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy)
@@ -132,7 +133,8 @@ def generate(
     # One autocast context for the whole call: autocast keeps its half-precision copy of each weight
     # until the outermost context exits, instead of re-casting every weight at every token.
     with policy.autocast():
-        reusable_caches = _share_prompt_prefix(policy, prompts, reusable_caches)
+        if share_prefix:
+            reusable_caches = _share_prompt_prefix(policy, prompts, reusable_caches)
         return _decode(
             policy,
             prompts,

@@ -276,6 +276,7 @@ class VLMPolicy:
         caches: Sequence[DialogueCache | None] | None = None,
         keep_cache: bool = False,
         generators: Sequence[torch.Generator] | None = None,
+        share_prefix: bool = True,
     ) -> list[Generation]:
         """Generate one response per prompt, all prompts decoded together in one batch.
 
@@ -298,6 +299,9 @@ class VLMPolicy:
             generators: one CPU ``torch.Generator`` per prompt to draw its tokens from; a row's draws
                 then do not depend on which other prompts share the batch. None draws from torch's
                 global generator.
+            share_prefix: prefill the tokens all uncached text-only prompts begin with once, for one row (at least
+                `MIN_SHARED_PREFIX` of them: a GeneralPoints batch differs only in the hand), then each prompt's own
+                tokens; False prefills each prompt whole. The results agree up to float rounding.
 
         Returns:
             One `Generation` per prompt, in order.
@@ -311,13 +315,18 @@ class VLMPolicy:
             caches=caches,
             keep_cache=keep_cache,
             generators=generators,
+            share_prefix=share_prefix,
         )
 
     def responder(
-        self, *, temperature: float = 1.0, max_new_tokens: int = 256, greedy: bool = False, keep_cache: bool = True
+        self, *, temperature: float = 1.0, max_new_tokens: int = 256, greedy: bool = False, keep_cache: bool = True,
+        share_prefix: bool = True,
     ) -> PolicyResponder:
         """This policy as a token responder with these sampling settings (see `generate`); checks them now."""
-        return PolicyResponder(self, temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy, keep_cache=keep_cache)
+        return PolicyResponder(
+            self, temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy, keep_cache=keep_cache,
+            share_prefix=share_prefix,
+        )  # fmt: skip
 
     def token_logprobs(
         self,
@@ -390,15 +399,19 @@ class PolicyResponder:
         greedy: take the arg-max token instead of sampling.
         keep_cache: return each dialogue's keys and values with its answer, so its next turn prefills
             only the environment's reply (`Generation.cache`).
+        share_prefix: prefill the prompts' shared beginning once (`VLMPolicy.generate`).
     """
 
     answers_in_tokens = True
     name = "policy"
 
-    def __init__(self, policy: VLMPolicy, *, temperature: float, max_new_tokens: int, greedy: bool, keep_cache: bool) -> None:
+    def __init__(
+        self, policy: VLMPolicy, *, temperature: float, max_new_tokens: int, greedy: bool, keep_cache: bool, share_prefix: bool = True
+    ) -> None:
         policy.check_sampling(temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy)
         self.policy = policy
         self.temperature, self.max_new_tokens, self.greedy, self.keep_cache = temperature, max_new_tokens, greedy, keep_cache
+        self.share_prefix = share_prefix
 
     @property
     def sampling_temperature(self) -> float:
@@ -418,5 +431,6 @@ class PolicyResponder:
             caches=[request.cache for request in requests],
             keep_cache=self.keep_cache,
             generators=None if any(generator is None for generator in generators) else generators,
+            share_prefix=self.share_prefix,
         )
         return [answered(generation) for generation in generations]

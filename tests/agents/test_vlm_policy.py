@@ -9,7 +9,6 @@ import torch
 
 from agents.chat import ChatTurn, Dialogue
 from agents.policy import DialogueCache, TokenSequence, VLMPolicy, choose_tokens
-from agents.policy import generation as decoding
 from agents.policy.scoring import shared_prefix_length
 from agents.responder import Request
 from agents.tiny import ARCHITECTURES
@@ -455,7 +454,7 @@ def test_bf16_autocast_keeps_the_key_value_cache_in_bf16_and_scores_close_to_flo
         assert (generation.logprobs - expected.logprobs).abs().max().item() < 0.25  # bf16 compute: coarse agreement
 
 
-def test_uncached_prompts_run_their_shared_prefix_once(tiny_policies_float64, monkeypatch):
+def test_uncached_prompts_run_their_shared_prefix_once(tiny_policies_float64):
     policy = tiny_policies_float64["qwen2-vl"]
     rules = "Reach 24 with the four cards, each used once, with + - * / and parentheses. " * 3
     prompts = [policy.encode_dialogue(Dialogue.start(f"{rules}Your cards: {hand}.")) for hand in ("1 2 3 4", "5 5 5 1", "K Q J A")]
@@ -470,8 +469,15 @@ def test_uncached_prompts_run_their_shared_prefix_once(tiny_policies_float64, mo
         handle.remove()
     assert fed[0] == (1, shared)  # the prefix, once
     assert fed[1] == (3, max(len(p) for p in prompts) - shared)  # then each prompt's own tokens
-    monkeypatch.setattr(decoding, "_share_prompt_prefix", lambda policy, prompts, caches: list(caches))
-    alone = policy.generate(prompts, max_new_tokens=6, greedy=True)
+    fed.clear()
+    handle = policy.model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        alone = policy.generate(prompts, max_new_tokens=6, greedy=True, share_prefix=False)
+    finally:
+        handle.remove()
+    assert fed[0] == (3, max(len(p) for p in prompts))  # without sharing: every prompt whole, in one prefill
     for with_prefix, without in zip(together, alone, strict=True):
         assert with_prefix.token_ids == without.token_ids
         assert torch.allclose(with_prefix.logprobs, without.logprobs, atol=1e-6)  # stored in float32

@@ -9,7 +9,6 @@ from gymnasium.wrappers import TimeLimit
 import environments  # noqa: F401  (registers the environments)
 from agents.baselines import ExpertAgent
 from agents.chat import ChatTurn, Dialogue
-from agents.policy import generation as decoding
 from agents.tiny import ARCHITECTURES
 from amft_vlm.rollout.engine import RolloutEngine, RolloutStats
 from amft_vlm.rollout.episode_metrics import EpisodeOutcome
@@ -243,10 +242,9 @@ def test_vectorised_engine_matches_one_at_a_time_under_greedy_decoding(
                 torch.testing.assert_close(a.sampling_logprobs, b.sampling_logprobs, rtol=0, atol=1e-6)  # stored in float32
 
 
-def test_later_turns_feed_only_the_new_tokens_when_the_cache_is_reused(tiny_policies, monkeypatch):
+def test_later_turns_feed_only_the_new_tokens_when_the_cache_is_reused(tiny_policies):
     policy = tiny_policies["qwen2-vl"]
     # Whole prompts, not a shared prefix run once and the rest (tested in tests/agents/test_vlm_policy.py).
-    monkeypatch.setattr(decoding, "_share_prompt_prefix", lambda policy, prompts, caches: list(caches))
     prefill_lengths = {}
     for reuse_cache in (False, True):
         lengths = prefill_lengths[reuse_cache] = []
@@ -265,7 +263,8 @@ def test_later_turns_feed_only_the_new_tokens_when_the_cache_is_reused(tiny_poli
                 max_new_tokens=8,
                 reuse_cache=reuse_cache,
             )
-            trajectories, _ = engine.collect([0, 1], sampling_seed=0, progress=False)
+            whole_prompts = policy.responder(max_new_tokens=8, keep_cache=reuse_cache, share_prefix=False)
+            trajectories, _ = engine.collect([0, 1], sampling_seed=0, progress=False, responder=whole_prompts)
         finally:
             handle.remove()
         assert all(t.num_turns > 2 for t in trajectories)
