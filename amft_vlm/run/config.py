@@ -323,7 +323,7 @@ class TrainConfig:
     disjoint from ``train`` and from ``test`` (which held-out evaluation reports), so the controller never
     sees the hands or routes the reported numbers come from."""
     expert_data: str | None = None
-    """Expert dataset directory (amft-vlm collect); None collects expert_episodes with the oracle expert."""
+    """Expert dataset directory (amft-vlm collect, or amft-vlm export's Parquet); None collects expert_episodes with the oracle expert."""
     expert_data_after_warmup: str | None = None
     """A second expert dataset that replaces ``expert_data`` once the controller's warm-up ends (amft and its
     ablations with a warm-up): a controlled test of the controller, e.g. a run that shares another run's clean
