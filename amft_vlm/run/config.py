@@ -539,7 +539,7 @@ class TrainConfig:
         self._check_update_precision()
         self.controller.validate()
         if self.expert_data is not None and not os.path.isdir(self.expert_data):
-            raise ValueError(f"expert_data: {self.expert_data!r} is not a directory; run `amft-vlm collect --out DIR` or set expert_data=None")
+            raise ValueError(f"expert_data: {self.expert_data!r} is not a directory; run `amft-vlm collect --out DIR` (or `amft-vlm export`) or set expert_data=None")
         if self.expert_data_after_warmup is not None and not os.path.isdir(self.expert_data_after_warmup):
             raise ValueError(f"expert_data_after_warmup: {self.expert_data_after_warmup!r} is not a directory; give an expert dataset or null")
         return self

@@ -114,3 +114,15 @@ def test_export_refuses_a_non_empty_output_and_an_export_as_source(tmp_path, cap
     assert "already an exported dataset" in capsys.readouterr().err
     row = datasets.load_dataset(str(exported), split="train", cache_dir=str(tmp_path / "cache"))[0]
     assert row["images"] == [] and all(part["type"] == "text" for message in row["messages"] for part in message["content"])
+
+
+def test_train_runs_on_an_exported_dataset(tmp_path):
+    from amft_vlm.learning.trainer import Trainer
+    from amft_vlm.run.config import load_config
+
+    overrides = ["method=sft", "steps=1", "sft_batch_size=2", "device=cpu", f"output_dir={tmp_path / 'run'}"]
+    defaults = load_config(overrides=overrides)
+    collected(tmp_path, defaults.env_id, defaults.env_kwargs, episodes=2)
+    config = load_config(overrides=[*overrides, f"expert_data={tmp_path / 'exported'}"])
+    history = Trainer(config, progress=False).train()
+    assert len(history) == 1
