@@ -36,6 +36,8 @@ from amft_vlm.evaluation.served import (
 )
 from amft_vlm.rollout.expert_data import collect, read_manifest
 from amft_vlm.run.config import TrainConfig, load_values, parse_key_value
+from amft_vlm.run.dataset_export import export_dataset
+from amft_vlm.run.hub_format import PARQUET_FILE
 from amft_vlm.run.jobs import (
     Terminated,
     interrupt_exit_status,
@@ -90,6 +92,12 @@ def _collect_command(args: argparse.Namespace) -> int:
         "wrote %d dialogues from %d episodes to %s (success rate %.1f%%, mean return %.2f)",
         read_manifest(args.out)["dialogues"], stats.episodes, args.out, 100 * stats.success_rate, stats.mean_return,
     )
+    return 0
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    rows = export_dataset(args.source, args.out)
+    log.info("wrote %d dialogues of %s to %s/%s (datasets.load_dataset reads the directory)", rows, args.source, args.out, PARQUET_FILE)
     return 0
 
 
@@ -366,6 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     collect_parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
     collect_parser.add_argument("--out", required=True, help="dataset directory to create (must not exist or be empty)")
     collect_parser.set_defaults(handler=_collect_command)
+
+    export_parser = commands.add_parser(
+        "export",
+        help="write an expert dataset in the Hugging Face datasets format (Parquet with an Image column)",
+        description="Write the expert dataset SRC (made by `amft-vlm collect`) to DIR/data/train-00000-of-00001.parquet, "
+        "one row per dialogue (chat messages, image, env id and settings, seed, rewards, success), readable by "
+        "datasets.load_dataset(DIR) and by `amft-vlm train expert_data=DIR`.",
+    )
+    export_parser.add_argument("source", metavar="SRC", help="expert dataset directory (made by `amft-vlm collect`)")
+    export_parser.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    export_parser.set_defaults(handler=_export_command)
 
     train_parser = commands.add_parser(
         "train",

@@ -39,6 +39,7 @@ from PIL import Image
 from agents.base import Agent
 from agents.chat import ChatTurn, Dialogue
 from amft_vlm.rollout.engine import Episode, RolloutEngine, RolloutStats
+from amft_vlm.run import hub_format
 from amft_vlm.run.expert_format import (
     DIALOGUES,
     FORMAT_VERSION,
@@ -55,6 +56,7 @@ from amft_vlm.run.safe_io import (
     InputFileError,
     OutputPathError,
     atomic_output,
+    decode_image_rgb,
     output_directory,
     read_image_rgb,
     write_text_atomic,
@@ -167,16 +169,31 @@ def _record_episodes(
 
 
 def load_dialogues(dataset_dir: str | os.PathLike, *, successful_only: bool = True) -> list[ExpertDialogue]:
-    """The recorded dialogues, images loaded as uint8 arrays; by default only those of solved episodes."""
+    """The recorded dialogues, images loaded as uint8 arrays; by default only those of solved episodes.
+
+    `dataset_dir` is a dataset made by ``amft-vlm collect`` or one made by ``amft-vlm export``
+    (`amft_vlm.run.hub_format`), told apart by their files.
+    """
     root = Path(dataset_dir)
     read_manifest(root)
+    exported = not (root / MANIFEST).exists() and hub_format.is_exported_dataset(root)
+    if exported:  # `amft-vlm export`'s Parquet: images inline as PNG bytes
+        records = [(row["where"], hub_format.record_from_row(row)) for row in hub_format.read_rows(root)]
+    else:
+        records = [(f"{root / DIALOGUES}, line {line_number}", record) for line_number, record in dataset_records(root)]
     dialogues = []
-    for line_number, record in dataset_records(root):
-        where = f"{root / DIALOGUES}, line {line_number}"
+    for where, record in records:
         try:
             turns = tuple(ChatTurn(turn["role"], turn["text"]) for turn in record["turns"])
-            image_file = dataset_file(root, record["image"], f"{where}: image") if record["image"] else None
-            image = read_image_rgb(image_file, max_pixels=MAX_IMAGE_PIXELS, what="a dataset image") if image_file else None
+            if exported:
+                image = (
+                    decode_image_rgb(record["image"], max_pixels=MAX_IMAGE_PIXELS, what="a dataset image", name=where)
+                    if record["image"] is not None
+                    else None
+                )
+            else:
+                image_file = dataset_file(root, record["image"], f"{where}: image") if record["image"] else None
+                image = read_image_rgb(image_file, max_pixels=MAX_IMAGE_PIXELS, what="a dataset image") if image_file else None
             item = ExpertDialogue(
                 dialogue=Dialogue(turns=turns, image=image),
                 rewards=tuple(float(r) for r in record["rewards"]),

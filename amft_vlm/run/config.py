@@ -323,7 +323,7 @@ class TrainConfig:
     disjoint from ``train`` and from ``test`` (which held-out evaluation reports), so the controller never
     sees the hands or routes the reported numbers come from."""
     expert_data: str | None = None
-    """Expert dataset directory (amft-vlm collect); None collects expert_episodes with the oracle expert."""
+    """Expert dataset directory (amft-vlm collect, or amft-vlm export's Parquet); None collects expert_episodes with the oracle expert."""
     expert_data_after_warmup: str | None = None
     """A second expert dataset that replaces ``expert_data`` once the controller's warm-up ends (amft and its
     ablations with a warm-up): a controlled test of the controller, e.g. a run that shares another run's clean
@@ -539,7 +539,7 @@ class TrainConfig:
         self._check_update_precision()
         self.controller.validate()
         if self.expert_data is not None and not os.path.isdir(self.expert_data):
-            raise ValueError(f"expert_data: {self.expert_data!r} is not a directory; run `amft-vlm collect --out DIR` or set expert_data=None")
+            raise ValueError(f"expert_data: {self.expert_data!r} is not a directory; run `amft-vlm collect --out DIR` (or `amft-vlm export`) or set expert_data=None")
         if self.expert_data_after_warmup is not None and not os.path.isdir(self.expert_data_after_warmup):
             raise ValueError(f"expert_data_after_warmup: {self.expert_data_after_warmup!r} is not a directory; give an expert dataset or null")
         return self

@@ -38,12 +38,23 @@ MANIFEST_FIELDS = {"env_id": str, "env_kwargs": dict, "agent": str}
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
-    """The dataset's manifest; raises with a clear message if the directory is not a dataset."""
+    """The dataset's manifest; raises with a clear message if the directory is not a dataset.
+
+    An exported dataset (`amft_vlm.run.hub_format`, ``amft-vlm export``) has no manifest file: its manifest is
+    derived from its rows.
+    """
+    from amft_vlm.run import hub_format
+
     path = Path(dataset_dir) / MANIFEST
+    if not path.exists() and hub_format.is_exported_dataset(dataset_dir):
+        return {"format_version": FORMAT_VERSION, **hub_format.rows_manifest(dataset_dir, hub_format.read_rows(dataset_dir))}
     try:  # a FIFO, a device or a file too long is refused (InputFileError), naming it
         text = read_regular_text(path, MAX_MANIFEST_BYTES, what="a dataset's manifest")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: {dataset_dir} is not an expert dataset (made by `amft-vlm collect`)") from None
+        raise FileNotFoundError(
+            f"{path} not found: {dataset_dir} is not an expert dataset (neither one made by `amft-vlm collect` nor one made "
+            "by `amft-vlm export`, which has data/*.parquet)"
+        ) from None
     try:
         manifest = load_json_text(text)
     except ValueError as error:
@@ -99,6 +110,10 @@ def dataset_records(root: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def solved_dialogue_count(dataset_dir: str | os.PathLike) -> int:
     """How many dialogues of solved episodes the dataset has (what SFT trains on), read without loading images."""
+    from amft_vlm.run import hub_format
+
     root = Path(dataset_dir)
+    if not (root / MANIFEST).exists() and hub_format.is_exported_dataset(root):
+        return sum(row["success"] is True for row in hub_format.read_rows(root))
     read_manifest(root)
     return sum(record.get("success") is True for _, record in dataset_records(root))

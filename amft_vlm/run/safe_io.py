@@ -487,29 +487,46 @@ def read_image_rgb(path: str | os.PathLike, *, max_pixels: int, what: str = "an 
         InputFileError: `path` is not a regular file, claims more than `max_pixels` pixels, or is not a whole image
             file PIL can decode (truncated, damaged, or no image at all).
     """
+    with open_regular_for_read(path, what=what) as handle:
+        return _decode_image_rgb(handle, path, max_pixels=max_pixels, what=what)
+
+
+def decode_image_rgb(data: bytes, *, max_pixels: int, what: str = "an image", name: str = "the image") -> np.ndarray:
+    """The pixels of the image file bytes `data` (an image stored inside another file, such as a Parquet ``Image``
+    column) as RGB, under the same bound and refusals as `read_image_rgb`; `name` names it in a refusal.
+
+    Raises:
+        InputFileError: `data` claims more than `max_pixels` pixels, or is not a whole image PIL can decode.
+    """
+    import io
+
+    return _decode_image_rgb(io.BytesIO(data), name, max_pixels=max_pixels, what=what)
+
+
+def _decode_image_rgb(handle: BinaryIO, path: str | os.PathLike, *, max_pixels: int, what: str) -> np.ndarray:
+    """`read_image_rgb`'s decoding of an open binary file, `path` naming it in a refusal."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     too_large = f"more than the {max_pixels:,} {what} may have, so it is not decoded (a damaged file or a decompression bomb)"
-    with open_regular_for_read(path, what=what) as handle:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the bound that applies
+            image = Image.open(handle)
+    except Image.DecompressionBombError:
+        raise InputFileError(f"{path} claims more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, {too_large}") from None
+    except UnidentifiedImageError:
+        raise InputFileError(f"{path} is not a readable image (no image format recognised); {what} is an image file") from None
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... on damaged headers
+        raise _unreadable_image(path, error, what) from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise InputFileError(f"{path} claims {width} x {height} = {width * height:,} pixels, {too_large}")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the bound that applies
-                image = Image.open(handle)
-        except Image.DecompressionBombError:
-            raise InputFileError(f"{path} claims more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, {too_large}") from None
-        except UnidentifiedImageError:
-            raise InputFileError(f"{path} is not a readable image (no image format recognised); {what} is an image file") from None
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... on damaged headers
+            return np.asarray(image.convert("RGB"))
+        except Exception as error:  # a truncated file fails here, where the pixels are decoded
             raise _unreadable_image(path, error, what) from None
-        with image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InputFileError(f"{path} claims {width} x {height} = {width * height:,} pixels, {too_large}")
-            try:
-                return np.asarray(image.convert("RGB"))
-            except Exception as error:  # a truncated file fails here, where the pixels are decoded
-                raise _unreadable_image(path, error, what) from None
 
 
 def _unreadable_image(path: str | os.PathLike, error: Exception, what: str) -> InputFileError:
