@@ -17,13 +17,11 @@ Four classes of input, one shared mechanism each (`amft_vlm.run.safe_io`):
 A test that would hang is stopped by `never_hangs` (SIGALRM), so it fails instead of blocking the suite.
 """
 
-import contextlib
 import io
 import json
 import logging
 import os
 import shutil
-import signal
 import struct
 import zlib
 from pathlib import Path
@@ -51,29 +49,13 @@ from amft_vlm.rollout.episode_metrics import Metric
 from amft_vlm.rollout.expert_data import collect, load_dialogues, read_manifest
 from amft_vlm.run.config import load_config
 from amft_vlm.run.safe_io import MAX_JSON_DEPTH, load_json_text
+from tests.amft_vlm.run.blocking import never_blocks
+
+FIFO_SECONDS = 3.0
+"""How long a FIFO may hold up the code under test before it fails (`never_blocks`)."""
 
 DEEP = "[" * 100_000 + "]" * 100_000
 """JSON nested 100,000 levels deep: ``json.loads`` raises RecursionError on it."""
-
-
-class Hung(Exception):
-    """Raised by `never_hangs` when its time runs out (not an OSError or ValueError: no reader may catch it)."""
-
-
-@contextlib.contextmanager
-def never_hangs(seconds: float = 3.0):
-    """Fail with `Hung` instead of waiting when the code inside blocks longer than `seconds` (a FIFO's open)."""
-
-    def expire(signum, frame):
-        raise Hung(f"still waiting after {seconds} s: something opened or read a FIFO")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def write_run(run_dir: Path, steps: int = 3) -> Path:
@@ -195,13 +177,13 @@ DATASET_FIFO_READERS = {
 
 @pytest.mark.parametrize("read", FIFO_READERS.values(), ids=FIFO_READERS.keys())
 def test_a_fifo_is_refused_naming_it_not_waited_on(tmp_path, read):
-    with never_hangs(), pytest.raises((OSError, ValueError), match=r"is a FIFO \(named pipe\), not a regular file"):
+    with never_blocks(FIFO_SECONDS), pytest.raises((OSError, ValueError), match=r"is a FIFO \(named pipe\), not a regular file"):
         read(tmp_path)
 
 
 @pytest.mark.parametrize("read", DATASET_FIFO_READERS.values(), ids=DATASET_FIFO_READERS.keys())
 def test_a_fifo_in_a_dataset_is_refused_naming_it_not_waited_on(tmp_path, dataset, read):
-    with never_hangs(), pytest.raises((OSError, ValueError), match=r"is a FIFO \(named pipe\), not a regular file"):
+    with never_blocks(FIFO_SECONDS), pytest.raises((OSError, ValueError), match=r"is a FIFO \(named pipe\), not a regular file"):
         read(tmp_path, dataset)
 
 
@@ -209,14 +191,14 @@ def test_a_fifo_checkpoint_pointer_is_passed_over_not_waited_on(tmp_path, caplog
     root = tmp_path / "checkpoints"
     root.mkdir()
     os.mkfifo(root / "latest")
-    with never_hangs(), caplog.at_level(logging.WARNING):
+    with never_blocks(FIFO_SECONDS), caplog.at_level(logging.WARNING):
         assert resumable_checkpoint(root) is None
     assert any("does not name a checkpoint" in record.getMessage() for record in caplog.records)
 
 
 def test_a_link_to_an_endless_device_is_refused_not_read(tmp_path):
     (tmp_path / "record.json").symlink_to("/dev/zero")
-    with never_hangs(), pytest.raises(OSError, match=r"record.json is a symlink to /dev/zero, which is a character device"):
+    with never_blocks(FIFO_SECONDS), pytest.raises(OSError, match=r"record.json is a symlink to /dev/zero, which is a character device"):
         load_record(tmp_path / "record.json")
 
 
@@ -345,7 +327,7 @@ def test_a_bad_dataset_image_is_an_error_naming_it(dataset, problem):
     make, message = problem
     image = first_image(dataset)
     image.write_bytes(make(image))
-    with never_hangs(), pytest.raises(ValueError, match=message) as error:
+    with never_blocks(FIFO_SECONDS), pytest.raises(ValueError, match=message) as error:
         load_dialogues(dataset)
     assert str(image.name) in str(error.value) and "dialogues.jsonl, line 1" in str(error.value)
 
@@ -354,7 +336,7 @@ def test_a_symlink_loop_for_a_dataset_image_is_an_error_not_a_crash(dataset):
     image = first_image(dataset)
     image.unlink()
     image.symlink_to(image)  # Path.resolve raises RuntimeError on it
-    with never_hangs(), pytest.raises(ValueError, match=r"line 1: image .* is a symlink loop"):
+    with never_blocks(FIFO_SECONDS), pytest.raises(ValueError, match=r"line 1: image .* is a symlink loop"):
         load_dialogues(dataset)
 
 

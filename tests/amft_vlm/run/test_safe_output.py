@@ -7,11 +7,9 @@ that failed must not turn the machine's own ``/dev/null`` into a file. The real 
 are only checked, never written.
 """
 
-import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import stat
 from pathlib import Path
@@ -37,6 +35,10 @@ from amft_vlm.run.safe_io import (
     write_bytes_atomic,
     write_text_atomic,
 )
+from tests.amft_vlm.run.blocking import never_blocks
+
+FIFO_SECONDS = 60.0
+"""How long a FIFO may hold up the code under test before it fails (`never_blocks`)."""
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 DEVICES = {"null-device": (1, 3), "full-device": (1, 7)}
@@ -48,26 +50,6 @@ KIND_WORDS = {
     "full-device": "character device",
 }  # fmt: skip
 """A word the refusal of each kind must contain."""
-
-
-class Blocked(Exception):
-    """Raised by `never_blocks` when its time runs out (not an OSError: the command line must not catch it)."""
-
-
-@contextlib.contextmanager
-def never_blocks(seconds: float = 60.0):
-    """Fail the test with `Blocked` instead of hanging when the code inside waits longer than `seconds` (a FIFO's open)."""
-
-    def expire(signum, frame):
-        raise Blocked(f"still waiting after {seconds} s: something opened a FIFO")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def make_node(kind: str, path: Path) -> Path:
@@ -121,7 +103,7 @@ def assert_untouched(path: Path, kind: str) -> None:
 
 def exits_2(argv, capsys) -> str:
     """Run ``amft-vlm ARGV``, which must exit 2 (an error message, no traceback); returns what it wrote to stderr."""
-    with never_blocks(), pytest.raises(SystemExit) as exit_info:
+    with never_blocks(FIFO_SECONDS), pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
@@ -292,7 +274,7 @@ def test_eval_out_through_a_link_writes_the_target(tmp_path, capsys):
     dangling = tmp_path / "new.json"
     dangling.symlink_to(tmp_path / "records" / "new.json")
     for out in (link, dangling):
-        with never_blocks():
+        with never_blocks(FIFO_SECONDS):
             assert main([*EVAL, "--out", str(out)]) == 0
         assert kind_of(out) == "symlink"
     assert load_record(target).episodes == 1 and load_record(tmp_path / "records" / "new.json").episodes == 1
@@ -336,7 +318,7 @@ def test_report_writes_through_links(tmp_path, capsys):
     (tmp_path / "kept").mkdir()
     for name in ("report.md", "mu.png"):
         (out / name).symlink_to(tmp_path / "kept" / name)
-    with never_blocks():
+    with never_blocks(FIFO_SECONDS):
         assert main(["report", str(_run(tmp_path)), "--out", str(out)]) == 0
     assert kind_of(out / "report.md") == kind_of(out / "mu.png") == "symlink"
     assert (tmp_path / "kept" / "report.md").read_text().startswith("# Training report")
@@ -366,7 +348,7 @@ def test_collect_out_through_a_link(tmp_path):
     link.symlink_to(empty)
     dangling.symlink_to(tmp_path / "datasets" / "new")
     for out in (link, dangling):
-        with never_blocks():
+        with never_blocks(FIFO_SECONDS):
             assert main([*COLLECT, "--out", str(out)]) == 0
         assert kind_of(out) == "symlink" and read_manifest(out)["episodes"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["datasets", "experts", "more-experts"]
@@ -406,7 +388,7 @@ def test_demo_force_keeps_links_to_its_files(tmp_path, demo_stops_after_preparin
         (tmp_path / "kept" / name).write_text("old\n")
         (out / name).symlink_to(tmp_path / "kept" / name)
     (out / "sft").mkdir()
-    with never_blocks(), pytest.raises(DemoStopped):
+    with never_blocks(FIFO_SECONDS), pytest.raises(DemoStopped):
         main(["demo", "--quick", "--force", "--threads", "1", "--out", str(out)])
     assert kind_of(out / "demo.md") == kind_of(out / "summary.json") == "symlink"  # written through at the end
     assert not (out / "sft").exists()  # the demo's own directory is replaced
@@ -504,7 +486,7 @@ def test_a_worker_log_file_that_is_a_fifo_is_refused(tmp_path):
 
 def test_a_tiny_model_is_not_saved_over_a_fifo(tmp_path):
     fifo = make_node("fifo", tmp_path / "config.json")
-    with never_blocks(), pytest.raises(OutputPathError, match="FIFO"):
+    with never_blocks(FIFO_SECONDS), pytest.raises(OutputPathError, match="FIFO"):
         build_tiny_model("qwen2-vl", tmp_path, seed=0)
     assert_untouched(fifo, "fifo")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
