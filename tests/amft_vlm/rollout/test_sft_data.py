@@ -61,17 +61,14 @@ def test_collected_dataset_loads_as_the_expert_rollouts_of_the_same_seeds(
         assert len(trajectory.images) == len(trajectory.segments)  # one image per dialogue, stored once
 
 
+def one_virl_expert_episode(out_dir):
+    """An expert dataset of one V-IRL route in language, played by the oracle expert, under `out_dir`."""
+    collect("VIRL-v0", {"modality": "language"}, ExpertAgent(), episodes=1, seed=0, out_dir=out_dir, progress=False)
+
+
 def test_sft_examples_are_scored_by_teacher_forcing(tiny_policies, tmp_path):
     policy = tiny_policies["qwen2.5-vl"]
-    collect(
-        "VIRL-v0",
-        {"modality": "language"},
-        ExpertAgent(),
-        episodes=1,
-        seed=0,
-        out_dir=tmp_path / "data",
-        progress=False,
-    )
+    one_virl_expert_episode(tmp_path / "data")
     (trajectory,) = load_sft_trajectories(tmp_path / "data", policy)
     sequences = trajectory.token_sequences(policy)
     targets = [segment.trainable_positions for segment in trajectory.segments]
@@ -101,15 +98,7 @@ def test_failed_episodes_are_skipped_unless_asked_for(tiny_policies, tmp_path):
 
 def test_an_episode_with_a_missing_dialogue_is_rejected(tiny_policies, tmp_path):
     policy = tiny_policies["qwen2-vl"]
-    collect(
-        "VIRL-v0",
-        {"modality": "language"},
-        ExpertAgent(),
-        episodes=1,
-        seed=0,
-        out_dir=tmp_path / "data",
-        progress=False,
-    )
+    one_virl_expert_episode(tmp_path / "data")
     dialogues = load_dialogues(tmp_path / "data")
     assert len(dialogues) > 2
     with pytest.raises(ValueError, match="episode 0 has dialogues"):
